@@ -1,0 +1,1 @@
+"""Analysis of results/ (tables and figures with rliable); installed as mowbench.analysis."""

@@ -1,0 +1,276 @@
+"""STORM (Zhang et al., NeurIPS 2023, arXiv 2310.09615): one categorical-VAE + stochastic-Transformer
+world model and one actor-critic per task, trained in imagination. Hyperparameters follow the paper and
+its reference implementation (the dataclass defaults are the `paper` preset)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
+from mowbench.agents.base import Agent, Batch, register_agent
+from mowbench.envs.base import TaskInfo
+from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, TokenStem
+from mowbench.ops import kl_free_bits, sample_onehot_st, symlog_twohot_loss, twohot_decode, uniform_bins
+
+
+@dataclass
+class STORMConfig:
+    """STORM hyperparameters; defaults are the paper's (spec storm.md)."""
+
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # encoder conv channels; 64x64 -> 4x4
+    n_vars: int = 32  # categorical variables in z
+    n_classes: int = 32  # classes per variable
+    unimix: float = 0.01  # uniform mix in posterior/prior probabilities
+    width: int = 512  # Transformer width D (token stem, h)
+    depth: int = 2  # Transformer blocks
+    heads: int = 8  # attention heads
+    ffn: int = 1024  # FFN hidden size
+    dropout: float = 0.1  # Transformer dropout
+    max_len: int = 64  # learned positional embedding length
+    head_width: int = 512  # reward/termination MLP width
+    head_depth: int = 2  # reward/termination MLP hidden layers
+    bins: int = 255  # symlog two-hot bins in [-20, 20] for reward and value
+    wm_lr: float = 1e-4  # world-model Adam learning rate
+    wm_grad_clip: float = 1000.0  # world-model global grad-norm clip
+    free_nats: float = 1.0  # KL free bits, applied to the batch-mean KL
+    dyn_scale: float = 0.5  # weight of KL(sg(post) || prior)
+    rep_scale: float = 0.1  # weight of KL(post || sg(prior))
+    batch_size: int = 16  # world-model batch: sequences
+    batch_length: int = 64  # world-model batch: steps per sequence
+    imag_batch: int = 1024  # imagination start points
+    imag_context: int = 8  # real steps fed before imagining
+    imag_horizon: int = 16  # imagined steps
+    act_context: int = 16  # frames/actions the Transformer sees when acting
+    reset_context_on_episode: bool = False  # STORM keeps the acting context across episodes
+    ac_width: int = 512  # actor/critic MLP width
+    ac_depth: int = 2  # actor/critic hidden layers
+    gamma: float = 0.985  # discount
+    lam: float = 0.95  # lambda of lambda-returns
+    lambda_value: str = "next"  # 'next' = V(s_{t+1}) (textbook); 'current' = STORM reference's V(s_t)
+    slow_decay: float = 0.98  # slow critic EMA decay
+    norm_decay: float = 0.99  # EMA decay of the return scale S
+    entropy_coef: float = 3e-4  # entropy bonus
+    ac_lr: float = 3e-5  # actor-critic Adam learning rate
+    ac_eps: float = 1e-5  # actor-critic Adam epsilon
+    ac_grad_clip: float = 100.0  # actor-critic grad-norm clip
+
+    def check(self) -> None:
+        if self.lambda_value not in ("next", "current"):
+            raise ValueError(f"lambda_value={self.lambda_value!r}; allowed: next, current")
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
+        if self.batch_length > self.max_len or self.imag_context + self.imag_horizon > self.max_len:
+            raise ValueError(f"batch_length={self.batch_length} and imag_context+imag_horizon="
+                             f"{self.imag_context + self.imag_horizon} must be <= max_len={self.max_len}")
+        if self.act_context > self.max_len or self.act_context < 1:
+            raise ValueError(f"act_context={self.act_context}; allowed: 1..max_len={self.max_len}")
+        for name in ("batch_size", "batch_length", "imag_batch", "imag_context", "imag_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: a positive integer")
+
+
+class STORMWorldModel(nn.Module):
+    """Categorical VAE + stochastic Transformer + reward/termination heads (paper names: encode,
+    posterior, decode, sequence, prior, reward, termination). z: (..., V*C) one-hot; h: (..., D)."""
+
+    def __init__(self, cfg: STORMConfig, image_size: int, action_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.latent_dim = cfg.n_vars * cfg.n_classes
+        self.encoder = ConvEncoder(image_size, cfg.channels)
+        self.posterior = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, unimix=cfg.unimix)
+        self.decoder = ConvDecoder(image_size, cfg.channels, self.latent_dim)
+        self.stem = TokenStem(self.latent_dim, action_dim, cfg.width)
+        self.transformer = CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len)
+        self.prior = CategoricalHead(cfg.width, cfg.n_vars, cfg.n_classes, unimix=cfg.unimix)
+        self.reward = MLP(cfg.width, cfg.head_width, cfg.head_depth, cfg.bins)
+        self.termination = MLP(cfg.width, cfg.head_width, cfg.head_depth, 1)
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C)."""
+        b = obs.shape[0]
+        image = rearrange(obs, "b t h w c -> (b t) c h w").float() / 255.0
+        return rearrange(self.posterior(self.encoder(image)), "(b t) v c -> b t v c", b=b)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, T, V*C) -> image (B, T, 3, S, S) in ~[0, 1]."""
+        b = z.shape[0]
+        return rearrange(self.decoder(z.flatten(0, 1)), "(b t) c h w -> b t c h w", b=b)
+
+    def sequence(self, z: torch.Tensor, action: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, appends after cached steps."""
+        return self.transformer(self.stem(z, action), cache)
+
+
+def sample_z(logits: torch.Tensor) -> torch.Tensor:
+    """Posterior/prior logits (..., V, C) -> straight-through one-hot sample flattened to (..., V*C)."""
+    return sample_onehot_st(logits).flatten(-2)
+
+
+@dataclass
+class ActingContext:
+    """The last `act_context` (z, a) pairs of one env stream; z (T, V*C), action (T, A)."""
+
+    task: int
+    z: torch.Tensor | None = None
+    action: torch.Tensor | None = None
+
+
+@register_agent("storm", STORMConfig)
+class STORMAgent(Agent):
+    def __init__(self, cfg: STORMConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
+        if len(tasks) != 1 and type(self) is STORMAgent:
+            raise ValueError(f"storm is single-task; got {len(tasks)} tasks (the runner makes one run per task)")
+        self.cfg, self.tasks, self.device = cfg, tasks, device
+        self.autocast = precision == "bf16"
+        space = tasks[0].action
+        self.discrete, self.action_dim = space.discrete, space.n
+        self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)  # (N, A)
+        self.wm = STORMWorldModel(cfg, tasks[0].image_size, self.action_dim).to(device)
+        feat_dim = self.wm.latent_dim + cfg.width
+        self.ac = ActorCritic(feat_dim, self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth, cfg.bins).to(device)
+        self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=cfg.wm_lr)
+        self.learner = ActorCriticLearner(
+            self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
+            cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins, autocast=self.autocast)
+        self.bins = uniform_bins(cfg.bins).to(device)
+
+    # ---- helpers ----
+    def _amp(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def action_input(self, action: torch.Tensor) -> torch.Tensor:
+        """Env actions (B, T) long or (B, T, A) float -> Transformer input (B, T, A) float."""
+        return F.one_hot(action.long(), self.action_dim).float() if self.discrete else action.float()
+
+    # ---- world model ----
+    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        with self._amp():
+            post = self.wm.encode(batch.obs)  # (B, T, V, C)
+            z = sample_z(post)  # (B, T, V*C)
+            recon = self.wm.decode(z)  # (B, T, 3, S, S)
+            h = self.wm.sequence(z, self.action_input(batch.action))  # (B, T, D)
+            prior = self.wm.prior(h)
+            reward_logits = self.wm.reward(h)
+            term_logits = self.wm.termination(h).squeeze(-1)
+        target = rearrange(batch.obs, "b t h w c -> b t c h w").float() / 255.0
+        rec = (recon.float() - target).pow(2).sum(dim=(2, 3, 4)).mean()
+        rew = symlog_twohot_loss(reward_logits, batch.reward, self.bins)
+        term = F.binary_cross_entropy_with_logits(term_logits.float(), batch.terminal.float())
+        # prior at t predicts the posterior at t+1
+        dyn, dyn_raw = kl_free_bits(post[:, 1:].detach(), prior[:, :-1], cfg.free_nats)
+        rep, rep_raw = kl_free_bits(post[:, 1:], prior[:, :-1].detach(), cfg.free_nats)
+        loss = rec + rew + term + cfg.dyn_scale * dyn + cfg.rep_scale * rep
+        return loss, {"wm/loss": loss.item(), "wm/rec": rec.item(), "wm/reward": rew.item(),
+                      "wm/termination": term.item(), "wm/kl_dyn": dyn_raw.item(), "wm/kl_rep": rep_raw.item()}
+
+    def update_world_model(self, batch: Batch) -> dict[str, float]:
+        self.wm.train()
+        loss, metrics = self.world_model_loss(batch)
+        self.wm_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["wm/grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg.wm_grad_clip).item()
+        self.wm_opt.step()
+        return metrics
+
+    # ---- imagination ----
+    @torch.no_grad()
+    def imagine(self, batch: Batch) -> Imagined:
+        """Encode `imag_context` real steps into a KV cache, then roll out `imag_horizon` steps."""
+        cfg = self.cfg
+        self.wm.eval()
+        b = batch.obs.shape[0]
+        legal = batch.legal  # (B, A)
+        cache = self.wm.transformer.empty_cache(b, self.device, torch.bfloat16 if self.autocast else torch.float32)
+        feats, actions, rewards, conts = [], [], [], []
+        with self._amp():
+            z_ctx = sample_z(self.wm.encode(batch.obs))  # (B, C, V*C)
+            h = self.wm.sequence(z_ctx, self.action_input(batch.action), cache)[:, -1:]  # (B, 1, D)
+            z = sample_z(self.wm.prior(h))  # (B, 1, V*C): prediction of the next latent
+            for _ in range(cfg.imag_horizon):
+                feat = torch.cat([z, h], dim=-1)  # (B, 1, F)
+                action = self.ac.actor(feat, legal[:, None]).sample()  # (B, 1) or (B, 1, A)
+                h = self.wm.sequence(z, self.action_input(action), cache)
+                feats.append(feat)
+                actions.append(action)
+                rewards.append(twohot_decode(self.wm.reward(h), self.bins))
+                conts.append((self.wm.termination(h).squeeze(-1) <= 0).float())  # 1 - predicted termination
+                z = sample_z(self.wm.prior(h))
+            feats.append(torch.cat([z, h], dim=-1))
+        return Imagined(torch.cat(feats, 1).float(), torch.cat(actions, 1), torch.cat(rewards, 1).float(),
+                        torch.cat(conts, 1), legal, None)
+
+    # ---- Agent interface ----
+    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+        cfg = self.cfg
+        metrics = self.update_world_model(sample(cfg.batch_size, cfg.batch_length))
+        traj = self.imagine(sample(cfg.imag_batch, cfg.imag_context))
+        self.ac.train()
+        metrics |= self.learner.update(traj)
+        return metrics
+
+    def new_context(self, task: int) -> ActingContext:
+        return ActingContext(task)
+
+    def episode_start(self, context: ActingContext) -> None:
+        if self.cfg.reset_context_on_episode:
+            context.z = context.action = None
+
+    @torch.no_grad()
+    def act(self, context: ActingContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray | int:
+        """STORM acts from [prior sample of z_t, h_{t-1}] computed over the previous frames/actions;
+        the current frame is appended to the context after the action is chosen. The window slides, so
+        learned absolute positions change every step and one full pass over <= act_context tokens is
+        used (the KV cache serves imagination, where positions only grow)."""
+        self.wm.eval()
+        self.ac.eval()
+        legal = self.legal[context.task][None, None]  # (1, 1, A)
+        with self._amp():
+            if context.z is None:  # nothing seen yet: a uniformly random legal action, as STORM does
+                if self.discrete:
+                    choices = torch.nonzero(self.legal[context.task]).flatten()
+                    action = choices[torch.randint(len(choices), (1,), device=self.device)].view(1, 1)
+                else:
+                    action = torch.rand(1, 1, self.action_dim, device=self.device) * 2 - 1
+            else:
+                h = self.wm.sequence(context.z[None], self.action_input(context.action[None]))[:, -1:]
+                z = sample_z(self.wm.prior(h))
+                dist = self.ac.actor(torch.cat([z, h], dim=-1), legal)
+                action = dist.mode() if greedy else dist.sample()  # (1, 1) or (1, 1, A)
+            z_obs = sample_z(self.wm.encode(torch.as_tensor(obs, device=self.device)[None, None]))[0]  # (1, V*C)
+        action_row = action[0]
+        if context.z is None:
+            context.z, context.action = z_obs.float(), action_row
+        else:
+            keep = self.cfg.act_context - 1
+            context.z = torch.cat([context.z[-keep:] if keep else context.z[:0], z_obs.float()])
+            context.action = torch.cat([context.action[-keep:] if keep else context.action[:0], action_row])
+        out = action_row[0].cpu().numpy()
+        return int(out) if self.discrete else out.astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wm": self.wm.state_dict(), "ac": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(),
+                "learner": self.learner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wm.load_state_dict(state["wm"])
+        self.ac.load_state_dict(state["ac"])
+        self.wm_opt.load_state_dict(state["wm_opt"])
+        self.learner.load_state_dict(state["learner"])
+
+    def parameter_counts(self) -> dict[str, int]:
+        def count(params: Any) -> int:
+            return sum(p.numel() for p in params)
+
+        return {"world_model": count(self.wm.parameters()),
+                "actor_critic": count(self.ac.actor.parameters()) + count(self.ac.critics.parameters()),
+                "slow_critic": count(self.ac.slow_critics.parameters())}

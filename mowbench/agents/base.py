@@ -1,0 +1,108 @@
+"""The agent interface the trainer knows, and the registry baselines add themselves to."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mowbench.envs.base import TaskInfo
+
+
+@dataclass
+class Batch:
+    """Sequences from replay. obs (B, T, S, S, 3) uint8; action (B, T) long or (B, T, A) float;
+    reward, terminal (B, T) float; task (B,) long; legal (B, A) bool."""
+
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    terminal: torch.Tensor
+    task: torch.Tensor
+    legal: torch.Tensor
+
+
+class Agent(ABC):
+    """What the trainer calls. Everything else (models, losses, optimizers) is the agent's own."""
+
+    multi_task: bool = False  # False: the runner makes one run per task (STORM); True: one run for all
+
+    @abstractmethod
+    def new_context(self, task: int) -> Any:
+        """Fresh acting state for one env stream (e.g. the last frames and actions)."""
+
+    @abstractmethod
+    def act(self, context: Any, obs: np.ndarray, greedy: bool = False) -> np.ndarray | int:
+        """Choose an action for `obs` (S, S, 3) uint8 and record (obs, action) in `context`."""
+
+    def episode_start(self, context: Any) -> None:  # noqa: B027 - optional hook
+        """Called when a new episode starts on a stream."""
+
+    @abstractmethod
+    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+        """One training step; `sample(batch, length)` draws sequences from replay."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def parameter_counts(self) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    name: str
+    cls: type[Agent]
+    config: type  # dataclass of hyperparameters; its defaults are the 'paper' preset
+    multi_task: bool
+
+
+AGENTS: dict[str, AgentEntry] = {}
+
+
+def register_agent(name: str, config: type, multi_task: bool = False) -> Callable[[type[Agent]], type[Agent]]:
+    """Class decorator: a baseline file registers itself under `name` with its config dataclass."""
+
+    def wrap(cls: type[Agent]) -> type[Agent]:
+        if name in AGENTS:
+            raise ValueError(f"agent {name!r} registered twice ({AGENTS[name].cls} and {cls})")
+        cls.multi_task = multi_task
+        AGENTS[name] = AgentEntry(name, cls, config, multi_task)
+        return cls
+
+    return wrap
+
+
+def get_agent(name: str) -> AgentEntry:
+    import mowbench.baselines  # noqa: F401 - importing it registers every baseline file
+
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; allowed: {', '.join(sorted(AGENTS))}")
+    return AGENTS[name]
+
+
+def build_config(entry: AgentEntry, values: dict[str, Any]) -> Any:
+    """Agent config dataclass from a mapping, refusing unknown keys with the allowed ones."""
+    fields = {f.name: f for f in dataclasses.fields(entry.config)}
+    unknown = sorted(set(values) - set(fields) - {"name"})
+    if unknown:
+        raise ValueError(f"unknown {entry.name} option(s) {unknown}; allowed: {', '.join(sorted(fields))}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
+    cfg = entry.config(**kwargs)
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def make_agent(name: str, values: dict[str, Any], tasks: list[TaskInfo], device: torch.device,
+               precision: str) -> Agent:
+    entry = get_agent(name)
+    return entry.cls(build_config(entry, values), tasks, device, precision)

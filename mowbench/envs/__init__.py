@@ -1,0 +1,52 @@
+"""Environment suites built by name; each suite is imported lazily so a missing optional dependency
+(ale-py, metaworld/mujoco, minatar) breaks only that suite."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
+
+# suite name -> module defining TASKS, DEFAULT_TASKS, check(cfg) and make(task, index, cfg, seed, ...)
+SUITES: dict[str, str] = {
+    "atari100k": "mowbench.envs.atari",
+    "metaworld": "mowbench.envs.metaworld",
+    "minatar": "mowbench.envs.minatar",
+}
+
+__all__ = ["ActionSpace", "Step", "TaskEnv", "TaskInfo", "SUITES", "suite_module", "resolve_tasks", "make_envs"]
+
+
+def suite_module(suite: str) -> Any:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; allowed: {', '.join(sorted(SUITES))}")
+    return importlib.import_module(SUITES[suite])
+
+
+def resolve_tasks(suite: str, tasks: str | Sequence[str] | None) -> list[str]:
+    """Task names of a run: one name, a list, a named set of the suite (e.g. 'MT10'), or None (default)."""
+    mod = suite_module(suite)
+    if tasks is None:
+        return list(mod.DEFAULT_TASKS)
+    if isinstance(tasks, str):
+        tasks = mod.TASK_SETS.get(tasks, [tasks]) if hasattr(mod, "TASK_SETS") else [tasks]
+    names = list(tasks)
+    if not names:
+        raise ValueError(f"empty task list for suite {suite!r}")
+    for name in names:
+        if name not in mod.TASKS:
+            raise ValueError(f"unknown task {name!r} for suite {suite!r}; allowed: {', '.join(mod.TASKS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate tasks in {names}")
+    return names
+
+
+def make_envs(suite: str, tasks: Sequence[str], cfg: dict[str, Any], seed: int, evaluation: bool = False
+              ) -> list[TaskEnv]:
+    """One env per task, task index = position in `tasks`; `cfg` is the suite's config section."""
+    mod = suite_module(suite)
+    mod.check(cfg)
+    return [mod.make(name, i, cfg, seed=seed + 1000 * i, evaluation=evaluation, n_tasks=len(tasks))
+            for i, name in enumerate(tasks)]

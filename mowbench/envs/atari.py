@@ -1,0 +1,136 @@
+"""Atari 100k on the real ALE (ale-py): the 26 games and the 'storm' and 'standard' protocols."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
+
+TASKS = ["Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
+         "ChopperCommand", "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero",
+         "Jamesbond", "Kangaroo", "Krull", "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert",
+         "RoadRunner", "Seaquest", "UpNDown"]
+DEFAULT_TASKS = TASKS
+
+# The two Atari 100k protocols (spec protocols.md). 'storm' is what STORM's and MoW's published
+# numbers used: ALE v5 defaults, sticky actions 0.25, no no-op starts, 20 sampled-action eval episodes.
+# 'standard' is the Dopamine/DER definition: no sticky actions, up to 30 no-op starts, 100 episodes.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "storm": dict(sticky_action_prob=0.25, noop_max=0, frame_skip=4, max_pool_frames=2,
+                  max_episode_steps=27_000, life_loss_terminal=True, eval_episodes=20, eval_greedy=False),
+    "standard": dict(sticky_action_prob=0.0, noop_max=30, frame_skip=4, max_pool_frames=2,
+                     max_episode_steps=27_000, life_loss_terminal=True, eval_episodes=100, eval_greedy=False),
+}
+FULL_ACTIONS = 18
+
+
+def protocol(cfg: dict[str, Any]) -> dict[str, Any]:
+    name = cfg.get("protocol", "storm")
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown atari100k protocol {name!r}; allowed: {', '.join(PROTOCOLS)}")
+    return {"name": name, **PROTOCOLS[name]}
+
+
+def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
+    p = protocol(cfg)
+    return {"eval_episodes": p["eval_episodes"], "eval_greedy": p["eval_greedy"]}
+
+
+def check(cfg: dict[str, Any]) -> None:
+    protocol(cfg)
+    if cfg.get("action_set", "minimal") not in ("minimal", "full"):
+        raise ValueError(f"action_set={cfg['action_set']!r}; allowed: minimal, full")
+
+
+class AtariEnv(TaskEnv):
+    """ALE v5 at frameskip 1; this wrapper repeats each action `frame_skip` times, returns the max of the
+    last `max_pool_frames` RGB screens resized to S x S (INTER_AREA), sums rewards, reports life loss
+    (episode continues) and truncates at `max_episode_steps` agent steps."""
+
+    def __init__(self, game: str, index: int, cfg: dict[str, Any], seed: int) -> None:
+        import ale_py  # lazy: only this suite needs the ALE
+        import gymnasium as gym
+
+        gym.register_envs(ale_py)
+        self.p = protocol(cfg)
+        self.size = int(cfg.get("image_size", 64))
+        self.gym_env = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
+                                repeat_action_probability=self.p["sticky_action_prob"],
+                                max_num_frames_per_episode=self.p["max_episode_steps"] * self.p["frame_skip"])
+        self.ale = self.gym_env.unwrapped.ale
+        self.gym_env.reset(seed=seed)
+        self.rng = np.random.default_rng(seed)
+        minimal = [int(a.value) for a in self.ale.getMinimalActionSet()]
+        if cfg.get("action_set", "minimal") == "full":
+            # Shared 18-action space for multi-task agents; the mask marks this game's legal subset.
+            self.actions = list(range(FULL_ACTIONS))
+            space = ActionSpace(True, FULL_ACTIONS, tuple(a in minimal for a in range(FULL_ACTIONS)))
+        else:
+            self.actions = minimal
+            space = ActionSpace(True, len(minimal))
+        import ale_py as _ale
+
+        self._ale_actions = [_ale.Action(a) for a in self.actions]
+        self.life_loss_terminal = bool(self.p["life_loss_terminal"])
+        self.info = TaskInfo("atari100k", game, index, self.size, space, protocol=dict(self.p))
+        self.t = 0
+        self.lives = 0
+        self._started = False
+
+    def _screen(self) -> np.ndarray:
+        return self.ale.getScreenRGB()  # (210, 160, 3) uint8
+
+    def _observe(self, frames: list[np.ndarray]) -> np.ndarray:
+        frame = np.maximum.reduce(frames) if len(frames) > 1 else frames[0]
+        return cv2.resize(frame, (self.size, self.size), interpolation=cv2.INTER_AREA)
+
+    def reset(self) -> np.ndarray:
+        if self._started:
+            self.gym_env.reset()
+        self._started = True
+        for _ in range(int(self.rng.integers(1, self.p["noop_max"] + 1)) if self.p["noop_max"] else 0):
+            self.ale.act(0)  # no-op starts at the frame level, as gymnasium's AtariPreprocessing does
+            if self.ale.game_over():
+                self.gym_env.reset()
+        self.t = 0
+        self.lives = self.ale.lives()
+        return self._observe([self._screen()])
+
+    def step(self, action: np.ndarray | int) -> Step:
+        ale_action = self._ale_actions[int(action)]
+        reward, frames = 0.0, []
+        skip, pool = self.p["frame_skip"], self.p["max_pool_frames"]
+        for i in range(skip):
+            reward += self.ale.act(ale_action)
+            if i >= skip - pool:
+                frames.append(self._screen())
+            if self.ale.game_over():
+                frames = frames or [self._screen()]
+                break
+        self.t += 1
+        lives = self.ale.lives()
+        life_loss = lives < self.lives
+        self.lives = lives
+        terminated = self.ale.game_over(with_truncation=False)
+        truncated = not terminated and (self.t >= self.p["max_episode_steps"] or self.ale.game_truncated())
+        return Step(self._observe(frames), float(reward), terminated, truncated, life_loss=life_loss)
+
+    def get_state(self) -> Any:
+        return {"ale": self.ale.cloneState(include_rng=True), "t": self.t, "lives": self.lives,
+                "rng": self.rng.bit_generator.state, "started": self._started}
+
+    def set_state(self, state: Any) -> None:
+        self.ale.restoreState(state["ale"])
+        self.t, self.lives, self._started = state["t"], state["lives"], state["started"]
+        self.rng.bit_generator.state = state["rng"]
+
+    def close(self) -> None:
+        self.gym_env.close()
+
+
+def make(task: str, index: int, cfg: dict[str, Any], seed: int, evaluation: bool = False,
+         n_tasks: int = 1) -> AtariEnv:
+    return AtariEnv(task, index, cfg, seed)

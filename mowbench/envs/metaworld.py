@@ -1,0 +1,136 @@
+"""Meta-World (metaworld 3.x, v3 task names) from pixels: MT50 / MT10, corner2 camera, 64x64 RGB.
+
+Protocol choices (spec protocols.md leaves them open; all are config): action repeat 2, 100 agent steps
+per episode (200 simulator steps), an episode counts as a success if info["success"] was 1 at any step,
+and a new goal variation of the task is drawn at every reset. MUJOCO_GL is chosen before mujoco is
+imported: 'egl' when a CUDA device is visible, else 'osmesa'; an existing MUJOCO_GL or `gl:` wins.
+`fast_render` turns shadows and reflections off (about 12 -> 30 frames/s at 64x64 on 2 CPU cores with
+osmesa; it changes the image). Multisampling made no measurable difference under osmesa and
+offsamples=0 corrupted its frames, so it is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
+
+MT10 = ["reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3"]
+MT50 = MT10 + [
+    "assembly-v3", "basketball-v3", "bin-picking-v3", "box-close-v3", "button-press-topdown-wall-v3",
+    "button-press-v3", "button-press-wall-v3", "coffee-button-v3", "coffee-pull-v3", "coffee-push-v3",
+    "dial-turn-v3", "disassemble-v3", "door-close-v3", "door-lock-v3", "door-unlock-v3",
+    "hand-insert-v3", "drawer-open-v3", "faucet-open-v3", "faucet-close-v3", "hammer-v3",
+    "handle-press-side-v3", "handle-press-v3", "handle-pull-side-v3", "handle-pull-v3", "lever-pull-v3",
+    "pick-place-wall-v3", "pick-out-of-hole-v3", "plate-slide-v3", "plate-slide-side-v3",
+    "plate-slide-back-v3", "plate-slide-back-side-v3", "peg-unplug-side-v3", "soccer-v3",
+    "stick-push-v3", "stick-pull-v3", "push-wall-v3", "push-back-v3", "reach-wall-v3",
+    "shelf-place-v3", "sweep-into-v3", "sweep-v3"]
+MT50 = list(dict.fromkeys(MT50))  # keep order, drop the duplicate drawer-open written for readability
+TASKS = MT50
+TASK_SETS = {"MT10": MT10, "MT50": MT50}
+DEFAULT_TASKS = MT50
+GL_BACKENDS = ("auto", "egl", "osmesa", "glfw")
+
+
+def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
+    """10 evaluation episodes per task with sampled actions; success = success at any step (our choice)."""
+    return {"eval_episodes": 10, "eval_greedy": False}
+
+
+def check(cfg: dict[str, Any]) -> None:
+    if cfg.get("gl", "auto") not in GL_BACKENDS:
+        raise ValueError(f"gl={cfg['gl']!r}; allowed: {', '.join(GL_BACKENDS)}")
+    for key in ("action_repeat", "episode_length", "image_size"):
+        if int(cfg.get(key, 1)) < 1:
+            raise ValueError(f"{key}={cfg[key]}; allowed: a positive integer")
+
+
+def choose_gl(requested: str = "auto") -> str:
+    """Set MUJOCO_GL (and PYOPENGL_PLATFORM) before mujoco is imported; returns the backend in use."""
+    if requested == "auto":
+        if "MUJOCO_GL" in os.environ:
+            return os.environ["MUJOCO_GL"]
+        import torch
+
+        requested = "egl" if torch.cuda.is_available() else "osmesa"
+    if "mujoco" in sys.modules and os.environ.get("MUJOCO_GL") != requested:
+        raise RuntimeError(f"mujoco was imported before mowbench chose MUJOCO_GL (now "
+                           f"{os.environ.get('MUJOCO_GL')!r}); set MUJOCO_GL={requested} before importing it")
+    os.environ["MUJOCO_GL"] = requested
+    if requested in ("egl", "osmesa"):
+        os.environ["PYOPENGL_PLATFORM"] = requested
+    return requested
+
+
+class MetaWorldEnv(TaskEnv):
+    def __init__(self, task: str, index: int, cfg: dict[str, Any], seed: int) -> None:
+        self.gl = choose_gl(cfg.get("gl", "auto"))
+        import metaworld  # lazy: only this suite needs metaworld/mujoco
+        import mujoco
+
+        self.size = int(cfg.get("image_size", 64))
+        self.repeat = int(cfg.get("action_repeat", 2))
+        self.length = int(cfg.get("episode_length", 100))
+        self.camera = str(cfg.get("camera", "corner2"))
+        benchmark = metaworld.MT1(task, seed=seed)
+        self.env = benchmark.train_classes[task]()
+        self.env.seed(seed)
+        self.tasks = benchmark.train_tasks
+        self.rng = np.random.default_rng(seed)
+        model = self.env.model
+        cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera)
+        if cam < 0:
+            raise ValueError(f"camera={self.camera!r} not in the {task} model")
+        if cfg.get("camera_pos") is not None:
+            model.cam_pos[cam] = np.asarray(cfg["camera_pos"], dtype=np.float64)
+        self.renderer = mujoco.Renderer(model, self.size, self.size)
+        if cfg.get("fast_render", False):
+            flags = self.renderer.scene.flags
+            flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+            flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        self.cam = cam
+        # Meta-World's corner cameras are mounted upside down (table legs up in the raw frame, also in
+        # gymnasium's renderer); flip rows so the table is at the bottom. A test checks it.
+        self.flip = bool(cfg.get("flip_vertical", True))
+        self.info = TaskInfo("metaworld", task, index, self.size, ActionSpace(False, 4),
+                             protocol={"action_repeat": self.repeat, "episode_length": self.length,
+                                       "camera": self.camera, "flip_vertical": self.flip, "fast_render": bool(cfg.get("fast_render", False)),
+                                       "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl})
+        self.t = 0
+
+    def render(self) -> np.ndarray:
+        self.renderer.update_scene(self.env.data, camera=self.cam)
+        frame = self.renderer.render()  # (S, S, 3) uint8
+        return np.ascontiguousarray(frame[::-1] if self.flip else frame)
+
+    def reset(self) -> np.ndarray:
+        self.env.set_task(self.tasks[int(self.rng.integers(len(self.tasks)))])
+        self.env.reset()
+        self.t = 0
+        return self.render()
+
+    def step(self, action: np.ndarray | int) -> Step:
+        action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        reward, success = 0.0, 0.0
+        for _ in range(self.repeat):
+            _, r, _, _, info = self.env.step(action)
+            reward += float(r)
+            success = max(success, float(info["success"]))
+        self.t += 1
+        # Meta-World never terminates; episodes end by the time limit only.
+        return Step(self.render(), reward, False, self.t >= self.length, success=success)
+
+    def close(self) -> None:
+        self.renderer.close()
+        self.env.close()
+
+
+def make(task: str, index: int, cfg: dict[str, Any], seed: int, evaluation: bool = False,
+         n_tasks: int = 1) -> MetaWorldEnv:
+    return MetaWorldEnv(task, index, cfg, seed)

@@ -1,0 +1,62 @@
+"""Scalar logs keyed by env step: kept in memory, flushed atomically to CSV, mirrored to TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mowbench.results import atomic_write_csv
+
+
+class RunLog:
+    """Tables of a run (metrics, episodes, evaluations). Rows live in memory and in checkpoints, so a
+    resumed run rewrites exactly the rows up to its checkpoint: no duplicated or lost lines."""
+
+    TABLES = {
+        "metrics.csv": ["step", "name", "value"],
+        "episodes.csv": ["step", "task", "return", "length", "success"],
+        "eval.csv": ["step", "task", "episode", "return", "length", "success"],
+    }
+
+    def __init__(self, folder: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+        self.folder = folder
+        self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in self.TABLES}
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote after its last checkpoint
+            self.writer = SummaryWriter(str(folder / "tb"), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.rows["metrics.csv"].append({"step": step, "name": name, "value": float(value)})
+            if self.writer:
+                self.writer.add_scalar(name, value, step)
+
+    def episode(self, step: int, task: str, ret: float, length: int, success: float | None) -> None:
+        self.rows["episodes.csv"].append({"step": step, "task": task, "return": ret, "length": length,
+                                          "success": "" if success is None else success})
+        if self.writer:
+            self.writer.add_scalar(f"train_return/{task}", ret, step)
+
+    def evaluation(self, step: int, task: str, episode: int, ret: float, length: int, success: float | None) -> None:
+        self.rows["eval.csv"].append({"step": step, "task": task, "episode": episode, "return": ret,
+                                      "length": length, "success": "" if success is None else success})
+
+    def flush(self) -> None:
+        for name, header in self.TABLES.items():
+            atomic_write_csv(self.folder / name, header, self.rows[name])
+        if self.writer:
+            self.writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: list(rows) for name, rows in self.rows.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = {name: list(state.get(name, [])) for name in self.TABLES}
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer:
+            self.writer.close()

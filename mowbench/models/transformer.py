@@ -1,0 +1,108 @@
+"""STORM's sequence model: token stem and a post-LN causal Transformer with a projected-K/V cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class TokenStem(nn.Module):
+    """concat(z_t, a_t [, cond]) -> width-D token: Linear(no bias) -> LN -> ReLU -> Linear(no bias) -> LN.
+
+    In MoW this is the per-expert 'token mixer' m_j(z_t, a_t, e_k) (cond_dim = task-embedding size).
+    """
+
+    def __init__(self, latent_dim: int, action_dim: int, width: int, cond_dim: int = 0) -> None:
+        super().__init__()
+        self.in_dim = latent_dim + action_dim + cond_dim
+        self.net = nn.Sequential(
+            nn.Linear(self.in_dim, width, bias=False), nn.LayerNorm(width), nn.ReLU(),
+            nn.Linear(width, width, bias=False), nn.LayerNorm(width))
+
+    def forward(self, z: torch.Tensor, action: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [z, action] if cond is None else [z, action, cond.expand(*z.shape[:-1], cond.shape[-1])]
+        return self.net(torch.cat(parts, dim=-1))  # (B, T, D)
+
+
+@dataclass
+class KVCache:
+    """Projected keys/values of every layer for the tokens seen so far (inference only).
+
+    k, v: (n_layers, B, heads, max_len, head_dim); `length` tokens are filled. Keeping projected K/V
+    (not layer inputs, as STORM's reference does) makes each new token cost O(T) instead of O(T^2).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+              device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (n_layers, batch, heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class Block(nn.Module):
+    """Post-LN block: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(FFN(x))). Projections have no bias."""
+
+    def __init__(self, width: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        assert width % heads == 0, f"width={width} not divisible by heads={heads}"
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.norm1 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.ReLU(), nn.Linear(ffn, width))
+        self.norm2 = nn.LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (n h d) -> n b h t d", n=3, h=self.heads)
+        if cache is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start, new = cache.length, x.shape[1]
+            cache.k[layer, :, :, start:start + new] = k.to(cache.k.dtype)
+            cache.v[layer, :, :, start:start + new] = v.to(cache.v.dtype)
+            keys = cache.k[layer, :, :, :start + new].to(q.dtype)
+            values = cache.v[layer, :, :, :start + new].to(q.dtype)
+            mask = None
+            if new > 1:  # new tokens see the whole cache and, causally, each other
+                mask = torch.ones(new, start + new, dtype=torch.bool, device=x.device).tril(start)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = self.norm1(x + self.drop(self.out(rearrange(attn, "b h t d -> b t (h d)"))))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class CausalTransformer(nn.Module):
+    """Tokens (B, T, D) -> h (B, T, D): learned positions, LayerNorm(eps 1e-6), post-LN causal blocks."""
+
+    def __init__(self, width: int, depth: int, heads: int, ffn: int, dropout: float = 0.1,
+                 max_len: int = 64) -> None:
+        super().__init__()
+        self.width, self.depth, self.heads, self.max_len = width, depth, heads, max_len
+        self.position = nn.Embedding(max_len, width)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(width, heads, ffn, dropout) for _ in range(depth))
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
+        return KVCache.empty(self.depth, batch, self.heads, self.max_len, self.width // self.heads, device, dtype)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Full causal pass (cache=None) or append tokens after the cached ones and return their h."""
+        start = 0 if cache is None else cache.length
+        length = tokens.shape[1]
+        if start + length > self.max_len:
+            raise ValueError(f"sequence length {start + length} exceeds max_len={self.max_len}")
+        pos = torch.arange(start, start + length, device=tokens.device)
+        x = self.norm(tokens + self.position(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += length
+        return x  # (B, T, D)

@@ -1,0 +1,96 @@
+"""Categorical VAE pieces (STORM section 'Observation and latent'): conv encoder, decoder, latent head."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from mowbench.ops import unimix_logits
+
+
+def conv_stages(image_size: int, n_stages: int) -> int:
+    """Spatial size after `n_stages` stride-2 convs, or ValueError naming what the encoder can take."""
+    factor = 2 ** n_stages
+    if image_size < factor or image_size % factor:
+        allowed = ", ".join(str(factor * m) for m in (1, 2, 4, 8, 16))
+        raise ValueError(f"image_size={image_size} cannot be taken by an encoder with {n_stages} "
+                         f"stride-2 stages; allowed: multiples of {factor} (e.g. {allowed})")
+    return image_size // factor
+
+
+class ConvEncoder(nn.Module):
+    """Image (B, 3, S, S) in [0, 1] -> flat features (B, C_last * s * s).
+
+    Each stage: Conv2d(k4, s2, p1, no bias) -> BatchNorm2d -> ReLU (STORM: 3->32->64->128->256, 64->4).
+    """
+
+    def __init__(self, image_size: int, channels: tuple[int, ...], in_channels: int = 3) -> None:
+        super().__init__()
+        self.final_size = conv_stages(image_size, len(channels))
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for ch in channels:
+            layers += [nn.Conv2d(prev, ch, 4, 2, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU()]
+            prev = ch
+        self.net = nn.Sequential(*layers)
+        self.out_dim = prev * self.final_size ** 2
+        self.image_size = image_size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        assert image.shape[-3:] == (3, self.image_size, self.image_size), image.shape
+        return self.net(image).flatten(1)  # (B, out_dim)
+
+
+class CategoricalHead(nn.Module):
+    """Features (..., in_dim [+ cond_dim]) -> unimix logits (..., n_vars, n_classes).
+
+    Used for STORM's posterior (from encoder features) and prior (from h). `cond_dim` > 0 lets MoW
+    condition on a task embedding e_k by concatenation.
+    """
+
+    def __init__(self, in_dim: int, n_vars: int, n_classes: int, cond_dim: int = 0,
+                 unimix: float = 0.01) -> None:
+        super().__init__()
+        self.n_vars, self.n_classes, self.unimix = n_vars, n_classes, unimix
+        self.cond_dim = cond_dim
+        self.linear = nn.Linear(in_dim + cond_dim, n_vars * n_classes)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_dim:
+            assert cond is not None and cond.shape[-1] == self.cond_dim
+            x = torch.cat([x, cond.expand(*x.shape[:-1], self.cond_dim)], dim=-1)
+        logits = rearrange(self.linear(x), "... (v c) -> ... v c", v=self.n_vars)
+        return unimix_logits(logits, self.unimix)  # (..., V, C)
+
+
+class ConvDecoder(nn.Module):
+    """Flat latent (B, latent_dim [+ cond_dim]) -> image (B, 3, S, S), mirror of ConvEncoder.
+
+    Linear(no bias) -> BN -> ReLU -> ConvTranspose2d(k4, s2, p1, no bias)+BN+ReLU blocks -> final
+    ConvTranspose2d(-> 3, with bias). No output squashing: STORM regresses [0, 1] pixels with MSE.
+    """
+
+    def __init__(self, image_size: int, channels: tuple[int, ...], latent_dim: int,
+                 cond_dim: int = 0) -> None:
+        super().__init__()
+        self.start = conv_stages(image_size, len(channels))
+        self.channels = tuple(channels)
+        self.cond_dim = cond_dim
+        top = channels[-1]
+        self.stem = nn.Sequential(nn.Linear(latent_dim + cond_dim, top * self.start ** 2, bias=False),
+                                  nn.BatchNorm1d(top * self.start ** 2), nn.ReLU())
+        layers: list[nn.Module] = []
+        rev = list(reversed(channels))
+        for c_in, c_out in zip(rev[:-1], rev[1:], strict=True):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers.append(nn.ConvTranspose2d(rev[-1], 3, 4, 2, 1, bias=True))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_dim:
+            assert cond is not None
+            z = torch.cat([z, cond.expand(*z.shape[:-1], self.cond_dim)], dim=-1)
+        x = self.stem(z)
+        x = rearrange(x, "b (c h w) -> b c h w", c=self.channels[-1], h=self.start)
+        return self.net(x)  # (B, 3, S, S)

@@ -1,0 +1,94 @@
+"""Per-task replay of transitions with uniform sampling of fixed-length sequences (STORM section 'Training loop')."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mowbench.agents.base import Batch
+from mowbench.envs.base import TaskInfo
+
+
+class TaskReplay:
+    """Ring buffer of one task: obs (N, S, S, 3) uint8, action, reward, terminal; on `device`.
+
+    Row t holds (o_t, a_t, r_t, d_t): the action taken at o_t and what followed. Sequences are drawn
+    uniformly and may cross episode boundaries, as in STORM (its world model sees the reset frame).
+    """
+
+    def __init__(self, capacity: int, info: TaskInfo, device: torch.device) -> None:
+        self.capacity, self.device = capacity, device
+        s, a = info.image_size, info.action
+        self.obs = torch.zeros((capacity, s, s, 3), dtype=torch.uint8, device=device)
+        self.action = (torch.zeros(capacity, dtype=torch.long, device=device) if a.discrete
+                       else torch.zeros((capacity, a.n), dtype=torch.float32, device=device))
+        self.reward = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.terminal = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.size = 0
+        self.head = 0  # next row to write
+
+    def add(self, obs: np.ndarray, action: Any, reward: float, terminal: bool) -> None:
+        i = self.head
+        self.obs[i] = torch.as_tensor(obs, device=self.device)
+        self.action[i] = torch.as_tensor(action, device=self.device)
+        self.reward[i] = reward
+        self.terminal[i] = float(terminal)
+        self.head = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample_index(self, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        """(n, length) row indices of sequences in chronological order, uniform over valid starts."""
+        if self.size < length:
+            raise ValueError(f"replay holds {self.size} steps, fewer than a sequence of {length}")
+        starts = rng.integers(0, self.size - length + 1, size=n)
+        oldest = self.head if self.size == self.capacity else 0
+        return (oldest + starts[:, None] + np.arange(length)[None]) % self.capacity
+
+    def state_dict(self) -> dict[str, Any]:
+        n = self.size
+        return {"obs": self.obs[:n].cpu(), "action": self.action[:n].cpu(), "reward": self.reward[:n].cpu(),
+                "terminal": self.terminal[:n].cpu(), "size": n, "head": self.head}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = state["size"]
+        for key in ("obs", "action", "reward", "terminal"):
+            getattr(self, key)[:n] = state[key].to(self.device)
+        self.size, self.head = n, state["head"]
+
+
+class Replay:
+    """One TaskReplay per task; a batch is split as evenly as possible across tasks."""
+
+    def __init__(self, capacity: int, tasks: list[TaskInfo], device: torch.device, seed: int) -> None:
+        self.tasks = tasks
+        self.buffers = [TaskReplay(capacity, t, device) for t in tasks]
+        self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)
+        self.rng = np.random.default_rng(seed)
+        self.device = device
+
+    def __len__(self) -> int:
+        return min(b.size for b in self.buffers)
+
+    def sample(self, n: int, length: int) -> Batch:
+        counts = np.full(len(self.buffers), n // len(self.buffers))
+        counts[: n % len(self.buffers)] += 1
+        parts = []
+        for k, (buf, c) in enumerate(zip(self.buffers, counts, strict=True)):
+            if c:
+                idx = torch.as_tensor(buf.sample_index(int(c), length, self.rng), device=buf.device)
+                parts.append((k, idx, buf))
+        cat = torch.cat
+        task = cat([torch.full((len(idx),), k, dtype=torch.long, device=self.device) for k, idx, _ in parts])
+        return Batch(obs=cat([b.obs[i] for _, i, b in parts]), action=cat([b.action[i] for _, i, b in parts]),
+                     reward=cat([b.reward[i] for _, i, b in parts]), terminal=cat([b.terminal[i] for _, i, b in parts]),
+                     task=task, legal=self.legal[task])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": [b.state_dict() for b in self.buffers], "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for b, s in zip(self.buffers, state["buffers"], strict=True):
+            b.load_state_dict(s)
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,219 @@
+"""Entry point: `python -m mowbench.run [agent=.. env=.. task=.. seed=.. preset=..]` trains and evaluates.
+
+With no arguments it runs the quickstart: tiny STORM on the five MinAtar games, one run per game,
+printing each game's final return beside a random policy's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mowbench import results as R
+from mowbench.agents.base import build_config, get_agent
+from mowbench.envs import make_envs, resolve_tasks, suite_module
+from mowbench.trainer import CHECKPOINT, Trainer, TrainConfig
+
+CONF = Path(__file__).parent / "conf"
+GROUPS = ("env", "agent", "preset")
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """One-line errors for unknown config-group choices, before Hydra prints a traceback."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in GROUPS and value:
+            options = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
+            if value not in options:
+                raise SystemExit(f"error: unknown {key} {value!r}; allowed: {', '.join(options)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r}; allowed: auto, cpu, cuda, cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available; allowed here: auto, cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}; allowed: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in ("fp32", "bf16"):
+        raise ValueError(f"precision={name!r}; allowed: auto, fp32, bf16")
+    return name
+
+
+@dataclasses.dataclass
+class Plan:
+    """A fully validated run request: what to train, where, on what."""
+
+    cfg: dict[str, Any]
+    suite: str
+    agent: str
+    method: str
+    tasks: list[str]
+    runs: list[tuple[str, list[str]]]  # (results task name, tasks of that run)
+    train: TrainConfig
+    device: torch.device
+    precision: str
+
+
+def plan(cfg: dict[str, Any]) -> Plan:
+    """Validate the whole configuration before any heavy work (envs, networks) starts."""
+    env_cfg = dict(cfg["env"])
+    suite = env_cfg.get("suite")
+    mod = suite_module(suite)
+    tasks = resolve_tasks(suite, cfg.get("task"))
+    mod.check(env_cfg)
+    entry = get_agent(cfg["agent"]["name"])
+    agent_cfg = build_config(entry, dict(cfg["agent"]))
+    train_values = dict(cfg["train"])
+    proto = mod.eval_protocol(env_cfg)
+    for key in ("eval_episodes", "eval_greedy"):
+        if train_values.get(key) is None:
+            train_values[key] = proto[key]
+    unknown = sorted(set(train_values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown train option(s) {unknown}; allowed: "
+                         f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+    train = TrainConfig(**train_values)
+    train.check()
+    if train.replay_capacity < getattr(agent_cfg, "batch_length", 1):
+        raise ValueError(f"train.replay_capacity={train.replay_capacity} is smaller than a sequence "
+                         f"(batch_length={agent_cfg.batch_length})")
+    if train.warmup < getattr(agent_cfg, "batch_length", 1) and train.steps > train.warmup:
+        raise ValueError(f"train.warmup={train.warmup} must be >= batch_length={agent_cfg.batch_length} "
+                         "so the first update finds whole sequences")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}; allowed: a non-negative integer")
+    device = resolve_device(str(cfg.get("device", "auto")))
+    precision = resolve_precision(str(cfg.get("precision", "auto")), device)
+    if precision == "bf16" and device.type == "cpu":
+        raise ValueError("precision=bf16 on cpu is not supported (CPU runs in fp32); allowed: auto, fp32")
+    method = cfg.get("method") or entry.name
+    if entry.multi_task:
+        runs = [(tasks[0] if len(tasks) == 1 else f"all{len(tasks)}", tasks)]
+    else:
+        runs = [(t, [t]) for t in tasks]
+    return Plan(cfg, suite, entry.name, method, tasks, runs, train, device, precision)
+
+
+def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | None:
+    """Train and evaluate one run folder; a finished run is never touched again."""
+    cfg, seed = p.cfg, int(p.cfg["seed"])
+    folder = R.run_dir(cfg["results_dir"], p.suite, p.method, name, seed)
+    if R.is_done(folder):
+        print(f"[mowbench] {folder} is already finished; nothing to do (delete the folder to rerun)")
+        return R.read_summary(folder)
+    torch.manual_seed(seed)
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    env_cfg = dict(cfg["env"])
+    envs = make_envs(p.suite, tasks, env_cfg, seed)
+    agent_cfg = build_config(get_agent(p.agent), dict(cfg["agent"]))
+    agent = get_agent(p.agent).cls(agent_cfg, [e.info for e in envs], p.device, p.precision)
+
+    def make_eval_envs(k: int) -> list:
+        return make_envs(p.suite, tasks, env_cfg, seed + 7919 * (k + 1), evaluation=True)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    resuming = (folder / CHECKPOINT).exists()
+    meta_path = folder / "metadata.json"
+    meta = R.read_json(meta_path) if resuming and meta_path.exists() else {
+        "schema_version": R.SCHEMA_VERSION, "suite": p.suite, "method": p.method, "agent": p.agent,
+        "tasks": tasks, "seed": seed, "preset": cfg.get("preset_name"), "started": _now(), "sessions": []}
+    meta.update({"git": R.git_state(), "versions": R.versions(), "device": R.device_description(p.device),
+                 "precision": p.precision, "protocol": {e.info.name: e.info.protocol for e in envs},
+                 "parameters": agent.parameter_counts()})
+    R.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    trainer = Trainer(agent, envs, make_eval_envs, p.train, folder, p.device, seed)
+    meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,
+                             "env_restart": trainer.env_restore_failed})
+    R.atomic_write_json(meta_path, meta)
+    t0 = time.time()
+    summary = trainer.train()
+    meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": summary["step"]})
+    if summary["preempted"]:
+        R.atomic_write_json(meta_path, meta)
+        trainer.log.close()
+        print(f"[mowbench] {folder}: checkpointed at step {summary['step']}; rerun the same command to resume")
+        return None
+    meta.update({"finished": _now(), "wall_time_s": trainer.counters.wall_time, "updates": summary["updates"]})
+    R.atomic_torch_save(folder / "model.pt", agent.state_dict())
+    R.atomic_write_json(folder / "summary.json", summary)
+    R.atomic_write_json(meta_path, meta)
+    trainer.log.close()
+    R.atomic_write_json(folder / R.DONE, {"finished": meta["finished"], "step": summary["step"],
+                                          "schema_version": R.SCHEMA_VERSION})
+    if not p.train.keep_checkpoint:
+        (folder / CHECKPOINT).unlink(missing_ok=True)
+    for env in envs:
+        env.close()
+    return summary
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def print_summary(rows: list[tuple[str, dict[str, Any] | None]]) -> None:
+    print(f"\n{'task':<20} {'final return':>14} {'random policy':>14}")
+    for name, summary in rows:
+        if summary is None:
+            print(f"{name:<20} {'(preempted)':>14}")
+            continue
+        for task, ret in summary["final_return"].items():
+            rand = summary.get("random_return", {}).get(task)
+            print(f"{task:<20} {ret:>14.2f} {'' if rand is None else f'{rand:.2f}':>14}")
+
+
+def execute(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    p = plan(cfg)
+    if int(cfg.get("threads") or 0) > 0:
+        torch.set_num_threads(int(cfg["threads"]))
+    out = []
+    for name, tasks in p.runs:
+        out.append((name, run_one(p, name, tasks)))
+    print_summary(out)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values["preset_name"] = HydraConfig.get().runtime.choices.get("preset")
+    try:
+        execute(values)
+    except ValueError as err:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+def main() -> None:
+    check_group_choices(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The training loop: act in one env per task, store to replay, update the agent, evaluate, checkpoint.
+
+It knows only the Agent interface (mowbench.agents.base) and TaskEnv (mowbench.envs.base).
+Checkpoints hold everything needed to continue exactly: agent (models, optimizers), replay, RNG
+states, counters, env states, acting contexts and log rows.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mowbench.agents.base import Agent
+from mowbench.envs.base import TaskEnv
+from mowbench.logger import RunLog
+from mowbench.replay import Replay
+from mowbench.results import atomic_torch_save
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Budgets and schedules, all counted in agent steps per task (one agent step = frame_skip frames
+    on Atari, action_repeat simulator steps on Meta-World)."""
+
+    steps: int = 100_000  # agent steps per task (Atari 100k: 100k = 400k frames)
+    warmup: int = 1024  # random-action steps per task before training starts
+    updates_per_step: float = 1.0  # agent.update() calls per env step after warm-up (STORM: 1)
+    replay_capacity: int = 100_000  # transitions per task
+    replay_on_device: bool = False  # keep replay on the training device (GPU) instead of CPU memory
+    eval_every: int = 0  # periodic evaluation interval (0: only the final evaluation)
+    eval_episodes: int = 20  # episodes of the final evaluation (protocol)
+    periodic_eval_episodes: int = 5  # episodes of each periodic evaluation
+    eval_greedy: bool = False  # greedy (mode) instead of sampled actions at evaluation (protocol)
+    eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
+    random_baseline: bool = True  # also evaluate a uniformly random policy at the end
+    checkpoint_every: int = 10_000  # steps between checkpoints (0: none until the end)
+    stop_at: int = 0  # leave after checkpointing at this step (simulates preemption; 0: off)
+    log_every: int = 250  # steps between scalar logs
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # also write TensorBoard events
+    keep_checkpoint: bool = False  # keep the full resume checkpoint (with replay) after finishing
+
+    def check(self) -> None:
+        for name in ("steps", "warmup", "replay_capacity", "eval_episodes", "log_every"):
+            if getattr(self, name) < (1 if name in ("steps", "replay_capacity", "log_every") else 0):
+                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: "
+                                 f"{'a positive' if name in ('steps', 'replay_capacity', 'log_every') else 'a non-negative'} integer")
+        for name in ("eval_every", "periodic_eval_episodes", "checkpoint_every", "stop_at", "eval_max_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
+        if self.updates_per_step < 0:
+            raise ValueError(f"train.updates_per_step={self.updates_per_step}; allowed: >= 0")
+
+
+@dataclass
+class Stream:
+    """One training env and its episode in progress."""
+
+    env: TaskEnv
+    context: Any
+    obs: np.ndarray | None = None
+    ret: float = 0.0
+    length: int = 0
+    success: float | None = None
+    last_return: float | None = None
+
+
+@dataclass
+class Counters:
+    step: int = 0  # agent steps taken per task
+    updates: int = 0
+    update_credit: float = 0.0
+    episodes: list[int] = field(default_factory=list)
+    wall_time: float = 0.0  # seconds of training accumulated over all sessions of this run
+    evals: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def evaluate(agent: Agent | None, envs: list[TaskEnv], episodes: int, greedy: bool, max_steps: int,
+             rng: np.random.Generator) -> list[list[tuple[float, int, float | None]]]:
+    """Per task, `episodes` x (return, length, success). agent=None: uniformly random legal actions."""
+    out = []
+    for env in envs:
+        results = []
+        context = agent.new_context(env.info.index) if agent else None
+        for _ in range(episodes):
+            obs, ret, length, success = env.reset(), 0.0, 0, None
+            if agent:
+                agent.episode_start(context)
+            while True:
+                action = agent.act(context, obs, greedy) if agent else env.info.action.sample(rng)
+                step = env.step(action)
+                obs, ret, length = step.obs, ret + step.reward, length + 1
+                if step.success is not None:
+                    success = max(success or 0.0, step.success)  # success at any step of the episode
+                if step.done or (max_steps and length >= max_steps):
+                    break
+            results.append((ret, length, success))
+        out.append(results)
+    return out
+
+
+class Trainer:
+    def __init__(self, agent: Agent, envs: list[TaskEnv], make_eval_envs: Callable[[int], list[TaskEnv]],
+                 cfg: TrainConfig, folder: Path, device: torch.device, seed: int) -> None:
+        self.agent, self.cfg, self.folder, self.device = agent, cfg, folder, device
+        self.make_eval_envs = make_eval_envs
+        self.tasks = [e.info for e in envs]
+        replay_device = device if cfg.replay_on_device else torch.device("cpu")
+        self.replay = Replay(cfg.replay_capacity, self.tasks, replay_device, seed)
+        self.streams = [Stream(env, agent.new_context(env.info.index)) for env in envs]
+        self.counters = Counters(episodes=[0] * len(envs))
+        self.rng = np.random.default_rng(seed + 1)  # warm-up actions
+        self.last_metrics: dict[str, float] = {}
+        self.preempted = False
+        self.resumed_from: int | None = None
+        self.env_restore_failed: list[str] = []
+        if (folder / CHECKPOINT).exists():
+            self.load(folder / CHECKPOINT)
+        self.log = RunLog(folder, cfg.tensorboard, purge_step=self.counters.step if self.resumed_from else None)
+        if self.resumed_from is not None:
+            self.log.load_state_dict(self._loaded_log)
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent.state_dict(), "replay": self.replay.state_dict(), "rng": rng_state(),
+            "trainer_rng": self.rng.bit_generator.state, "counters": self.counters,
+            "streams": [{"env": s.env.get_state(), "context": s.context, "obs": s.obs, "ret": s.ret,
+                         "length": s.length, "success": s.success, "last_return": s.last_return}
+                        for s in self.streams],
+            "log": self.log.state_dict(), "last_metrics": self.last_metrics,
+        }
+
+    def save(self) -> None:
+        atomic_torch_save(self.folder / CHECKPOINT, self.state_dict())
+        self.log.flush()
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.agent.load_state_dict(state["agent"])
+        self.replay.load_state_dict(state["replay"])
+        set_rng_state(state["rng"])
+        self.rng.bit_generator.state = state["trainer_rng"]
+        self.counters = state["counters"]
+        for stream, s in zip(self.streams, state["streams"], strict=True):
+            if s["env"] is not None:
+                stream.env.set_state(s["env"])
+                stream.obs, stream.ret, stream.length = s["obs"], s["ret"], s["length"]
+                stream.success = s["success"]
+            else:  # this env cannot restore a mid-episode state: the episode restarts (recorded in metadata)
+                self.env_restore_failed.append(stream.env.info.name)
+            stream.context, stream.last_return = s["context"], s["last_return"]
+        self._loaded_log = state["log"]
+        self.last_metrics = state["last_metrics"]
+        self.resumed_from = self.counters.step
+
+    # ---- loop ----
+    def _env_step(self, k: int, training: bool) -> None:
+        s = self.streams[k]
+        if s.obs is None:
+            s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
+            self.agent.episode_start(s.context)
+        if training:
+            action = self.agent.act(s.context, s.obs)
+        else:
+            action = s.env.info.action.sample(self.rng)
+        step = s.env.step(action)
+        self.replay.buffers[k].add(s.obs, action, step.reward, s.env.train_terminal(step))
+        s.ret += step.reward
+        s.length += 1
+        if step.success is not None:
+            s.success = max(s.success or 0.0, step.success)
+        s.obs = step.obs
+        if step.done:
+            self.counters.episodes[k] += 1
+            s.last_return = s.ret
+            self.log.episode(self.counters.step + 1, s.env.info.name, s.ret, s.length, s.success)
+            s.obs = None
+
+    def _evaluate(self, episodes: int, final: bool) -> dict[str, float]:
+        envs = self.make_eval_envs(self.counters.evals)
+        self.counters.evals += 1
+        results = evaluate(self.agent, envs, episodes, self.cfg.eval_greedy, self.cfg.eval_max_steps, self.rng)
+        means = {}
+        for env, rows in zip(envs, results, strict=True):
+            for i, (ret, length, success) in enumerate(rows):
+                self.log.evaluation(self.counters.step, env.info.name, i, ret, length, success)
+            means[env.info.name] = float(np.mean([r[0] for r in rows]))
+            self.log.scalars(self.counters.step, {f"eval_return/{env.info.name}": means[env.info.name]})
+        for env in envs:
+            env.close()
+        return means
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        self.preempted = True  # checkpoint at the end of the current step, then leave
+
+    def train(self) -> dict[str, Any]:
+        """Run until `steps`; returns a summary. Leaves early (preempted=True) after `stop_at` or a signal."""
+        cfg, c = self.cfg, self.counters
+        old = signal.signal(signal.SIGUSR2, self._handle_signal) if hasattr(signal, "SIGUSR2") else None
+        bar = tqdm(total=cfg.steps, initial=c.step, disable=not cfg.progress, dynamic_ncols=True,
+                   desc="/".join(t.name for t in self.tasks)[:40])
+        start, start_step = time.time(), c.step
+        try:
+            while c.step < cfg.steps:
+                training = c.step >= cfg.warmup
+                for k in range(len(self.streams)):
+                    self._env_step(k, training)
+                c.step += 1
+                if training and len(self.replay) >= 1:
+                    c.update_credit += cfg.updates_per_step
+                    while c.update_credit >= 1.0:
+                        self.last_metrics = self.agent.update(self.replay.sample)
+                        c.updates += 1
+                        c.update_credit -= 1.0
+                if c.step % cfg.log_every == 0:
+                    sps = (c.step - start_step) / max(time.time() - start, 1e-9)
+                    self.log.scalars(c.step, {**self.last_metrics, "perf/steps_per_s": sps})
+                    last = [s.last_return for s in self.streams if s.last_return is not None]
+                    bar.set_postfix(sps=f"{sps:.1f}", ret=f"{np.mean(last):.2f}" if last else "-")
+                bar.update(1)
+                if cfg.eval_every and c.step % cfg.eval_every == 0 and c.step < cfg.steps:
+                    self._evaluate(cfg.periodic_eval_episodes, final=False)
+                if (cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0 and c.step < cfg.steps) or \
+                        (cfg.stop_at and c.step == cfg.stop_at) or self.preempted:
+                    c.wall_time += time.time() - start
+                    start = time.time()
+                    self.save()
+                    if self.preempted or (cfg.stop_at and c.step == cfg.stop_at):
+                        self.preempted = True
+                        return {"preempted": True, "step": c.step}
+            c.wall_time += time.time() - start
+            final = self._evaluate(cfg.eval_episodes, final=True)
+            summary: dict[str, Any] = {"preempted": False, "step": c.step, "updates": c.updates,
+                                       "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],
+                                                                                   c.episodes, strict=True))}
+            if cfg.random_baseline:
+                envs = self.make_eval_envs(10_000)
+                rand = evaluate(None, envs, cfg.eval_episodes, False, cfg.eval_max_steps, np.random.default_rng(0))
+                summary["random_return"] = {e.info.name: float(np.mean([r[0] for r in rows]))
+                                            for e, rows in zip(envs, rand, strict=True)}
+                for e in envs:
+                    e.close()
+            self.log.flush()
+            return summary
+        finally:
+            bar.close()
+            if old is not None:
+                signal.signal(signal.SIGUSR2, old)
