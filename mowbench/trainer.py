@@ -267,6 +267,8 @@ class Trainer:
                                             for e, rows in zip(envs, rand, strict=True)}
                 for e in envs:
                     e.close()
+            if cfg.keep_checkpoint:
+                self.save()  # the final state, e.g. to continue training with a larger budget
             self.log.flush()
             return summary
         finally:

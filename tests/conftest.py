@@ -1,0 +1,35 @@
+"""Shared helpers: compose the real Hydra config with overrides, as the CLI does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A very small STORM for loop tests (not for learning): seconds per run on 2 CPU cores.
+MICRO = ["agent.channels=[8,16]", "agent.n_vars=4", "agent.n_classes=4", "agent.width=16", "agent.heads=2",
+         "agent.ffn=32", "agent.head_width=16", "agent.ac_width=16", "agent.batch_size=2", "agent.batch_length=8",
+         "agent.imag_batch=4", "agent.imag_context=2", "agent.imag_horizon=3", "agent.act_context=4",
+         "agent.bins=33", "train.progress=false", "train.tensorboard=false"]
+
+
+def compose_cfg(overrides: list[str]) -> dict[str, Any]:
+    with initialize_config_module("mowbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values["preset_name"] = "tiny"
+    return values
+
+
+@pytest.fixture
+def micro_cfg(tmp_path):
+    def make(*extra: str) -> dict[str, Any]:
+        return compose_cfg(["task=breakout", f"results_dir={tmp_path}", "train.warmup=20", "train.steps=60",
+                            "train.eval_episodes=1", "train.eval_max_steps=30", "train.replay_capacity=500",
+                            *MICRO, *extra])
+    return make

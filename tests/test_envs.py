@@ -1,0 +1,176 @@
+"""Protocol settings on the real ALE, MinAtar and the real MuJoCo renderer."""
+
+import numpy as np
+import pytest
+
+from mowbench.envs import make_envs, resolve_tasks, suite_module
+from mowbench.envs import atari as atari_mod
+
+
+def atari(game="Pong", **cfg):
+    return make_envs("atari100k", [game], {"protocol": "storm", **cfg}, seed=0)[0]
+
+
+def test_atari_suite_has_the_26_games():
+    assert len(resolve_tasks("atari100k", None)) == 26
+    with pytest.raises(ValueError, match="unknown task 'Pongg' for suite 'atari100k'; allowed: Alien"):
+        resolve_tasks("atari100k", "Pongg")
+    with pytest.raises(ValueError, match="unknown suite 'atari57'; allowed: atari100k, metaworld, minatar"):
+        suite_module("atari57")
+
+
+@pytest.mark.parametrize("name,sticky,noops,episodes", [("storm", 0.25, 0, 20), ("standard", 0.0, 30, 100)])
+def test_atari_protocol_settings_on_the_ale(name, sticky, noops, episodes):
+    env = atari(protocol=name)
+    ale = env.ale
+    assert ale.getFloat("repeat_action_probability") == pytest.approx(sticky)
+    assert ale.getInt("frame_skip") == 1  # frame skipping is done by the wrapper, with max-pooling
+    assert ale.getInt("max_num_frames_per_episode") == 108_000  # 27k agent steps
+    p = env.info.protocol
+    assert (p["frame_skip"], p["max_pool_frames"], p["max_episode_steps"]) == (4, 2, 27_000)
+    assert p["noop_max"] == noops and p["eval_episodes"] == episodes and p["eval_greedy"] is False
+    assert env.life_loss_terminal
+    frames = []
+    for _ in range(8):
+        env.reset()
+        frames.append(ale.getEpisodeFrameNumber())
+    if noops:
+        assert all(1 <= f <= 30 for f in frames) and len(set(frames)) > 1
+    else:
+        assert frames == [0] * 8
+    assert atari_mod.eval_protocol({"protocol": name}) == {"eval_episodes": episodes, "eval_greedy": False}
+
+
+def test_atari_observation_and_minimal_action_sets():
+    pong, breakout = atari("Pong"), atari("Breakout")
+    obs = pong.reset()
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+    assert pong.info.action.n == 6 and breakout.info.action.n == 4
+    full = atari("Breakout", action_set="full")
+    assert full.info.action.n == 18 and full.info.action.legal_mask().sum() == 4
+
+
+def test_atari_frame_skip_max_pools_the_last_two_frames():
+    import cv2
+
+    env = atari("Breakout", protocol="standard")  # no sticky actions: the replay below is exact
+    env.reset()
+    for _ in range(10):
+        env.step(1)
+    state = env.get_state()
+    step = env.step(2)
+    env.set_state(state)
+    screens, reward = [], 0
+    for _ in range(4):
+        reward += env.ale.act(env._ale_actions[2])
+        screens.append(env.ale.getScreenRGB())
+    expected = cv2.resize(np.maximum(screens[2], screens[3]), (64, 64), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(step.obs, expected)
+    assert step.reward == reward
+
+
+def test_atari_life_loss_is_a_training_terminal_but_the_episode_goes_on():
+    env = atari("Breakout")
+    env.reset()
+    rng = np.random.default_rng(0)
+    lives = env.ale.lives()
+    for _ in range(5000):
+        step = env.step(int(rng.integers(4)))
+        if step.life_loss:
+            assert not step.terminated and env.train_terminal(step)
+            assert env.ale.lives() == lives - 1
+            break
+    else:
+        pytest.fail("no life lost in 5000 random Breakout steps")
+
+
+def test_atari_episode_cap_truncates():
+    env = atari("Pong")
+    env.p["max_episode_steps"] = 5  # the protocol value is asserted above; a small cap to reach it
+    env.reset()
+    steps = [env.step(0) for _ in range(5)]
+    assert [s.truncated for s in steps] == [False] * 4 + [True] and not steps[-1].terminated
+
+
+def test_atari_state_restore_is_exact_with_sticky_actions():
+    env = atari("Breakout")
+    env.reset()
+    state = env.get_state()
+    first = [env.step(i % 4).obs for i in range(40)]
+    env.set_state(state)
+    second = [env.step(i % 4).obs for i in range(40)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_minatar_suite_rgb_masks_and_restore():
+    envs = make_envs("minatar", resolve_tasks("minatar", None), {"image_size": 20}, seed=0)
+    assert [e.info.name for e in envs] == ["asterix", "breakout", "freeway", "seaquest", "space_invaders"]
+    assert [int(e.info.action.legal_mask().sum()) for e in envs] == [5, 3, 3, 6, 4]
+    assert all(e.info.action.n == 6 for e in envs)
+    env = envs[1]
+    obs = env.reset()
+    assert obs.shape == (20, 20, 3) and obs.dtype == np.uint8 and obs.max() > 0
+    state = env.get_state()
+    a = [env.step(i % 6).obs for i in range(30)]
+    env.set_state(state)
+    b = [env.step(i % 6).obs for i in range(30)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_minatar_render_colours_by_channel():
+    from mowbench.envs.minatar import PALETTE, render_rgb
+
+    state = np.zeros((10, 10, 3), dtype=bool)
+    state[0, 0, 0] = state[9, 9, 2] = state[9, 9, 1] = True
+    image = render_rgb(state, 10)
+    assert tuple(image[0, 0]) == tuple(PALETTE[1]) and tuple(image[9, 9]) == tuple(PALETTE[3])
+    assert tuple(image[5, 5]) == (0, 0, 0)
+
+
+# ---- Meta-World on the real MuJoCo renderer (osmesa on CPU) ----
+
+def metaworld_env(task="reach-v3", **cfg):
+    base = {"camera_pos": [0.75, 0.075, 0.7], "action_repeat": 2, "episode_length": 100}
+    return make_envs("metaworld", [task], {**base, **cfg}, seed=0)[0]
+
+
+def test_metaworld_task_lists():
+    assert len(resolve_tasks("metaworld", "MT50")) == 50 and len(resolve_tasks("metaworld", "MT10")) == 10
+    assert all(t.endswith("-v3") for t in resolve_tasks("metaworld", None))
+
+
+def test_metaworld_pixels_shape_orientation_and_time_limit():
+    env = metaworld_env(episode_length=3)
+    obs = env.reset()
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+    assert env.info.action.discrete is False and env.info.action.n == 4
+    assert env.info.protocol["camera_pos"] == [0.75, 0.075, 0.7]
+    # the wooden table top (brown: R > G > B) must be in the lower half of an upright image
+    img = obs.astype(int)
+    brown = (img[..., 0] - img[..., 2] > 40) & (img[..., 0] > img[..., 1]) & (img[..., 1] > img[..., 2])
+    assert brown.sum() > 100
+    assert np.nonzero(brown)[0].mean() > 32, "image is upside down"
+    flipped = metaworld_env(flip_vertical=False).reset()
+    np.testing.assert_array_equal(flipped[::-1], metaworld_env().reset())
+    steps = [env.step(np.zeros(4)) for _ in range(3)]
+    assert [s.truncated for s in steps] == [False, False, True] and not any(s.terminated for s in steps)
+
+
+def test_metaworld_success_flag_from_info():
+    from metaworld.policies import SawyerReachV3Policy
+
+    env = metaworld_env(fast_render=True)
+    env.reset()
+    policy = SawyerReachV3Policy()
+    successes = []
+    for _ in range(60):
+        step = env.step(policy.get_action(env.env._get_obs()))
+        successes.append(step.success)
+    assert set(successes) <= {0.0, 1.0}
+    assert successes[0] == 0.0 and max(successes) == 1.0
+
+
+def test_metaworld_fast_render_changes_only_the_look():
+    slow, fast = metaworld_env().reset(), metaworld_env(fast_render=True).reset()
+    assert slow.shape == fast.shape and not np.array_equal(slow, fast)
+    assert np.abs(slow.astype(int) - fast.astype(int)).mean() < 40

@@ -1,0 +1,79 @@
+"""Component shapes, sizes errors, and KV-cache equivalence with the full-sequence forward."""
+
+import pytest
+import torch
+
+from mowbench.agents.base import build_config, get_agent
+from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.models import CausalTransformer, ConvDecoder, ConvEncoder, TokenStem
+
+
+def test_encoder_decoder_shapes_storm_sizes():
+    enc = ConvEncoder(64, (32, 64, 128, 256))
+    x = torch.rand(2, 3, 64, 64)
+    assert enc(x).shape == (2, 4096) and enc.final_size == 4
+    dec = ConvDecoder(64, (32, 64, 128, 256), 1024)
+    assert dec(torch.rand(2, 1024)).shape == (2, 3, 64, 64)
+    # STORM encoder: convs 3*32*16 + 32*64*16 + 64*128*16 + 128*256*16, BN 2*(32+64+128+256)
+    assert sum(p.numel() for p in enc.parameters()) == 16 * (96 + 2048 + 8192 + 32768) + 2 * 480
+
+
+def test_encoder_rejects_bad_image_size():
+    with pytest.raises(ValueError, match="image_size=60.*allowed: multiples of 16"):
+        ConvEncoder(60, (32, 64, 128, 256))
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 1, 3, 2], [12]])
+def test_kv_cache_matches_full_forward(chunks):
+    torch.manual_seed(0)
+    model = CausalTransformer(width=64, depth=2, heads=4, ffn=128, dropout=0.1, max_len=16).eval()
+    tokens = torch.randn(3, 12, 64)
+    full = model(tokens)
+    cache = model.empty_cache(3, torch.device("cpu"))
+    parts, start = [], 0
+    for n in chunks:
+        parts.append(model(tokens[:, start:start + n], cache))
+        start += n
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_is_causal():
+    model = CausalTransformer(width=32, depth=2, heads=4, ffn=64, dropout=0.0, max_len=8).eval()
+    x = torch.randn(1, 8, 32)
+    y = x.clone()
+    y[:, 5:] += 1.0
+    torch.testing.assert_close(model(x)[:, :5], model(y)[:, :5])
+
+
+def test_storm_world_model_shapes_and_paper_counts():
+    entry = get_agent("storm")
+    cfg = build_config(entry, {})
+    info = TaskInfo("atari100k", "Pong", 0, 64, ActionSpace(True, 6))
+    agent = entry.cls(cfg, [info], torch.device("cpu"), "fp32")
+    counts = agent.parameter_counts()
+    # token stem for Pong: (1024 + 6) * 512 + 512*512 weights, two LayerNorms
+    stem = sum(p.numel() for p in agent.wm.stem.parameters())
+    assert stem == (1024 + 6) * 512 + 512 * 512 + 4 * 512
+    assert counts["slow_critic"] == sum(p.numel() for p in agent.ac.critics.parameters())
+    obs = torch.randint(0, 255, (2, 5, 64, 64, 3), dtype=torch.uint8)
+    post = agent.wm.encode(obs)
+    assert post.shape == (2, 5, 32, 32)
+    assert torch.allclose(post.exp().sum(-1), torch.ones(2, 5, 32))
+    assert post.exp().min() >= 0.01 / 32 - 1e-6  # unimix floor
+    h = agent.wm.sequence(torch.zeros(2, 5, 1024), torch.zeros(2, 5, 6))
+    assert h.shape == (2, 5, 512)
+    assert agent.wm.decode(torch.zeros(2, 5, 1024)).shape == (2, 5, 3, 64, 64)
+
+
+def test_token_stem_shape():
+    stem = TokenStem(latent_dim=20, action_dim=3, width=16, cond_dim=4)
+    out = stem(torch.zeros(2, 7, 20), torch.zeros(2, 7, 3), torch.zeros(1, 1, 4))
+    assert out.shape == (2, 7, 16)
+
+
+def test_unknown_agent_option_is_refused():
+    with pytest.raises(ValueError, match=r"unknown storm option\(s\) \['widht'\]; allowed:"):
+        build_config(get_agent("storm"), {"widht": 3})
+    with pytest.raises(ValueError, match="unknown agent 'dreamer'; allowed: .*storm"):
+        get_agent("dreamer")

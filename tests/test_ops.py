@@ -1,0 +1,76 @@
+"""The maths against hand-computed values: symlog/symexp, two-hot, lambda-returns, KL with free bits."""
+
+import math
+
+import pytest
+import torch
+
+from mowbench.ops import (categorical_kl, kl_free_bits, lambda_returns, sample_categorical, symexp, symlog,
+                          twohot_decode, twohot_encode, uniform_bins)
+
+
+def test_symlog_symexp_values_and_inverse():
+    x = torch.tensor([-10.0, -1.0, 0.0, 1.0, math.e - 1])
+    assert torch.allclose(symlog(x), torch.tensor([-math.log(11), -math.log(2), 0.0, math.log(2), 1.0]))
+    y = torch.linspace(-500, 500, 101)
+    assert torch.allclose(symexp(symlog(y)), y, rtol=1e-5, atol=1e-4)
+
+
+def test_twohot_hand_example():
+    bins = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    # 0.25 lies between bins 0 and 1: weights 0.75 and 0.25
+    assert torch.allclose(twohot_encode(torch.tensor(0.25), bins), torch.tensor([0.0, 0.75, 0.25, 0.0]))
+    # exactly on a bin, and clipped beyond the range
+    assert torch.allclose(twohot_encode(torch.tensor(1.0), bins), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert torch.allclose(twohot_encode(torch.tensor(7.0), bins), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    assert torch.allclose(twohot_encode(torch.tensor(-3.0), bins), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_twohot_round_trip_through_logits():
+    bins = uniform_bins(255, -20, 20)
+    y = torch.tensor([-1234.5, -3.0, -0.01, 0.0, 0.7, 42.0, 1e5])
+    probs = twohot_encode(symlog(y), bins)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(y)))
+    decoded = twohot_decode(torch.log(probs.clamp_min(1e-30)), bins)
+    assert torch.allclose(decoded, y, rtol=1e-4, atol=1e-4)
+
+
+def test_lambda_returns_hand_computed():
+    gamma, lam = 0.5, 0.5
+    rewards = torch.tensor([[1.0, 2.0]])
+    values = torch.tensor([[10.0, 20.0, 40.0]])  # V(s0), V(s1), V(s2)
+    cont = torch.tensor([[1.0, 1.0]])
+    # textbook: R1 = 2 + .5*(.5*40 + .5*40) = 22; R0 = 1 + .5*(.5*V(s1)=10 + .5*R1=11) = 11.5
+    assert torch.allclose(lambda_returns(rewards, values, cont, gamma, lam, "next"), torch.tensor([[11.5, 22.0]]))
+    # STORM reference: (1-lam) term uses V(s_t): R1 = 2 + .5*(.5*20 + .5*40) = 17; R0 = 1 + .5*(5 + 8.5) = 7.75
+    assert torch.allclose(lambda_returns(rewards, values, cont, gamma, lam, "current"), torch.tensor([[7.75, 17.0]]))
+    # termination after step 0 cuts everything after it
+    assert torch.allclose(lambda_returns(rewards, values, torch.tensor([[0.0, 1.0]]), gamma, lam)[:, 0],
+                          torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="value_index"):
+        lambda_returns(rewards, values, cont, gamma, lam, "previous")
+
+
+def test_kl_free_bits_hand_example():
+    # one variable, two classes: p = (0.5, 0.5), q = (0.9, 0.1)
+    p = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    q = torch.log(torch.tensor([[[0.9, 0.1]]]))
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108 nats
+    assert torch.allclose(categorical_kl(p, q), torch.tensor([expected]), atol=1e-6)
+    loss, raw = kl_free_bits(p, q, free_nats=1.0)
+    assert loss.item() == pytest.approx(1.0) and raw.item() == pytest.approx(expected, abs=1e-6)
+    # summed over variables: three identical variables give 1.532 > 1 nat, so no clipping
+    p3, q3 = p.expand(1, 3, 2), q.expand(1, 3, 2)
+    loss3, _ = kl_free_bits(p3, q3, free_nats=1.0)
+    assert loss3.item() == pytest.approx(3 * expected, abs=1e-5)
+    # clipping applies to the batch mean (STORM), not per element
+    both, _ = kl_free_bits(torch.cat([p3, p3 * 0]), torch.cat([q3, p3 * 0]), free_nats=1.0)
+    assert both.item() == pytest.approx(1.0)
+
+
+def test_sample_categorical_frequencies():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3]).expand(200_000, 4)
+    counts = torch.bincount(sample_categorical(probs), minlength=4).float() / 200_000
+    assert counts[1] == 0
+    assert torch.allclose(counts, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01)

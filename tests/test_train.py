@@ -1,0 +1,113 @@
+"""The loop end to end at micro sizes: results layout, exact resume, finished runs immutable, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mowbench.results import run_dir
+from mowbench.run import execute, plan
+from mowbench.trainer import CHECKPOINT
+from tests.conftest import REPO
+
+
+def load_ckpt(folder):
+    return torch.load(folder / CHECKPOINT, weights_only=False)
+
+
+def test_run_writes_the_results_layout(micro_cfg, tmp_path):
+    cfg = micro_cfg()
+    [(name, summary)] = execute(cfg)
+    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
+    for f in ("config.yaml", "metadata.json", "summary.json", "eval.csv", "episodes.csv", "metrics.csv",
+              "model.pt", "DONE.json"):
+        assert (folder / f).is_file(), f
+    assert not (folder / CHECKPOINT).exists()
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["precision"] == "fp32" and meta["device"]["device"] == "cpu" and meta["seed"] == 0
+    assert meta["protocol"]["breakout"]["sticky_action_prob"] == 0.1
+    assert "commit" in meta["git"] and meta["versions"]["torch"].startswith("2.13")
+    assert meta["parameters"]["world_model"] > 0 and meta["wall_time_s"] > 0
+    assert summary["step"] == 60 and summary["updates"] == 20  # 40 steps after warm-up x 0.5
+    eval_rows = (folder / "eval.csv").read_text().splitlines()
+    assert eval_rows[0] == "step,task,episode,return,length,success" and len(eval_rows) == 2
+    assert not list(folder.glob(".*.tmp"))  # no half-written files
+
+
+def test_finished_run_is_never_overwritten(micro_cfg, tmp_path, capsys):
+    cfg = micro_cfg()
+    execute(cfg)
+    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    execute(cfg)
+    assert "already finished; nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_checkpoint_stop_resume_is_exact(micro_cfg, tmp_path):
+    """A run stopped at step 40 and resumed ends in the same state as one that never stopped."""
+    straight = micro_cfg("train.steps=70", "train.checkpoint_every=0", "train.keep_checkpoint=true",
+                         f"results_dir={tmp_path / 'a'}")
+    execute(straight)
+    interrupted = micro_cfg("train.steps=70", "train.checkpoint_every=0", "train.keep_checkpoint=true",
+                            "train.stop_at=40", f"results_dir={tmp_path / 'b'}")
+    [(_, summary)] = execute(interrupted)
+    assert summary is None  # left early, like a preempted job
+    folder_b = run_dir(tmp_path / "b", "minatar", "storm", "breakout", 0)
+    mid = load_ckpt(folder_b)
+    assert mid["counters"].step == 40 and mid["replay"]["buffers"][0]["size"] == 40
+    interrupted["train"]["stop_at"] = 0
+    execute(interrupted)
+    a = load_ckpt(run_dir(tmp_path / "a", "minatar", "storm", "breakout", 0))
+    b = load_ckpt(folder_b)
+    assert (a["counters"].step, a["counters"].updates, a["counters"].episodes) == \
+           (b["counters"].step, b["counters"].updates, b["counters"].episodes)
+    for key in ("obs", "action", "reward", "terminal"):
+        assert torch.equal(a["replay"]["buffers"][0][key], b["replay"]["buffers"][0][key]), key
+    for key, value in a["agent"]["wm"].items():
+        assert torch.equal(value, b["agent"]["wm"][key]), key
+    for key, value in a["agent"]["ac"].items():
+        assert torch.equal(value, b["agent"]["ac"][key]), key
+    assert a["log"]["episodes.csv"] == b["log"]["episodes.csv"]
+    assert (folder_b / "eval.csv").read_text() == \
+           (run_dir(tmp_path / "a", "minatar", "storm", "breakout", 0) / "eval.csv").read_text()
+    sessions = json.loads((folder_b / "metadata.json").read_text())["sessions"]
+    assert [s["resumed_from_step"] for s in sessions] == [None, 40]
+
+
+@pytest.mark.parametrize("override,message", [
+    (["env.sticky_action_prob=2"], "sticky_action_prob=2; allowed: [0, 1]"),
+    (["task=pong"], "unknown task 'pong' for suite 'minatar'; allowed: asterix"),
+    (["train.steps=-5"], "train.steps=-5; allowed: a positive integer"),
+    (["agent.heads=3"], "width=16 must be divisible by heads=3"),
+    (["env.image_size=18"], None),
+    (["device=tpu"], "device='tpu'; allowed: auto, cpu, cuda, cuda:N"),
+    (["seed=-1"], "seed=-1; allowed: a non-negative integer"),
+])
+def test_bad_input_is_refused_before_heavy_work(micro_cfg, override, message):
+    if message is None:  # image size: refused by the encoder when the agent is built
+        with pytest.raises(ValueError, match="image_size=18 cannot be taken"):
+            execute(micro_cfg(*override))
+        return
+    with pytest.raises(ValueError) as err:
+        plan(micro_cfg(*override))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["agent=dreamer"], "error: unknown agent 'dreamer'; allowed: storm"),
+    (["env=atari57"], "error: unknown env 'atari57'; allowed: atari100k, metaworld, minatar"),
+    (["preset=huge"], "error: unknown preset 'huge'; allowed: paper, tiny"),
+    (["env=atari100k", "task=Pongg"], "error: unknown task 'Pongg' for suite 'atari100k'"),
+    (["env=atari100k", "env.protocol=dqn"], "error: unknown atari100k protocol 'dqn'; allowed: storm, standard"),
+])
+def test_cli_bad_input_gives_one_line(args, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mowbench.run", *args, f"results_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.strip().splitlines() if line]
+    assert lines[-1].startswith(message), out.stderr
+    assert len(lines) == 1, out.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
