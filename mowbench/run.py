@@ -23,7 +23,15 @@ from mowbench.envs import make_envs, resolve_tasks, suite_module
 from mowbench.trainer import CHECKPOINT, Trainer, TrainConfig
 
 CONF = Path(__file__).parent / "conf"
-GROUPS = ("env", "agent", "preset")
+GROUPS = ("env", "agent", "preset", "ablation")
+
+
+def _group_dir(group: str) -> Path:
+    if group == "ablation":
+        import mowbench.ablations
+
+        return Path(mowbench.ablations.__file__).parent / "ablation"
+    return CONF / group
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -31,7 +39,7 @@ def check_group_choices(argv: list[str]) -> None:
     for arg in argv:
         key, _, value = arg.partition("=")
         if key in GROUPS and value:
-            options = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
+            options = sorted(p.stem for p in _group_dir(key).glob("*.yaml"))
             if value not in options:
                 raise SystemExit(f"error: unknown {key} {value!r}; allowed: {', '.join(options)}")
 

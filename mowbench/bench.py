@@ -1,0 +1,168 @@
+"""Speed and size benchmark: `python -m mowbench.bench agent=storm preset=paper [bench.repeats=3]`.
+
+Prints one JSON object: parameter counts, seconds per world-model update, per imagination, per agent
+update, a full training step, acting env-steps/s on the real env (Pong by default), and the same
+imagination done the way STORM's reference implementation caches (layer inputs, K/V re-projected for
+the whole history at every step) so the speed-up is measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from mowbench.agents.base import Batch, make_agent
+from mowbench.envs import make_envs, resolve_tasks
+from mowbench.run import resolve_device, resolve_precision
+
+BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200}
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn` over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def random_batch(agent: Any, n: int, length: int, size: int, device: torch.device) -> Batch:
+    a = agent.action_dim
+    action = (torch.randint(0, a, (n, length), device=device) if agent.discrete
+              else torch.rand(n, length, a, device=device) * 2 - 1)
+    return Batch(obs=torch.randint(0, 256, (n, length, size, size, 3), dtype=torch.uint8, device=device),
+                 action=action, reward=torch.randn(n, length, device=device),
+                 terminal=(torch.rand(n, length, device=device) < 0.01).float(),
+                 task=torch.zeros(n, dtype=torch.long, device=device), legal=agent.legal[torch.zeros(n, dtype=torch.long)])
+
+
+@torch.no_grad()
+def imagine_reference_cache(agent: Any, batch: Batch) -> None:
+    """Imagination as STORM's reference does it: the cache keeps each layer's *inputs*, and every step
+    re-projects K and V for the whole history (O(T^2) projections). Same outputs, more work."""
+    wm, cfg = agent.wm, agent.cfg
+    wm.eval()
+    tf = wm.transformer
+
+    def step(tokens: torch.Tensor, inputs: list[torch.Tensor], start: int) -> torch.Tensor:
+        x = tf.norm(tokens + tf.position(torch.arange(start, start + tokens.shape[1], device=tokens.device)))
+        for i, block in enumerate(tf.blocks):
+            inputs[i] = x if inputs[i] is None else torch.cat([inputs[i], x], 1)
+            _, k, v = rearrange(block.qkv(inputs[i]), "b t (n h d) -> n b h t d", n=3, h=block.heads)
+            q = rearrange(block.qkv(x), "b t (n h d) -> n b h t d", n=3, h=block.heads)[0]
+            n_new, total = x.shape[1], inputs[i].shape[1]
+            mask = torch.ones(n_new, total, dtype=torch.bool, device=x.device).tril(total - n_new)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = block.norm1(x + block.out(rearrange(attn, "b h t d -> b t (h d)")))
+            x = block.norm2(x + block.ffn(x))
+        return x
+
+    with agent._amp():
+        inputs: list = [None] * len(tf.blocks)
+        z = sample_z_flat(wm.encode(batch.obs))
+        h = step(wm.stem(z, agent.action_input(batch.action)), inputs, 0)[:, -1:]
+        z = sample_z_flat(wm.prior(h))
+        for i in range(cfg.imag_horizon):
+            action = agent.ac.actor(torch.cat([z, h], -1), batch.legal[:, None]).sample()
+            h = step(wm.stem(z, agent.action_input(action)), inputs, cfg.imag_context + i)
+            wm.reward(h), wm.termination(h)
+            z = sample_z_flat(wm.prior(h))
+
+
+def sample_z_flat(logits: torch.Tensor) -> torch.Tensor:
+    from mowbench.ops import sample_onehot_st
+
+    return sample_onehot_st(logits).flatten(-2)
+
+
+def bench(cfg: dict[str, Any]) -> dict[str, Any]:
+    opts = {**BENCH_DEFAULTS, **cfg.get("bench", {})}
+    device = resolve_device(str(cfg.get("device", "auto")))
+    precision = resolve_precision(str(cfg.get("precision", "auto")), device)
+    if int(cfg.get("threads") or 0) > 0:
+        torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(0)
+    env_cfg = dict(cfg["env"])
+    suite = env_cfg["suite"]
+    task = opts["task"] or ("Pong" if suite == "atari100k" else resolve_tasks(suite, None)[0])
+    env = make_envs(suite, resolve_tasks(suite, task), env_cfg, seed=0)[0]
+    agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [env.info], device, precision)
+    a, size, reps = agent.cfg, env.info.image_size, int(opts["repeats"])
+    wm_batch = random_batch(agent, a.batch_size, a.batch_length, size, device)
+    ctx_batch = random_batch(agent, a.imag_batch, a.imag_context, size, device)
+    traj = agent.imagine(ctx_batch)
+    out: dict[str, Any] = {
+        "agent": cfg["agent"]["name"], "preset": cfg.get("preset_name"), "task": task, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision, "torch_threads": torch.get_num_threads(),
+        "parameters": agent.parameter_counts(),
+        "sizes": {"wm_batch": [a.batch_size, a.batch_length], "imag_starts": a.imag_batch,
+                  "imag_context": a.imag_context, "imag_horizon": a.imag_horizon, "image_size": size,
+                  "actions": env.info.action.n},
+    }
+    out["s_per_world_model_update"] = timed(lambda: agent.update_world_model(wm_batch), reps, device)
+    out["s_per_imagination"] = timed(lambda: agent.imagine(ctx_batch), reps, device)
+    out["s_per_agent_update"] = timed(lambda: agent.learner.update(traj), reps, device)
+    out["s_per_train_step"] = out["s_per_world_model_update"] + out["s_per_imagination"] + out["s_per_agent_update"]
+    if opts["reference"]:
+        out["s_per_imagination_reference_cache"] = timed(lambda: imagine_reference_cache(agent, ctx_batch), reps, device)
+        ref_step = out["s_per_world_model_update"] + out["s_per_imagination_reference_cache"] + out["s_per_agent_update"]
+        out["s_per_train_step_reference_cache"] = ref_step
+        out["train_step_speedup_vs_reference_cache"] = ref_step / out["s_per_train_step"]
+    context, obs = agent.new_context(0), env.reset()
+    for _ in range(agent.cfg.act_context):  # fill the acting window first
+        obs = env.step(agent.act(context, obs)).obs
+    steps = int(opts["act_steps"])
+    t = time.perf_counter()
+    for _ in range(steps):
+        step = env.step(agent.act(context, obs))
+        obs = env.reset() if step.done else step.obs
+    out["acting_env_steps_per_s"] = steps / (time.perf_counter() - t)
+    env.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    from mowbench.run import check_group_choices
+
+    check_group_choices(overrides)
+    if not any(o.startswith("env=") for o in overrides):
+        overrides.append("env=atari100k")  # Pong's 6 actions by default
+    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("preset=")), "tiny")
+    bench_overrides = [o for o in overrides if o.startswith("bench.")]
+    overrides = [o for o in overrides if not o.startswith("bench.")]
+    try:
+        with initialize_config_module("mowbench.conf", version_base="1.3"):
+            cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+        cfg["preset_name"] = preset
+        cfg["bench"] = {}
+        for o in bench_overrides:
+            key, value = o[len("bench."):].split("=", 1)
+            if key not in BENCH_DEFAULTS:
+                raise ValueError(f"unknown bench option {key!r}; allowed: {', '.join(BENCH_DEFAULTS)}")
+            cfg["bench"][key] = json.loads(value) if value not in ("null",) and not value.isalpha() else \
+                (None if value == "null" else value == "true" if value in ("true", "false") else value)
+        print(json.dumps(bench(cfg), indent=2))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
