@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mowbench import results as R
 from mowbench.agents.base import build_config, get_agent
 from mowbench.envs import make_envs, resolve_tasks, suite_module
-from mowbench.trainer import CHECKPOINT, Trainer, TrainConfig
+from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
 
 CONF = Path(__file__).parent / "conf"
 GROUPS = ("env", "agent", "preset", "ablation")

@@ -52,10 +52,12 @@ class TrainConfig:
     keep_checkpoint: bool = False  # keep the full resume checkpoint (with replay) after finishing
 
     def check(self) -> None:
-        for name in ("steps", "warmup", "replay_capacity", "eval_episodes", "log_every"):
-            if getattr(self, name) < (1 if name in ("steps", "replay_capacity", "log_every") else 0):
-                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: "
-                                 f"{'a positive' if name in ('steps', 'replay_capacity', 'log_every') else 'a non-negative'} integer")
+        for name in ("steps", "replay_capacity", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
+        for name in ("warmup", "eval_episodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
         for name in ("eval_every", "periodic_eval_episodes", "checkpoint_every", "stop_at", "eval_max_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mowbench.envs import make_envs, resolve_tasks, suite_module
 from mowbench.envs import atari as atari_mod
+from mowbench.envs import make_envs, resolve_tasks, suite_module
 
 
 def atari(game="Pong", **cfg):
@@ -99,7 +99,7 @@ def test_atari_state_restore_is_exact_with_sticky_actions():
     first = [env.step(i % 4).obs for i in range(40)]
     env.set_state(state)
     second = [env.step(i % 4).obs for i in range(40)]
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_minatar_suite_rgb_masks_and_restore():
@@ -114,7 +114,7 @@ def test_minatar_suite_rgb_masks_and_restore():
     a = [env.step(i % 6).obs for i in range(30)]
     env.set_state(state)
     b = [env.step(i % 6).obs for i in range(30)]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_minatar_render_colours_by_channel():

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from mowbench.ops import (categorical_kl, kl_free_bits, lambda_returns, sample_categorical, symexp, symlog,
-                          twohot_decode, twohot_encode, uniform_bins)
+from mowbench.ops import (
+    categorical_kl,
+    kl_free_bits,
+    lambda_returns,
+    sample_categorical,
+    symexp,
+    symlog,
+    twohot_decode,
+    twohot_encode,
+    uniform_bins,
+)
 
 
 def test_symlog_symexp_values_and_inverse():

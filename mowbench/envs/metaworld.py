@@ -100,7 +100,8 @@ class MetaWorldEnv(TaskEnv):
         self.flip = bool(cfg.get("flip_vertical", True))
         self.info = TaskInfo("metaworld", task, index, self.size, ActionSpace(False, 4),
                              protocol={"action_repeat": self.repeat, "episode_length": self.length,
-                                       "camera": self.camera, "flip_vertical": self.flip, "fast_render": bool(cfg.get("fast_render", False)),
+                                       "camera": self.camera, "flip_vertical": self.flip,
+                                       "fast_render": bool(cfg.get("fast_render", False)),
                                        "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl})
         self.t = 0
 

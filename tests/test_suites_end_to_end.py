@@ -1,0 +1,56 @@
+"""Every registered agent runs end to end on every suite (micro sizes): discrete Atari, continuous
+Meta-World; and the benchmark prints its JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mowbench.agents.base import AGENTS, get_agent
+from mowbench.results import run_dir
+from mowbench.run import execute
+from tests.conftest import MICRO, REPO, compose_cfg
+
+get_agent("storm")  # import the baselines so AGENTS is filled for parametrisation
+
+
+@pytest.mark.parametrize("agent", sorted(AGENTS))
+@pytest.mark.parametrize("env,task", [("atari100k", "Pong"), ("metaworld", "reach-v3")])
+def test_agent_runs_on_suite(agent, env, task, tmp_path):
+    cfg = compose_cfg([f"agent={agent}", f"env={env}", f"task={task}", f"results_dir={tmp_path}",
+                       "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
+                       "train.eval_max_steps=10", "train.replay_capacity=100", "env.image_size=16",
+                       *MICRO, *(["env.fast_render=true"] if env == "metaworld" else [])])
+    [(_, summary)] = execute(cfg)
+    assert summary["step"] == 20 and summary["updates"] == 8
+    folder = run_dir(tmp_path, env, agent, task, 0)
+    assert (folder / "DONE.json").exists()
+    state = torch.load(folder / "model.pt", weights_only=False)
+    assert set(state) >= {"wm", "ac"}
+
+
+def test_continuous_actor_samples_in_box():
+    from mowbench.models.heads import ContinuousActionDist
+
+    torch.manual_seed(0)
+    dist = ContinuousActionDist(torch.randn(1000, 8))
+    a = dist.sample()
+    assert a.shape == (1000, 4)
+    assert dist.dist.stddev.min() >= 0.1 - 1e-6 and dist.dist.stddev.max() <= 1.0 + 1e-6
+    assert dist.mode().abs().max() <= 1.0
+    assert torch.isfinite(dist.log_prob(a)).all() and dist.entropy().shape == (1000,)
+
+
+def test_bench_prints_one_json_object():
+    out = subprocess.run([sys.executable, "-m", "mowbench.bench", "agent=storm", "preset=tiny", *MICRO[:-2],
+                          "bench.repeats=1", "bench.act_steps=5"], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["sizes"]["actions"] == 6 and result["task"] == "Pong"
+    for key in ("s_per_world_model_update", "s_per_imagination", "s_per_agent_update", "s_per_train_step",
+                "s_per_imagination_reference_cache", "acting_env_steps_per_s"):
+        assert result[key] > 0, key
+    assert set(result["parameters"]) == {"world_model", "actor_critic", "slow_critic"}
