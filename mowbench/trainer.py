@@ -205,7 +205,7 @@ class Trainer:
             self.log.episode(self.counters.step + 1, s.env.info.name, s.ret, s.length, s.success)
             s.obs = None
 
-    def _evaluate(self, episodes: int, final: bool) -> dict[str, float]:
+    def _evaluate(self, episodes: int) -> dict[str, float]:
         envs = self.make_eval_envs(self.counters.evals)
         self.counters.evals += 1
         results = evaluate(self.agent, envs, episodes, self.cfg.eval_greedy, self.cfg.eval_max_steps, self.rng)
@@ -248,7 +248,8 @@ class Trainer:
                     bar.set_postfix(sps=f"{sps:.1f}", ret=f"{np.mean(last):.2f}" if last else "-")
                 bar.update(1)
                 if cfg.eval_every and c.step % cfg.eval_every == 0 and c.step < cfg.steps:
-                    self._evaluate(cfg.periodic_eval_episodes, final=False)
+                    self._evaluate(cfg.periodic_eval_episodes)
+                    self.log.flush()  # so progress can be watched; a resume rewrites these files anyway
                 if (cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0 and c.step < cfg.steps) or \
                         (cfg.stop_at and c.step == cfg.stop_at) or self.preempted:
                     c.wall_time += time.time() - start
@@ -258,7 +259,7 @@ class Trainer:
                         self.preempted = True
                         return {"preempted": True, "step": c.step}
             c.wall_time += time.time() - start
-            final = self._evaluate(cfg.eval_episodes, final=True)
+            final = self._evaluate(cfg.eval_episodes)
             summary: dict[str, Any] = {"preempted": False, "step": c.step, "updates": c.updates,
                                        "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],
                                                                                    c.episodes, strict=True))}

@@ -77,3 +77,28 @@ def test_unknown_agent_option_is_refused():
         build_config(get_agent("storm"), {"widht": 3})
     with pytest.raises(ValueError, match="unknown agent 'dreamer'; allowed: .*storm"):
         get_agent("dreamer")
+
+
+def test_bf16_autocast_path_runs():
+    """The CUDA precision path (bf16 autocast, bf16 KV cache) exercised with CPU autocast: no dtype errors,
+    finite losses, float32 outputs where the trainer expects them."""
+    from mowbench.agents.base import Batch
+
+    entry = get_agent("storm")
+    cfg = build_config(entry, {"channels": (8, 16), "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2,
+                               "ffn": 32, "head_width": 16, "ac_width": 16, "imag_batch": 4, "imag_context": 2,
+                               "imag_horizon": 3, "act_context": 3, "batch_length": 6, "batch_size": 2})
+    info = TaskInfo("minatar", "breakout", 0, 16, ActionSpace(True, 6, (True, True, False, True, False, False)))
+    agent = entry.cls(cfg, [info], torch.device("cpu"), "bf16")
+
+    def sample(n, t):
+        return Batch(torch.randint(0, 255, (n, t, 16, 16, 3), dtype=torch.uint8), torch.randint(0, 6, (n, t)),
+                     torch.randn(n, t), torch.zeros(n, t), torch.zeros(n, dtype=torch.long), agent.legal[[0] * n])
+
+    metrics = agent.update(sample)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    traj = agent.imagine(sample(4, 2))
+    assert traj.feat.dtype == torch.float32 and traj.reward.dtype == torch.float32
+    ctx = agent.new_context(0)
+    actions = [agent.act(ctx, torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8).numpy()) for _ in range(5)]
+    assert all(a in (0, 1, 3) for a in actions)  # legal actions only

@@ -43,8 +43,8 @@ class KVCache:
     @classmethod
     def empty(cls, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
               device: torch.device, dtype: torch.dtype) -> KVCache:
-        shape = (n_layers, batch, heads, max_len, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (n_layers, batch, heads, max_len, head_dim)  # slots past `length` are never read
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
 
 
 class Block(nn.Module):
