@@ -54,9 +54,10 @@ def random_batch(agent: Any, n: int, length: int, size: int, device: torch.devic
 
 
 @torch.no_grad()
-def imagine_reference_cache(agent: Any, batch: Batch) -> None:
+def imagine_reference_cache(agent: Any, batch: Batch) -> torch.Tensor:
     """Imagination as STORM's reference does it: the cache keeps each layer's *inputs*, and every step
-    re-projects K and V for the whole history (O(T^2) projections). Same outputs, more work."""
+    re-projects K and V for the whole history (O(T^2) projections). Same outputs as agent.imagine (same
+    random draws in the same order), more work. Returns the features (B, H+1, F)."""
     wm, cfg = agent.wm, agent.cfg
     wm.eval()
     tf = wm.transformer
@@ -79,11 +80,15 @@ def imagine_reference_cache(agent: Any, batch: Batch) -> None:
         z = sample_z_flat(wm.encode(batch.obs))
         h = step(wm.stem(z, agent.action_input(batch.action)), inputs, 0)[:, -1:]
         z = sample_z_flat(wm.prior(h))
+        feats = []
         for i in range(cfg.imag_horizon):
-            action = agent.ac.actor(torch.cat([z, h], -1), batch.legal[:, None]).sample()
+            feats.append(torch.cat([z, h], -1))
+            action = agent.ac.actor(feats[-1], batch.legal[:, None]).sample()
             h = step(wm.stem(z, agent.action_input(action)), inputs, cfg.imag_context + i)
             wm.reward(h), wm.termination(h)
             z = sample_z_flat(wm.prior(h))
+        feats.append(torch.cat([z, h], -1))
+    return torch.cat(feats, 1).float()
 
 
 def sample_z_flat(logits: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ printing each game's final return beside a random policy's.
 from __future__ import annotations
 
 import dataclasses
+import random
 import sys
 import time
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,10 +132,6 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | None:
         print(f"[mowbench] {folder} is already finished; nothing to do (delete the folder to rerun)")
         return R.read_summary(folder)
     torch.manual_seed(seed)
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     env_cfg = dict(cfg["env"])

@@ -31,5 +31,6 @@ def micro_cfg(tmp_path):
     def make(*extra: str) -> dict[str, Any]:
         return compose_cfg(["task=breakout", f"results_dir={tmp_path}", "train.warmup=20", "train.steps=60",
                             "train.eval_episodes=1", "train.eval_max_steps=30", "train.replay_capacity=500",
+                            "train.updates_per_step=0.5",
                             *MICRO, *extra])
     return make

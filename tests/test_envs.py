@@ -174,3 +174,12 @@ def test_metaworld_fast_render_changes_only_the_look():
     slow, fast = metaworld_env().reset(), metaworld_env(fast_render=True).reset()
     assert slow.shape == fast.shape and not np.array_equal(slow, fast)
     assert np.abs(slow.astype(int) - fast.astype(int)).mean() < 40
+
+
+def test_missing_optional_dependency_breaks_only_its_suite(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "minatar", None)  # as if minatar were not installed
+    with pytest.raises(ImportError, match="suite 'minatar' needs the package 'minatar'"):
+        make_envs("minatar", ["breakout"], {}, seed=0)
+    assert atari().reset().shape == (64, 64, 3)  # other suites are unaffected

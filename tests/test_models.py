@@ -102,3 +102,21 @@ def test_bf16_autocast_path_runs():
     ctx = agent.new_context(0)
     actions = [agent.act(ctx, torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8).numpy()) for _ in range(5)]
     assert all(a in (0, 1, 3) for a in actions)  # legal actions only
+
+
+def test_bench_reference_cache_imagination_equals_ours():
+    """The benchmark's emulation of STORM's reference cache does the same computation as our KV cache."""
+    from mowbench.bench import imagine_reference_cache, random_batch
+
+    entry = get_agent("storm")
+    cfg = build_config(entry, {"channels": (8, 16), "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2,
+                               "ffn": 32, "head_width": 16, "ac_width": 16, "imag_batch": 6, "imag_context": 3,
+                               "imag_horizon": 5})
+    agent = entry.cls(cfg, [TaskInfo("atari100k", "Pong", 0, 16, ActionSpace(True, 6))], torch.device("cpu"), "fp32")
+    batch = random_batch(agent, 6, 3, 16, torch.device("cpu"))
+    torch.manual_seed(1)
+    ours = agent.imagine(batch).feat
+    torch.manual_seed(1)
+    reference = imagine_reference_cache(agent, batch)
+    assert reference.shape == ours.shape == (6, 6, 16 + 16)
+    torch.testing.assert_close(reference, ours, atol=1e-5, rtol=1e-5)

@@ -48,5 +48,9 @@ def make_envs(suite: str, tasks: Sequence[str], cfg: dict[str, Any], seed: int, 
     """One env per task, task index = position in `tasks`; `cfg` is the suite's config section."""
     mod = suite_module(suite)
     mod.check(cfg)
-    return [mod.make(name, i, cfg, seed=seed + 1000 * i, evaluation=evaluation, n_tasks=len(tasks))
-            for i, name in enumerate(tasks)]
+    try:
+        return [mod.make(name, i, cfg, seed=seed + 1000 * i, evaluation=evaluation, n_tasks=len(tasks))
+                for i, name in enumerate(tasks)]
+    except ImportError as err:  # an optional dependency of this suite only
+        raise ImportError(f"suite {suite!r} needs the package {err.name!r}, which is not importable: "
+                          f"install it (pip install -c constraints.txt -e .)") from err
