@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -226,9 +227,11 @@ class Trainer:
         """Run until `steps`; returns a summary. Leaves early (preempted=True) after `stop_at` or a signal."""
         cfg, c = self.cfg, self.counters
         old = signal.signal(signal.SIGUSR2, self._handle_signal) if hasattr(signal, "SIGUSR2") else None
+        # in a log file (e.g. a SLURM job's output) redraw rarely instead of several times a second
         bar = tqdm(total=cfg.steps, initial=c.step, disable=not cfg.progress, dynamic_ncols=True,
-                   desc="/".join(t.name for t in self.tasks)[:40])
-        start, start_step = time.time(), c.step
+                   mininterval=0.5 if sys.stderr.isatty() else 60.0, desc="/".join(t.name for t in self.tasks)[:40])
+        start = time.time()
+        last_log = (start, c.step)
         try:
             while c.step < cfg.steps:
                 training = c.step >= cfg.warmup
@@ -242,7 +245,9 @@ class Trainer:
                         c.updates += 1
                         c.update_credit -= 1.0
                 if c.step % cfg.log_every == 0:
-                    sps = (c.step - start_step) / max(time.time() - start, 1e-9)
+                    now = time.time()
+                    sps = (c.step - last_log[1]) / max(now - last_log[0], 1e-9)  # over the last interval
+                    last_log = (now, c.step)
                     self.log.scalars(c.step, {**self.last_metrics, "perf/steps_per_s": sps})
                     last = [s.last_return for s in self.streams if s.last_return is not None]
                     bar.set_postfix(sps=f"{sps:.1f}", ret=f"{np.mean(last):.2f}" if last else "-")
