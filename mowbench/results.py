@@ -113,3 +113,52 @@ def read_json(path: Path) -> Any:
 def read_summary(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / "summary.json"
     return read_json(path) if path.exists() else None
+
+
+LOCK = "RUNNING.lock"
+
+
+class RunLock:
+    """Exclusive claim on a run folder, so two processes never train the same run at once.
+
+    The lock file holds pid and host. A lock left by a dead process on this host is taken over; a lock
+    held by a live process, or by another host (whose liveness cannot be checked here), is respected.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK
+        self.held = False
+        self.owner: dict[str, Any] | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    self.owner = read_json(self.path)
+                except (OSError, ValueError):
+                    self.owner = None
+                if self.owner and self.owner.get("host") == platform.node() and not _alive(self.owner.get("pid")):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": platform.node()}, f)
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True

@@ -136,6 +136,18 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | None:
     if R.is_done(folder):
         print(f"[mowbench] {folder} is already finished; nothing to do (delete the folder to rerun)")
         return R.read_summary(folder)
+    lock = R.RunLock(folder)
+    if not lock.acquire():
+        print(f"[mowbench] {folder} is being trained by another process ({lock.owner}); skipping it")
+        return None
+    try:
+        return _train_run(p, folder, tasks)
+    finally:
+        lock.release()
+
+
+def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None:
+    cfg, seed = p.cfg, int(p.cfg["seed"])
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)

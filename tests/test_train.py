@@ -108,3 +108,23 @@ def test_cli_bad_input_gives_one_line(args, message, tmp_path):
     assert lines[-1].startswith(message), out.stderr
     assert len(lines) == 1, out.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_run_held_by_a_live_process_is_skipped_and_a_stale_lock_is_taken_over(micro_cfg, tmp_path, capsys):
+    import os
+    import platform
+    import subprocess as sp
+
+    from mowbench.results import LOCK
+
+    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
+    folder.mkdir(parents=True)
+    (folder / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}))  # alive: this process
+    [(_, summary)] = execute(micro_cfg())
+    assert summary is None and "being trained by another process" in capsys.readouterr().out
+    assert not (folder / "DONE.json").exists()
+    dead = sp.Popen(["true"])
+    dead.wait()
+    (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": platform.node()}))  # its process is gone
+    [(_, summary)] = execute(micro_cfg())
+    assert summary["step"] == 60 and (folder / "DONE.json").exists() and not (folder / LOCK).exists()
