@@ -14,5 +14,5 @@ def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
     [(_, summary)] = execute(cfg)
     agent, random = summary["final_return"]["breakout"], summary["random_return"]["breakout"]
     print(f"\nbreakout after 3000 steps: agent {agent:.2f}, random {random:.2f} (30 episodes each)")
-    # measured on the development machine: agent 1.03, random 0.30
+    # measured on the development machine (2 cores): agent 1.17, random 0.30, in 6.0 minutes
     assert agent >= 2.0 * random and agent - random >= 0.4, (agent, random)
