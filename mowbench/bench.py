@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from mowbench.agents.base import Batch, make_agent
+from mowbench.baselines.storm import sample_z
 from mowbench.envs import make_envs, resolve_tasks
 from mowbench.run import resolve_device, resolve_precision
 
@@ -77,26 +78,20 @@ def imagine_reference_cache(agent: Any, batch: Batch) -> torch.Tensor:
 
     with agent._amp():
         inputs: list = [None] * len(tf.blocks)
-        z_ctx = sample_z_flat(wm.encode(batch.obs))
+        z_ctx = sample_z(wm.encode(batch.obs))
         a_ctx = agent.action_input(batch.action)
         for t in range(z_ctx.shape[1]):  # the reference feeds the context one step at a time too
             h = step(wm.stem(z_ctx[:, t:t + 1], a_ctx[:, t:t + 1]), inputs, t)
-        z = sample_z_flat(wm.prior(h))
+        z = sample_z(wm.prior(h))
         feats = []
         for i in range(cfg.imag_horizon):
             feats.append(torch.cat([z, h], -1))
             action = agent.ac.actor(feats[-1], batch.legal[:, None]).sample()
             h = step(wm.stem(z, agent.action_input(action)), inputs, cfg.imag_context + i)
             wm.reward(h), wm.termination(h)
-            z = sample_z_flat(wm.prior(h))
+            z = sample_z(wm.prior(h))
         feats.append(torch.cat([z, h], -1))
     return torch.cat(feats, 1).float()
-
-
-def sample_z_flat(logits: torch.Tensor) -> torch.Tensor:
-    from mowbench.ops import sample_onehot_st
-
-    return sample_onehot_st(logits).flatten(-2)
 
 
 def bench(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -161,13 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         with initialize_config_module("mowbench.conf", version_base="1.3"):
             cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
         cfg["preset_name"] = preset
-        cfg["bench"] = {}
-        for o in bench_overrides:
-            key, value = o[len("bench."):].split("=", 1)
-            if key not in BENCH_DEFAULTS:
-                raise ValueError(f"unknown bench option {key!r}; allowed: {', '.join(BENCH_DEFAULTS)}")
-            cfg["bench"][key] = json.loads(value) if value not in ("null",) and not value.isalpha() else \
-                (None if value == "null" else value == "true" if value in ("true", "false") else value)
+        cfg["bench"] = OmegaConf.to_container(OmegaConf.from_dotlist(bench_overrides)).get("bench", {})
+        unknown = sorted(set(cfg["bench"]) - set(BENCH_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown bench option(s) {unknown}; allowed: {', '.join(BENCH_DEFAULTS)}")
         print(json.dumps(bench(cfg), indent=2))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mowbench import results as R
-from mowbench.agents.base import build_config, get_agent
+from mowbench.agents.base import build_config, get_agent, make_agent
 from mowbench.envs import make_envs, resolve_tasks, suite_module
 from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
 
@@ -153,8 +153,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
     np.random.seed(seed)
     env_cfg = dict(cfg["env"])
     envs = make_envs(p.suite, tasks, env_cfg, seed)
-    agent_cfg = build_config(get_agent(p.agent), dict(cfg["agent"]))
-    agent = get_agent(p.agent).cls(agent_cfg, [e.info for e in envs], p.device, p.precision)
+    agent = make_agent(p.agent, dict(cfg["agent"]), [e.info for e in envs], p.device, p.precision)
 
     def make_eval_envs(k: int) -> list:
         return make_envs(p.suite, tasks, env_cfg, seed + 7919 * (k + 1), evaluation=True)

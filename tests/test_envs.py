@@ -92,14 +92,18 @@ def test_atari_episode_cap_truncates():
     assert [s.truncated for s in steps] == [False] * 4 + [True] and not steps[-1].terminated
 
 
+def assert_restore_is_exact(env, n_actions, steps):
+    state = env.get_state()
+    first = [env.step(i % n_actions).obs for i in range(steps)]
+    env.set_state(state)
+    second = [env.step(i % n_actions).obs for i in range(steps)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_atari_state_restore_is_exact_with_sticky_actions():
     env = atari("Breakout")
     env.reset()
-    state = env.get_state()
-    first = [env.step(i % 4).obs for i in range(40)]
-    env.set_state(state)
-    second = [env.step(i % 4).obs for i in range(40)]
-    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert_restore_is_exact(env, 4, 40)
 
 
 def test_minatar_suite_rgb_masks_and_restore():
@@ -110,11 +114,7 @@ def test_minatar_suite_rgb_masks_and_restore():
     env = envs[1]
     obs = env.reset()
     assert obs.shape == (20, 20, 3) and obs.dtype == np.uint8 and obs.max() > 0
-    state = env.get_state()
-    a = [env.step(i % 6).obs for i in range(30)]
-    env.set_state(state)
-    b = [env.step(i % 6).obs for i in range(30)]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert_restore_is_exact(env, 6, 30)
 
 
 def test_minatar_render_colours_by_channel():
