@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 from einops import rearrange
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from mowbench.agents.base import Batch, make_agent
 from mowbench.baselines.storm import sample_z
 from mowbench.envs import make_envs, resolve_tasks
-from mowbench.run import resolve_device, resolve_precision
+from mowbench.run import check_group_choices, compose_config, resolve_device, resolve_precision
 
 BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200}
 
@@ -144,18 +143,13 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    from mowbench.run import check_group_choices
-
     check_group_choices(overrides)
     if not any(o.startswith("env=") for o in overrides):
         overrides.append("env=atari100k")  # Pong's 6 actions by default
-    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("preset=")), "tiny")
     bench_overrides = [o for o in overrides if o.startswith("bench.")]
     overrides = [o for o in overrides if not o.startswith("bench.")]
     try:
-        with initialize_config_module("mowbench.conf", version_base="1.3"):
-            cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-        cfg["preset_name"] = preset
+        cfg = compose_config(overrides)
         cfg["bench"] = OmegaConf.to_container(OmegaConf.from_dotlist(bench_overrides)).get("bench", {})
         unknown = sorted(set(cfg["bench"]) - set(BENCH_DEFAULTS))
         if unknown:

@@ -17,7 +17,8 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mowbench import results as R
 from mowbench.agents.base import build_config, get_agent, make_agent
@@ -220,14 +221,30 @@ def execute(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
     return out
 
 
+def config_values(cfg: DictConfig, choices: Any) -> dict[str, Any]:
+    """Resolved run configuration as a plain dict, with the preset chosen (recorded in metadata)."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+    values["preset_name"] = choices.get("preset")
+    return values
+
+
+def compose_config(overrides: list[str]) -> dict[str, Any]:
+    """The configuration the CLI would run for `overrides`, without starting Hydra's app (bench, tests)."""
+    with initialize_config_module("mowbench.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return config_values(cfg, choices)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values["preset_name"] = HydraConfig.get().runtime.choices.get("preset")
     try:
-        execute(values)
+        execute(config_values(cfg, HydraConfig.get().runtime.choices))
     except ValueError as err:  # bad input: one line, no traceback
         raise SystemExit(f"error: {err}") from None
 

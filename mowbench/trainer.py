@@ -56,10 +56,8 @@ class TrainConfig:
         for name in ("steps", "replay_capacity", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
-        for name in ("warmup", "eval_episodes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
-        for name in ("eval_every", "periodic_eval_episodes", "checkpoint_every", "stop_at", "eval_max_steps"):
+        for name in ("warmup", "eval_episodes", "eval_every", "periodic_eval_episodes", "checkpoint_every", "stop_at",
+                     "eval_max_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
         if self.updates_per_step < 0:
@@ -206,18 +204,25 @@ class Trainer:
             self.log.episode(self.counters.step + 1, s.env.info.name, s.ret, s.length, s.success)
             s.obs = None
 
-    def _evaluate(self, episodes: int) -> dict[str, float]:
-        envs = self.make_eval_envs(self.counters.evals)
-        self.counters.evals += 1
-        results = evaluate(self.agent, envs, episodes, self.cfg.eval_greedy, self.cfg.eval_max_steps, self.rng)
-        means = {}
-        for env, rows in zip(envs, results, strict=True):
-            for i, (ret, length, success) in enumerate(rows):
-                self.log.evaluation(self.counters.step, env.info.name, i, ret, length, success)
-            means[env.info.name] = float(np.mean([r[0] for r in rows]))
-            self.log.scalars(self.counters.step, {f"eval_return/{env.info.name}": means[env.info.name]})
+    def _episodes(self, agent: Agent | None, envs_key: int, episodes: int, greedy: bool,
+                  rng: np.random.Generator) -> dict[str, list[tuple[float, int, float | None]]]:
+        """Evaluation episodes per task name on fresh eval envs (seeded by `envs_key`), closed after."""
+        envs = self.make_eval_envs(envs_key)
+        results = evaluate(agent, envs, episodes, greedy, self.cfg.eval_max_steps, rng)
         for env in envs:
             env.close()
+        return {env.info.name: rows for env, rows in zip(envs, results, strict=True)}
+
+    def _evaluate(self, episodes: int) -> dict[str, float]:
+        """The agent's evaluation at the current step, logged; returns the mean return per task."""
+        results = self._episodes(self.agent, self.counters.evals, episodes, self.cfg.eval_greedy, self.rng)
+        self.counters.evals += 1
+        means = {}
+        for task, rows in results.items():
+            for i, (ret, length, success) in enumerate(rows):
+                self.log.evaluation(self.counters.step, task, i, ret, length, success)
+            means[task] = float(np.mean([r[0] for r in rows]))
+            self.log.scalars(self.counters.step, {f"eval_return/{task}": means[task]})
         return means
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
@@ -269,12 +274,8 @@ class Trainer:
                                        "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],
                                                                                    c.episodes, strict=True))}
             if cfg.random_baseline:
-                envs = self.make_eval_envs(10_000)
-                rand = evaluate(None, envs, cfg.eval_episodes, False, cfg.eval_max_steps, np.random.default_rng(0))
-                summary["random_return"] = {e.info.name: float(np.mean([r[0] for r in rows]))
-                                            for e, rows in zip(envs, rand, strict=True)}
-                for e in envs:
-                    e.close()
+                rand = self._episodes(None, 10_000, cfg.eval_episodes, False, np.random.default_rng(0))
+                summary["random_return"] = {task: float(np.mean([r[0] for r in rows])) for task, rows in rand.items()}
             if cfg.keep_checkpoint:
                 self.save()  # the final state, e.g. to continue training with a larger budget
             self.log.flush()

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+
+from mowbench.run import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,18 +18,10 @@ MICRO = ["agent.channels=[8,16]", "agent.n_vars=4", "agent.n_classes=4", "agent.
          "agent.bins=33", "train.progress=false", "train.tensorboard=false"]
 
 
-def compose_cfg(overrides: list[str]) -> dict[str, Any]:
-    with initialize_config_module("mowbench.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values["preset_name"] = "tiny"
-    return values
-
-
 @pytest.fixture
 def micro_cfg(tmp_path):
     def make(*extra: str) -> dict[str, Any]:
-        return compose_cfg(["task=breakout", f"results_dir={tmp_path}", "train.warmup=20", "train.steps=60",
+        return compose_config(["task=breakout", f"results_dir={tmp_path}", "train.warmup=20", "train.steps=60",
                             "train.eval_episodes=1", "train.eval_max_steps=30", "train.replay_capacity=500",
                             "train.updates_per_step=0.5",
                             *MICRO, *extra])

@@ -2,13 +2,12 @@
 
 import pytest
 
-from mowbench.run import execute
-from tests.conftest import compose_cfg
+from mowbench.run import compose_config, execute
 
 
 @pytest.mark.slow
 def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
-    cfg = compose_cfg(["task=breakout", "seed=0", f"results_dir={tmp_path}", "train.eval_every=1000",
+    cfg = compose_config(["task=breakout", "seed=0", f"results_dir={tmp_path}", "train.eval_every=1000",
                        "train.eval_episodes=30", "train.progress=false"])
     assert cfg["train"]["steps"] == 3000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
     [(_, summary)] = execute(cfg)

@@ -10,8 +10,8 @@ import torch
 
 from mowbench.agents.base import AGENTS, get_agent
 from mowbench.results import run_dir
-from mowbench.run import execute
-from tests.conftest import MICRO, REPO, compose_cfg
+from mowbench.run import compose_config, execute
+from tests.conftest import MICRO, REPO
 
 get_agent("storm")  # import the baselines so AGENTS is filled for parametrisation
 
@@ -19,7 +19,7 @@ get_agent("storm")  # import the baselines so AGENTS is filled for parametrisati
 @pytest.mark.parametrize("agent", sorted(AGENTS))
 @pytest.mark.parametrize("env,task", [("atari100k", "Pong"), ("metaworld", "reach-v3")])
 def test_agent_runs_on_suite(agent, env, task, tmp_path):
-    cfg = compose_cfg([f"agent={agent}", f"env={env}", f"task={task}", f"results_dir={tmp_path}",
+    cfg = compose_config([f"agent={agent}", f"env={env}", f"task={task}", f"results_dir={tmp_path}",
                        "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
                        "train.eval_max_steps=10", "train.replay_capacity=100", "env.image_size=16",
                        *MICRO, *(["env.fast_render=true"] if env == "metaworld" else [])])

@@ -131,11 +131,11 @@ def test_a_run_held_by_a_live_process_is_skipped_and_a_stale_lock_is_taken_over(
 
 
 def test_presets_set_the_published_budgets():
-    from tests.conftest import compose_cfg
+    from mowbench.run import compose_config
 
-    atari = compose_cfg(["env=atari100k", "preset=paper"])
+    atari = compose_config(["env=atari100k", "preset=paper"])
     assert (atari["train"]["steps"], atari["train"]["warmup"], atari["env"]["image_size"]) == (100_000, 1024, 64)
     assert atari["agent"]["width"] == 512 and atari["agent"]["imag_batch"] == 1024
-    metaworld = compose_cfg(["env=metaworld", "preset=paper"])
+    metaworld = compose_config(["env=metaworld", "preset=paper"])
     assert metaworld["train"]["steps"] == 150_000 and metaworld["env"]["action_repeat"] == 2  # 300k env steps
-    assert compose_cfg(["env=metaworld", "preset=paper", "train.steps=7"])["train"]["steps"] == 7
+    assert compose_config(["env=metaworld", "preset=paper", "train.steps=7"])["train"]["steps"] == 7
