@@ -17,8 +17,17 @@ from torch import nn
 from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
 from mowbench.agents.base import Agent, Batch, register_agent
 from mowbench.envs.base import TaskInfo
-from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, TokenStem, conv_stages
-from mowbench.ops import kl_free_bits, sample_onehot_st, symlog_twohot_loss, twohot_decode, uniform_bins
+from mowbench.models import (
+    MLP,
+    CategoricalHead,
+    CausalTransformer,
+    ConvDecoder,
+    ConvEncoder,
+    KVCache,
+    TokenStem,
+    conv_stages,
+)
+from mowbench.ops import categorical_kl, free_bits, sample_onehot_st, symlog_twohot_ce, twohot_decode, uniform_bins
 
 
 @dataclass
@@ -81,44 +90,87 @@ class STORMConfig:
         conv_stages(image_size, len(self.channels))
 
 
-class STORMWorldModel(nn.Module):
-    """Categorical VAE + stochastic Transformer + reward/termination heads (paper names: encode,
-    posterior, decode, sequence, prior, reward, termination). z: (..., V*C) one-hot; h: (..., D)."""
+def encode_frames(encoder: ConvEncoder, posterior: CategoricalHead, frames: torch.Tensor,
+                  cond: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+    """frames (N, S, S, 3) uint8 [, cond (N, E)] -> posterior logits (N, V, C).
 
-    def __init__(self, cfg: STORMConfig, image_size: int, action_dim: int) -> None:
+    Frames stay in their stored (channels-last) layout, which oneDNN convolves faster; without
+    gradients they are encoded `chunk` at a time (0: all at once) so activations stay in cache:
+    encoding imagination's 1024 x 8 context frames takes ~40% less time on CPU, same numbers.
+    """
+    def run(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return posterior(encoder(x.permute(0, 3, 1, 2).float().div_(255.0)), c)
+
+    if not chunk or torch.is_grad_enabled() or len(frames) <= chunk:
+        return run(frames, cond)
+    conds = cond.split(chunk) if cond is not None else [None] * len(frames.split(chunk))
+    return torch.cat([run(f, c) for f, c in zip(frames.split(chunk), conds, strict=True)])
+
+
+class STORMWorldModel(nn.Module):
+    """Categorical VAE + stochastic Transformer + reward/termination heads, with paper-named methods
+    (encode, decode, sequence, prior, reward, termination). z: (..., V*C) one-hot; h: (..., D).
+
+    Every method takes the rows' task indices (B,): STORM ignores them; with `embed_dim` > 0 (the
+    monolithic multi-task baseline) a learnable, L2-normalised task embedding e_k conditions the
+    posterior, the decoder and the token stem. MoW's world model offers the same methods."""
+
+    def __init__(self, cfg: STORMConfig, image_size: int, action_dim: int, n_tasks: int = 1,
+                 embed_dim: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.latent_dim = cfg.n_vars * cfg.n_classes
+        self.embed_dim = embed_dim
+        self.task_embedding = nn.Embedding(n_tasks, embed_dim) if embed_dim else None
         self.encoder = ConvEncoder(image_size, cfg.channels)
-        self.posterior = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, unimix=cfg.unimix)
-        self.decoder = ConvDecoder(image_size, cfg.channels, self.latent_dim)
-        self.stem = TokenStem(self.latent_dim, action_dim, cfg.width)
+        self.posterior_head = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, embed_dim, cfg.unimix)
+        self.decoder = ConvDecoder(image_size, cfg.channels, self.latent_dim, embed_dim)
+        self.stem = TokenStem(self.latent_dim, action_dim, cfg.width, embed_dim)
         self.transformer = CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len)
-        self.prior = CategoricalHead(cfg.width, cfg.n_vars, cfg.n_classes, unimix=cfg.unimix)
-        self.reward = MLP(cfg.width, cfg.head_width, cfg.head_depth, cfg.bins)
-        self.termination = MLP(cfg.width, cfg.head_width, cfg.head_depth, 1)
+        self.prior_head = CategoricalHead(cfg.width, cfg.n_vars, cfg.n_classes, unimix=cfg.unimix)
+        self.reward_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, cfg.bins)
+        self.termination_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, 1)
 
-    def encode(self, obs: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C).
+    def embed(self, task: torch.Tensor) -> torch.Tensor | None:
+        """task (B,) -> e_k (B, E) with ||e_k|| = 1, or None without task conditioning."""
+        if self.task_embedding is None:
+            return None
+        return F.normalize(self.task_embedding(task), dim=-1)
 
-        Frames stay in their stored (channels-last) layout, which oneDNN convolves faster; without
-        gradients they are encoded `chunk` at a time (0: all at once) so activations stay in cache:
-        encoding imagination's 1024 x 8 context frames takes ~40% less time on CPU, same numbers.
-        """
-        b = obs.shape[0]
-        frames = obs.flatten(0, 1)  # (B*T, S, S, 3)
-        parts = frames.split(chunk) if chunk and not torch.is_grad_enabled() else [frames]
-        logits = [self.posterior(self.encoder(p.permute(0, 3, 1, 2).float().div_(255.0))) for p in parts]
-        return rearrange(torch.cat(logits), "(b t) v c -> b t v c", b=b)
+    def encode(self, obs: torch.Tensor, task: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C)."""
+        b, t = obs.shape[:2]
+        e = self.embed(task)
+        cond = None if e is None else e[:, None].expand(b, t, -1).flatten(0, 1)  # (B*T, E)
+        return rearrange(encode_frames(self.encoder, self.posterior_head, obs.flatten(0, 1), cond, chunk),
+                         "(b t) v c -> b t v c", b=b)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """z (B, T, V*C) -> image (B, T, 3, S, S) in ~[0, 1]."""
-        b = z.shape[0]
-        return rearrange(self.decoder(z.flatten(0, 1)), "(b t) c h w -> b t c h w", b=b)
+        b, t = z.shape[:2]
+        e = self.embed(task)
+        cond = None if e is None else e[:, None].expand(b, t, -1).flatten(0, 1)
+        return rearrange(self.decoder(z.flatten(0, 1), cond), "(b t) c h w -> b t c h w", b=b)
 
-    def sequence(self, z: torch.Tensor, action: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype) -> KVCache:
+        return self.transformer.empty_cache(task.shape[0], task.device, dtype)
+
+    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None) -> torch.Tensor:
         """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, appends after cached steps."""
-        return self.transformer(self.stem(z, action), cache)
+        e = self.embed(task)
+        return self.transformer(self.stem(z, action, None if e is None else e[:, None]), cache)
+
+    def prior(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) -> logits (B, T, V, C) of the next step's latent."""
+        return self.prior_head(h)
+
+    def reward(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) -> symlog two-hot logits (B, T, bins)."""
+        return self.reward_head(h)
+
+    def termination(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) -> termination logits (B, T)."""
+        return self.termination_head(h).squeeze(-1)
 
 
 def sample_z(logits: torch.Tensor) -> torch.Tensor:
@@ -137,22 +189,48 @@ class ActingContext:
 
 @register_agent("storm", STORMConfig)
 class STORMAgent(Agent):
+    """STORM's agent: world-model loss and optimizer, imagination with a KV cache, actor-critic in
+    imagination, acting from the Transformer context. Multi-task subclasses (monolithic, MoW) reuse it
+    through the world model's task-taking methods and the hooks `features` and `critic_index`."""
+
     def __init__(self, cfg: STORMConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
-        if len(tasks) != 1 and type(self) is STORMAgent:
+        if len(tasks) != 1 and not self.multi_task:
             raise ValueError(f"storm is single-task; got {len(tasks)} tasks (the runner makes one run per task)")
+        spaces = {(t.action.discrete, t.action.n) for t in tasks}
+        if len(spaces) != 1:
+            raise ValueError(f"tasks have different action spaces {sorted(spaces)}; a shared agent needs one "
+                             "action set (Atari: env.action_set=full)")
         self.cfg, self.tasks, self.device = cfg, tasks, device
         self.autocast = precision == "bf16"
         space = tasks[0].action
         self.discrete, self.action_dim = space.discrete, space.n
         self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)  # (N, A)
-        self.wm = STORMWorldModel(cfg, tasks[0].image_size, self.action_dim).to(device)
-        feat_dim = self.wm.latent_dim + cfg.width
-        self.ac = ActorCritic(feat_dim, self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth, cfg.bins).to(device)
+        self.wm = self.build_world_model(tasks).to(device)
+        self.ac = ActorCritic(self.feature_dim(), self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth,
+                              cfg.bins, n_critics=self.n_critics()).to(device)
         self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=cfg.wm_lr)
         self.learner = ActorCriticLearner(
             self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
             cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins, autocast=self.autocast)
         self.bins = uniform_bins(cfg.bins).to(device)
+
+    # ---- hooks for multi-task subclasses ----
+    def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
+        return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim)
+
+    def feature_dim(self) -> int:
+        return self.wm.latent_dim + self.cfg.width
+
+    def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Actor/critic input: [z, h] (B, T, V*C + D)."""
+        return torch.cat([z, h], dim=-1)
+
+    def n_critics(self) -> int:
+        return 1
+
+    def critic_index(self, task: torch.Tensor) -> torch.Tensor | None:
+        """Which critic judges rows of these tasks (None: the only one)."""
+        return None
 
     # ---- helpers ----
     def _amp(self) -> Any:
@@ -163,26 +241,44 @@ class STORMAgent(Agent):
         return F.one_hot(action.long(), self.action_dim).float() if self.discrete else action.float()
 
     # ---- world model ----
-    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
+    def world_model_terms(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-sequence loss terms (B,) each: rec (L2 summed over pixels), reward (two-hot CE), termination
+        (BCE), kl_dyn = KL(sg(post) || prior), kl_rep = KL(post || sg(prior)), each a mean over time;
+        plus the forward's z (B, T, V*C) and h (B, T, D) for subclasses' extra heads."""
+        task = batch.task
         with self._amp():
-            post = self.wm.encode(batch.obs)  # (B, T, V, C)
+            post = self.wm.encode(batch.obs, task)  # (B, T, V, C)
             z = sample_z(post)  # (B, T, V*C)
-            recon = self.wm.decode(z)  # (B, T, 3, S, S)
-            h = self.wm.sequence(z, self.action_input(batch.action))  # (B, T, D)
-            prior = self.wm.prior(h)
-            reward_logits = self.wm.reward(h)
-            term_logits = self.wm.termination(h).squeeze(-1)
+            recon = self.wm.decode(z, task)  # (B, T, 3, S, S)
+            h = self.wm.sequence(z, self.action_input(batch.action), task)  # (B, T, D)
+            prior = self.wm.prior(h, task)
+            reward_logits = self.wm.reward(h, task)
+            term_logits = self.wm.termination(h, task)  # (B, T)
         target = rearrange(batch.obs, "b t h w c -> b t c h w").float() / 255.0
-        rec = (recon.float() - target).pow(2).sum(dim=(2, 3, 4)).mean()
-        rew = symlog_twohot_loss(reward_logits, batch.reward, self.bins)
-        term = F.binary_cross_entropy_with_logits(term_logits.float(), batch.terminal.float())
         # prior at t predicts the posterior at t+1
-        dyn, dyn_raw = kl_free_bits(post[:, 1:].detach(), prior[:, :-1], cfg.free_nats)
-        rep, rep_raw = kl_free_bits(post[:, 1:], prior[:, :-1].detach(), cfg.free_nats)
-        loss = rec + rew + term + cfg.dyn_scale * dyn + cfg.rep_scale * rep
-        return loss, {"wm/loss": loss.item(), "wm/rec": rec.item(), "wm/reward": rew.item(),
-                      "wm/termination": term.item(), "wm/kl_dyn": dyn_raw.item(), "wm/kl_rep": rep_raw.item()}
+        terms = {
+            "rec": (recon.float() - target).pow(2).sum(dim=(2, 3, 4)).mean(1),
+            "reward": symlog_twohot_ce(reward_logits, batch.reward, self.bins).mean(1),
+            "termination": F.binary_cross_entropy_with_logits(
+                term_logits.float(), batch.terminal.float(), reduction="none").mean(1),
+            "kl_dyn": categorical_kl(post[:, 1:].detach(), prior[:, :-1]).mean(1),
+            "kl_rep": categorical_kl(post[:, 1:], prior[:, :-1].detach()).mean(1),
+        }
+        return terms, {"z": z, "h": h}
+
+    def combine_terms(self, rec: torch.Tensor, reward: torch.Tensor, termination: torch.Tensor,
+                      kl_dyn: torch.Tensor, kl_rep: torch.Tensor) -> torch.Tensor:
+        """STORM's loss from mean terms (scalars: batch means; or (N,) per-task means in MoW); free bits
+        clip each mean KL (spec storm.md)."""
+        cfg = self.cfg
+        return (rec + reward + termination + cfg.dyn_scale * free_bits(kl_dyn, cfg.free_nats)
+                + cfg.rep_scale * free_bits(kl_rep, cfg.free_nats))
+
+    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        terms, _ = self.world_model_terms(batch)
+        means = {k: v.mean() for k, v in terms.items()}
+        loss = self.combine_terms(**means)
+        return loss, {"wm/loss": loss.item(), **{f"wm/{k}": v.item() for k, v in means.items()}}
 
     def update_world_model(self, batch: Batch) -> dict[str, float]:
         self.wm.train()
@@ -197,28 +293,27 @@ class STORMAgent(Agent):
     @torch.no_grad()
     def imagine(self, batch: Batch) -> Imagined:
         """Encode `imag_context` real steps into a KV cache, then roll out `imag_horizon` steps."""
-        cfg = self.cfg
-        self.wm.eval()
-        b = batch.obs.shape[0]
+        cfg, wm, task = self.cfg, self.wm, batch.task
+        wm.eval()
         legal = batch.legal  # (B, A)
-        cache = self.wm.transformer.empty_cache(b, self.device, torch.bfloat16 if self.autocast else torch.float32)
+        cache = wm.empty_cache(task, torch.bfloat16 if self.autocast else torch.float32)
         feats, actions, rewards, conts = [], [], [], []
         with self._amp():
-            z_ctx = sample_z(self.wm.encode(batch.obs))  # (B, C, V*C)
-            h = self.wm.sequence(z_ctx, self.action_input(batch.action), cache)[:, -1:]  # (B, 1, D)
-            z = sample_z(self.wm.prior(h))  # (B, 1, V*C): prediction of the next latent
+            z_ctx = sample_z(wm.encode(batch.obs, task))  # (B, C, V*C)
+            h = wm.sequence(z_ctx, self.action_input(batch.action), task, cache)[:, -1:]  # (B, 1, D)
+            z = sample_z(wm.prior(h, task))  # (B, 1, V*C): prediction of the next latent
             for _ in range(cfg.imag_horizon):
-                feat = torch.cat([z, h], dim=-1)  # (B, 1, F)
+                feat = self.features(z, h, task)  # (B, 1, F)
                 action = self.ac.actor(feat, legal[:, None]).sample()  # (B, 1) or (B, 1, A)
-                h = self.wm.sequence(z, self.action_input(action), cache)
+                h = wm.sequence(z, self.action_input(action), task, cache)
                 feats.append(feat)
                 actions.append(action)
-                rewards.append(twohot_decode(self.wm.reward(h), self.bins))
-                conts.append((self.wm.termination(h).squeeze(-1) <= 0).float())  # 1 - predicted termination
-                z = sample_z(self.wm.prior(h))
-            feats.append(torch.cat([z, h], dim=-1))
+                rewards.append(twohot_decode(wm.reward(h, task), self.bins))
+                conts.append((wm.termination(h, task) <= 0).float())  # 1 - predicted termination
+                z = sample_z(wm.prior(h, task))
+            feats.append(self.features(z, h, task))
         return Imagined(torch.cat(feats, 1).float(), torch.cat(actions, 1), torch.cat(rewards, 1).float(),
-                        torch.cat(conts, 1), legal, None)
+                        torch.cat(conts, 1), legal, self.critic_index(task))
 
     # ---- Agent interface ----
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
@@ -245,6 +340,7 @@ class STORMAgent(Agent):
         self.wm.eval()
         self.ac.eval()
         legal = self.legal[context.task][None, None]  # (1, 1, A)
+        task = torch.full((1,), context.task, dtype=torch.long, device=self.device)
         with self._amp():
             if context.z is None:  # nothing seen yet: a uniformly random legal action, as STORM does
                 if self.discrete:
@@ -253,11 +349,12 @@ class STORMAgent(Agent):
                 else:
                     action = torch.rand(1, 1, self.action_dim, device=self.device) * 2 - 1
             else:
-                h = self.wm.sequence(context.z[None], self.action_input(context.action[None]))[:, -1:]
-                z = sample_z(self.wm.prior(h))
-                dist = self.ac.actor(torch.cat([z, h], dim=-1), legal)
+                h = self.wm.sequence(context.z[None], self.action_input(context.action[None]), task)[:, -1:]
+                z = sample_z(self.wm.prior(h, task))
+                dist = self.ac.actor(self.features(z, h, task), legal)
                 action = dist.mode() if greedy else dist.sample()  # (1, 1) or (1, 1, A)
-            z_obs = sample_z(self.wm.encode(torch.as_tensor(obs, device=self.device)[None, None]))[0]  # (1, V*C)
+            obs_t = torch.as_tensor(obs, device=self.device)[None, None]
+            z_obs = sample_z(self.wm.encode(obs_t, task))[0]  # (1, V*C)
         action_row = action[0]
         if context.z is None:
             context.z, context.action = z_obs.float(), action_row
@@ -279,9 +376,11 @@ class STORMAgent(Agent):
         self.learner.load_state_dict(state["learner"])
 
     def parameter_counts(self) -> dict[str, int]:
-        def count(params: Any) -> int:
-            return sum(p.numel() for p in params)
+        return {"world_model": count_parameters(self.wm.parameters()),
+                "actor_critic": count_parameters(self.ac.actor.parameters()) + count_parameters(
+                    self.ac.critics.parameters()),
+                "slow_critic": count_parameters(self.ac.slow_critics.parameters())}
 
-        return {"world_model": count(self.wm.parameters()),
-                "actor_critic": count(self.ac.actor.parameters()) + count(self.ac.critics.parameters()),
-                "slow_critic": count(self.ac.slow_critics.parameters())}
+
+def count_parameters(params: Any) -> int:
+    return sum(p.numel() for p in params)

@@ -77,18 +77,19 @@ def imagine_reference_cache(agent: Any, batch: Batch) -> torch.Tensor:
 
     with agent._amp():
         inputs: list = [None] * len(tf.blocks)
-        z_ctx = sample_z(wm.encode(batch.obs))
+        task = batch.task
+        z_ctx = sample_z(wm.encode(batch.obs, task))
         a_ctx = agent.action_input(batch.action)
         for t in range(z_ctx.shape[1]):  # the reference feeds the context one step at a time too
             h = step(wm.stem(z_ctx[:, t:t + 1], a_ctx[:, t:t + 1]), inputs, t)
-        z = sample_z(wm.prior(h))
+        z = sample_z(wm.prior(h, task))
         feats = []
         for i in range(cfg.imag_horizon):
             feats.append(torch.cat([z, h], -1))
             action = agent.ac.actor(feats[-1], batch.legal[:, None]).sample()
             h = step(wm.stem(z, agent.action_input(action)), inputs, cfg.imag_context + i)
-            wm.reward(h), wm.termination(h)
-            z = sample_z(wm.prior(h))
+            wm.reward(h, task), wm.termination(h, task)
+            z = sample_z(wm.prior(h, task))
         feats.append(torch.cat([z, h], -1))
     return torch.cat(feats, 1).float()
 

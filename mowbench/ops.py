@@ -1,6 +1,10 @@
-"""Small pure functions carrying the maths of STORM-style agents (symlog, two-hot, returns, KL)."""
+"""Small pure functions carrying the maths of STORM-style agents (symlog, two-hot, returns, KL) and of
+MoW (TopK routing, expert balance, harmonious weighting, per-task means, grouping rows by label)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +48,15 @@ def twohot_decode(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     return symexp((torch.softmax(logits.float(), dim=-1) * bins).sum(-1))
 
 
-def symlog_twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy between logits (..., n_bins) and the two-hot of symlog(target) (...,); mean."""
+def symlog_twohot_ce(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between logits (..., n_bins) and the two-hot of symlog(target) (...,) -> (...,)."""
     target_dist = twohot_encode(symlog(target.float()), bins)
-    return -(target_dist * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return -(target_dist * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def symlog_twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Mean of symlog_twohot_ce over all elements."""
+    return symlog_twohot_ce(logits, target, bins).mean()
 
 
 def unimix_logits(logits: torch.Tensor, mix: float = 0.01) -> torch.Tensor:
@@ -81,15 +90,10 @@ def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tens
     return (p_log.exp() * (p_log - q_log)).sum(dim=(-2, -1))
 
 
-def kl_free_bits(p_logits: torch.Tensor, q_logits: torch.Tensor, free_nats: float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """STORM's clipped KL: max(free_nats, mean over batch/time of KL summed over variables).
-
-    Returns (clipped loss, unclipped mean KL); the clip is applied to the *mean*, as in STORM,
-    not per element as in DreamerV3.
-    """
-    kl = categorical_kl(p_logits, q_logits).mean()
-    return torch.clamp(kl, min=free_nats), kl
+def free_bits(kl_mean: torch.Tensor, free_nats: float = 1.0) -> torch.Tensor:
+    """STORM's free bits: max(free_nats, KL) applied to KL *means* (over the batch and time in STORM,
+    over each task's rows in MoW), not per element as in DreamerV3. Elementwise over the given means."""
+    return torch.clamp(kl_mean, min=free_nats)
 
 
 def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torch.Tensor,
@@ -120,3 +124,92 @@ def ema_(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None
     with torch.no_grad():
         for t, s in zip(target.parameters(), source.parameters(), strict=True):
             t.lerp_(s, 1.0 - decay)
+
+
+# ---- MoW (spec mow.md) ----
+
+@dataclass
+class Routing:
+    """TopK routing. dense (..., N_e): the sparse weight vector W (zeros outside the TopK);
+    index, weight (..., K): the chosen experts in descending score order and their weights."""
+
+    dense: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+
+def topk_route(logits: torch.Tensor, tau: float, k: int) -> Routing:
+    """S = softmax(logits / tau); (W, J) = TopK(S, k). W keeps the softmax probabilities (not
+    renormalised), as mow.md writes it, so the router receives gradient through the weights."""
+    scores = torch.softmax(logits.float() / tau, dim=-1)  # (..., N_e)
+    weight, index = scores.topk(k, dim=-1)  # (..., K), sorted descending
+    dense = torch.zeros_like(scores).scatter(-1, index, weight)
+    return Routing(dense, index, weight)
+
+
+def balance_loss(weights: torch.Tensor, rows: float | None = None) -> torch.Tensor:
+    """Expert balance ||load - uniform load||_2^2 with load = sum over rows of W (rows, N_e) -> ().
+
+    The uniform load spreads the same total evenly over the N_e experts. `rows` rescales a mean over
+    many rows (token routing: tokens) to that many rows (the task count), so both routings compare.
+    """
+    load = weights.float().sum(0) if rows is None else weights.float().mean(0) * rows  # (N_e,)
+    return (load - load.mean()).pow(2).sum()
+
+
+def harmonious_loss(task_losses: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """HarmonyDream (Ma et al., ICML 2024) weighting: sum_k L_k / sigma_k + ln(1 + sigma_k),
+    sigma_k = exp(s_k). task_losses, log_sigma (K,) -> (). Setting the derivative in sigma to zero gives
+    sigma^2 / (1 + sigma) = L, i.e. sigma = (L + sqrt(L^2 + 4L)) / 2, which approaches L for large L."""
+    sigma = log_sigma.exp()
+    return (task_losses / sigma + torch.log1p(sigma)).sum()
+
+
+def group_mean(values: torch.Tensor, label: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of values (R, ...) per label (R,) in [0, n_groups) -> (means (G, ...), present (G,) bool).
+
+    Absent groups get mean 0 and present=False; one scatter, no Python loop over groups."""
+    sums = torch.zeros(n_groups, *values.shape[1:], device=values.device, dtype=values.dtype)
+    sums = sums.index_add(0, label, values)
+    counts = torch.bincount(label, minlength=n_groups).to(values.dtype)
+    return sums / counts.clamp(min=1).view(-1, *([1] * (values.dim() - 1))), counts > 0
+
+
+class Grouping:
+    """Rows grouped by an integer label (e.g. task -> VAE cluster, pair -> expert) so that each group
+    runs as one batch through its own module: the Python loop is over groups present, never over rows.
+
+    split(x) gives (group, rows of x) pairs in label order; merge(outputs) restores the row order."""
+
+    def __init__(self, label: torch.Tensor, n_groups: int) -> None:
+        self.label = label
+        self.order = torch.argsort(label, stable=True)  # (R,)
+        self.inverse = torch.argsort(self.order)
+        counts = torch.bincount(label, minlength=n_groups).tolist()  # one device sync per grouping
+        self.slices: list[tuple[int, slice]] = []
+        start = 0
+        for g, c in enumerate(counts):
+            if c:
+                self.slices.append((g, slice(start, start + c)))
+            start += c
+
+    @property
+    def groups(self) -> list[int]:
+        return [g for g, _ in self.slices]
+
+    def rows(self, group_slice: slice) -> torch.Tensor:
+        return self.order[group_slice]
+
+    def split(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        xs = x[self.order]
+        return [(g, xs[s]) for g, s in self.slices]
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Outputs of the groups, in split() order -> rows in the original order."""
+        dtype = parts[0].dtype
+        return torch.cat([p.to(dtype) for p in parts])[self.inverse]
+
+    def apply(self, fn: Callable[[int, list[torch.Tensor]], torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+        """merge([fn(g, [x[rows of g] for x in xs]) for each group g])."""
+        sorted_xs = [x[self.order] for x in xs]
+        return self.merge([fn(g, [x[s] for x in sorted_xs]) for g, s in self.slices])

@@ -93,11 +93,16 @@ def plan(cfg: dict[str, Any]) -> Plan:
     suite = env_cfg.get("suite")
     mod = suite_module(suite)
     tasks = resolve_tasks(suite, cfg.get("task"))
-    mod.check(env_cfg)
     entry = get_agent(cfg["agent"]["name"])
+    if env_cfg.get("action_set") == "auto":  # one shared action set when one agent plays several games
+        env_cfg["action_set"] = "full" if entry.multi_task and len(tasks) > 1 else "minimal"
+        cfg = {**cfg, "env": env_cfg}
+    mod.check(env_cfg)
     agent_cfg = build_config(entry, dict(cfg["agent"]))
     if hasattr(agent_cfg, "check_image_size"):
         agent_cfg.check_image_size(int(env_cfg.get("image_size", 64)))
+    if hasattr(agent_cfg, "check_tasks"):
+        agent_cfg.check_tasks(len(tasks))
     train_values = dict(cfg["train"])
     proto = mod.eval_protocol(env_cfg)
     for key in ("eval_episodes", "eval_greedy"):

@@ -27,6 +27,7 @@ from mowbench.replay import Replay
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
+ARTIFACTS = "artifacts"  # agent-specific files (MoW: routing heatmaps, cluster assignment)
 
 
 @dataclass
@@ -256,6 +257,7 @@ class Trainer:
                     self.log.scalars(c.step, {**self.last_metrics, "perf/steps_per_s": sps})
                     last = [s.last_return for s in self.streams if s.last_return is not None]
                     bar.set_postfix(sps=f"{sps:.1f}", ret=f"{np.mean(last):.2f}" if last else "-")
+                    self.agent.write_artifacts(self.folder / ARTIFACTS, final=False)
                 bar.update(1)
                 if cfg.eval_every and c.step % cfg.eval_every == 0 and c.step < cfg.steps:
                     self._evaluate(cfg.periodic_eval_episodes)
@@ -269,6 +271,7 @@ class Trainer:
                         self.preempted = True
                         return {"preempted": True, "step": c.step}
             c.wall_time += time.time() - start
+            self.agent.write_artifacts(self.folder / ARTIFACTS, final=True)
             final = self._evaluate(cfg.eval_episodes)
             summary: dict[str, Any] = {"preempted": False, "step": c.step, "updates": c.updates,
                                        "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],

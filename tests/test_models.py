@@ -57,13 +57,14 @@ def test_storm_world_model_shapes_and_paper_counts():
     assert stem == (1024 + 6) * 512 + 512 * 512 + 4 * 512
     assert counts["slow_critic"] == sum(p.numel() for p in agent.ac.critics.parameters())
     obs = torch.randint(0, 255, (2, 5, 64, 64, 3), dtype=torch.uint8)
-    post = agent.wm.encode(obs)
+    task = torch.zeros(2, dtype=torch.long)
+    post = agent.wm.encode(obs, task)
     assert post.shape == (2, 5, 32, 32)
     assert torch.allclose(post.exp().sum(-1), torch.ones(2, 5, 32))
     assert post.exp().min() >= 0.01 / 32 - 1e-6  # unimix floor
-    h = agent.wm.sequence(torch.zeros(2, 5, 1024), torch.zeros(2, 5, 6))
+    h = agent.wm.sequence(torch.zeros(2, 5, 1024), torch.zeros(2, 5, 6), task)
     assert h.shape == (2, 5, 512)
-    assert agent.wm.decode(torch.zeros(2, 5, 1024)).shape == (2, 5, 3, 64, 64)
+    assert agent.wm.decode(torch.zeros(2, 5, 1024), task).shape == (2, 5, 3, 64, 64)
 
 
 def test_token_stem_shape():

@@ -6,6 +6,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,10 @@ class Batch:
     terminal: torch.Tensor
     task: torch.Tensor
     legal: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The sequences at `index` (R,) as a smaller Batch."""
+        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 class Agent(ABC):
@@ -46,6 +51,10 @@ class Agent(ABC):
     @abstractmethod
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
         """One training step; `sample(batch, length)` draws sequences from replay."""
+
+    def write_artifacts(self, folder: Path, final: bool) -> None:  # noqa: B027 - optional hook
+        """Save agent-specific files (figures, data) under `folder`; the trainer calls it at every log
+        interval and once at the end (final=True). Must be cheap when there is nothing new."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

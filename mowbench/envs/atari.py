@@ -42,7 +42,7 @@ def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
 def check(cfg: dict[str, Any]) -> None:
     protocol(cfg)
     if cfg.get("action_set", "minimal") not in ("minimal", "full"):
-        raise ValueError(f"action_set={cfg['action_set']!r}; allowed: minimal, full")
+        raise ValueError(f"action_set={cfg['action_set']!r}; allowed: auto, minimal, full")
 
 
 class AtariEnv(TaskEnv):

@@ -34,17 +34,34 @@ class KVCache:
 
     k, v: (n_layers, B, heads, max_len, head_dim); `length` tokens are filled. Keeping projected K/V
     (not layer inputs, as STORM's reference does) makes each new token cost O(T) instead of O(T^2).
+    valid (B, max_len) bool, only with key masks: which cached tokens later queries may attend to.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    valid: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
               device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (n_layers, batch, heads, max_len, head_dim)  # slots past `length` are never read
         return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+
+def attention_mask(new: int, start: int, key_mask: torch.Tensor | None, device: torch.device
+                   ) -> torch.Tensor | None:
+    """Boolean mask (True = attend) for `new` queries at positions start.. over start+new keys.
+
+    Causal; with key_mask (B, start+new) a query also skips keys marked False, except itself (MoW's
+    token routing: an expert sees only the tokens routed to it). None means "no mask needed".
+    """
+    if key_mask is None:
+        return None if new == 1 else torch.ones(new, start + new, dtype=torch.bool, device=device).tril(start)
+    causal = torch.ones(new, start + new, dtype=torch.bool, device=device).tril(start)  # (new, S)
+    own = torch.zeros_like(causal)
+    own[torch.arange(new), start + torch.arange(new)] = True
+    return (causal & key_mask[:, None, :]) | own  # (B, new, S)
 
 
 class Block(nn.Module):
@@ -61,19 +78,19 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); mask from attention_mask() ((T, S) or (B, T, S)), None: plain causal."""
         q, k, v = rearrange(self.qkv(x), "b t (n h d) -> n b h t d", n=3, h=self.heads)
+        mask = None if mask is None else (mask if mask.dim() == 2 else mask[:, None])  # broadcast over heads
         if cache is None:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
             start, new = cache.length, x.shape[1]
             cache.k[layer, :, :, start:start + new] = k.to(cache.k.dtype)
             cache.v[layer, :, :, start:start + new] = v.to(cache.v.dtype)
             keys = cache.k[layer, :, :, :start + new].to(q.dtype)
             values = cache.v[layer, :, :, :start + new].to(q.dtype)
-            mask = None
-            if new > 1:  # new tokens see the whole cache and, causally, each other
-                mask = torch.ones(new, start + new, dtype=torch.bool, device=x.device).tril(start)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = self.norm1(x + self.drop(self.out(rearrange(attn, "b h t d -> b t (h d)"))))
         return self.norm2(x + self.drop(self.ffn(x)))
@@ -93,16 +110,28 @@ class CausalTransformer(nn.Module):
     def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
         return KVCache.empty(self.depth, batch, self.heads, self.max_len, self.width // self.heads, device, dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Full causal pass (cache=None) or append tokens after the cached ones and return their h."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full causal pass (cache=None) or append tokens after the cached ones and return their h.
+
+        key_mask (B, T) bool: tokens later queries may attend to (None: all); see attention_mask()."""
         start = 0 if cache is None else cache.length
         length = tokens.shape[1]
         if start + length > self.max_len:
             raise ValueError(f"sequence length {start + length} exceeds max_len={self.max_len}")
         pos = torch.arange(start, start + length, device=tokens.device)
         x = self.norm(tokens + self.position(pos))
+        if cache is not None and key_mask is not None:
+            if cache.valid is None:
+                cache.valid = torch.zeros(tokens.shape[0], self.max_len, dtype=torch.bool, device=tokens.device)
+            cache.valid[:, start:start + length] = key_mask
+            key_mask = cache.valid[:, :start + length]
+        if cache is None and key_mask is None:
+            mask = None  # is_causal fast path
+        else:
+            mask = attention_mask(length, start, key_mask, tokens.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         if cache is not None:
             cache.length += length
         return x  # (B, T, D)

@@ -1,0 +1,32 @@
+"""Monolithic multi-task STORM ("STORM + task embedding", the baseline MoW reports as failing): one STORM
+world model and one agent for all tasks. A learnable, L2-normalised task embedding e_k conditions the
+posterior, the decoder and the token stem; one actor shared by all tasks with per-task legal-action
+masks; one critic. Everything else is STORM (baselines/storm.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from mowbench.agents.base import register_agent
+from mowbench.baselines.storm import STORMAgent, STORMConfig, STORMWorldModel
+from mowbench.envs.base import TaskInfo
+
+
+@dataclass
+class MonolithicConfig(STORMConfig):
+    """STORM's hyperparameters plus the task embedding."""
+
+    embed_dim: int = 64  # size of e_k (not published; the same as MoW's default)
+
+    def check(self) -> None:
+        super().check()
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim={self.embed_dim}; allowed: a positive integer")
+
+
+@register_agent("monolithic", MonolithicConfig, multi_task=True)
+class MonolithicAgent(STORMAgent):
+    def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
+        return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim, len(tasks), self.cfg.embed_dim)
