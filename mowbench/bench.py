@@ -4,6 +4,12 @@ Prints one JSON object: parameter counts, seconds per world-model update, per im
 update, a full training step, acting env-steps/s on the real env (Pong by default), and the same
 imagination done the way STORM's reference implementation caches (layer inputs, K/V re-projected for
 the whole history at every step) so the speed-up is measured on the same machine.
+
+Multi-task agents (`agent=mow`, `agent=monolithic`) are built for the suite's task list (Atari: the 26
+games, full action set) and batches are spread over the tasks; the output adds the parameters of one
+STORM per task with the same component sizes and the ratio. For MoW the first (untimed) update runs the
+warm-up clustering; `agent.cluster_warmup_updates=0 agent.clustering=random` skips its cost without
+changing what is timed (the clusters are then as balanced as gradient clustering's 'even' choice).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -19,12 +26,16 @@ import torch
 from einops import rearrange
 from omegaconf import OmegaConf
 
-from mowbench.agents.base import Batch, make_agent
-from mowbench.baselines.storm import sample_z
+from mowbench.agents.base import Batch, get_agent, make_agent
+from mowbench.baselines.storm import STORMConfig, STORMWorldModel, sample_z
 from mowbench.envs import make_envs, resolve_tasks
-from mowbench.run import check_group_choices, compose_config, resolve_device, resolve_precision
+from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.run import check_group_choices, compose_config, plan, resolve_device, resolve_precision
 
-BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200}
+# repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
+# reference: also time STORM's reference-style cache; act_steps: env steps timed for acting;
+# warm_up: one untimed agent.update() first (MoW: its warm-up clustering; see cluster_warmup_updates)
+BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True}
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -43,14 +54,28 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
 
 
 def random_batch(agent: Any, n: int, length: int, size: int, device: torch.device) -> Batch:
+    """n random sequences spread evenly over the agent's tasks (rows of task k: k, k + N, ...)."""
     a = agent.action_dim
     action = (torch.randint(0, a, (n, length), device=device) if agent.discrete
               else torch.rand(n, length, a, device=device) * 2 - 1)
+    task = torch.arange(n, device=device) % len(agent.tasks)
     return Batch(obs=torch.randint(0, 256, (n, length, size, size, 3), dtype=torch.uint8, device=device),
                  action=action, reward=torch.randn(n, length, device=device),
-                 terminal=(torch.rand(n, length, device=device) < 0.01).float(),
-                 task=torch.zeros(n, dtype=torch.long, device=device),
-                 legal=agent.legal[torch.zeros(n, dtype=torch.long)])
+                 terminal=(torch.rand(n, length, device=device) < 0.01).float(), task=task, legal=agent.legal[task])
+
+
+def separate_storm_parameters(tasks: list[Any], cfg: dict[str, Any]) -> dict[str, int]:
+    """Parameters of one STORM per task with the agent's component sizes, each with its task's own
+    (minimal) action count: what a multi-task agent's size is compared with (mow.md: about half)."""
+    storm_values = {k: v for k, v in cfg["agent"].items() if k in {f.name for f in fields(STORMConfig)}}
+    total: dict[str, int] = {}
+    for info in tasks:
+        legal = int(info.action.legal_mask().sum()) if info.action.discrete else info.action.n
+        single = TaskInfo(info.suite, info.name, 0, info.image_size, ActionSpace(info.action.discrete, legal))
+        counts = make_agent("storm", storm_values, [single], torch.device("cpu"), "fp32").parameter_counts()
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 @torch.no_grad()
@@ -101,17 +126,28 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(0)
-    env_cfg = dict(cfg["env"])
-    suite = env_cfg["suite"]
-    task = opts["task"] or ("Pong" if suite == "atari100k" else resolve_tasks(suite, None)[0])
-    env = make_envs(suite, resolve_tasks(suite, task), env_cfg, seed=0)[0]
-    agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [env.info], device, precision)
+    multi_task = get_agent(cfg["agent"]["name"]).multi_task
+    suite = cfg["env"]["suite"]
+    if opts["task"]:
+        cfg["task"] = opts["task"]
+    elif not multi_task:  # one task; a multi-task agent gets the suite's task list (Atari: 26 games)
+        cfg["task"] = "Pong" if suite == "atari100k" else resolve_tasks(suite, None)[0]
+    p = plan(cfg)  # validates and resolves the env config (e.g. the shared Atari action set)
+    env_cfg = dict(p.cfg["env"])
+    envs = make_envs(suite, p.tasks, env_cfg, seed=0)
+    env = envs[0]
+    agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [e.info for e in envs], device, precision)
     a, size, reps = agent.cfg, env.info.image_size, int(opts["repeats"])
+    if opts["warm_up"]:  # one untimed full update first (MoW: runs its warm-up clustering)
+        t = time.perf_counter()
+        agent.update(lambda n, length: random_batch(agent, n, length, size, device))
+        warm_up_s = time.perf_counter() - t
     wm_batch = random_batch(agent, a.batch_size, a.batch_length, size, device)
     ctx_batch = random_batch(agent, a.imag_batch, a.imag_context, size, device)
     traj = agent.imagine(ctx_batch)
     out: dict[str, Any] = {
-        "agent": cfg["agent"]["name"], "preset": cfg.get("preset_name"), "task": task, "device": str(device),
+        "agent": cfg["agent"]["name"], "preset": cfg.get("preset_name"), "task": env.info.name,
+        "n_tasks": len(envs), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "torch_threads": torch.get_num_threads(),
         "parameters": agent.parameter_counts(),
@@ -119,11 +155,18 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
                   "imag_context": a.imag_context, "imag_horizon": a.imag_horizon, "image_size": size,
                   "actions": env.info.action.n},
     }
+    if opts["warm_up"]:
+        out["s_first_update_with_warm_up"] = warm_up_s
+    if multi_task:
+        storm = separate_storm_parameters([e.info for e in envs], cfg)
+        out["parameters_separate_storm"] = storm
+        mine = out["parameters"]["world_model"] + out["parameters"]["actor_critic"]
+        out["parameter_ratio_vs_separate_storm"] = mine / (storm["world_model"] + storm["actor_critic"])
     out["s_per_world_model_update"] = timed(lambda: agent.update_world_model(wm_batch), reps, device)
     out["s_per_imagination"] = timed(lambda: agent.imagine(ctx_batch), reps, device)
     out["s_per_agent_update"] = timed(lambda: agent.learner.update(traj), reps, device)
     out["s_per_train_step"] = out["s_per_world_model_update"] + out["s_per_imagination"] + out["s_per_agent_update"]
-    if opts["reference"]:
+    if opts["reference"] and type(agent.wm) is STORMWorldModel and not agent.wm.embed_dim:
         ref_imag = timed(lambda: imagine_reference_cache(agent, ctx_batch), reps, device)
         out["s_per_imagination_reference_cache"] = ref_imag
         ref_step = out["s_per_world_model_update"] + ref_imag + out["s_per_agent_update"]
@@ -138,7 +181,8 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         step = env.step(agent.act(context, obs))
         obs = env.reset() if step.done else step.obs
     out["acting_env_steps_per_s"] = steps / (time.perf_counter() - t)
-    env.close()
+    for e in envs:
+        e.close()
     return out
 
 

@@ -17,11 +17,19 @@ MICRO = ["agent.channels=[8,16]", "agent.n_vars=4", "agent.n_classes=4", "agent.
          "agent.imag_batch=4", "agent.imag_context=2", "agent.imag_horizon=3", "agent.act_context=4",
          "agent.bins=33", "train.progress=false", "train.tensorboard=false"]
 
+# Extra micro sizes for the multi-task agents (MoW: few clusters/experts, a 2-update warm-up).
+MICRO_AGENT = {
+    "storm": [], "monolithic": ["agent.embed_dim=4"],
+    "mow": ["agent.embed_dim=4", "agent.n_clusters=2", "agent.n_experts=3", "agent.top_k=2", "agent.router_width=8",
+            "agent.cluster_warmup_updates=2", "agent.cluster_grad_batches=1", "agent.cluster_n_init=3"],
+}
+
 
 @pytest.fixture
 def micro_cfg(tmp_path):
     def make(*extra: str) -> dict[str, Any]:
-        return compose_config(["task=breakout", f"results_dir={tmp_path}", "train.warmup=20", "train.steps=60",
+        task = [] if any(e.startswith("task=") for e in extra) else ["task=breakout"]
+        return compose_config([*task, f"results_dir={tmp_path}", "train.warmup=20", "train.steps=60",
                             "train.eval_episodes=1", "train.eval_max_steps=30", "train.replay_capacity=500",
                             "train.updates_per_step=0.5",
                             *MICRO, *extra])

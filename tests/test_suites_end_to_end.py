@@ -11,24 +11,32 @@ import torch
 from mowbench.agents.base import AGENTS, get_agent
 from mowbench.results import run_dir
 from mowbench.run import compose_config, execute
-from tests.conftest import MICRO, REPO
+from tests.conftest import MICRO, MICRO_AGENT, REPO
 
 get_agent("storm")  # import the baselines so AGENTS is filled for parametrisation
 
 
 @pytest.mark.parametrize("agent", sorted(AGENTS))
-@pytest.mark.parametrize("env,task", [("atari100k", "Pong"), ("metaworld", "reach-v3")])
-def test_agent_runs_on_suite(agent, env, task, tmp_path):
-    cfg = compose_config([f"agent={agent}", f"env={env}", f"task={task}", f"results_dir={tmp_path}",
-                       "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
-                       "train.eval_max_steps=10", "train.replay_capacity=100", "env.image_size=16",
-                       *MICRO, *(["env.fast_render=true"] if env == "metaworld" else [])])
+@pytest.mark.parametrize("env,tasks", [("atari100k", ["Pong", "Breakout"]), ("metaworld", ["reach-v3", "push-v3"])])
+def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
+    """Single-task agents run one task; multi-task agents run two (Atari: shared 18-action set with
+    per-game masks; Meta-World: continuous 4-d actions)."""
+    multi = get_agent(agent).multi_task
+    tasks = tasks if multi else tasks[:1]
+    cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}",
+                          "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
+                          "train.eval_max_steps=10", "train.replay_capacity=100", "env.image_size=16",
+                          *MICRO, *MICRO_AGENT.get(agent, []), *(["env.fast_render=true"] if env == "metaworld" else [])])
     [(_, summary)] = execute(cfg)
     assert summary["step"] == 20 and summary["updates"] == 8
-    folder = run_dir(tmp_path, env, agent, task, 0)
+    assert set(summary["final_return"]) == set(tasks)
+    folder = run_dir(tmp_path, env, agent, f"all{len(tasks)}" if multi else tasks[0], 0)
     assert (folder / "DONE.json").exists()
     state = torch.load(folder / "model.pt", weights_only=False)
     assert set(state) >= {"wm", "ac"}
+    if multi and env == "atari100k":
+        protocol = json.loads((folder / "metadata.json").read_text())["protocol"]
+        assert protocol["Pong"]["action_set"] == "full"
 
 
 def test_continuous_actor_samples_in_box():

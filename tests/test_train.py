@@ -10,7 +10,7 @@ import torch
 from mowbench.results import run_dir
 from mowbench.run import execute, plan
 from mowbench.trainer import CHECKPOINT
-from tests.conftest import REPO
+from tests.conftest import MICRO_AGENT, REPO
 
 
 def load_ckpt(folder):
@@ -46,33 +46,41 @@ def test_finished_run_is_never_overwritten(micro_cfg, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
-def test_checkpoint_stop_resume_is_exact(micro_cfg, tmp_path):
-    """A run stopped at step 40 and resumed ends in the same state as one that never stopped."""
-    straight = micro_cfg("train.steps=70", "train.checkpoint_every=0", "train.keep_checkpoint=true",
-                         f"results_dir={tmp_path / 'a'}")
+@pytest.mark.parametrize("agent,tasks", [("storm", "breakout"), ("mow", "[breakout,space_invaders]")])
+def test_checkpoint_stop_resume_is_exact(micro_cfg, tmp_path, agent, tasks):
+    """A run stopped at step 40 and resumed ends in the same state as one that never stopped (MoW: its
+    warm-up clustering happens before the stop, and the clusters, router and s_k survive the resume)."""
+    common = [f"agent={agent}", f"task={tasks}", *MICRO_AGENT[agent], "train.steps=70", "train.checkpoint_every=0",
+              "train.keep_checkpoint=true"]
+    straight = micro_cfg(*common, f"results_dir={tmp_path / 'a'}")
     execute(straight)
-    interrupted = micro_cfg("train.steps=70", "train.checkpoint_every=0", "train.keep_checkpoint=true",
-                            "train.stop_at=40", f"results_dir={tmp_path / 'b'}")
+    interrupted = micro_cfg(*common, "train.stop_at=40", f"results_dir={tmp_path / 'b'}")
     [(_, summary)] = execute(interrupted)
     assert summary is None  # left early, like a preempted job
-    folder_b = run_dir(tmp_path / "b", "minatar", "storm", "breakout", 0)
+    name = "breakout" if agent == "storm" else "all2"
+    folder_b = run_dir(tmp_path / "b", "minatar", agent, name, 0)
     mid = load_ckpt(folder_b)
     assert mid["counters"].step == 40 and mid["replay"]["buffers"][0]["size"] == 40
     interrupted["train"]["stop_at"] = 0
     execute(interrupted)
-    a = load_ckpt(run_dir(tmp_path / "a", "minatar", "storm", "breakout", 0))
-    b = load_ckpt(folder_b)
+    folder_a = run_dir(tmp_path / "a", "minatar", agent, name, 0)
+    a, b = load_ckpt(folder_a), load_ckpt(folder_b)
     assert (a["counters"].step, a["counters"].updates, a["counters"].episodes) == \
            (b["counters"].step, b["counters"].updates, b["counters"].episodes)
-    for key in ("obs", "action", "reward", "terminal"):
-        assert torch.equal(a["replay"]["buffers"][0][key], b["replay"]["buffers"][0][key]), key
+    for buf_a, buf_b in zip(a["replay"]["buffers"], b["replay"]["buffers"], strict=True):
+        for key in ("obs", "action", "reward", "terminal"):
+            assert torch.equal(buf_a[key], buf_b[key]), key
     for key, value in a["agent"]["wm"].items():
         assert torch.equal(value, b["agent"]["wm"][key]), key
     for key, value in a["agent"]["ac"].items():
         assert torch.equal(value, b["agent"]["ac"][key]), key
+    if agent == "mow":
+        assert torch.equal(a["agent"]["log_sigma"], b["agent"]["log_sigma"])
+        assert a["agent"]["cluster_report"]["assignment"] == b["agent"]["cluster_report"]["assignment"]
+        assert (folder_a / "artifacts" / "routing_final.csv").read_text() == \
+               (folder_b / "artifacts" / "routing_final.csv").read_text()
     assert a["log"]["episodes.csv"] == b["log"]["episodes.csv"]
-    assert (folder_b / "eval.csv").read_text() == \
-           (run_dir(tmp_path / "a", "minatar", "storm", "breakout", 0) / "eval.csv").read_text()
+    assert (folder_b / "eval.csv").read_text() == (folder_a / "eval.csv").read_text()
     sessions = json.loads((folder_b / "metadata.json").read_text())["sessions"]
     assert [s["resumed_from_step"] for s in sessions] == [None, 40]
 
@@ -94,7 +102,7 @@ def test_bad_input_is_refused_before_heavy_work(micro_cfg, override, message):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["agent=dreamer"], "error: unknown agent 'dreamer'; allowed: storm"),
+    (["agent=dreamer"], "error: unknown agent 'dreamer'; allowed: monolithic, mow, storm"),
     (["env=atari57"], "error: unknown env 'atari57'; allowed: atari100k, metaworld, minatar"),
     (["preset=huge"], "error: unknown preset 'huge'; allowed: paper, tiny"),
     (["env=atari100k", "task=Pongg"], "error: unknown task 'Pongg' for suite 'atari100k'"),

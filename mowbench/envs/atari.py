@@ -75,7 +75,9 @@ class AtariEnv(TaskEnv):
 
         self._ale_actions = [_ale.Action(a) for a in self.actions]
         self.life_loss_terminal = bool(self.p["life_loss_terminal"])
-        self.info = TaskInfo("atari100k", game, index, self.size, space, protocol=dict(self.p))
+        self.info = TaskInfo("atari100k", game, index, self.size, space,
+                             protocol={**self.p, "action_set": "full" if len(self.actions) == FULL_ACTIONS and
+                                       space.legal is not None else "minimal"})
         self.t = 0
         self.lives = 0
         self._started = False

@@ -1,0 +1,312 @@
+"""MoW: routing, losses, clustering, ablation switches, bad combinations, artifacts (spec mow.md)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mowbench.agents.base import Batch, build_config, get_agent
+from mowbench.clustering import gradient_vector, kmeans_cosine, random_assignment
+from mowbench.envs import make_envs
+from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.ops import Grouping, balance_loss, group_mean, harmonious_loss, topk_route
+from mowbench.results import run_dir
+from mowbench.run import compose_config, execute, plan
+from tests.conftest import MICRO, MICRO_AGENT
+
+SMALL = {"channels": [8, 16], "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2, "ffn": 32, "head_width": 16,
+         "ac_width": 16, "batch_size": 6, "batch_length": 8, "imag_batch": 6, "imag_context": 2,
+         "imag_horizon": 3, "act_context": 4, "bins": 33, "embed_dim": 4, "n_clusters": 2, "n_experts": 4,
+         "top_k": 2, "router_width": 8, "cluster_warmup_updates": 0, "cluster_n_init": 5, "dropout": 0.0}
+
+
+def make_mow(n_tasks=3, **overrides):
+    torch.manual_seed(0)
+    entry = get_agent("mow")
+    cfg = build_config(entry, {**SMALL, **overrides})
+    tasks = [TaskInfo("minatar", f"t{k}", k, 16, ActionSpace(True, 6)) for k in range(n_tasks)]
+    return entry.cls(cfg, tasks, torch.device("cpu"), "fp32")
+
+
+def random_batch(agent, n, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    task = torch.arange(n) % agent.n_tasks
+    return Batch(obs=torch.randint(0, 256, (n, length, 16, 16, 3), dtype=torch.uint8, generator=g),
+                 action=torch.randint(0, 6, (n, length), generator=g), reward=torch.randn(n, length, generator=g),
+                 terminal=torch.zeros(n, length), task=task, legal=agent.legal[task])
+
+
+# ---- maths ----
+def test_topk_route_keeps_exactly_k_softmax_weights():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    r = topk_route(logits, tau=1.0, k=2)
+    p = torch.softmax(logits, -1)
+    assert r.index.tolist() == [[0, 2]]
+    torch.testing.assert_close(r.weight, p[:, [0, 2]])
+    assert (r.dense > 0).sum().item() == 2 and r.dense[0, 1] == 0 and r.dense[0, 3] == 0
+    # a higher temperature flattens the scores
+    assert topk_route(logits, tau=4.0, k=2).weight[0, 0] < r.weight[0, 0]
+
+
+def test_balance_loss_hand_example():
+    w = torch.tensor([[0.6, 0.4, 0.0], [0.5, 0.0, 0.3]])
+    # load = (1.1, 0.4, 0.3), uniform = 0.6 each: 0.5^2 + 0.2^2 + 0.3^2 = 0.38
+    assert balance_loss(w).item() == pytest.approx(0.38)
+    assert balance_loss(w, rows=2.0).item() == pytest.approx(0.38)  # mean over rows x 2 rows
+    assert balance_loss(torch.full((4, 3), 0.25)).item() == pytest.approx(0.0)
+
+
+def test_harmonious_loss_value_and_learned_sigma_approaches_the_task_loss():
+    loss = harmonious_loss(torch.tensor([2.0, 3.0]), torch.tensor([0.0, math.log(2.0)]))
+    assert loss.item() == pytest.approx(2.0 + math.log(2.0) + 1.5 + math.log(3.0))
+    for fixed in (4.0, 100.0):
+        s = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.Adam([s], lr=0.05)
+        for _ in range(3000):
+            opt.zero_grad()
+            harmonious_loss(torch.tensor([fixed]), s).backward()
+            opt.step()
+        sigma = s.exp().item()
+        optimum = (fixed + math.sqrt(fixed ** 2 + 4 * fixed)) / 2  # sigma^2 / (1 + sigma) = L
+        assert sigma == pytest.approx(optimum, rel=1e-3)
+    assert sigma / fixed == pytest.approx(1.0, abs=0.02)  # ~L: each task's weighted loss is ~1
+
+
+def test_group_mean_and_grouping():
+    values, label = torch.tensor([1.0, 2.0, 4.0, 8.0]), torch.tensor([2, 0, 2, 0])
+    means, present = group_mean(values, label, 3)
+    assert means.tolist() == [5.0, 0.0, 2.5] and present.tolist() == [True, False, True]
+    grouping = Grouping(label, 3)
+    assert grouping.groups == [0, 2]
+    out = grouping.apply(lambda g, parts: parts[0] * 10 + g, values)
+    assert out.tolist() == [12.0, 20.0, 42.0, 80.0]
+
+
+# ---- clustering ----
+def planted_gradients(families: int, per_family: int, seed: int = 0):
+    """Tasks whose per-layer gradients come from one of `families` patterns, plus noise."""
+    rng = np.random.default_rng(seed)
+    layers = [(8, 4), (16,), (4, 4), (32,), (6,), (10, 2)]
+    patterns = [[rng.normal(size=1) * 2 + rng.normal(size=shape) for shape in layers] for _ in range(families)]
+    tasks, truth = [], []
+    for f in range(families):
+        for _ in range(per_family):
+            tasks.append([torch.tensor(p + 0.3 * rng.normal(size=p.shape)) for p in patterns[f]])
+            truth.append(f)
+    order = rng.permutation(len(tasks))
+    return [tasks[i] for i in order], np.array(truth)[order]
+
+
+def same_partition(a, b):
+    return all((a[i] == a[j]) == (b[i] == b[j]) for i in range(len(a)) for j in range(len(a)))
+
+
+@pytest.mark.parametrize("families,reduce", [(2, "layer_mean"), (3, "layer_mean"), (3, "flat")])
+def test_clustering_recovers_planted_groups(families, reduce):
+    grads, truth = planted_gradients(families, per_family=4, seed=families)
+    vectors = torch.stack([gradient_vector(g, reduce) for g in grads])
+    labels = kmeans_cosine(vectors, families, n_init=20, seed=0)
+    assert same_partition(labels, truth), (labels, truth)
+    assert labels[0] == 0  # canonical numbering
+
+
+def test_random_assignment_is_balanced_and_kmeans_refuses_too_many_clusters():
+    labels = random_assignment(26, 12, seed=3)
+    assert sorted(np.bincount(labels)) == [2] * 10 + [3] * 2
+    with pytest.raises(ValueError, match="n_clusters=5"):
+        kmeans_cosine(torch.randn(3, 4), 5)
+
+
+def test_agent_warm_up_clusters_tasks_from_two_planted_families():
+    """End to end through the agent: tasks 0, 2, 4 show bright frames with reward 1, tasks 1, 3, 5 dark
+    frames with reward 0; the warm-up gradients put them into two clusters."""
+    agent = make_mow(n_tasks=6, n_clusters=2, cluster_warmup_updates=30, cluster_grad_batches=2,
+                     cluster_grad_reduce="flat")
+
+    def sample(n, length):
+        task = torch.arange(n) % 6
+        bright = (task % 2 == 0)[:, None, None, None, None]
+        obs = torch.where(bright, 200, 20) + torch.randint(0, 30, (n, length, 16, 16, 3))
+        reward = (task % 2 == 0).float()[:, None].expand(n, length)
+        return Batch(obs=obs.to(torch.uint8), action=torch.randint(0, 6, (n, length)), reward=reward.clone(),
+                     terminal=torch.zeros(n, length), task=task, legal=agent.legal[task])
+
+    agent.warm_up(sample)
+    labels = agent.cluster_report["assignment"]
+    assert same_partition(labels, [0, 1, 0, 1, 0, 1]), labels
+    assert agent.wm.assignment.tolist() == labels
+    sim = np.array(agent.cluster_report["gradient_similarity"])
+    assert sim.shape == (6, 6) and np.allclose(np.diag(sim), 1, atol=1e-5)
+    # every cluster starts from the warm-up weights, every critic from critic 0
+    for a, b in zip(agent.wm.clusters[0].parameters(), agent.wm.clusters[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(agent.ac.critics[0].parameters(), agent.ac.critics[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---- routing through the model ----
+def expert_uses(agent, z, a, task):
+    """h for these rows with every expert intact, and with each expert's parameters zeroed in turn."""
+    wm = agent.wm.eval()
+    with torch.no_grad():
+        base = wm.sequence(z, a, task)
+        changed = []
+        for expert in wm.experts.experts:
+            saved = [p.clone() for p in expert.parameters()]
+            for p in expert.parameters():
+                p.zero_()
+            changed.append(~torch.isclose(wm.sequence(z, a, task), base, atol=1e-6).all(-1))  # (B, T)
+            for p, s in zip(expert.parameters(), saved, strict=True):
+                p.copy_(s)
+    return torch.stack(changed, -1)  # (B, T, N_e): token (b, t) depends on expert j
+
+
+def test_task_level_routing_uses_the_same_top_k_experts_for_every_token_of_a_task():
+    agent = make_mow(n_tasks=3, n_experts=4, top_k=2)
+    task = torch.tensor([0, 1, 2, 0])
+    z = torch.nn.functional.one_hot(torch.randint(0, 4, (4, 5, 4)), 4).float().flatten(-2)
+    a = torch.nn.functional.one_hot(torch.randint(0, 6, (4, 5)), 6).float()
+    uses = expert_uses(agent, z, a, task)
+    routing = agent.wm.route(z, a, task)
+    for b in range(4):
+        assert (uses[b] == uses[b, 0]).all()  # every token of the sequence: the same experts
+        assert uses[b, 0].sum() == 2  # exactly top_k of them
+        assert set(torch.nonzero(uses[b, 0]).flatten().tolist()) == set(routing.index[b].tolist())
+    assert torch.equal(uses[0], uses[3])  # same task, same experts
+
+
+def test_token_level_routing_varies_per_token():
+    agent = make_mow(n_tasks=2, n_experts=4, top_k=1, routing="token")
+    torch.manual_seed(1)
+    task = torch.tensor([0, 1])
+    z = torch.nn.functional.one_hot(torch.randint(0, 4, (2, 12, 4)), 4).float().flatten(-2)
+    a = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 12)), 6).float()
+    routing = agent.wm.route(z, a, task)
+    assert routing.index.shape == (2, 12, 1)
+    assert ((routing.dense > 0).sum(-1) == 1).all()
+    assert len(torch.unique(routing.index)) > 1  # different tokens go to different experts
+    uses = expert_uses(agent, z, a, task)
+    # each token's output depends on its own expert (others only through attention to earlier tokens)
+    chosen = torch.nn.functional.one_hot(routing.index[..., 0], 4).bool()
+    assert uses[chosen].all()
+
+
+def test_kv_cache_matches_full_sequence_for_both_routings():
+    for routing in ("task", "token"):
+        agent = make_mow(n_tasks=3, routing=routing)
+        wm = agent.wm.eval()
+        task = torch.tensor([0, 1, 2, 1])
+        z = torch.nn.functional.one_hot(torch.randint(0, 4, (4, 6, 4)), 4).float().flatten(-2)
+        a = torch.nn.functional.one_hot(torch.randint(0, 6, (4, 6)), 6).float()
+        with torch.no_grad():
+            full = wm.sequence(z, a, task)
+            cache = wm.empty_cache(task, torch.float32)
+            parts = [wm.sequence(z[:, :3], a[:, :3], task, cache)]
+            parts += [wm.sequence(z[:, t:t + 1], a[:, t:t + 1], task, cache) for t in range(3, 6)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---- switches ----
+@pytest.mark.parametrize("switch,part", [
+    ({"expert_transformers": False}, "wm/experts"), ({"shared_transformer": False}, "wm/shared_transformer"),
+    ({"task_loss": False}, "wm/task_head"), ({"harmonious": False}, "harmonious_s"),
+    ({"n_clusters": 1, "clustering": "none"}, "wm/vaes"), ({"n_experts": 2}, "wm/experts"),
+    ({"top_k": 1}, "wm/mix")])
+def test_disabled_components_are_absent(switch, part):
+    full, reduced = make_mow().parameter_counts(), make_mow(**switch).parameter_counts()
+    assert reduced[part] < full[part]
+    assert reduced["world_model"] < full["world_model"] or part == "harmonious_s"
+    if switch.get("shared_transformer") is False or switch.get("task_loss") is False or "harmonious" in switch:
+        assert reduced[part] == 0
+
+
+def test_balance_and_task_losses_switch_off():
+    batch = random_batch(make_mow(), 6, 8)
+    on = make_mow()
+    loss_on, m_on = on.world_model_loss(batch)
+    off = make_mow(balance_loss=False)
+    loss_off, m_off = off.world_model_loss(batch)
+    assert m_on["wm/balance"] == pytest.approx(m_off["wm/balance"])
+    assert loss_on.item() - loss_off.item() == pytest.approx(0.1 * m_on["wm/balance"], abs=1e-4)
+    _, m_no_task = make_mow(task_loss=False).world_model_loss(batch)
+    assert "wm/task_id" in m_on and "wm/task_id" not in m_no_task
+
+
+def test_harmonious_loss_is_the_sum_over_tasks_of_weighted_task_losses():
+    agent = make_mow(n_tasks=3)
+    batch = random_batch(agent, 6, 8)
+    torch.manual_seed(5)
+    task_loss, present, _, _ = agent.task_losses(batch)
+    torch.manual_seed(5)
+    loss, metrics = agent.world_model_loss(batch)
+    expected = (task_loss[present] + torch.log1p(torch.ones(3))).sum() + 0.1 * metrics["wm/balance"]  # s_k = 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+# ---- bad combinations, before heavy work ----
+@pytest.mark.parametrize("override,message", [
+    ("agent.top_k=5", "top_k=5 > n_experts=4"),
+    ("agent.n_clusters=3", "n_clusters=3 > 2 tasks"),
+    ("agent.routing=expert", "routing='expert'; allowed: task, token"),
+    ("agent.clustering=kmeans", "clustering='kmeans'; allowed: gradient, random, none"),
+    ("agent.clustering=none", "clustering=none means one shared VAE"),
+])
+def test_impossible_combinations_are_refused(override, message, tmp_path):
+    cfg = compose_config(["agent=mow", "env=minatar", "task=[breakout,asterix]", f"results_dir={tmp_path}",
+                          "agent.n_clusters=2", "agent.n_experts=4", override])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan(cfg)
+    assert not any(tmp_path.iterdir())
+
+
+def test_multi_task_atari_gets_the_full_action_set_and_storm_the_minimal_one():
+    mow = plan(compose_config(["agent=mow", "env=atari100k", "task=[Pong,Breakout]", "agent.n_clusters=2"]))
+    assert mow.cfg["env"]["action_set"] == "full" and mow.runs == [("all2", ["Pong", "Breakout"])]
+    storm = plan(compose_config(["agent=storm", "env=atari100k", "task=[Pong,Breakout]"]))
+    assert storm.cfg["env"]["action_set"] == "minimal" and len(storm.runs) == 2
+
+
+# ---- a run writes what lets one see inside ----
+def test_mow_run_writes_routing_heatmaps_and_cluster_assignment(tmp_path):
+    cfg = compose_config(["agent=mow", "env=minatar", "task=[breakout,asterix,freeway]", f"results_dir={tmp_path}",
+                          "train.warmup=20", "train.steps=30", "train.eval_episodes=1", "train.eval_max_steps=10",
+                          "train.replay_capacity=200", "train.log_every=5", *MICRO, *MICRO_AGENT["mow"]])
+    [(_, summary)] = execute(cfg)
+    assert set(summary["final_return"]) == {"breakout", "asterix", "freeway"}
+    folder = run_dir(tmp_path, "minatar", "mow", "all3", 0) / "artifacts"
+    for name in ("clusters.png", "routing_warmup.png", "routing_final.png", "gradient_similarity.png"):
+        assert (folder / name).stat().st_size > 1000 and (folder / name).read_bytes()[:4] == b"\x89PNG", name
+    clusters = json.loads((folder / "clusters.json").read_text())
+    assert set(clusters["assignment"]) == {"breakout", "asterix", "freeway"}
+    assert set(clusters["assignment"].values()) == {0, 1}  # 2 clusters, none empty
+    rows = (folder / "routing_final.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0] == ",e0,e1,e2"
+    weights = np.array([[float(v) for v in r.split(",")[1:]] for r in rows[1:]])
+    assert ((weights > 0).sum(1) == 2).all()  # top_k = 2 experts per task
+    sim = (folder / "gradient_similarity.csv").read_text().splitlines()
+    assert len(sim) == 4
+
+
+def test_paper_preset_mow_has_at_most_half_the_parameters_of_26_storms():
+    """mow.md: MoW is about half the size of 26 separate STORM models. Counted at the paper preset
+    (N_m = 12, N_e = 12, STORM-sized components, 18 shared actions) against 26 STORMs with each game's
+    minimal action set (counts without the slow critics, which are EMA copies)."""
+    from mowbench.bench import separate_storm_parameters
+    from mowbench.envs.atari import TASKS
+
+    cfg = compose_config(["agent=mow", "env=atari100k", "preset=paper"])
+    p = plan(cfg)
+    assert p.tasks == TASKS and len(TASKS) == 26 and p.cfg["env"]["action_set"] == "full"
+    entry = get_agent("mow")
+    mow_cfg = build_config(entry, dict(cfg["agent"]))
+    assert (mow_cfg.n_clusters, mow_cfg.n_experts, mow_cfg.width) == (12, 12, 512)
+    envs = make_envs("atari100k", TASKS, dict(p.cfg["env"]), seed=0)  # the real ALE's legal-action masks
+    tasks = [e.info for e in envs]
+    for e in envs:
+        e.close()
+    mow = entry.cls(mow_cfg, tasks, torch.device("cpu"), "fp32").parameter_counts()
+    storm = separate_storm_parameters(tasks, cfg)
+    ratio = (mow["world_model"] + mow["actor_critic"]) / (storm["world_model"] + storm["actor_critic"])
+    assert ratio <= 0.5, ratio
