@@ -30,7 +30,7 @@ from mowbench.agents.base import Batch, get_agent, make_agent
 from mowbench.baselines.storm import STORMConfig, STORMWorldModel, sample_z
 from mowbench.envs import make_envs, resolve_tasks
 from mowbench.envs.base import ActionSpace, TaskInfo
-from mowbench.run import check_group_choices, compose_config, plan, resolve_device, resolve_precision
+from mowbench.run import compose_config, plan, resolve_device, resolve_precision
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
 # reference: also time STORM's reference-style cache; act_steps: env steps timed for acting;
@@ -188,7 +188,6 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    check_group_choices(overrides)
     if not any(o.startswith("env=") for o in overrides):
         overrides.append("env=atari100k")  # Pong's 6 actions by default
     bench_overrides = [o for o in overrides if o.startswith("bench.")]

@@ -10,6 +10,8 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
+import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -116,19 +118,24 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
 
 
 LOCK = "RUNNING.lock"
+HEARTBEAT_S = 60.0  # a held lock's file is touched this often
+STALE_S = 600.0  # a lock untouched this long belongs to a dead process, whatever its host
 
 
 class RunLock:
     """Exclusive claim on a run folder, so two processes never train the same run at once.
 
-    The lock file holds pid and host. A lock left by a dead process on this host is taken over; a lock
-    held by a live process, or by another host (whose liveness cannot be checked here), is respected.
+    The lock file holds pid and host, and a background thread touches it every HEARTBEAT_S seconds. A
+    lock is stale, and taken over, when its process is dead on this host, or when it has not been touched
+    for STALE_S seconds (its host, e.g. a preempted SLURM node, is gone). Any other lock is respected.
     """
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / LOCK
         self.held = False
         self.owner: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,24 +143,48 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    self.owner = read_json(self.path)
-                except (OSError, ValueError):
-                    self.owner = None
-                if self.owner and self.owner.get("host") == platform.node() and not _alive(self.owner.get("pid")):
+                self.owner = lock_owner(self.path)
+                if self.owner is None:
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
                 return False
             with os.fdopen(fd, "w") as f:
                 json.dump({"pid": os.getpid(), "host": platform.node()}, f)
             self.held = True
+            self._stop.clear()
+            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self._beat.start()
             return True
         return False
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
     def release(self) -> None:
         if self.held:
+            self._stop.set()
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def lock_owner(path: Path) -> dict[str, Any] | None:
+    """The live owner {pid, host} of a lock file, or None when there is no lock or it is stale."""
+    try:
+        if time.time() - path.stat().st_mtime > STALE_S:
+            return None
+    except OSError:
+        return None
+    try:
+        owner = read_json(path)
+    except (OSError, ValueError):  # being written this instant: respect it
+        return {"pid": None, "host": None}
+    if owner.get("host") == platform.node() and not _alive(owner.get("pid")):
+        return None
+    return owner
 
 
 def _alive(pid: Any) -> bool:

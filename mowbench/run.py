@@ -47,7 +47,7 @@ def check_group_choices(argv: list[str]) -> None:
         if key in GROUPS and value:
             options = sorted(p.stem for p in _group_dir(key).glob("*.yaml"))
             if value not in options:
-                raise SystemExit(f"error: unknown {key} {value!r}; allowed: {', '.join(options)}")
+                raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(options)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,8 +236,19 @@ def config_values(cfg: DictConfig, choices: Any) -> dict[str, Any]:
 
 def compose_config(overrides: list[str]) -> dict[str, Any]:
     """The configuration the CLI would run for `overrides`, without starting Hydra's app (bench, tests)."""
-    with initialize_config_module("mowbench.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_group_choices(overrides)
+    try:
+        with initialize_config_module("mowbench.conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:  # e.g. an unknown key: one line, no traceback
+        text = f"{err}\n{err.__cause__ or ''}"
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        detail = next((line for line in lines[1:] if "not in struct" in line or "Key" in line), "")
+        raise ValueError(f"{lines[0]} {detail}".strip() + "; allowed: the keys of mowbench/conf/config.yaml "
+                         "and of the chosen env/agent files (e.g. seed, task, train.steps, agent.width)") from None
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -258,7 +269,15 @@ def main() -> None:
     if len(sys.argv) == 1:
         print(f"[mowbench] quickstart: python -m mowbench.run {' '.join(QUICKSTART)}")
         sys.argv += QUICKSTART
-    check_group_choices(sys.argv[1:])
+    if any(arg.startswith("grid=") for arg in sys.argv[1:]):  # a named grid: dispatch it (mowbench.grid)
+        from mowbench.grid import main as grid_main
+
+        grid_main(["submit", *sys.argv[1:]])
+        return
+    try:
+        compose_config(sys.argv[1:])  # bad groups or keys: one line here, not Hydra's traceback
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     _hydra_main()
 
 

@@ -26,7 +26,8 @@ def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
     cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}",
                           "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
                           "train.eval_max_steps=10", "train.replay_capacity=100", "env.image_size=16",
-                          *MICRO, *MICRO_AGENT.get(agent, []), *(["env.fast_render=true"] if env == "metaworld" else [])])
+                          *MICRO, *MICRO_AGENT.get(agent, []),
+                          *(["env.fast_render=true"] if env == "metaworld" else [])])
     [(_, summary)] = execute(cfg)
     assert summary["step"] == 20 and summary["updates"] == 8
     assert set(summary["final_return"]) == set(tasks)

@@ -1,0 +1,135 @@
+"""Grids: expansion, overrides, refusals before submission, local dispatch, and the smoke grid end to end
+through a real single-node SLURM (slurm/local-cluster.sh): array, preemption + requeue, status, resubmission."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mowbench import results as R
+from mowbench.grid import expand, method_name, parse_args, print_status, submit, unit_states
+from tests.conftest import REPO
+
+SLURM = shutil.which("sbatch") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+REQUIRE_SLURM = os.environ.get("MOWBENCH_REQUIRE_SLURM") == "1"
+
+
+def test_smoke_grid_expands_to_runs_with_method_names(tmp_path):
+    req = parse_args(["grid=smoke", f"results_dir={tmp_path}"])
+    units = expand(req)
+    assert sorted(u.key for u in units) == sorted([
+        "minatar/storm/breakout/seed_0", "minatar/storm/space_invaders/seed_0",
+        "minatar/storm/breakout/seed_1", "minatar/storm/space_invaders/seed_1",
+        "minatar/mow/all2/seed_0", "minatar/mow/all2/seed_1"])
+    storm = next(u for u in units if u.key == "minatar/storm/space_invaders/seed_1")
+    assert "task=space_invaders" in storm.overrides and "seed=1" in storm.overrides
+    mow = next(u for u in units if u.key.startswith("minatar/mow"))
+    assert "agent.n_clusters=2" in mow.overrides  # the grid's per-agent overrides
+    assert not (tmp_path / "grids").exists()  # expanding writes nothing
+
+
+def test_command_line_narrows_and_changes_a_grid(tmp_path):
+    req = parse_args(["grid=ablate_clusters", "seeds=[3]", "agent.n_clusters=[1,3]", "task=[Pong,Breakout,Qbert]",
+                      f"results_dir={tmp_path}"])
+    keys = sorted(u.key for u in expand(req))
+    assert keys == ["atari100k/mow-n_clusters=1/all3/seed_3", "atari100k/mow-n_clusters=3/all3/seed_3"]
+    components = expand(parse_args(["grid=ablate_components", "seeds=[0]", "task=[Pong,Breakout]",
+                                    "agent.n_clusters=2", f"results_dir={tmp_path}"]))
+    assert {u.key.split("/")[1] for u in components} == {
+        "mow-full", "mow-no_task_loss", "mow-no_balance_loss", "mow-random_clusters", "mow-no_clusters",
+        "mow-no_expert_transformers", "mow-no_shared_transformer"}
+    assert method_name("mow", {"agent.top_k": 4}, None) == "mow-top_k=4"
+
+
+def test_main_grid_has_all_methods_and_seeds(tmp_path):
+    units = expand(parse_args(["grid=main_atari26", f"results_dir={tmp_path}"]))
+    by_method = {}
+    for u in units:
+        by_method.setdefault(u.key.split("/")[1], []).append(u)
+    assert len(by_method["mow"]) == 5 and len(by_method["monolithic"]) == 5
+    assert len(by_method["storm"]) == 26 * 5  # one run per game and seed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["grid=nope"], "unknown grid 'nope'; allowed: ablate_clusters"),
+    (["grid=smoke", "foo=1"], "Could not override 'foo'"),
+    (["grid=smoke", "seeds=[-1]"], "seeds=[-1]; allowed: a list of non-negative integers"),
+    (["grid=smoke", "launcher=pbs"], "launcher='pbs'; allowed: auto, slurm, local, debug"),
+    (["grid=smoke", "slurm=nowhere"], "unknown slurm settings 'nowhere'"),
+    (["grid=smoke", "slurm.gpu=1"], "unknown slurm setting(s) ['gpu']"),
+    (["grid=smoke", "agent=[mow]", "agent.n_clusters=5"], "invalid cell(s), nothing submitted"),
+    (["grid=smoke", "agent.n_clusters=5"], "Key 'n_clusters' is not in struct"),  # storm has no clusters
+])
+def test_bad_grid_input_is_one_line_and_submits_nothing(args, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mowbench.run", *args, f"results_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.strip().startswith("error: ") and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "grids").exists()
+
+
+def test_local_launcher_runs_a_grid_and_a_resubmission_submits_nothing(tmp_path, capsys):
+    args = ["grid=smoke", "seeds=[0]", "agent=[storm]", "task=breakout", "launcher=local", "wait=true",
+            f"results_dir={tmp_path}"]
+    first = submit(parse_args(args))
+    assert first["submitted"] == 1 and first["units"] == 1
+    [row] = unit_states(parse_args(args), expand(parse_args(args)))
+    assert row["state"] == "done" and row["step"] == 160
+    second = submit(parse_args(args))
+    assert second["submitted"] == 0 and second["skipped_done"] == 1
+    assert "nothing to submit" in capsys.readouterr().out
+
+
+def wait_for(predicate, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLURM and not REQUIRE_SLURM, reason="no SLURM here (start one: slurm/local-cluster.sh start)")
+def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tmp_path, capsys):
+    assert SLURM, "MOWBENCH_REQUIRE_SLURM=1 but sbatch/sinfo do not work (slurm/local-cluster.sh start)"
+    args = ["grid=smoke", "launcher=slurm", "slurm=local", f"results_dir={tmp_path}"]
+    req = parse_args(args)
+    units = expand(req)
+    t0 = time.time()
+    first = submit(req)
+    assert first["submitted"] == 6 and time.time() - t0 < 60  # returns at once, jobs run in the background
+    jobs = json.loads((tmp_path / "grids" / "smoke" / "jobs.json").read_text())
+    assert len({j["job_id"].split("_")[0] for j in jobs.values()}) == 1  # one job array
+    # preempt one run in the middle: SLURM's USR2, as before a time limit
+    victim = next(u for u in units if u.key == "minatar/storm/breakout/seed_0")
+    wait_for(lambda: (victim.folder / "checkpoint.pt").exists() and (victim.folder / R.LOCK).exists(), 240,
+             "the victim's first checkpoint")
+    job_id = jobs[victim.key]["job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job_id])  # its exit code can be non-zero while the job handles it
+    meta = victim.folder / "metadata.json"
+    wait_for(lambda: json.loads(meta.read_text())["sessions"][0].get("last_step"), 120, "the checkpoint on USR2")
+    # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime); let it start now
+    wait_for(lambda: subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"],
+                                    capture_output=True).returncode == 0, 60, "the requeued job")
+    # a resubmission while runs are queued or running submits none of them again
+    again = submit(parse_args(args))
+    assert again["submitted"] == 0 and again["skipped_done"] + again["skipped_running"] + again["skipped_pending"] == 6
+    wait_for(lambda: all(R.is_done(u.folder) for u in units), 600, "every run of the grid to finish")
+    summary = json.loads((victim.folder / "summary.json").read_text())
+    assert summary["step"] == 160  # the full budget, after the requeue
+    sessions = json.loads((victim.folder / "metadata.json").read_text())["sessions"]
+    assert len(sessions) == 2 and sessions[0]["resumed_from_step"] is None
+    assert sessions[1]["resumed_from_step"] == sessions[0]["last_step"] > 0
+    capsys.readouterr()
+    rows = print_status(req)
+    assert [r["state"] for r in rows] == ["done"] * 6
+    assert "done: 6" in capsys.readouterr().out
+    final = submit(parse_args(args))
+    assert final["submitted"] == 0 and final["skipped_done"] == 6
