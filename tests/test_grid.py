@@ -85,6 +85,20 @@ def test_local_launcher_runs_a_grid_and_a_resubmission_submits_nothing(tmp_path,
     assert "nothing to submit" in capsys.readouterr().out
 
 
+def test_a_failed_run_is_resubmitted(tmp_path):
+    """A unit whose recorded job left the queue without finishing is 'failed' and is submitted again."""
+    args = ["grid=smoke", "seeds=[1]", "agent=[storm]", "task=space_invaders", "launcher=local", "wait=true",
+            f"results_dir={tmp_path}"]
+    req = parse_args(args)
+    [unit] = expand(req)
+    R.atomic_write_json(tmp_path / "grids" / "smoke" / "jobs.json",
+                        {unit.key: {"job_id": "424242", "launcher": "slurm", "stderr": "/nowhere/424242_0_log.err"}})
+    [row] = unit_states(req, [unit])
+    assert row["state"] == "failed" and row["log"] == "/nowhere/424242_0_log.err"
+    assert submit(req)["submitted"] == 1
+    assert R.is_done(unit.folder)
+
+
 def wait_for(predicate, timeout, what):
     end = time.time() + timeout
     while time.time() < end:
@@ -102,6 +116,9 @@ def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tm
     args = ["grid=smoke", "launcher=slurm", "slurm=local", f"results_dir={tmp_path}"]
     req = parse_args(args)
     units = expand(req)
+    with pytest.raises(ValueError, match="has no GPUs"):  # this node has no GRES: refused before submitting
+        submit(parse_args([*args, "slurm.gpus_per_node=1"]))
+    assert not (tmp_path / "grids" / "smoke" / "jobs.json").exists()
     t0 = time.time()
     first = submit(req)
     assert first["submitted"] == 6 and time.time() - t0 < 60  # returns at once, jobs run in the background

@@ -15,3 +15,20 @@ def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
     print(f"\nbreakout after 3000 steps: agent {agent:.2f}, random {random:.2f} (30 episodes each)")
     # measured on the development machine (2 cores): agent 1.17, random 0.30, in 6.0 minutes
     assert agent >= 2.0 * random and agent - random >= 0.4, (agent, random)
+
+
+@pytest.mark.long
+def test_tiny_mow_beats_random_on_two_minatar_games(tmp_path):
+    """Tiny MoW, one agent for MinAtar breakout and space_invaders, 3000 steps per game. Measured on the
+    development machine (2 cores, 16.4 minutes): breakout 1.10 vs random 0.35, space_invaders 5.10 vs
+    4.65 (20 episodes each). Too long for CI's budget (marker `long`: `pytest --run-long`); the
+    issue asks for a few minutes, which needs a cheaper tiny MoW step (see the README)."""
+    cfg = compose_config(["agent=mow", "task=[breakout,space_invaders]", "agent.n_clusters=2", "seed=0",
+                          f"results_dir={tmp_path}", "train.eval_episodes=20", "train.progress=false",
+                          "train.tensorboard=false"])
+    assert cfg["train"]["steps"] == 3000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
+    [(_, summary)] = execute(cfg)
+    agent, random = summary["final_return"], summary["random_return"]
+    print(f"\nMoW after 3000 steps per game: agent {agent}, random {random} (20 episodes each)")
+    assert agent["breakout"] >= 2.0 * random["breakout"] and agent["breakout"] - random["breakout"] >= 0.4
+    assert agent["space_invaders"] > random["space_invaders"]
