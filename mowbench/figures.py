@@ -16,9 +16,11 @@ def heatmap_png(matrix: np.ndarray, rows: list[str], cols: list[str], title: str
     import matplotlib.pyplot as plt
 
     h, w = matrix.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * w + 2.5), max(3.0, 0.3 * h + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * w + 2.5), max(3.0, 0.3 * h + 1.5 + 0.06 * max(
+        (len(c) for c in cols), default=0))))
     im = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks(range(w), cols, rotation=90 if w > 8 else 0, fontsize=7)
+    long_labels = w > 8 or max((len(c) for c in cols), default=0) > 4
+    ax.set_xticks(range(w), cols, rotation=90 if long_labels else 0, fontsize=7)
     ax.set_yticks(range(h), rows, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=cbar)

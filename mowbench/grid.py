@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import shutil
 import signal
 import subprocess
@@ -240,19 +239,11 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
                 q = queue.get(job["job_id"])
                 state = "pending" if q in QUEUED else "running" if q in ACTIVE else "failed"
             else:
-                state = "running" if _pid_alive(job.get("pid")) else "failed"
+                state = "running" if R.pid_alive(job.get("pid")) else "failed"
         step, score = progress(u.folder)
         rows.append({"unit": u.key, "state": state, "step": step, "eval": score,
                      "job": job["job_id"] if job else None, "log": job.get("stderr") if job else None})
     return rows
-
-
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, TypeError, ValueError):
-        return False
-    return True
 
 
 def progress(folder: Path) -> tuple[int | None, float | None]:

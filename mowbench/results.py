@@ -182,12 +182,12 @@ def lock_owner(path: Path) -> dict[str, Any] | None:
         owner = read_json(path)
     except (OSError, ValueError):  # being written this instant: respect it
         return {"pid": None, "host": None}
-    if owner.get("host") == platform.node() and not _alive(owner.get("pid")):
+    if owner.get("host") == platform.node() and not pid_alive(owner.get("pid")):
         return None
     return owner
 
 
-def _alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
     try:
         os.kill(int(pid), 0)
     except (OSError, TypeError, ValueError):

@@ -66,18 +66,25 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-start_daemon() {  # name, command...: start unless running; remember the pid if we started it
-  local name=$1
-  shift
+start_daemon() {  # name, its pid file, command...: start unless running; remember the daemon's pid
+  local name=$1 pidfile=$2
+  shift 2
   if running "$name"; then
     log "$name already running (reused)"
     return
   fi
+  rm -f "$pidfile"
   "$@"
-  for _ in $(seq 50); do running "$name" && break; sleep 0.1; done
-  running "$name" || { echo "error: $name did not start (see /var/log/slurm/)" >&2; exit 1; }
-  pgrep -xo "$name" > "$STATE/$name.pid"
-  log "started $name (pid $(cat "$STATE/$name.pid"))"
+  for _ in $(seq 100); do  # the command forks the daemon and returns; its pid file names the daemon
+    if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      cp "$pidfile" "$STATE/$name.pid"
+      log "started $name (pid $(cat "$STATE/$name.pid"))"
+      return
+    fi
+    sleep 0.1
+  done
+  echo "error: $name did not start (see /var/log/slurm/ and /var/log/munge/)" >&2
+  exit 1
 }
 
 start() {
@@ -88,9 +95,9 @@ start() {
     dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null; \
     chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
   write_config
-  start_daemon munged su -s /bin/sh munge -c /usr/sbin/munged
-  start_daemon slurmctld slurmctld
-  start_daemon slurmd slurmd
+  start_daemon munged /run/munge/munged.pid su -s /bin/sh munge -c /usr/sbin/munged
+  start_daemon slurmctld /run/slurmctld.pid slurmctld
+  start_daemon slurmd /run/slurmd.pid slurmd
   for _ in $(seq 60); do  # wait until the node takes jobs
     state=$(sinfo -h -n "$HOST" -o %t 2>/dev/null | head -1 || true)
     case "$state" in
@@ -107,7 +114,10 @@ stop() {
   for name in slurmd slurmctld munged; do
     if [ -f "$STATE/$name.pid" ]; then
       pid=$(cat "$STATE/$name.pid")
-      if kill "$pid" 2>/dev/null; then log "stopped $name (pid $pid)"; fi
+      if kill "$pid" 2>/dev/null; then
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        log "stopped $name (pid $pid)"
+      fi
       rm -f "$STATE/$name.pid"
     fi
   done
