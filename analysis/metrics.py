@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -46,9 +47,11 @@ def interval_estimates(matrices: dict[str, np.ndarray], reps: int = 50_000, seed
     saved = np.random.get_state()
     try:
         np.random.seed(seed)
-        points, intervals = library.get_interval_estimates(
-            matrices, all_metrics, reps=reps, confidence_interval_size=confidence,
-            random_state=np.random.RandomState(seed))
+        with warnings.catch_warnings():  # arch 7.2 deprecates the RandomState rliable 1.2.0 passes it
+            warnings.simplefilter("ignore", FutureWarning)
+            points, intervals = library.get_interval_estimates(
+                matrices, all_metrics, reps=reps, confidence_interval_size=confidence,
+                random_state=np.random.RandomState(seed))
     finally:
         np.random.set_state(saved)
     return {method: {name: (float(points[method][i]), float(intervals[method][0, i]),

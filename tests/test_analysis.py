@@ -100,3 +100,47 @@ def test_results_folders_final_scores_partial_runs_and_mismatch_notes(tmp_path):
         read_results(tmp_path / "none", "atari100k")
     with pytest.raises(AnalysisError, match="unknown suite 'pong'"):
         read_results(tmp_path, "pong")
+
+
+def test_cli_writes_tables_and_figures_from_results_and_published_scores(tmp_path, capsys):
+    from mowbench.analysis.__main__ import main
+
+    results = tmp_path / "results"
+    for seed, (pong, breakout) in enumerate([(10.0, 20.0), (12.0, 24.0)]):
+        make_run(results, "mow", "all2", seed, [(100, "Pong", [pong]), (100, "Breakout", [breakout])])
+    published = tmp_path / "published.csv"
+    published.write_text("method,task,seed,score\nstorm (published),Pong,0,11.3\nstorm (published),Breakout,0,15.9\n")
+    out = tmp_path / "out"
+    assert main([str(results), "--suite", "atari100k", "--scores", str(published), "--out", str(out),
+                 "--reps", "200"]) == 0
+    printed = capsys.readouterr().out
+    aggregate = pd.read_csv(out / "aggregate.csv")
+    assert list(aggregate.columns) == ["method", "metric", "point", "lower", "upper"]
+    assert set(aggregate["method"]) == {"mow", "storm (published)"}
+    assert set(aggregate["metric"]) == {"mean", "median", "iqm", "og"}
+    # golden table: raw mean +- std over seeds (population std), one column per method
+    expected = ("| task | mow | storm (published) |\n|---|---|---|\n| Breakout | 22.0 ± 2.0 | 15.9 |\n"
+                "| Pong | 11.0 ± 1.0 | 11.3 |\n")
+    assert (out / "per_task_raw.md").read_text() == expected and expected in printed
+    tex = (out / "per_task_raw.tex").read_text()
+    assert tex.startswith("\\begin{tabular}{lrr}\n\\toprule") and "22.0 $\\pm$ 2.0" in tex
+    mow_mean = aggregate.set_index(["method", "metric"]).loc[("mow", "mean"), "point"]
+    hns = [(11.0 + 20.7) / 35.3, (22.0 - 1.7) / 28.8]
+    assert mow_mean == pytest.approx(np.mean(hns))
+    for name in ("interval_estimates", "performance_profiles", "probability_of_improvement"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+    assert "different numbers of seeds" in (out / "notes.txt").read_text()
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from mowbench.analysis.__main__ import main
+
+    assert main([str(tmp_path / "none"), "--suite", "atari100k", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "none: no such results directory" in err and len(err.splitlines()) == 1
+    assert main([str(tmp_path), "--suite", "tetris", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown suite 'tetris'; allowed: atari100k, metaworld, minatar" in capsys.readouterr().err
+    (tmp_path / "atari100k").mkdir()
+    assert main([str(tmp_path), "--suite", "atari100k", "--out", str(tmp_path / "o")]) == 2
+    assert "no atari100k scores found" in capsys.readouterr().err

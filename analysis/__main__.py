@@ -1,0 +1,130 @@
+"""`python -m mowbench.analysis --suite atari100k [RESULTS_DIR ...] [--scores FILE.csv ...] --out DIR`
+
+Regenerates, from results folders and/or external score CSVs:
+- aggregate.csv: method,metric,point,lower,upper for mean, median, iqm and og (optimality gap) of the
+  human-normalised score (Atari), success rate (Meta-World) or raw return (MinAtar), with 95%
+  stratified-bootstrap intervals (rliable; --reps, reproducible for --seed);
+- per_task_raw, per_task_normalised and aggregate_table as .csv, .md and .tex (booktabs); the Markdown is
+  also printed;
+- figures (PNG and PDF): interval estimates, performance profiles, probability of improvement;
+- notes.txt: what was left out or could not be compared (also printed).
+
+Flags:
+  RESULTS_DIR        results roots in the results/README.md layout (default: results)
+  --suite            atari100k | metaworld | minatar
+  --scores FILE      external or published scores, CSV with method,task,seed,score[,step] (repeatable)
+  --out DIR          where everything is written (created)
+  --seed N           bootstrap seed (default 0); --reps N bootstrap resamples (default 50000)
+  --include-partial  also use unfinished runs (their last evaluation; noted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from mowbench.analysis import figures
+from mowbench.analysis.metrics import interval_estimates
+from mowbench.analysis.scores import (
+    SUITES,
+    AnalysisError,
+    human_normalised,
+    read_results,
+    read_scores_csv,
+    score_matrices,
+)
+from mowbench.analysis.tables import write_table
+
+NORMALISED = {"atari100k": ("hns", "human-normalised score"), "metaworld": ("score", "success rate"),
+              "minatar": ("score", "return (not normalised)")}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mowbench.analysis", description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="*", type=Path, help="results roots (default: results)")
+    parser.add_argument("--suite", required=True, help="atari100k | metaworld | minatar")
+    parser.add_argument("--scores", action="append", type=Path, default=[], help="external scores CSV")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples")
+    parser.add_argument("--include-partial", action="store_true", help="use unfinished runs' last evaluation")
+    return parser.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
+    if args.suite not in SUITES:
+        raise AnalysisError(f"unknown suite {args.suite!r}; allowed: {', '.join(SUITES)}")
+    if args.reps < 1:
+        raise AnalysisError(f"--reps={args.reps}; allowed: a positive integer")
+    roots = args.results or ([] if args.scores else [Path("results")])
+    frames, notes = [], []
+    for root in roots:
+        frame, more = read_results(root, args.suite, args.include_partial)
+        frames.append(frame)
+        notes += more
+    frames += [read_scores_csv(path) for path in args.scores]
+    scores = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else None
+    if scores is None:
+        where = ", ".join(map(str, [*roots, *args.scores]))
+        raise AnalysisError(f"no {args.suite} scores found in {where} (finished runs need DONE.json; "
+                            "see --include-partial)")
+    if args.suite == "atari100k":
+        scores = human_normalised(scores)
+    return scores, notes
+
+
+def per_task_tables(scores: pd.DataFrame, column: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def fmt(values: pd.Series, scale: float = 1.0) -> str:
+        m, s = values.mean() * scale, values.std(ddof=0) * scale
+        return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
+
+    raw = scores.groupby(["task", "method"])["score"].apply(fmt).unstack("method").fillna("–")
+    scale = 100.0 if column in ("hns",) or scores["score"].max() <= 1.0 else 1.0
+    norm = scores.groupby(["task", "method"])[column].apply(lambda v: fmt(v, scale)).unstack("method").fillna("–")
+    raw.index.name = norm.index.name = "task"
+    return raw, norm
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        scores, notes = load(args)
+    except AnalysisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    column, label = NORMALISED[args.suite]
+    matrices, tasks, more = score_matrices(scores, column)
+    notes += more
+    estimates = interval_estimates(matrices, reps=args.reps, seed=args.seed)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"method": m, "metric": k, "point": p, "lower": lo, "upper": hi}
+            for m, metrics in estimates.items() for k, (p, lo, hi) in metrics.items()]
+    pd.DataFrame(rows).to_csv(out / "aggregate.csv", index=False)
+    scale = 100.0 if args.suite in ("atari100k", "metaworld") else 1.0
+    unit = " (%)" if scale == 100.0 else ""
+    aggregate = pd.DataFrame({m: {k: f"{p * scale:.1f} [{lo * scale:.1f}, {hi * scale:.1f}]"
+                                  for k, (p, lo, hi) in metrics.items()} for m, metrics in estimates.items()}).T
+    aggregate.index.name = "method"
+    aggregate.columns = [f"{c}{unit}" for c in aggregate.columns]
+    raw, norm = per_task_tables(scores, column)
+    print(f"# {args.suite}: {label}, {len(tasks)} tasks, 95% CIs ({args.reps} bootstrap resamples, seed {args.seed})\n")
+    print(write_table(aggregate, out, "aggregate_table"))
+    print(write_table(raw, out, "per_task_raw"))
+    print(write_table(norm, out, "per_task_normalised"))
+    figures.interval_estimates(estimates, scale, label, out / "interval_estimates")
+    figures.performance_profiles(matrices, label, out / "performance_profiles")
+    if len(matrices) > 1:
+        figures.probability_of_improvement(matrices, out / "probability_of_improvement")
+    (out / "notes.txt").write_text("".join(f"- {n}\n" for n in notes))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"[mowbench.analysis] wrote tables and figures to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
