@@ -73,16 +73,22 @@ def test_bad_grid_input_is_one_line_and_submits_nothing(args, message, tmp_path)
     assert not (tmp_path / "grids").exists()
 
 
-def test_local_launcher_runs_a_grid_and_a_resubmission_submits_nothing(tmp_path, capsys):
+def run_grid(*args):
+    """The grid command as a user runs it (a subprocess: submitit's local launcher manages child processes)."""
+    out = subprocess.run([sys.executable, "-m", "mowbench.run", *args], capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_local_launcher_runs_a_grid_and_a_resubmission_submits_nothing(tmp_path):
     args = ["grid=smoke", "seeds=[0]", "agent=[storm]", "task=breakout", "launcher=local", "wait=true",
             f"results_dir={tmp_path}"]
-    first = submit(parse_args(args))
-    assert first["submitted"] == 1 and first["units"] == 1
-    [row] = unit_states(parse_args(args), expand(parse_args(args)))
+    assert "submitted 1 run(s)" in run_grid(*args)
+    req = parse_args(args)
+    [row] = unit_states(req, expand(req))
     assert row["state"] == "done" and row["step"] == 160
-    second = submit(parse_args(args))
-    assert second["submitted"] == 0 and second["skipped_done"] == 1
-    assert "nothing to submit" in capsys.readouterr().out
+    assert "nothing to submit (1 done, 0 running, 0 pending of 1)" in run_grid(*args)
 
 
 def test_a_failed_run_is_resubmitted(tmp_path):
@@ -95,7 +101,7 @@ def test_a_failed_run_is_resubmitted(tmp_path):
                         {unit.key: {"job_id": "424242", "launcher": "slurm", "stderr": "/nowhere/424242_0_log.err"}})
     [row] = unit_states(req, [unit])
     assert row["state"] == "failed" and row["log"] == "/nowhere/424242_0_log.err"
-    assert submit(req)["submitted"] == 1
+    assert "submitted 1 run(s)" in run_grid(*args)
     assert R.is_done(unit.folder)
 
 
