@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mowbench import results as R
-from mowbench.grid import expand, method_name, parse_args, print_status, submit, unit_states
+from mowbench.grid import expand, method_name, parse_args, unit_states
 from tests.conftest import REPO
 
 SLURM = shutil.which("sbatch") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
@@ -117,17 +117,19 @@ def wait_for(predicate, timeout, what):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SLURM and not REQUIRE_SLURM, reason="no SLURM here (start one: slurm/local-cluster.sh start)")
-def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tmp_path, capsys):
+def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tmp_path):
+    """Driven through the commands a user types (subprocesses), against the real single-node SLURM."""
     assert SLURM, "MOWBENCH_REQUIRE_SLURM=1 but sbatch/sinfo do not work (slurm/local-cluster.sh start)"
     args = ["grid=smoke", "launcher=slurm", "slurm=local", f"results_dir={tmp_path}"]
     req = parse_args(args)
     units = expand(req)
-    with pytest.raises(ValueError, match="has no GPUs"):  # this node has no GRES: refused before submitting
-        submit(parse_args([*args, "slurm.gpus_per_node=1"]))
+    refused = subprocess.run([sys.executable, "-m", "mowbench.run", *args, "slurm.gpus_per_node=1"],
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode != 0 and "has no GPUs" in refused.stderr  # this node has no GRES
     assert not (tmp_path / "grids" / "smoke" / "jobs.json").exists()
     t0 = time.time()
-    first = submit(req)
-    assert first["submitted"] == 6 and time.time() - t0 < 60  # returns at once, jobs run in the background
+    assert "submitted 6 run(s)" in run_grid(*args)
+    assert time.time() - t0 < 120  # returns at once, the jobs run in the background
     jobs = json.loads((tmp_path / "grids" / "smoke" / "jobs.json").read_text())
     assert len({j["job_id"].split("_")[0] for j in jobs.values()}) == 1  # one job array
     # preempt one run in the middle: SLURM's USR2, as before a time limit
@@ -138,21 +140,18 @@ def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tm
     subprocess.run(["scancel", "--signal=USR2", job_id])  # its exit code can be non-zero while the job handles it
     meta = victim.folder / "metadata.json"
     wait_for(lambda: json.loads(meta.read_text())["sessions"][0].get("last_step"), 120, "the checkpoint on USR2")
+    # a resubmission while runs are queued or running submits none of them again
+    assert "nothing to submit" in run_grid(*args)
     # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime); let it start now
     wait_for(lambda: subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"],
                                     capture_output=True).returncode == 0, 60, "the requeued job")
-    # a resubmission while runs are queued or running submits none of them again
-    again = submit(parse_args(args))
-    assert again["submitted"] == 0 and again["skipped_done"] + again["skipped_running"] + again["skipped_pending"] == 6
     wait_for(lambda: all(R.is_done(u.folder) for u in units), 600, "every run of the grid to finish")
     summary = json.loads((victim.folder / "summary.json").read_text())
     assert summary["step"] == 160  # the full budget, after the requeue
-    sessions = json.loads((victim.folder / "metadata.json").read_text())["sessions"]
+    sessions = json.loads(meta.read_text())["sessions"]
     assert len(sessions) == 2 and sessions[0]["resumed_from_step"] is None
     assert sessions[1]["resumed_from_step"] == sessions[0]["last_step"] > 0
-    capsys.readouterr()
-    rows = print_status(req)
-    assert [r["state"] for r in rows] == ["done"] * 6
-    assert "done: 6" in capsys.readouterr().out
-    final = submit(parse_args(args))
-    assert final["submitted"] == 0 and final["skipped_done"] == 6
+    status = subprocess.run([sys.executable, "-m", "mowbench.grid", "status", *args], capture_output=True,
+                            text=True, cwd=REPO, timeout=300).stdout
+    assert "done: 6 running: 0 pending: 0 failed: 0 missing: 0" in status
+    assert "nothing to submit (6 done" in run_grid(*args)
