@@ -76,13 +76,12 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
     return scores, notes
 
 
-def per_task_tables(scores: pd.DataFrame, column: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def per_task_tables(scores: pd.DataFrame, column: str, scale: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     def fmt(values: pd.Series, scale: float = 1.0) -> str:
         m, s = values.mean() * scale, values.std(ddof=0) * scale
         return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
 
     raw = scores.groupby(["task", "method"])["score"].apply(fmt).unstack("method").fillna("–")
-    scale = 100.0 if column in ("hns",) or scores["score"].max() <= 1.0 else 1.0
     norm = scores.groupby(["task", "method"])[column].apply(lambda v: fmt(v, scale)).unstack("method").fillna("–")
     raw.index.name = norm.index.name = "task"
     return raw, norm
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                   for k, (p, lo, hi) in metrics.items()} for m, metrics in estimates.items()}).T
     aggregate.index.name = "method"
     aggregate.columns = [f"{c}{unit}" for c in aggregate.columns]
-    raw, norm = per_task_tables(scores, column)
+    raw, norm = per_task_tables(scores, column, scale)
     print(f"# {args.suite}: {label}, {len(tasks)} tasks, 95% CIs ({args.reps} bootstrap resamples, seed {args.seed})\n")
     print(write_table(aggregate, out, "aggregate_table"))
     print(write_table(raw, out, "per_task_raw"))

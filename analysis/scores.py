@@ -7,14 +7,14 @@ episodes). External/published scores come as CSV files with the same columns.
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mowbench import results as R
 
 SUITES = ("atari100k", "metaworld", "minatar")
 COLUMNS = ("method", "task", "seed", "score")
@@ -85,7 +85,7 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
         if not done and not include_partial:
             partial.append(str(folder.relative_to(root)))
             continue
-        final = _last_evaluation(folder / "eval.csv", success=suite == "metaworld")
+        final = R.last_evaluation(folder, "success" if suite == "metaworld" else "return")
         for task, (step, score) in final.items():
             rows.append({"method": method, "task": task, "seed": seed, "score": score, "step": step,
                          "source": str(folder), "partial": not done})
@@ -96,23 +96,6 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
         notes.append(f"{len(partial)} unfinished run(s) left out (use --include-partial): {', '.join(partial[:5])}"
                      + (" ..." if len(partial) > 5 else ""))
     return pd.DataFrame(rows, columns=[*COLUMNS, "step", "source", "partial"]), notes
-
-
-def _last_evaluation(path: Path, success: bool) -> dict[str, tuple[int, float]]:
-    """Per task: (step, mean return or success) of the evaluation with the largest step in eval.csv."""
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    out: dict[str, tuple[int, float]] = {}
-    for task in {r["task"] for r in rows}:
-        mine = [r for r in rows if r["task"] == task]
-        last = max(int(r["step"]) for r in mine)
-        key = "success" if success else "return"
-        values = [float(r[key]) for r in mine if int(r["step"]) == last and r[key] != ""]
-        if values:
-            out[task] = (last, float(np.mean(values)))
-    return out
 
 
 def score_matrices(scores: pd.DataFrame, column: str = "score") -> tuple[dict[str, np.ndarray], list[str], list[str]]:
@@ -136,7 +119,3 @@ def score_matrices(scores: pd.DataFrame, column: str = "score") -> tuple[dict[st
     if len(set(seeds.values())) > 1:
         notes.append("methods have different numbers of seeds: " + ", ".join(f"{m} {n}" for m, n in seeds.items()))
     return matrices, tasks, notes
-
-
-def write_json(path: Path, obj: object) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -35,6 +35,7 @@ LAUNCHERS = ("auto", "slurm", "local", "debug")
 SLURM_KEYS = {"partition", "account", "qos", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
               "signal_delay_s", "max_requeues", "array_parallelism", "setup", "additional"}
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED"}
+STATES = ("done", "running", "pending", "failed", "missing")
 ACTIVE = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 
@@ -257,14 +258,8 @@ def progress(folder: Path) -> tuple[int | None, float | None]:
     if metrics.exists():
         lines = metrics.read_text().splitlines()
         step = int(lines[-1].split(",")[0]) if len(lines) > 1 else None
-    score = None
-    evals = folder / "eval.csv"
-    if evals.exists():
-        rows = [line.split(",") for line in evals.read_text().splitlines()[1:]]
-        if rows:
-            last = max(int(r[0]) for r in rows)
-            scores = [float(r[3]) for r in rows if int(r[0]) == last]
-            score = sum(scores) / len(scores)
+    final = R.last_evaluation(folder)
+    score = sum(v for _, v in final.values()) / len(final) if final else None
     return step, score
 
 
@@ -276,9 +271,9 @@ class GridJob:
 
     def __call__(self, overrides: list[str]) -> dict[str, Any]:
         cfg = compose_config(overrides)
-        [(name, summary)] = execute(cfg)
         p = plan(cfg)
-        folder = R.run_dir(cfg["results_dir"], p.suite, p.method, name, int(cfg["seed"]))
+        [(name, summary)] = execute(cfg, p)  # a unit is one run folder
+        folder = R.run_dir(p.cfg["results_dir"], p.suite, p.method, name, int(p.cfg["seed"]))
         if not R.is_done(folder):
             handler = signal.getsignal(signal.SIGUSR2)
             if callable(handler) and getattr(handler, "__self__", None).__class__.__name__ == "SignalHandler":
@@ -333,7 +328,7 @@ def submit(req: Request) -> dict[str, Any]:
     units = expand(req)
     states = unit_states(req, units)
     todo = [u for u, s in zip(units, states, strict=True) if s["state"] in ("missing", "failed")]
-    counts = {s: sum(r["state"] == s for r in states) for s in ("done", "running", "pending", "failed", "missing")}
+    counts = count_states(states)
     logs = req.results_dir / "grids" / req.grid / "logs"
     if todo:
         executor = make_executor(req, logs)
@@ -361,6 +356,10 @@ def submit(req: Request) -> dict[str, Any]:
             "units": len(units)}
 
 
+def count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return {s: sum(r["state"] == s for r in rows) for s in STATES}
+
+
 def _local_pid(job: Any) -> int | None:
     proc = getattr(job, "_process", None)
     return proc.pid if proc is not None else None
@@ -370,8 +369,8 @@ def watch(req: Request, units: list[Unit], interval: float = 10.0) -> None:
     """Live progress until every unit is done or failed."""
     while True:
         rows = unit_states(req, units)
-        counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "pending", "failed")}
-        line = " ".join(f"{k} {v}" for k, v in counts.items())
+        counts = count_states(rows)
+        line = " ".join(f"{k} {v}" for k, v in counts.items() if k != "missing")
         print(f"\r[mowbench] {req.grid}: {line} of {len(units)}", end="", flush=True)
         if counts["done"] + counts["failed"] == len(units):
             print()
@@ -388,7 +387,7 @@ def print_status(req: Request) -> list[dict[str, Any]]:
         score = "" if r["eval"] is None else f"{r['eval']:.2f}"
         where = (r["log"] if r["state"] == "failed" else r["job"]) or ""
         print(f"{r['unit']:<{width}}  {r['state']:<8} {step:>8} {score:>9}  {where}")
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "pending", "failed", "missing")}
+    counts = count_states(rows)
     print(" ".join(f"{k}: {v}" for k, v in counts.items()))
     return rows
 

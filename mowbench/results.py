@@ -117,6 +117,23 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
+def last_evaluation(folder: Path, column: str = "return") -> dict[str, tuple[int, float]]:
+    """Per task: (step, mean of `column`) over the episodes of the latest evaluation in eval.csv."""
+    path = Path(folder) / "eval.csv"
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, tuple[int, float]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        last = max(int(r["step"]) for r in mine)
+        values = [float(r[column]) for r in mine if int(r["step"]) == last and r[column] != ""]
+        if values:
+            out[task] = (last, sum(values) / len(values))
+    return out
+
+
 LOCK = "RUNNING.lock"
 HEARTBEAT_S = 60.0  # a held lock's file is touched this often
 STALE_S = 600.0  # a lock untouched this long belongs to a dead process, whatever its host

@@ -215,8 +215,9 @@ def print_summary(rows: list[tuple[str, dict[str, Any] | None]]) -> None:
             print(f"{task:<20} {ret:>14.2f} {'' if rand is None else f'{rand:.2f}':>14}")
 
 
-def execute(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
-    p = plan(cfg)
+def execute(cfg: dict[str, Any], p: Plan | None = None) -> list[tuple[str, dict[str, Any] | None]]:
+    """Train every run of `cfg` (its plan, if already made) and print the results table."""
+    p = plan(cfg) if p is None else p
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))
     out = []
