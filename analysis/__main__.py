@@ -1,4 +1,4 @@
-"""`python -m mowbench.analysis --suite atari100k [RESULTS_DIR ...] [--scores FILE.csv ...] --out DIR`
+"""`python -m mowbench.analysis --suite atari100k [RESULTS_DIR ...] [--scores FILE.csv ...] [--grid NAME] --out DIR`
 
 Regenerates, from results folders and/or external score CSVs:
 - aggregate.csv: method,metric,point,lower,upper for mean, median, iqm and og (optimality gap) of the
@@ -6,7 +6,13 @@ Regenerates, from results folders and/or external score CSVs:
   stratified-bootstrap intervals (rliable; --reps, reproducible for --seed);
 - per_task_raw, per_task_normalised and aggregate_table as .csv, .md and .tex (booktabs); the Markdown is
   also printed;
-- figures (PNG and PDF): interval estimates, performance profiles, probability of improvement;
+- figures (PNG and PDF): interval_estimates, performance_profiles, probability_of_improvement,
+  sample_efficiency (IQM against agent steps with 95% CIs, from every evaluation of the runs),
+  learning_curves (per task: mean over seeds, min-max band);
+- with --grid NAME: grid_<NAME> (.csv/.md/.tex: one row per cell, its metrics and the probability of
+  improvement over the grid's default) and ablation_<NAME> (IQM and mean against the swept value);
+- with --with-published: STORM's published per-game means as the method "storm (published)" (Atari) and
+  the published aggregates (MoW, STORM, the MT50 baselines) as point-only rows of aggregate_table;
 - notes.txt: what was left out or could not be compared (also printed).
 
 Flags:
@@ -16,6 +22,8 @@ Flags:
   --out DIR          where everything is written (created)
   --seed N           bootstrap seed (default 0); --reps N bootstrap resamples (default 50000)
   --include-partial  also use unfinished runs (their last evaluation; noted)
+  --grid NAME        also the ablation table and plot of grid NAME (mowbench/conf/grid/NAME.yaml)
+  --with-published   add the published reference scores shipped in analysis/reference/
 """
 
 from __future__ import annotations
@@ -27,13 +35,18 @@ from pathlib import Path
 import pandas as pd
 
 from mowbench.analysis import figures
-from mowbench.analysis.metrics import interval_estimates
+from mowbench.analysis.grids import grid_table, load_cells
+from mowbench.analysis.metrics import interval_estimates, iqm_curves
 from mowbench.analysis.scores import (
     SUITES,
     AnalysisError,
+    curve_matrices,
+    final_scores,
     human_normalised,
+    published,
     read_results,
     read_scores_csv,
+    reference_table,
     score_matrices,
 )
 from mowbench.analysis.tables import write_table
@@ -51,6 +64,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples")
     parser.add_argument("--include-partial", action="store_true", help="use unfinished runs' last evaluation")
+    parser.add_argument("--grid", help="grid name: its ablation table and plot")
+    parser.add_argument("--with-published", action="store_true", help="add the shipped published scores")
     return parser.parse_args(argv)
 
 
@@ -59,6 +74,8 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
         raise AnalysisError(f"unknown suite {args.suite!r}; allowed: {', '.join(SUITES)}")
     if args.reps < 1:
         raise AnalysisError(f"--reps={args.reps}; allowed: a positive integer")
+    if args.grid:
+        load_cells(args.grid)  # an unknown grid fails here, before anything is read
     roots = args.results or ([] if args.scores else [Path("results")])
     frames, notes = [], []
     for root in roots:
@@ -66,6 +83,10 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
         frames.append(frame)
         notes += more
     frames += [read_scores_csv(path) for path in args.scores]
+    if args.with_published:
+        per_task, more = published(args.suite, {m for f in frames if len(f) for m in f["method"]})
+        frames.append(per_task)
+        notes += more
     scores = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else None
     if scores is None:
         where = ", ".join(map(str, [*roots, *args.scores]))
@@ -95,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     column, label = NORMALISED[args.suite]
-    matrices, tasks, more = score_matrices(scores, column)
+    final = final_scores(scores)
+    matrices, tasks, more = score_matrices(final, column)
     notes += more
     estimates = interval_estimates(matrices, reps=args.reps, seed=args.seed)
     out = args.out
@@ -107,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     unit = " (%)" if scale == 100.0 else ""
     aggregate = pd.DataFrame({m: {k: f"{p * scale:.1f} [{lo * scale:.1f}, {hi * scale:.1f}]"
                                   for k, (p, lo, hi) in metrics.items()} for m, metrics in estimates.items()}).T
+    if args.with_published:
+        printed, more = published_aggregates(args.suite)
+        aggregate = pd.concat([aggregate, printed]).fillna("–")
+        notes += more
     aggregate.index.name = "method"
     aggregate.columns = [f"{c}{unit}" for c in aggregate.columns]
-    raw, norm = per_task_tables(scores, column, scale)
+    raw, norm = per_task_tables(final, column, scale)
     print(f"# {args.suite}: {label}, {len(tasks)} tasks, 95% CIs ({args.reps} bootstrap resamples, seed {args.seed})\n")
     print(write_table(aggregate, out, "aggregate_table"))
     print(write_table(raw, out, "per_task_raw"))
@@ -118,11 +144,46 @@ def main(argv: list[str] | None = None) -> int:
     figures.performance_profiles(matrices, label, out / "performance_profiles")
     if len(matrices) > 1:
         figures.probability_of_improvement(matrices, out / "probability_of_improvement")
+    curves, more = curve_matrices(scores, column)
+    notes += more
+    if curves:
+        figures.sample_efficiency(iqm_curves(curves, reps=args.reps, seed=args.seed), label, scale,
+                                  out / "sample_efficiency")
+        figures.learning_curves(scores, out / "learning_curves", "success" if args.suite == "metaworld" else "return")
+    else:
+        notes.append("no evaluation histories (only final scores): no sample-efficiency or learning curves")
+    if args.grid:
+        table, cells, swept, more = grid_table(args.grid, matrices, estimates, scale, args.reps, args.seed)
+        notes += more
+        print(write_table(table, out, f"grid_{args.grid}"))
+        if any(c["estimates"] for c in cells):
+            figures.ablation(cells, swept, scale, label, out / f"ablation_{args.grid}")
     (out / "notes.txt").write_text("".join(f"- {n}\n" for n in notes))
     for note in notes:
         print(f"note: {note}")
     print(f"[mowbench.analysis] wrote tables and figures to {out}")
     return 0
+
+
+def published_aggregates(suite: str) -> tuple[pd.DataFrame, list[str]]:
+    """The shipped published aggregates of `suite` as point-only rows (mean, median) of the aggregate table,
+    and notes naming their sources."""
+    table = reference_table("published_aggregates")
+    mine = table[table["suite"] == suite]
+    metric = {"mean_hns": "mean", "median_hns": "median", "success": "mean"}
+    rows: dict[str, dict[str, str]] = {}
+    for _, r in mine.iterrows():
+        value = f"{r['value']:.1f}" + (f" ± {r['std']:.1f}" if pd.notna(r["std"]) else "")
+        rows.setdefault(f"{r['method']}, as printed", {})[metric[r["metric"]]] = value
+    sources: dict[str, list[str]] = {}
+    for m, src in zip(mine["method"], mine["source"], strict=True):
+        if src not in sources.setdefault(m, []):
+            sources[m].append(src)
+    notes = [f"{m}, as printed: {'; '.join(src)} (point estimates as published, no intervals)"
+             for m, src in sources.items()]
+    if not rows:
+        notes.append(f"no published aggregates are shipped for {suite}")
+    return pd.DataFrame(rows).T.reindex(columns=["mean", "median", "iqm", "og"]), notes
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Figures of the analysis (PNG and PDF, headless): interval estimates, performance profiles, probability
-of improvement."""
+of improvement, sample-efficiency curves, per-task learning curves and a grid's ablation plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from mowbench.analysis.scores import natural_key
 
 
 def _plt():  # noqa: ANN202 - pyplot, imported headless on first use
@@ -79,4 +81,67 @@ def probability_of_improvement(matrices: dict[str, np.ndarray], path: Path) -> N
     ax.set_ylabel("X")
     ax.set_title("P(X > Y)")
     fig.colorbar(im, ax=ax)
+    _save(fig, path)
+
+
+def sample_efficiency(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], label: str,
+                      scale: float, path: Path) -> None:
+    """IQM against agent steps per task, with its 95% interval as a band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, (steps, point, lo, hi) in curves.items():
+        ax.plot(steps, point * scale, marker="o", markersize=3, label=method)
+        ax.fill_between(steps, lo * scale, hi * scale, alpha=0.2)
+    ax.set_xlabel("agent steps per task")
+    ax.set_ylabel(f"IQM {label}")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def learning_curves(scores, path: Path, ylabel: str = "return") -> None:  # noqa: ANN001 - DataFrame
+    """One panel per task: each method's mean over seeds of the raw score against steps, min-max band."""
+    plt = _plt()
+    frame = scores.dropna(subset=["step"])
+    tasks = sorted(frame["task"].unique())
+    cols = min(len(tasks), 6)
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows + 0.6), squeeze=False)
+    for ax, task in zip(axes.ravel(), tasks, strict=False):
+        here = frame[frame["task"] == task]
+        for method in sorted(here["method"].unique(), key=natural_key):
+            mine = here[here["method"] == method]
+            stats = mine.groupby("step")["score"].agg(["mean", "min", "max"])
+            ax.plot(stats.index, stats["mean"], label=method)
+            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
+        ax.set_title(task, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in axes.ravel()[len(tasks):]:
+        ax.axis("off")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), fontsize=7)
+    fig.supxlabel("agent steps", fontsize=8)
+    fig.supylabel(ylabel, fontsize=8)
+    legend_rows = -(-len(labels) // 4)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.05 + 0.03 * legend_rows) / max(rows * 0.7, 1)))
+    for ext in ("png", "pdf"):
+        fig.savefig(path.with_suffix(f".{ext}"), dpi=150)
+    plt.close(fig)
+
+
+def ablation(rows: list[dict], swept: str, scale: float, label: str, path: Path) -> None:
+    """A grid's metrics (IQM and mean, 95% CIs) against the swept value, one point per cell with results."""
+    plt = _plt()
+    rows = [r for r in rows if r["estimates"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.1 * len(rows) + 3), 3.4))
+    xs = range(len(rows))
+    for ax, metric in zip(axes, ("iqm", "mean"), strict=True):
+        point, lo, hi = (np.array([r["estimates"][metric][i] * scale for r in rows]) for i in range(3))
+        ax.errorbar(xs, point, yerr=[point - lo, hi - point], fmt="o-", capsize=3)
+        for x, r in zip(xs, rows, strict=True):
+            if r["default"]:
+                ax.plot(x, point[x], "*", color="black", markersize=10)
+        ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=30 if len(rows) > 4 else 0, ha="right"
+                      if len(rows) > 4 else "center", fontsize=7)
+        ax.set_xlabel(swept)
+        ax.set_title(f"{metric.upper() if metric == 'iqm' else 'Mean'} {label}", fontsize=9)
     _save(fig, path)

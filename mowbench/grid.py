@@ -158,34 +158,54 @@ def method_name(agent: str, point: dict[str, Any], variant: str | None) -> str:
     return "-".join(parts + ([variant] if variant else []))
 
 
-def expand(req: Request) -> list[Unit]:
-    """Every unit of the grid, each validated (compose + plan) before anything is submitted."""
-    spec = req.spec
+def cells(spec: dict[str, Any]) -> list[tuple[dict[str, Any], str | None, list[str]]]:
+    """The grid's cells without seeds: (swept point, variant or None, the overrides defining the cell)."""
     axes = spec.get("axes") or {}
     variants = spec.get("variants") or {None: []}
     keys = list(axes)
-    units, errors = [], []
+    out = []
     for values in itertools.product(*(axes[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
         for variant, variant_overrides in variants.items():
-            for seed in spec["seeds"]:
-                # the grid's overrides, then the command line's, then what defines the cell (wins)
-                defining = [*[f"{k}={_fmt(v)}" for k, v in point.items()], *variant_overrides]
-                base = [*spec.get("overrides", []), *req.overrides, *defining]
-                try:
-                    agent = compose_config(base)["agent"]["name"]
-                    cell = [*spec.get("overrides", []), *(spec.get("agent_overrides") or {}).get(agent, []),
-                            *req.overrides, *defining, f"seed={seed}",
-                            f"method='{method_name(agent, point, variant)}'", f"results_dir={req.results_dir}"]
-                    p = plan(compose_config(cell))
-                except Exception as err:  # noqa: BLE001 - every bad cell is reported, then nothing submitted
-                    errors.append(f"{' '.join(base)} seed={seed}: {err}")
-                    continue
-                for name, tasks in p.runs:
-                    folder = R.run_dir(req.results_dir, p.suite, p.method, name, seed)
-                    extra = [f"task={tasks[0]}"] if len(p.runs) > 1 else []
-                    units.append(Unit(str(folder.relative_to(req.results_dir)), f"{p.method}/seed_{seed}",
-                                      cell + extra, folder))
+            out.append((point, variant, [*[f"{k}={_fmt(v)}" for k, v in point.items()], *variant_overrides]))
+    return out
+
+
+def is_default(spec: dict[str, Any], point: dict[str, Any], variant: str | None) -> bool:
+    """Whether a cell is the grid's `default` (the reference configuration of its ablation)."""
+    default = spec.get("default") or {}
+    return bool(default) and all((variant if k == "variant" else point.get(k)) == v for k, v in default.items())
+
+
+def cell_method(spec: dict[str, Any], overrides: list[str], point: dict[str, Any], variant: str | None,
+                defining: list[str]) -> tuple[str, str]:
+    """(agent, results method name) of a cell."""
+    agent = compose_config([*spec.get("overrides", []), *overrides, *defining])["agent"]["name"]
+    return agent, method_name(agent, point, variant)
+
+
+def expand(req: Request) -> list[Unit]:
+    """Every unit of the grid, each validated (compose + plan) before anything is submitted."""
+    spec = req.spec
+    units, errors = [], []
+    for point, variant, defining in cells(spec):
+        for seed in spec["seeds"]:
+            # the grid's overrides, then the command line's, then what defines the cell (wins)
+            base = [*spec.get("overrides", []), *req.overrides, *defining]
+            try:
+                agent, method = cell_method(spec, req.overrides, point, variant, defining)
+                cell = [*spec.get("overrides", []), *(spec.get("agent_overrides") or {}).get(agent, []),
+                        *req.overrides, *defining, f"seed={seed}", f"method='{method}'",
+                        f"results_dir={req.results_dir}"]
+                p = plan(compose_config(cell))
+            except Exception as err:  # noqa: BLE001 - every bad cell is reported, then nothing submitted
+                errors.append(f"{' '.join(base)} seed={seed}: {err}")
+                continue
+            for name, tasks in p.runs:
+                folder = R.run_dir(req.results_dir, p.suite, p.method, name, seed)
+                extra = [f"task={tasks[0]}"] if len(p.runs) > 1 else []
+                units.append(Unit(str(folder.relative_to(req.results_dir)), f"{p.method}/seed_{seed}",
+                                  cell + extra, folder))
     if errors:
         raise ValueError(f"grid {req.grid}: {len(errors)} invalid cell(s), nothing submitted; first: {errors[0]}")
     return units

@@ -117,21 +117,22 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
-def last_evaluation(folder: Path, column: str = "return") -> dict[str, tuple[int, float]]:
-    """Per task: (step, mean of `column`) over the episodes of the latest evaluation in eval.csv."""
+def evaluations(folder: Path, column: str = "return") -> dict[str, dict[int, float]]:
+    """Per task and evaluation step: the mean of `column` over that evaluation's episodes (eval.csv)."""
     path = Path(folder) / "eval.csv"
     if not path.exists():
         return {}
+    sums: dict[str, dict[int, list[float]]] = {}
     with path.open() as f:
-        rows = list(csv.DictReader(f))
-    out: dict[str, tuple[int, float]] = {}
-    for task in sorted({r["task"] for r in rows}):
-        mine = [r for r in rows if r["task"] == task]
-        last = max(int(r["step"]) for r in mine)
-        values = [float(r[column]) for r in mine if int(r["step"]) == last and r[column] != ""]
-        if values:
-            out[task] = (last, sum(values) / len(values))
-    return out
+        for row in csv.DictReader(f):
+            if row[column] != "":
+                sums.setdefault(row["task"], {}).setdefault(int(row["step"]), []).append(float(row[column]))
+    return {task: {step: sum(v) / len(v) for step, v in sorted(steps.items())} for task, steps in sorted(sums.items())}
+
+
+def last_evaluation(folder: Path, column: str = "return") -> dict[str, tuple[int, float]]:
+    """Per task: (step, mean of `column`) over the episodes of the latest evaluation in eval.csv."""
+    return {task: max(steps.items()) for task, steps in evaluations(folder, column).items()}
 
 
 LOCK = "RUNNING.lock"

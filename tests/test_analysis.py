@@ -7,9 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mowbench.analysis.metrics import interval_estimates, iqm, mean, median, optimality_gap
+from mowbench.analysis.metrics import (
+    interval_estimates,
+    iqm,
+    iqm_curves,
+    iqm_per_step,
+    mean,
+    median,
+    optimality_gap,
+    probability_of_improvement,
+)
 from mowbench.analysis.scores import (
     AnalysisError,
+    curve_matrices,
+    final_scores,
     human_normalised,
     read_results,
     read_scores_csv,
@@ -28,6 +39,25 @@ def test_aggregate_metrics_hand_computed():
     assert iqm(MATRIX) == pytest.approx(0.975)
     # min(x, 1): 0, .5, 1, 1, .2, .4, 1, 1 -> mean .6375 -> gap .3625
     assert optimality_gap(MATRIX) == pytest.approx(0.3625)
+
+
+def test_probability_of_improvement_hand_computed_and_equal_to_rliables():
+    from rliable import metrics
+
+    # task 0: pairs (1,2) (1,2) (3,2) (3,2) -> 2 of 4 greater; task 1: x = y everywhere -> ties count half
+    x, y = np.array([[1.0, 5.0], [3.0, 5.0]]), np.array([[2.0, 5.0], [2.0, 5.0]])
+    assert probability_of_improvement(x, y) == pytest.approx((0.5 + 0.5) / 2)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        x, y = rng.integers(0, 4, (5, 7)).astype(float), rng.integers(0, 4, (3, 7)).astype(float)
+        assert probability_of_improvement(x, y) == pytest.approx(metrics.probability_of_improvement(x, y))
+
+
+def test_iqm_curves_per_step():
+    cube = np.random.default_rng(2).normal(size=(3, 5, 4))  # runs x tasks x steps
+    assert iqm_per_step(cube) == pytest.approx([iqm(cube[..., i]) for i in range(4)])
+    steps, point, lower, upper = iqm_curves({"m": (np.arange(4), cube)}, reps=300, seed=0)["m"]
+    assert point == pytest.approx(iqm_per_step(cube)) and np.all(lower <= point) and np.all(point <= upper)
 
 
 def test_hns_against_the_reference_table():
@@ -86,12 +116,17 @@ def test_results_folders_final_scores_partial_runs_and_mismatch_notes(tmp_path):
     make_run(tmp_path, "storm", "Breakout", 0, [(100, "Breakout", [5.0])])
     make_run(tmp_path, "mow", "all2", 0, [(100, "Pong", [1.0]), (100, "Breakout", [2.0])])
     make_run(tmp_path, "mow", "all2", 1, [(60, "Pong", [3.0]), (60, "Breakout", [4.0])], done=False)
-    scores, notes = read_results(tmp_path, "atari100k")
+    history, notes = read_results(tmp_path, "atari100k")
+    assert len(history) == 5  # every evaluation: storm Pong at steps 50 and 100, storm Breakout, mow 2 tasks
+    scores = final_scores(history)
     mine = scores.set_index(["method", "task", "seed"])["score"]
     assert mine[("storm", "Pong", 0)] == 11.0  # mean of the final (largest-step) evaluation
     assert mine[("mow", "Breakout", 0)] == 2.0 and ("mow", "Pong", 1) not in mine.index
     assert any("1 unfinished run(s) left out" in n for n in notes)
+    curves, curve_notes = curve_matrices(history)
+    assert list(curves) == [] and any("storm: curves use the 1 of 2 evaluation steps" in n for n in curve_notes)
     with_partial, notes = read_results(tmp_path, "atari100k", include_partial=True)
+    with_partial = final_scores(with_partial)
     assert len(with_partial) == 6 and any("unfinished: its last evaluation (step 60) is used" in n for n in notes)
     matrices, tasks, notes = score_matrices(human_normalised(with_partial), "hns")
     assert tasks == ["Breakout", "Pong"] and matrices["mow"].shape == (2, 2) and matrices["storm"].shape == (1, 2)
@@ -122,6 +157,7 @@ def test_cli_writes_tables_and_figures_from_results_and_published_scores(tmp_pat
     expected = ("| task | mow | storm (published) |\n|---|---|---|\n| Breakout | 22.0 ± 2.0 | 15.9 |\n"
                 "| Pong | 11.0 ± 1.0 | 11.3 |\n")
     assert (out / "per_task_raw.md").read_text() == expected and expected in printed
+    assert "no evaluation histories" in (out / "notes.txt").read_text()  # one evaluation each: no curves
     tex = (out / "per_task_raw.tex").read_text()
     assert tex.startswith("\\begin{tabular}{lrr}\n\\toprule") and "22.0 $\\pm$ 2.0" in tex
     mow_mean = aggregate.set_index(["method", "metric"]).loc[("mow", "mean"), "point"]
@@ -144,3 +180,57 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "atari100k").mkdir()
     assert main([str(tmp_path), "--suite", "atari100k", "--out", str(tmp_path / "o")]) == 2
     assert "no atari100k scores found" in capsys.readouterr().err
+    assert main([str(tmp_path), "--suite", "atari100k", "--grid", "nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown grid 'nope'; allowed: ") and "ablate_clusters" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_grid_table_curves_and_published_scores(tmp_path, capsys):
+    """ablate_topk (top_k 1, 2, 4; default 2) with results for 1, 2 and an extra value 8 and none for 4. Each
+    cell's seeds score alike, so every interval is its point and the whole table is hand-computed."""
+    from mowbench.analysis.__main__ import main
+
+    results = tmp_path / "results"
+    pong = {0.25: -11.875, 0.5: -3.05, 1.0: 14.6}  # raw score -> HNS (random -20.7, human 14.6)
+    breakout = {0.25: 8.9, 1.0: 30.5, 2.0: 59.3}  # (random 1.7, human 30.5)
+    for top_k, (p, b) in {1: (0.25, 0.25), 2: (0.5, 1.0), 8: (1.0, 2.0)}.items():
+        for seed in (0, 1):
+            make_run(results, f"mow-top_k={top_k}", "all2", seed,
+                     [(50, "Pong", [pong[p] - 1]), (50, "Breakout", [breakout[b] - 1]),
+                      (100, "Pong", [pong[p]]), (100, "Breakout", [breakout[b]])])
+    out = tmp_path / "out"
+    assert main([str(results), "--suite", "atari100k", "--grid", "ablate_topk", "--with-published",
+                 "--out", str(out), "--reps", "100"]) == 0
+    printed = capsys.readouterr().out
+    expected = (
+        "| top_k | method | runs | IQM (%) | Mean (%) | Median (%) | OG (%) | P(> default) |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| top_k=1 | mow-top_k=1 | 2 | 25.0 [25.0, 25.0] | 25.0 [25.0, 25.0] | 25.0 [25.0, 25.0] | 75.0 [75.0, 75.0] "
+        "| 0.00 [0.00, 0.00] |\n"
+        "| top_k=2 (default) | mow-top_k=2 | 2 | 75.0 [75.0, 75.0] | 75.0 [75.0, 75.0] | 75.0 [75.0, 75.0] "
+        "| 25.0 [25.0, 25.0] | – |\n"
+        "| top_k=4 | mow-top_k=4 | 0 | – | – | – | – | – |\n"
+        "| top_k=8 | mow-top_k=8 | 2 | 150.0 [150.0, 150.0] | 150.0 [150.0, 150.0] | 150.0 [150.0, 150.0] "
+        "| 0.0 [0.0, 0.0] | 1.00 [1.00, 1.00] |\n")
+    assert (out / "grid_ablate_topk.md").read_text() == expected and expected in printed
+    assert "\\toprule" in (out / "grid_ablate_topk.tex").read_text()
+    assert pd.read_csv(out / "grid_ablate_topk.csv")["method"].tolist() == [f"mow-top_k={k}" for k in (1, 2, 4, 8)]
+    # published: STORM's per-game means as a method, the papers' aggregates as point-only rows
+    raw = (out / "per_task_raw.md").read_text().splitlines()
+    assert "| Pong | -11.9 ± 0.0 | -3.0 ± 0.0 | 14.6 ± 0.0 | 11.3 |" in raw  # STORM paper: Pong 11.3
+    norm = (out / "per_task_normalised.md").read_text().splitlines()
+    assert "| Breakout | 25.0 ± 0.0 | 100.0 ± 0.0 | 200.0 ± 0.0 | 49.3 |" in norm
+    assert "| mow (published), as printed | 110.4 | 37.7 | – | – |" in (out / "aggregate_table.md").read_text()
+    assert norm[0] == "| task | mow-top_k=1 | mow-top_k=2 | mow-top_k=8 | storm (published) |"
+    assert norm[-1].startswith("| UpNDown | – | – | – | ")  # the published method covers all 26 games
+    notes = (out / "notes.txt").read_text()
+    assert "grid ablate_topk: no results for mow-top_k=4 (top_k=4)" in notes
+    assert "storm (published): STORM's per-game means" in notes and "no seed variation" in notes
+    for name in ("sample_efficiency", "learning_curves", "ablation_ablate_topk"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+    # the curve points are the IQMs at each shared evaluation step
+    curves, _ = curve_matrices(human_normalised(read_results(results, "atari100k")[0]), "hns")
+    steps, cube = curves["mow-top_k=1"]
+    assert steps.tolist() == [50.0, 100.0] and iqm_per_step(cube)[1] == pytest.approx(0.25)
