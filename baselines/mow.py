@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mowbench import results as R
-from mowbench.agents.base import Batch, register_agent
+from mowbench.agents.base import Batch, adam, register_agent
 from mowbench.baselines.storm import STORMAgent, STORMConfig, count_parameters, encode_frames
 from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmeans_cosine, random_assignment
 from mowbench.envs.base import TaskInfo
@@ -149,11 +149,18 @@ class MoWWorldModel(nn.Module):
         self.register_buffer("assignment", torch.zeros(n_tasks, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(float(cfg.tau_start)))
         self._memo: tuple[torch.Tensor, Grouping] | None = None
+        self._embed_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     # ---- task embedding, clusters ----
     def embed(self, task: torch.Tensor) -> torch.Tensor:
-        """task (B,) -> e_k (B, E), ||e_k|| = 1."""
-        return F.normalize(self.task_embedding(task), dim=-1)
+        """task (B,) -> e_k (B, E), ||e_k|| = 1. Without autograd (imagination, acting) it is reused while
+        the same `task` tensor comes back and the embedding is unchanged: a rollout asks for it ~5 times a step."""
+        if torch.is_grad_enabled():
+            return F.normalize(self.task_embedding(task), dim=-1)
+        version = self.task_embedding.weight._version
+        if self._embed_memo is None or self._embed_memo[0] is not task or self._embed_memo[1] != version:
+            self._embed_memo = (task, version, F.normalize(self.task_embedding(task), dim=-1))
+        return self._embed_memo[2]
 
     def by_cluster(self, task: torch.Tensor) -> Grouping:
         """Rows grouped by their task's VAE cluster; reused while the same `task` tensor is passed (one
@@ -286,7 +293,7 @@ class MoWAgent(STORMAgent):
 
     def _world_model_optimizer(self) -> torch.optim.Optimizer:
         params = list(self.wm.parameters()) + ([self.log_sigma] if self.log_sigma is not None else [])
-        return torch.optim.Adam(params, lr=self.cfg.wm_lr)
+        return adam(params, lr=self.cfg.wm_lr)
 
     def feature_dim(self) -> int:
         return self.wm.latent_dim + self.cfg.width + self.cfg.embed_dim

@@ -153,12 +153,13 @@ def expert_uses(agent, z, a, task):
     with torch.no_grad():
         base = wm.sequence(z, a, task)
         changed = []
-        for expert in wm.experts.experts:
-            saved = [p.clone() for p in expert.parameters()]
-            for p in expert.parameters():
+        for j in range(wm.experts.n_experts):
+            params = wm.experts.expert_parameters(j)  # views into the stacked weights
+            saved = [p.clone() for p in params]
+            for p in params:
                 p.zero_()
             changed.append(~torch.isclose(wm.sequence(z, a, task), base, atol=1e-6).all(-1))  # (B, T)
-            for p, s in zip(expert.parameters(), saved, strict=True):
+            for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
     return torch.stack(changed, -1)  # (B, T, N_e): token (b, t) depends on expert j
 

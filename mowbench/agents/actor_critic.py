@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mowbench.agents.base import adam
 from mowbench.models.heads import MLP, ActionHead
 from mowbench.ops import ema_, lambda_returns, symlog_twohot_loss, twohot_decode, uniform_bins
 
@@ -59,7 +60,7 @@ class ActorCriticLearner:
                  norm_percentiles: tuple[float, float] = (5.0, 95.0), entropy_coef: float = 3e-4,
                  bins: int = 255, autocast: bool = False) -> None:
         self.model, self.device = model, device
-        self.opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps)
+        self.opt = adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps)
         self.grad_clip, self.gamma, self.lam, self.lambda_value = grad_clip, gamma, lam, lambda_value
         self.slow_decay, self.norm_decay, self.percentiles = slow_decay, norm_decay, norm_percentiles
         self.entropy_coef, self.autocast = entropy_coef, autocast

@@ -15,6 +15,12 @@ import torch
 from mowbench.envs.base import TaskInfo
 
 
+def adam(params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (CPU and CUDA): the same update as the default per-parameter loop, one
+    kernel for all parameters (about 4x faster on CPU for the tiny models' ~200 tensors)."""
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+
+
 @dataclass
 class Batch:
     """Sequences from replay. obs (B, T, S, S, 3) uint8; action (B, T) long or (B, T, A) float;

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 
@@ -64,6 +63,39 @@ def attention_mask(new: int, start: int, key_mask: torch.Tensor | None, device: 
     return (causal & key_mask[:, None, :]) | own  # (B, new, S)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention of q, k, v (B, H, T, d) -> (B, H, T, d). With a cache, k and v are
+    written after the cached tokens and the queries attend to all of them. mask from attention_mask()
+    ((T, S) or (B, T, S)); None: plain causal."""
+    mask = None if mask is None else (mask if mask.dim() == 2 else mask[:, None])  # broadcast over heads
+    if cache is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    start, new = cache.length, q.shape[2]
+    cache.k[layer, :, :, start:start + new] = k.to(cache.k.dtype)
+    cache.v[layer, :, :, start:start + new] = v.to(cache.v.dtype)
+    keys = cache.k[layer, :, :, :start + new].to(q.dtype)
+    values = cache.v[layer, :, :, :start + new].to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def layer_mask(cache: KVCache | None, key_mask: torch.Tensor | None, length: int, max_len: int,
+               device: torch.device) -> torch.Tensor | None:
+    """The attention mask of `length` new tokens (see attention_mask), after checking they fit in
+    max_len. With a cache and a key mask (B, T) the mask is recorded in cache.valid for later queries."""
+    start = 0 if cache is None else cache.length
+    if start + length > max_len:
+        raise ValueError(f"sequence length {start + length} exceeds max_len={max_len}")
+    if cache is not None and key_mask is not None:
+        if cache.valid is None:
+            cache.valid = torch.zeros(key_mask.shape[0], max_len, dtype=torch.bool, device=device)
+        cache.valid[:, start:start + length] = key_mask
+        key_mask = cache.valid[:, :start + length]
+    if cache is None and key_mask is None:
+        return None  # is_causal fast path
+    return attention_mask(length, start, key_mask, device)
+
+
 class Block(nn.Module):
     """Post-LN block: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(FFN(x))). Projections have no bias."""
 
@@ -81,18 +113,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D); mask from attention_mask() ((T, S) or (B, T, S)), None: plain causal."""
-        q, k, v = rearrange(self.qkv(x), "b t (n h d) -> n b h t d", n=3, h=self.heads)
-        mask = None if mask is None else (mask if mask.dim() == 2 else mask[:, None])  # broadcast over heads
-        if cache is None:
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        else:
-            start, new = cache.length, x.shape[1]
-            cache.k[layer, :, :, start:start + new] = k.to(cache.k.dtype)
-            cache.v[layer, :, :, start:start + new] = v.to(cache.v.dtype)
-            keys = cache.k[layer, :, :, :start + new].to(q.dtype)
-            values = cache.v[layer, :, :, :start + new].to(q.dtype)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        x = self.norm1(x + self.drop(self.out(rearrange(attn, "b h t d -> b t (h d)"))))
+        b, t, width = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, d)
+        attn = attend(q, k, v, cache, layer, mask)
+        x = self.norm1(x + self.drop(self.out(attn.transpose(1, 2).reshape(b, t, width))))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -117,19 +141,9 @@ class CausalTransformer(nn.Module):
         key_mask (B, T) bool: tokens later queries may attend to (None: all); see attention_mask()."""
         start = 0 if cache is None else cache.length
         length = tokens.shape[1]
-        if start + length > self.max_len:
-            raise ValueError(f"sequence length {start + length} exceeds max_len={self.max_len}")
+        mask = layer_mask(cache, key_mask, length, self.max_len, tokens.device)
         pos = torch.arange(start, start + length, device=tokens.device)
         x = self.norm(tokens + self.position(pos))
-        if cache is not None and key_mask is not None:
-            if cache.valid is None:
-                cache.valid = torch.zeros(tokens.shape[0], self.max_len, dtype=torch.bool, device=tokens.device)
-            cache.valid[:, start:start + length] = key_mask
-            key_mask = cache.valid[:, :start + length]
-        if cache is None and key_mask is None:
-            mask = None  # is_causal fast path
-        else:
-            mask = attention_mask(length, start, key_mask, tokens.device)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, mask)
         if cache is not None:
