@@ -19,10 +19,14 @@ def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
 
 @pytest.mark.long
 def test_tiny_mow_beats_random_on_two_minatar_games(tmp_path):
-    """Tiny MoW, one agent for MinAtar breakout and space_invaders, 3000 steps per game. Measured on the
-    development machine (2 cores, 16.4 minutes): breakout 1.10 vs random 0.35, space_invaders 5.10 vs
-    4.65 (20 episodes each). Too long for CI's budget (marker `long`: `pytest --run-long`); the
-    issue asks for a few minutes, which needs a cheaper tiny MoW step (see the README)."""
+    """Tiny MoW, one agent for MinAtar breakout and space_invaders, 3000 steps per game (20 evaluation
+    episodes each). Not yet reliable, so marked `long` (skipped unless `pytest --run-long`) and open in
+    issue 3. Measured on the development machine (2 cores):
+    - before the experts' weights were stacked: breakout 1.10 vs random 0.35, space_invaders 5.10 vs 4.65
+      (passes; 16.4 minutes);
+    - with stacked experts and fused Adam (same maths; other initial weights and rounding): breakout 0.55 vs 0.35,
+      space_invaders 3.70 vs 4.65 (fails; 15.5 minutes).
+    Tiny MoW's learning at this budget depends on the seed, and the test is 3x CI's per-test budget."""
     cfg = compose_config(["agent=mow", "task=[breakout,space_invaders]", "agent.n_clusters=2", "seed=0",
                           f"results_dir={tmp_path}", "train.eval_episodes=20", "train.progress=false",
                           "train.tensorboard=false"])
