@@ -44,12 +44,12 @@ from mowbench.analysis.scores import (
     final_scores,
     human_normalised,
     published,
+    published_aggregates,
     read_results,
     read_scores_csv,
-    reference_table,
     score_matrices,
 )
-from mowbench.analysis.tables import write_table
+from mowbench.analysis.tables import interval_text, write_table
 
 NORMALISED = {"atari100k": ("hns", "human-normalised score"), "metaworld": ("score", "success rate"),
               "minatar": ("score", "return (not normalised)")}
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     pd.DataFrame(rows).to_csv(out / "aggregate.csv", index=False)
     scale = 100.0 if args.suite in ("atari100k", "metaworld") else 1.0
     unit = " (%)" if scale == 100.0 else ""
-    aggregate = pd.DataFrame({m: {k: f"{p * scale:.1f} [{lo * scale:.1f}, {hi * scale:.1f}]"
-                                  for k, (p, lo, hi) in metrics.items()} for m, metrics in estimates.items()}).T
+    aggregate = pd.DataFrame({m: {k: interval_text(*v, scale) for k, v in metrics.items()}
+                              for m, metrics in estimates.items()}).T
     if args.with_published:
         printed, more = published_aggregates(args.suite)
         aggregate = pd.concat([aggregate, printed]).fillna("–")
@@ -163,27 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     print(f"[mowbench.analysis] wrote tables and figures to {out}")
     return 0
-
-
-def published_aggregates(suite: str) -> tuple[pd.DataFrame, list[str]]:
-    """The shipped published aggregates of `suite` as point-only rows (mean, median) of the aggregate table,
-    and notes naming their sources."""
-    table = reference_table("published_aggregates")
-    mine = table[table["suite"] == suite]
-    metric = {"mean_hns": "mean", "median_hns": "median", "success": "mean"}
-    rows: dict[str, dict[str, str]] = {}
-    for _, r in mine.iterrows():
-        value = f"{r['value']:.1f}" + (f" ± {r['std']:.1f}" if pd.notna(r["std"]) else "")
-        rows.setdefault(f"{r['method']}, as printed", {})[metric[r["metric"]]] = value
-    sources: dict[str, list[str]] = {}
-    for m, src in zip(mine["method"], mine["source"], strict=True):
-        if src not in sources.setdefault(m, []):
-            sources[m].append(src)
-    notes = [f"{m}, as printed: {'; '.join(src)} (point estimates as published, no intervals)"
-             for m, src in sources.items()]
-    if not rows:
-        notes.append(f"no published aggregates are shipped for {suite}")
-    return pd.DataFrame(rows).T.reindex(columns=["mean", "median", "iqm", "og"]), notes
 
 
 if __name__ == "__main__":

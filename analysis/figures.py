@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mowbench.analysis.scores import natural_key
+from mowbench.analysis.tables import metric_label
 
 
 def _plt():  # noqa: ANN202 - pyplot, imported headless on first use
@@ -19,8 +20,8 @@ def _plt():  # noqa: ANN202 - pyplot, imported headless on first use
     return plt
 
 
-def _save(fig, path: Path) -> None:  # noqa: ANN001
-    fig.tight_layout()
+def _save(fig, path: Path, rect: tuple[float, float, float, float] | None = None) -> None:  # noqa: ANN001
+    fig.tight_layout(rect=rect)
     for ext in ("png", "pdf"):
         fig.savefig(path.with_suffix(f".{ext}"), dpi=150)
     _plt().close(fig)
@@ -43,7 +44,7 @@ def interval_estimates(estimates: dict[str, dict[str, tuple[float, float, float]
         pad = 0.1 * (max(span) - min(span)) or 0.1 * max(abs(max(span)), 1.0)
         ax.set_xlim(min(span) - pad, max(span) + pad)  # bars are sticky: margins() would not apply
         ax.set_yticks(range(len(methods)), methods if metric == metrics[0] else [""] * len(methods))
-        ax.set_title(metric.upper() if metric in ("iqm", "og") else metric.capitalize())
+        ax.set_title(metric_label(metric))
         ax.set_xlabel(label)
     _save(fig, path)
 
@@ -122,10 +123,7 @@ def learning_curves(scores, path: Path, ylabel: str = "return") -> None:  # noqa
     fig.supxlabel("agent steps", fontsize=8)
     fig.supylabel(ylabel, fontsize=8)
     legend_rows = -(-len(labels) // 4)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.05 + 0.03 * legend_rows) / max(rows * 0.7, 1)))
-    for ext in ("png", "pdf"):
-        fig.savefig(path.with_suffix(f".{ext}"), dpi=150)
-    plt.close(fig)
+    _save(fig, path, rect=(0, 0, 1, 1 - (0.05 + 0.03 * legend_rows) / max(rows * 0.7, 1)))
 
 
 def ablation(rows: list[dict], swept: str, scale: float, label: str, path: Path) -> None:
@@ -140,8 +138,9 @@ def ablation(rows: list[dict], swept: str, scale: float, label: str, path: Path)
         for x, r in zip(xs, rows, strict=True):
             if r["default"]:
                 ax.plot(x, point[x], "*", color="black", markersize=10)
-        ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=30 if len(rows) > 4 else 0, ha="right"
-                      if len(rows) > 4 else "center", fontsize=7)
+        crowded = len(rows) > 4
+        ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=30 if crowded else 0,
+                      ha="right" if crowded else "center", fontsize=7)
         ax.set_xlabel(swept)
-        ax.set_title(f"{metric.upper() if metric == 'iqm' else 'Mean'} {label}", fontsize=9)
+        ax.set_title(f"{metric_label(metric)} {label}", fontsize=9)
     _save(fig, path)

@@ -9,7 +9,6 @@ the file does not list (a sweep changed on the command line, e.g. agent.n_cluste
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import pandas as pd
 
 from mowbench.analysis.metrics import improvement_intervals
 from mowbench.analysis.scores import AnalysisError
+from mowbench.analysis.tables import interval_text, metric_label
 
 
 @dataclasses.dataclass
@@ -25,6 +25,12 @@ class Cell:
     method: str  # results method, e.g. mow-n_clusters=3
     default: bool
     order: Any  # sort key: the swept value when numeric
+
+
+def sort_key(value: Any, position: int) -> tuple:
+    """Cells with a numeric swept value sort by it, the others keep their grid-file position, after them."""
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    return (0, value) if numeric else (1, position)
 
 
 def load_cells(name: str) -> tuple[list[Cell], str, dict[str, Any]]:
@@ -43,8 +49,7 @@ def load_cells(name: str) -> tuple[list[Cell], str, dict[str, Any]]:
             raise AnalysisError(f"grid {name}: {err}") from None
         label = variant or ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
         value = next(iter(point.values())) if len(point) == 1 and not variant else None
-        order = (0, value) if isinstance(value, int | float) and not isinstance(value, bool) else (1, i)
-        out.append(Cell(label, method, G.is_default(spec, point, variant), order))
+        out.append(Cell(label, method, G.is_default(spec, point, variant), sort_key(value, i)))
     swept = [k.split(".")[-1] for k in spec.get("axes") or {}] + (["variant"] if spec.get("variants") else [])
     return out, ", ".join(swept) or "cell", spec
 
@@ -59,14 +64,13 @@ def extra_cells(cells: list[Cell], spec: dict[str, Any], methods: list[str]) -> 
     known = {c.method for c in cells}
     out = []
     for method in methods:
-        if method.startswith(prefix) and method not in known and not re.search(r"-", method[len(prefix):]):
-            raw = method[len(prefix):]
+        raw = method[len(prefix):]
+        if method.startswith(prefix) and method not in known and "-" not in raw:
             try:
                 value: Any = float(raw) if "." in raw else int(raw)
-                order = (0, value)
             except ValueError:
-                order = (1, len(cells) + len(out))
-            out.append(Cell(f"{key}={raw}", method, False, order))
+                value = None
+            out.append(Cell(f"{key}={raw}", method, False, sort_key(value, len(cells) + len(out))))
     return out
 
 
@@ -99,11 +103,9 @@ def grid_table(name: str, matrices: dict[str, np.ndarray], estimates: dict[str, 
         record = {swept: c.label + (" (default)" if c.default else ""), "method": c.method,
                   "runs": len(matrices[c.method]) if c.method in matrices else 0}
         for metric in ("iqm", "mean", "median", "og"):
-            name_ = f"{metric.upper() if metric in ('iqm', 'og') else metric.capitalize()}{unit}"
-            record[name_] = "–" if est is None else (
-                f"{est[metric][0] * scale:.1f} [{est[metric][1] * scale:.1f}, {est[metric][2] * scale:.1f}]")
+            record[f"{metric_label(metric)}{unit}"] = "–" if est is None else interval_text(*est[metric], scale)
         poi = improvement.get(c.method)
-        record["P(> default)"] = f"{poi[0]:.2f} [{poi[1]:.2f}, {poi[2]:.2f}]" if poi else "–"
+        record["P(> default)"] = interval_text(*poi, digits=2) if poi else "–"
         records.append(record)
         rows.append({"label": c.label, "method": c.method, "default": c.default, "estimates": est})
     return pd.DataFrame(records).set_index(swept), rows, swept, notes

@@ -65,6 +65,27 @@ def human_normalised(scores: pd.DataFrame, reference: pd.DataFrame | None = None
     return scores.assign(hns=(scores["score"] - random) / (human - random))
 
 
+def published_aggregates(suite: str) -> tuple[pd.DataFrame, list[str]]:
+    """The shipped published aggregates of `suite` as point-only rows (mean, median) of the aggregate table,
+    and notes naming their sources."""
+    table = reference_table("published_aggregates")
+    mine = table[table["suite"] == suite]
+    metric = {"mean_hns": "mean", "median_hns": "median", "success": "mean"}
+    rows: dict[str, dict[str, str]] = {}
+    for _, r in mine.iterrows():
+        value = f"{r['value']:.1f}" + (f" ± {r['std']:.1f}" if pd.notna(r["std"]) else "")
+        rows.setdefault(f"{r['method']}, as printed", {})[metric[r["metric"]]] = value
+    sources: dict[str, list[str]] = {}
+    for m, src in zip(mine["method"], mine["source"], strict=True):
+        if src not in sources.setdefault(m, []):
+            sources[m].append(src)
+    notes = [f"{m}, as printed: {'; '.join(src)} (point estimates as published, no intervals)"
+             for m, src in sources.items()]
+    if not rows:
+        notes.append(f"no published aggregates are shipped for {suite}")
+    return pd.DataFrame(rows).T.reindex(columns=["mean", "median", "iqm", "og"]), notes
+
+
 def read_scores_csv(path: Path) -> pd.DataFrame:
     """External scores: CSV with columns method,task,seed,score (optional step)."""
     path = Path(path)

@@ -7,6 +7,16 @@ from pathlib import Path
 import pandas as pd
 
 
+def interval_text(point: float, lower: float, upper: float, scale: float = 1.0, digits: int = 1) -> str:
+    """'point [lower, upper]' of an estimate and its interval, scaled (e.g. to percent)."""
+    return f"{point * scale:.{digits}f} [{lower * scale:.{digits}f}, {upper * scale:.{digits}f}]"
+
+
+def metric_label(metric: str) -> str:
+    """Display name of an aggregate metric: IQM, OG, Mean, Median."""
+    return metric.upper() if metric in ("iqm", "og") else metric.capitalize()
+
+
 def markdown(table: pd.DataFrame) -> str:
     header = [table.index.name or "", *map(str, table.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]

@@ -111,11 +111,12 @@ class PairLayout:
     def of(cls, pair_expert: torch.Tensor, n_experts: int) -> PairLayout:
         grouping = Grouping(pair_expert, n_experts)  # one device sync per layout
         longest = max(s.stop - s.start for _, s in grouping.slices)
+        slots = torch.arange(longest, device=pair_expert.device)
         padded, valid = [], []
-        for _, s in grouping.slices:
+        for _, s in grouping.slices:  # once per layout (a rollout, or a training batch), not per token
             rows = grouping.rows(s)
             padded.append(torch.cat([rows, rows[-1:].expand(longest - len(rows))]))
-            valid.append(torch.arange(longest, device=rows.device) < len(rows))
+            valid.append(slots < len(rows))
         experts = None if grouping.groups == list(range(n_experts)) else torch.tensor(grouping.groups,
                                                                                      device=pair_expert.device)
         return cls(torch.stack(padded), experts, torch.cat(valid), grouping.inverse)
