@@ -66,6 +66,9 @@ class STORMConfig:
     lambda_value: str = "next"  # 'next' = V(s_{t+1}) (textbook); 'current' = STORM reference's V(s_t)
     slow_decay: float = 0.98  # slow critic EMA decay
     norm_decay: float = 0.99  # EMA decay of the return scale S
+    # multi-task only (one task: all the same): one S per task | per critic (MoW: cluster) | one for all.
+    # The papers are silent; per task keeps a game with large returns from shrinking the others' advantages
+    return_norm: str = "task"
     entropy_coef: float = 3e-4  # entropy bonus
     ac_lr: float = 3e-5  # actor-critic Adam learning rate
     ac_eps: float = 1e-5  # actor-critic Adam epsilon
@@ -74,6 +77,8 @@ class STORMConfig:
     def check(self) -> None:
         if self.lambda_value not in ("next", "current"):
             raise ValueError(f"lambda_value={self.lambda_value!r}; allowed: next, current")
+        if self.return_norm not in ("task", "critic", "global"):
+            raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
         if self.batch_length > self.max_len or self.imag_context + self.imag_horizon > self.max_len:
@@ -211,7 +216,8 @@ class STORMAgent(Agent):
         self.wm_opt = adam(self.wm.parameters(), lr=cfg.wm_lr)
         self.learner = ActorCriticLearner(
             self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
-            cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins, autocast=self.autocast)
+            cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins, autocast=self.autocast,
+            norm_groups={"task": len(tasks), "critic": self.n_critics(), "global": 1}[cfg.return_norm])
         self.bins = uniform_bins(cfg.bins).to(device)
 
     # ---- hooks for multi-task subclasses ----
@@ -231,6 +237,12 @@ class STORMAgent(Agent):
     def critic_index(self, task: torch.Tensor) -> torch.Tensor | None:
         """Which critic judges rows of these tasks (None: the only one)."""
         return None
+
+    def norm_index(self, task: torch.Tensor) -> torch.Tensor | None:
+        """Which return scale S normalises rows of these tasks (config return_norm; None: one S)."""
+        if len(self.learner.return_scale) == 1:
+            return None
+        return task if self.cfg.return_norm == "task" else self.critic_index(task)
 
     # ---- helpers ----
     def _amp(self) -> Any:
@@ -317,7 +329,7 @@ class STORMAgent(Agent):
             rewards = twohot_decode(wm.reward(h_all, task), self.bins)  # (B, H)
             conts = (wm.termination(h_all, task) <= 0).float()  # (B, H): 1 - predicted termination
         return Imagined(torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts, legal,
-                        self.critic_index(task))
+                        self.critic_index(task), self.norm_index(task))
 
     # ---- Agent interface ----
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:

@@ -230,11 +230,21 @@ def read_jobs(req: Request) -> dict[str, Any]:
 
 
 def queue_states(job_ids: list[str]) -> dict[str, str]:
-    """SLURM state of each queued job id (array tasks as <array>_<index>); absent ids have left the queue."""
+    """SLURM state of each queued job id (array tasks as <array>_<index>); absent ids have left the queue.
+
+    When squeue cannot answer (controller down, timeout) this raises instead of reporting the jobs as
+    gone: a resubmission would then queue a second copy of every pending job."""
     if not job_ids or shutil.which("squeue") is None:
         return {}
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(sorted(set(job_ids)))],
-                         capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(sorted(set(job_ids)))],
+                             capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        out = None
+    if out is None or (out.returncode != 0 and "Invalid job id" not in out.stderr):  # all ids gone: rc 1
+        reason = "timed out after 60 s" if out is None else (out.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ValueError(f"squeue failed ({reason}); cannot tell which recorded jobs are still queued, so "
+                         "nothing is submitted or reported; retry when SLURM answers")
     states = {}
     for line in out.stdout.splitlines():
         job, _, state = line.strip().partition(" ")
@@ -386,7 +396,8 @@ def _local_pid(job: Any) -> int | None:
 
 
 def watch(req: Request, units: list[Unit], interval: float = 10.0) -> None:
-    """Live progress until every unit is done or failed."""
+    """Live progress until every unit is done or failed; polls after 1 s, then less often, up to `interval`."""
+    delay = 1.0
     while True:
         rows = unit_states(req, units)
         counts = count_states(rows)
@@ -395,7 +406,8 @@ def watch(req: Request, units: list[Unit], interval: float = 10.0) -> None:
         if counts["done"] + counts["failed"] == len(units):
             print()
             return
-        time.sleep(interval)
+        time.sleep(delay)
+        delay = min(interval, delay * 1.5)
 
 
 def print_status(req: Request) -> list[dict[str, Any]]:

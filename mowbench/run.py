@@ -26,8 +26,8 @@ from mowbench.envs import make_envs, resolve_tasks, suite_module
 from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
 
 CONF = Path(__file__).parent / "conf"
-# `python -m mowbench.run` with no arguments: tiny STORM on two MinAtar games where 3000 steps (about
-# 6.5 minutes each on 2 CPU cores) are enough to see learning; the table compares with a random policy.
+# `python -m mowbench.run` with no arguments: tiny STORM on two MinAtar games, 2000 steps each (about
+# 5 minutes each on 2 CPU cores); the table compares each game's final return with a random policy's.
 QUICKSTART = ["env=minatar", "agent=storm", "preset=tiny", "task=[breakout,space_invaders]"]
 GROUPS = ("env", "agent", "preset", "ablation")
 

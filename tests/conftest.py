@@ -35,15 +35,3 @@ def micro_cfg(tmp_path):
                             *MICRO, *extra])
     return make
 
-
-def pytest_addoption(parser):
-    parser.addoption("--run-long", action="store_true", help="also run tests marked long (beyond CI's budget)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-long"):
-        return
-    skip = pytest.mark.skip(reason="marked long (beyond CI's time budget); run with pytest --run-long")
-    for item in items:
-        if "long" in item.keywords:
-            item.add_marker(skip)

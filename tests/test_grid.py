@@ -91,6 +91,8 @@ def test_local_launcher_runs_a_grid_and_a_resubmission_submits_nothing(tmp_path)
     assert "nothing to submit (1 done, 0 running, 0 pending of 1)" in run_grid(*args)
 
 
+@pytest.mark.skipif(shutil.which("squeue") is not None and not SLURM and not REQUIRE_SLURM,
+                    reason="squeue is installed but SLURM does not answer (slurm/local-cluster.sh start)")
 def test_a_failed_run_is_resubmitted(tmp_path):
     """A unit whose recorded job left the queue without finishing is 'failed' and is submitted again."""
     args = ["grid=smoke", "seeds=[1]", "agent=[storm]", "task=space_invaders", "launcher=local", "wait=true",
@@ -103,6 +105,30 @@ def test_a_failed_run_is_resubmitted(tmp_path):
     assert row["state"] == "failed" and row["log"] == "/nowhere/424242_0_log.err"
     assert "submitted 1 run(s)" in run_grid(*args)
     assert R.is_done(unit.folder)
+
+
+def test_a_resubmission_stops_when_squeue_cannot_answer(tmp_path):
+    """With SLURM unreachable, recorded jobs must not be taken for gone (that would queue each pending job
+    twice): one line, nothing submitted. The real squeue needs 18-60 s to give up, so a stand-in on PATH
+    fails the way it does."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller "
+                                 "(connect failure)' >&2\nexit 1\n")
+    (fake / "squeue").chmod(0o755)
+    args = ["grid=smoke", "seeds=[1]", "agent=[storm]", "task=breakout", "launcher=local", f"results_dir={tmp_path}"]
+    [unit] = expand(parse_args(args))
+    jobs = tmp_path / "grids" / "smoke" / "jobs.json"
+    R.atomic_write_json(jobs, {unit.key: {"job_id": "424242", "launcher": "slurm", "stderr": "/nowhere/x.err"}})
+    before = jobs.read_text()
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "mowbench.run", *args], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.strip() == ("error: squeue failed (slurm_load_jobs error: Unable to contact slurm controller "
+                                  "(connect failure)); cannot tell which recorded jobs are still queued, so nothing "
+                                  "is submitted or reported; retry when SLURM answers")
+    assert jobs.read_text() == before and not unit.folder.exists()
 
 
 def wait_for(predicate, timeout, what):

@@ -1,4 +1,5 @@
-"""Tiny STORM learns: on MinAtar breakout it clearly beats a random policy with a fixed seed (~6 CPU minutes)."""
+"""Tiny agents learn on MinAtar with a fixed seed: STORM on breakout (~4 CPU minutes) and one MoW agent on
+breakout and space_invaders (~9 CPU minutes); each clearly beats a uniformly random policy."""
 
 import pytest
 
@@ -8,34 +9,30 @@ from mowbench.run import compose_config, execute
 @pytest.mark.slow
 def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
     cfg = compose_config(["task=breakout", "seed=0", f"results_dir={tmp_path}", "train.eval_every=1000",
-                       "train.eval_episodes=30", "train.progress=false"])
-    assert cfg["train"]["steps"] == 3000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
+                          "train.eval_episodes=30", "train.progress=false"])
+    assert cfg["train"]["steps"] == 2000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
     [(_, summary)] = execute(cfg)
     agent, random = summary["final_return"]["breakout"], summary["random_return"]["breakout"]
-    print(f"\nbreakout after 3000 steps: agent {agent:.2f}, random {random:.2f} (30 episodes each)")
-    # measured on the development machine (2 cores): agent 1.17, random 0.30, in 6.0 minutes
+    print(f"\nbreakout after 2000 steps: agent {agent:.2f}, random {random:.2f} (30 episodes each)")
+    # measured on the development machine (2 cores, threads=1 beside another run): agent 2.57, random 0.30
     assert agent >= 2.0 * random and agent - random >= 0.4, (agent, random)
 
 
-@pytest.mark.long
+@pytest.mark.slow
 def test_tiny_mow_beats_random_on_two_minatar_games(tmp_path):
-    """Tiny MoW, one agent for MinAtar breakout and space_invaders, 3000 steps per game (20 evaluation
-    episodes each). Not yet reliable, so marked `long` (skipped unless `pytest --run-long`) and open in
-    issue 3. Measured on the development machine (2 cores):
-    - before the experts' weights were stacked: breakout 1.10 vs random 0.35, space_invaders 5.10 vs 4.65
-      (passes; 16.4 minutes);
-    - with stacked experts and fused Adam (same maths; other initial weights and rounding): breakout 0.55 vs 0.35,
-      space_invaders 3.70 vs 4.65 (fails; 15.5 minutes).
-    Tiny MoW's learning at this budget depends on the seed, and the test is 3x CI's per-test budget. A
-    monolithic control on the same games and budget got breakout 0.60, space_invaders 3.95: the likely
-    cause is the multi-task update ratio (one 16-sequence update per round of all tasks gives each game
-    half of single-task STORM's training signal), not MoW's parts."""
+    """Tiny MoW, one agent for MinAtar breakout and space_invaders (a cluster each), 2000 steps per game,
+    20 evaluation episodes each. Measured on the development machine: breakout 1.50 vs random 0.35,
+    space_invaders 5.75 vs 4.65. Before the return scale was kept per task and the tiny world-model
+    learning rate raised (3e-4 -> 1e-3), tiny MoW did not learn breakout at seed 0 even in 3000 steps
+    (0.55 vs 0.35): one return scale across games is set by space_invaders' larger returns and shrinks
+    breakout's advantages."""
     cfg = compose_config(["agent=mow", "task=[breakout,space_invaders]", "agent.n_clusters=2", "seed=0",
                           f"results_dir={tmp_path}", "train.eval_episodes=20", "train.progress=false",
                           "train.tensorboard=false"])
-    assert cfg["train"]["steps"] == 3000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
+    assert cfg["train"]["steps"] == 2000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
+    assert cfg["agent"]["return_norm"] == "task"
     [(_, summary)] = execute(cfg)
     agent, random = summary["final_return"], summary["random_return"]
-    print(f"\nMoW after 3000 steps per game: agent {agent}, random {random} (20 episodes each)")
+    print(f"\nMoW after 2000 steps per game: agent {agent}, random {random} (20 episodes each)")
     assert agent["breakout"] >= 2.0 * random["breakout"] and agent["breakout"] - random["breakout"] >= 0.4
     assert agent["space_invaders"] > random["space_invaders"]

@@ -16,7 +16,8 @@ from mowbench.ops import ema_, lambda_returns, symlog_twohot_loss, twohot_decode
 @dataclass
 class Imagined:
     """An imagined rollout. feat (B, H+1, F) = [z, h]; action (B, H) or (B, H, A); reward,
-    cont (B, H); legal (B, A) bool; critic (B,) long: which critic judges each row (MoW: cluster)."""
+    cont (B, H); legal (B, A) bool; critic (B,) long: which critic judges each row (MoW: cluster);
+    norm (B,) long: which return scale S normalises each row's advantages (None: one S for all)."""
 
     feat: torch.Tensor
     action: torch.Tensor
@@ -24,6 +25,7 @@ class Imagined:
     cont: torch.Tensor
     legal: torch.Tensor
     critic: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
 
 
 class ActorCritic(nn.Module):
@@ -52,20 +54,25 @@ class ActorCriticLearner:
     """Losses and optimizer for ActorCritic (STORM spec 'Agent'):
     value loss = CE(critic, R_lambda) + CE(critic, R_lambda of slow critic);
     policy loss = -mean(log pi(a) * sg((R_lambda - V) / max(1, S))) - entropy_coef * entropy,
-    S = EMA(decay) of (95th - 5th percentile of R_lambda)."""
+    S = EMA(decay) of (95th - 5th percentile of R_lambda).
+
+    Multi-task: `norm_groups` return scales, one per group of rows (Imagined.norm, e.g. per task), each
+    tracking the percentile range of its own rows' returns; groups absent from a batch keep their S.
+    STORM has one task and one S; across tasks one S would be set by the game with the largest returns
+    and shrink every other game's advantages (MinAtar space_invaders' range is ~5x breakout's)."""
 
     def __init__(self, model: ActorCritic, device: torch.device, lr: float = 3e-5, eps: float = 1e-5,
                  grad_clip: float = 100.0, gamma: float = 0.985, lam: float = 0.95,
                  lambda_value: str = "next", slow_decay: float = 0.98, norm_decay: float = 0.99,
                  norm_percentiles: tuple[float, float] = (5.0, 95.0), entropy_coef: float = 3e-4,
-                 bins: int = 255, autocast: bool = False) -> None:
+                 bins: int = 255, autocast: bool = False, norm_groups: int = 1) -> None:
         self.model, self.device = model, device
         self.opt = adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps)
         self.grad_clip, self.gamma, self.lam, self.lambda_value = grad_clip, gamma, lam, lambda_value
         self.slow_decay, self.norm_decay, self.percentiles = slow_decay, norm_decay, norm_percentiles
         self.entropy_coef, self.autocast = entropy_coef, autocast
         self.bins = uniform_bins(bins).to(device)
-        self.return_scale = torch.zeros((), device=device)  # S, starts at 0 as in STORM
+        self.return_scale = torch.zeros(norm_groups, device=device)  # S per group, starts at 0 as in STORM
 
     def update(self, traj: Imagined) -> dict[str, float]:
         feat = traj.feat.detach()
@@ -81,10 +88,8 @@ class ActorCriticLearner:
         value_loss = symlog_twohot_loss(value_logits[:, :-1], ret, self.bins)
         slow_reg = symlog_twohot_loss(value_logits[:, :-1], slow_ret, self.bins)
 
-        lo, hi = torch.quantile(ret.detach().flatten().float(),
-                                torch.tensor([p / 100 for p in self.percentiles], device=ret.device))
-        self.return_scale = self.norm_decay * self.return_scale + (1 - self.norm_decay) * (hi - lo)
-        advantage = (ret - value[:, :-1]).detach() / torch.clamp(self.return_scale, min=1.0)
+        scale = self.update_return_scale(ret.detach().float(), traj.norm)  # (B, 1)
+        advantage = (ret - value[:, :-1]).detach() / torch.clamp(scale, min=1.0)
         log_prob = dist.log_prob(traj.action)  # (B, H)
         entropy = dist.entropy().mean()
         policy_loss = -(log_prob * advantage).mean()
@@ -97,12 +102,29 @@ class ActorCriticLearner:
         ema_(self.model.slow_critics, self.model.critics, self.slow_decay)
         return {"ac/policy_loss": policy_loss.item(), "ac/value_loss": value_loss.item(),
                 "ac/slow_reg": slow_reg.item(), "ac/entropy": entropy.item(),
-                "ac/return_mean": ret.mean().item(), "ac/return_scale": self.return_scale.item(),
+                "ac/return_mean": ret.mean().item(), "ac/return_scale": self.return_scale.mean().item(),
                 "ac/grad_norm": grad_norm.item()}
+
+    def update_return_scale(self, ret: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
+        """EMA step of S from the returns ret (B, H) of each group present; -> each row's S (B, 1)."""
+        q = torch.tensor([p / 100 for p in self.percentiles], device=ret.device)
+        decay = self.norm_decay
+        if group is None or len(self.return_scale) == 1:
+            lo, hi = torch.quantile(ret.flatten(), q)
+            self.return_scale = decay * self.return_scale + (1 - decay) * (hi - lo)
+            return self.return_scale.expand(ret.shape[0])[:, None]
+        spread = self.return_scale.clone()
+        for g in torch.unique(group).tolist():  # once per group present per update (not per token)
+            lo, hi = torch.quantile(ret[group == g].flatten(), q)
+            spread[g] = hi - lo
+        present = torch.bincount(group, minlength=len(spread)) > 0
+        self.return_scale = torch.where(present, decay * self.return_scale + (1 - decay) * spread, self.return_scale)
+        return self.return_scale[group][:, None]
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "return_scale": self.return_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
-        self.return_scale = state["return_scale"].to(self.device)
+        scale = state["return_scale"].to(self.device)
+        self.return_scale = scale.reshape(-1).expand(len(self.return_scale)).clone() if scale.numel() == 1 else scale
