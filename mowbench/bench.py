@@ -3,7 +3,8 @@
 Prints one JSON object: parameter counts, seconds per world-model update, per imagination, per agent
 update, a full training step, acting env-steps/s on the real env (Pong by default), and the same
 imagination done the way STORM's reference implementation caches (layer inputs, K/V re-projected for
-the whole history at every step) so the speed-up is measured on the same machine.
+the whole history at every step) so the speed-up is measured on the same machine, and the FLOPs of each
+phase with the device's matmul rate: the step time no implementation of the same maths can beat here.
 
 Multi-task agents (`agent=mow`, `agent=monolithic`) are built for the suite's task list (Atari: the 26
 games, full action set) and batches are spread over the tasks; the output adds the parameters of one
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import Batch, get_agent, make_agent
 from mowbench.baselines.storm import STORMConfig, STORMWorldModel, sample_z
@@ -34,8 +36,12 @@ from mowbench.run import compose_config, plan, resolve_device, resolve_precision
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
 # reference: also time STORM's reference-style cache; act_steps: env steps timed for acting;
-# warm_up: one untimed agent.update() first (MoW: its warm-up clustering; see cluster_warmup_updates)
-BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True}
+# warm_up: one untimed agent.update() first (MoW: its warm-up clustering; see cluster_warmup_updates);
+# flops: count each phase's matmul/conv FLOPs (one untimed pass) and measure the device's dense matmul
+# rate in the run's precision, giving a lower bound on the step time (what no implementation of the same
+# maths can beat on this device)
+BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True,
+                  "flops": True}
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -51,6 +57,21 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def gflop(fn: Callable[[], Any]) -> float:
+    """GFLOP of the matmuls, convolutions and attention `fn` runs (forward and backward; elementwise ops
+    are not counted), from torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflop_per_s(device: torch.device, precision: str, n: int = 4096, repeats: int = 3) -> float:
+    """Dense n x n matmul rate of the device in the run's precision (bf16 autocast -> bf16 operands)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: x @ x, repeats, device) / 1e9
 
 
 def random_batch(agent: Any, n: int, length: int, size: int, device: torch.device) -> Batch:
@@ -172,6 +193,13 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         ref_step = out["s_per_world_model_update"] + ref_imag + out["s_per_agent_update"]
         out["s_per_train_step_reference_cache"] = ref_step
         out["train_step_speedup_vs_reference_cache"] = ref_step / out["s_per_train_step"]
+    if opts["flops"]:
+        counts = {"world_model_update": gflop(lambda: agent.update_world_model(wm_batch)),
+                  "imagination": gflop(lambda: agent.imagine(ctx_batch)),
+                  "agent_update": gflop(lambda: agent.learner.update(traj))}
+        out["gflop"] = counts
+        rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
+        out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
     context, obs = agent.new_context(0), env.reset()
     for _ in range(agent.cfg.act_context):  # fill the acting window first
         obs = env.step(agent.act(context, obs)).obs

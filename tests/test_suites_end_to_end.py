@@ -63,3 +63,14 @@ def test_bench_prints_one_json_object():
                 "s_per_imagination_reference_cache", "acting_env_steps_per_s"):
         assert result[key] > 0, key
     assert set(result["parameters"]) == {"world_model", "actor_critic", "slow_critic"}
+    assert min(result["gflop"].values()) > 0 and result["matmul_gflop_per_s"] > 0
+    assert result["s_per_train_step_at_matmul_rate"] < result["s_per_train_step"]  # a floor, below the real step
+
+
+def test_bench_flop_count_of_a_matmul_and_a_linear_backward():
+    from mowbench.bench import gflop
+
+    assert gflop(lambda: torch.ones(8, 16) @ torch.ones(16, 4)) == 2 * 8 * 16 * 4 / 1e9
+    layer = torch.nn.Linear(16, 4, bias=False)
+    # forward 2*B*in*out, backward twice that (input and weight gradients)
+    assert gflop(lambda: layer(torch.ones(8, 16, requires_grad=True)).sum().backward()) == 3 * 2 * 8 * 16 * 4 / 1e9
