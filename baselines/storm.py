@@ -240,7 +240,7 @@ class STORMAgent(Agent):
 
     def norm_index(self, task: torch.Tensor) -> torch.Tensor | None:
         """Which return scale S normalises rows of these tasks (config return_norm; None: one S)."""
-        if len(self.learner.return_scale) == 1:
+        if self.cfg.return_norm == "global":
             return None
         return task if self.cfg.return_norm == "task" else self.critic_index(task)
 

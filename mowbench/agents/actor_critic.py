@@ -106,25 +106,21 @@ class ActorCriticLearner:
                 "ac/grad_norm": grad_norm.item()}
 
     def update_return_scale(self, ret: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
-        """EMA step of S from the returns ret (B, H) of each group present; -> each row's S (B, 1)."""
+        """EMA step of S from the returns ret (B, H) of each group present (None: all rows in group 0);
+        -> each row's S (B, 1)."""
+        group = torch.zeros(ret.shape[0], dtype=torch.long, device=ret.device) if group is None else group
         q = torch.tensor([p / 100 for p in self.percentiles], device=ret.device)
-        decay = self.norm_decay
-        if group is None or len(self.return_scale) == 1:
-            lo, hi = torch.quantile(ret.flatten(), q)
-            self.return_scale = decay * self.return_scale + (1 - decay) * (hi - lo)
-            return self.return_scale.expand(ret.shape[0])[:, None]
-        spread = self.return_scale.clone()
+        scale = self.return_scale.clone()
         for g in torch.unique(group).tolist():  # once per group present per update (not per token)
             lo, hi = torch.quantile(ret[group == g].flatten(), q)
-            spread[g] = hi - lo
-        present = torch.bincount(group, minlength=len(spread)) > 0
-        self.return_scale = torch.where(present, decay * self.return_scale + (1 - decay) * spread, self.return_scale)
-        return self.return_scale[group][:, None]
+            scale[g] = self.norm_decay * scale[g] + (1 - self.norm_decay) * (hi - lo)
+        self.return_scale = scale
+        return scale[group][:, None]
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "return_scale": self.return_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
-        scale = state["return_scale"].to(self.device)
-        self.return_scale = scale.reshape(-1).expand(len(self.return_scale)).clone() if scale.numel() == 1 else scale
+        # a checkpoint from before per-group scales holds one scalar S: it broadcasts to every group
+        self.return_scale = state["return_scale"].to(self.device).reshape(-1).expand_as(self.return_scale).clone()
