@@ -62,20 +62,26 @@ class MoWConfig(STORMConfig):
     harmonious: bool = True  # HarmonyDream weighting with one learnable s_k per task (ablation: False)
     clustering: str = "gradient"  # gradient (warm-up gradients, k-means) | random | none (one shared VAE)
     cluster_warmup_updates: int = 5000  # offline updates of the shared model on random data before clustering
-    cluster_grad_batches: int = 4  # batches per task averaged for the task gradients
-    cluster_grad_reduce: str = "layer_mean"  # layer_mean (mow.md: average within each layer) | flat
+    cluster_grad_batches: int = 4  # batches averaged for each task's gradient
+    cluster_grad_seqs: int = 4  # sequences of the task in each of those batches
+    cluster_grad_reduce: str = "sketch"  # per layer: sketch (random projection) | flat | layer_mean (old reading)
+    cluster_grad_dim: int = 256  # sketch: numbers kept per layer
+    # whose gradient: cluster = the warm-up VAE and heads (what the clustering splits into N_m copies) |
+    # shared = every shared parameter, experts, router and task-ID head included (task-specific by design)
+    cluster_grad_params: str = "cluster"
     cluster_select: str = "even"  # k-means restart kept: most even group sizes | lowest inertia
     cluster_n_init: int = 100  # k-means restarts
 
     def check(self) -> None:
         super().check()
         choices = {"routing": ("task", "token"), "clustering": ("gradient", "random", "none"),
-                   "cluster_grad_reduce": ("layer_mean", "flat"), "cluster_select": ("even", "inertia")}
+                   "cluster_grad_reduce": ("sketch", "flat", "layer_mean"),
+                   "cluster_grad_params": ("cluster", "shared"), "cluster_select": ("even", "inertia")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         for name in ("embed_dim", "n_clusters", "n_experts", "top_k", "router_width", "expert_depth",
-                     "cluster_grad_batches", "cluster_n_init"):
+                     "cluster_grad_batches", "cluster_grad_seqs", "cluster_grad_dim", "cluster_n_init"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: a positive integer")
         if self.top_k > self.n_experts:
@@ -110,7 +116,7 @@ class ClusterModule(nn.Module):
         latent, e = cfg.n_vars * cfg.n_classes, cfg.embed_dim
         self.encoder = ConvEncoder(image_size, cfg.channels)
         self.posterior_head = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, e, cfg.unimix)
-        self.decoder = ConvDecoder(image_size, cfg.channels, latent, e)
+        self.decoder = ConvDecoder(image_size, cfg.channels, latent, e, cfg.decoder_stem_norm)
         self.prior_head = CategoricalHead(cfg.width, cfg.n_vars, cfg.n_classes, e, cfg.unimix)
         self.reward_head = MLP(cfg.width + e, cfg.head_width, cfg.head_depth, cfg.bins)
         self.termination_head = MLP(cfg.width + e, cfg.head_width, cfg.head_depth, 1)
@@ -141,10 +147,10 @@ class MoWWorldModel(nn.Module):
         self.experts = ExpertBank(
             cfg.n_experts, latent_dim=self.latent_dim, action_dim=action_dim, embed_dim=e, width=cfg.width,
             depth=cfg.expert_depth, heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout, max_len=cfg.max_len,
-            transformer=cfg.expert_transformers)
+            transformer=cfg.expert_transformers, attn_dropout=cfg.attn_dropout, ln_eps=cfg.block_ln_eps)
         self.mix = nn.Sequential(nn.Linear(cfg.top_k * cfg.width + e, cfg.width, bias=False), nn.LayerNorm(cfg.width))
-        self.shared = (CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len)
-                       if cfg.shared_transformer else None)
+        self.shared = (CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len,
+                                         cfg.attn_dropout, cfg.block_ln_eps) if cfg.shared_transformer else None)
         self.task_head = MLP(cfg.width, cfg.head_width, 1, n_tasks) if cfg.task_loss else None
         self.register_buffer("assignment", torch.zeros(n_tasks, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(float(cfg.tau_start)))
@@ -360,27 +366,35 @@ class MoWAgent(STORMAgent):
 
     # ---- warm-up clustering (mow.md section 5) ----
     def task_gradient_vectors(self, sample: Callable[[int, int], Batch]) -> torch.Tensor:
-        """Per task, the gradient of its loss w.r.t. the shared parameters (everything but the task
-        embeddings and the not-yet-used clusters 1..N_m-1), averaged over `cluster_grad_batches` batches
-        and reduced to one vector per task (`cluster_grad_reduce`) -> (N, D)."""
+        """Per task k, the gradient of L_k w.r.t. the shared parameters (everything but the task embeddings
+        and the not-yet-used clusters 1..N_m-1), averaged over `cluster_grad_batches` batches of k's own
+        rows only (`cluster_grad_seqs` sequences each) and reduced per layer to one vector
+        (`cluster_grad_reduce`, clustering.gradient_vector) -> (N, D). Tasks are done one at a time, so
+        memory holds one gradient, not N."""
         cfg = self.cfg
-        params = [p for name, p in self.wm.named_parameters()
-                  if not name.startswith("task_embedding") and not (name.startswith("clusters.")
-                                                                   and not name.startswith("clusters.0."))]
-        sums = [[torch.zeros_like(p) for p in params] for _ in range(self.n_tasks)]
-        per_task = max(1, cfg.batch_size // self.n_tasks)
+        if cfg.cluster_grad_params == "cluster":
+            params = list(self.wm.clusters[0].parameters())
+        else:
+            params = [p for name, p in self.wm.named_parameters()
+                      if not name.startswith("task_embedding") and not (name.startswith("clusters.")
+                                                                       and not name.startswith("clusters.0."))]
+        # stratified batches: every task has exactly cluster_grad_seqs rows in each
+        batches = [sample(cfg.cluster_grad_seqs * self.n_tasks, cfg.batch_length)
+                   for _ in range(cfg.cluster_grad_batches)]
         self.wm.train()
-        for _ in range(cfg.cluster_grad_batches):
-            batch = sample(per_task * self.n_tasks, cfg.batch_length)  # the replay splits it evenly
-            for k in range(self.n_tasks):  # once, at the warm-up: not on the training hot path
-                sub = batch.rows(torch.nonzero(batch.task == k).flatten())
-                task_loss, _, _, _ = self.task_losses(sub)
+        vectors = []
+        for k in range(self.n_tasks):  # once, at the warm-up: not on the training hot path
+            sums = [torch.zeros_like(p) for p in params]
+            for batch in batches:
+                own = batch.rows(torch.nonzero(batch.task == k).flatten())  # task k's rows only (BN stats too)
+                task_loss, _, _, _ = self.task_losses(own)
                 grads = torch.autograd.grad(task_loss[k], params, allow_unused=True)
-                for acc, g in zip(sums[k], grads, strict=True):
+                for acc, g in zip(sums, grads, strict=True):
                     if g is not None:
                         acc += g
-        return torch.stack([gradient_vector([s / cfg.cluster_grad_batches for s in task_sums],
-                                            cfg.cluster_grad_reduce).cpu() for task_sums in sums])
+            vectors.append(gradient_vector([s / len(batches) for s in sums], cfg.cluster_grad_reduce,
+                                           cfg.cluster_grad_dim).cpu())
+        return torch.stack(vectors)
 
     def warm_up(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
         """Train the shared model (cluster 0 for every task) on the random warm-up data, cluster the tasks,
@@ -388,7 +402,7 @@ class MoWAgent(STORMAgent):
         cfg, start = self.cfg, time.time()
         metrics: dict[str, float] = {}
         for _ in range(cfg.cluster_warmup_updates):
-            metrics = self.update_world_model(sample(cfg.batch_size, cfg.batch_length))
+            metrics = self.update_world_model(sample(cfg.batch_per_task * self.n_tasks, cfg.batch_length))
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the run's seeded torch RNG
         similarity = None
         if cfg.clustering == "gradient":

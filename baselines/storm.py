@@ -42,7 +42,10 @@ class STORMConfig:
     depth: int = 2  # Transformer blocks
     heads: int = 8  # attention heads
     ffn: int = 1024  # FFN hidden size
-    dropout: float = 0.1  # Transformer dropout
+    dropout: float = 0.1  # Transformer dropout (residual branches)
+    attn_dropout: float = 0.1  # dropout on attention probabilities in training (reference: 0.1; textbook: 0)
+    block_ln_eps: float = 1e-6  # LayerNorm eps inside the Transformer blocks (reference: 1e-6; torch default 1e-5)
+    decoder_stem_norm: str = "bn2d"  # bn2d: BatchNorm2d(256) after the reshape (reference) | bn1d: over 4096 features
     max_len: int = 64  # learned positional embedding length
     head_width: int = 512  # reward/termination MLP width
     head_depth: int = 2  # reward/termination MLP hidden layers
@@ -52,9 +55,11 @@ class STORMConfig:
     free_nats: float = 1.0  # KL free bits, applied to the batch-mean KL
     dyn_scale: float = 0.5  # weight of KL(sg(post) || prior)
     rep_scale: float = 0.1  # weight of KL(post || sg(prior))
-    batch_size: int = 16  # world-model batch: sequences
+    # Per-task sizes: every task of a multi-task agent is in every batch (stratified sampling), so a batch
+    # holds batch_per_task x N sequences and imag_per_task x N start states. STORM (one task): 16 and 1024.
+    batch_per_task: int = 16  # world-model batch: sequences of each task per update
     batch_length: int = 64  # world-model batch: steps per sequence
-    imag_batch: int = 1024  # imagination start points
+    imag_per_task: int = 1024  # imagination start states of each task per update
     imag_context: int = 8  # real steps fed before imagining
     imag_horizon: int = 16  # imagined steps
     act_context: int = 16  # frames/actions the Transformer sees when acting
@@ -63,7 +68,7 @@ class STORMConfig:
     ac_depth: int = 2  # actor/critic hidden layers
     gamma: float = 0.985  # discount
     lam: float = 0.95  # lambda of lambda-returns
-    lambda_value: str = "next"  # 'next' = V(s_{t+1}) (textbook); 'current' = STORM reference's V(s_t)
+    lambda_value: str = "current"  # 'current' = STORM reference's V(s_t) (published numbers) | 'next' = V(s_{t+1})
     slow_decay: float = 0.98  # slow critic EMA decay
     norm_decay: float = 0.99  # EMA decay of the return scale S
     # multi-task only (one task: all the same): one S per task | per critic (MoW: cluster) | one for all.
@@ -79,6 +84,13 @@ class STORMConfig:
             raise ValueError(f"lambda_value={self.lambda_value!r}; allowed: next, current")
         if self.return_norm not in ("task", "critic", "global"):
             raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
+        if self.decoder_stem_norm not in ("bn2d", "bn1d"):
+            raise ValueError(f"decoder_stem_norm={self.decoder_stem_norm!r}; allowed: bn2d, bn1d")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: 0 <= {name} < 1")
+        if self.block_ln_eps <= 0:
+            raise ValueError(f"block_ln_eps={self.block_ln_eps}; allowed: > 0")
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
         if self.batch_length > self.max_len or self.imag_context + self.imag_horizon > self.max_len:
@@ -86,7 +98,7 @@ class STORMConfig:
                              f"{self.imag_context + self.imag_horizon} must be <= max_len={self.max_len}")
         if self.act_context > self.max_len or self.act_context < 1:
             raise ValueError(f"act_context={self.act_context}; allowed: 1..max_len={self.max_len}")
-        for name in ("batch_size", "batch_length", "imag_batch", "imag_context", "imag_horizon"):
+        for name in ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: a positive integer")
 
@@ -129,9 +141,10 @@ class STORMWorldModel(nn.Module):
         self.task_embedding = nn.Embedding(n_tasks, embed_dim) if embed_dim else None
         self.encoder = ConvEncoder(image_size, cfg.channels)
         self.posterior_head = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, embed_dim, cfg.unimix)
-        self.decoder = ConvDecoder(image_size, cfg.channels, self.latent_dim, embed_dim)
+        self.decoder = ConvDecoder(image_size, cfg.channels, self.latent_dim, embed_dim, cfg.decoder_stem_norm)
         self.stem = TokenStem(self.latent_dim, action_dim, cfg.width, embed_dim)
-        self.transformer = CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len)
+        self.transformer = CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len,
+                                             cfg.attn_dropout, cfg.block_ln_eps)
         self.prior_head = CategoricalHead(cfg.width, cfg.n_vars, cfg.n_classes, unimix=cfg.unimix)
         self.reward_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, cfg.bins)
         self.termination_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, 1)
@@ -332,10 +345,16 @@ class STORMAgent(Agent):
                         self.critic_index(task), self.norm_index(task))
 
     # ---- Agent interface ----
+    def per_task_batch(self) -> dict[str, int]:
+        """What each task contributes to one update: world-model sequences (of batch_length steps) and
+        imagination start states. The replay's stratified sampling gives every task exactly these."""
+        return {"world_model_sequences": self.cfg.batch_per_task, "sequence_length": self.cfg.batch_length,
+                "imagination_starts": self.cfg.imag_per_task}
+
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
-        cfg = self.cfg
-        metrics = self.update_world_model(sample(cfg.batch_size, cfg.batch_length))
-        traj = self.imagine(sample(cfg.imag_batch, cfg.imag_context))
+        cfg, n = self.cfg, len(self.tasks)
+        metrics = self.update_world_model(sample(cfg.batch_per_task * n, cfg.batch_length))
+        traj = self.imagine(sample(cfg.imag_per_task * n, cfg.imag_context))
         self.ac.train()
         metrics |= self.learner.update(traj)
         return metrics

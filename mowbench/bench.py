@@ -163,8 +163,9 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         agent.update(lambda n, length: random_batch(agent, n, length, size, device))
         warm_up_s = time.perf_counter() - t
-    wm_batch = random_batch(agent, a.batch_size, a.batch_length, size, device)
-    ctx_batch = random_batch(agent, a.imag_batch, a.imag_context, size, device)
+    n = len(agent.tasks)
+    wm_batch = random_batch(agent, a.batch_per_task * n, a.batch_length, size, device)
+    ctx_batch = random_batch(agent, a.imag_per_task * n, a.imag_context, size, device)
     traj = agent.imagine(ctx_batch)
     out: dict[str, Any] = {
         "agent": cfg["agent"]["name"], "preset": cfg.get("preset_name"), "task": env.info.name,
@@ -172,7 +173,8 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "torch_threads": torch.get_num_threads(),
         "parameters": agent.parameter_counts(),
-        "sizes": {"wm_batch": [a.batch_size, a.batch_length], "imag_starts": a.imag_batch,
+        "sizes": {"wm_batch": [a.batch_per_task * n, a.batch_length], "imag_starts": a.imag_per_task * n,
+                  "per_task": agent.per_task_batch(),
                   "imag_context": a.imag_context, "imag_horizon": a.imag_horizon, "image_size": size,
                   "actions": env.info.action.n},
     }

@@ -5,19 +5,43 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
-def gradient_vector(grads: list[torch.Tensor], reduce: str = "layer_mean") -> torch.Tensor:
-    """One task's gradients (one tensor per parameter tensor, i.e. per layer) -> one vector.
+def sketch(grad: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """A fixed random projection of one layer's gradient (any shape) to `dim` numbers: a count sketch,
+    entry i added with sign s(i) to bucket b(i), both drawn once from `seed` (the same for every task).
+    Like a Gaussian projection it preserves inner products in expectation (E[<Pa, Pb>] = <a, b>), at O(n)
+    cost and without an n x dim matrix (a paper-size layer has 4M entries). A gradient with at most `dim`
+    entries is kept as it is (exact)."""
+    flat = grad.detach().float().flatten()
+    n = flat.numel()
+    if n <= dim:
+        return flat
+    g = torch.Generator().manual_seed(seed)
+    bucket = torch.randint(dim, (n,), generator=g).to(flat.device)
+    sign = (torch.randint(2, (n,), generator=g, dtype=torch.int8) * 2 - 1).to(flat.device)
+    return torch.zeros(dim, device=flat.device).index_add_(0, bucket, flat * sign)
 
-    layer_mean: each layer's gradient averaged to one number (mow.md: "averaging within each layer"),
-    giving a vector of length n_layers; flat: all gradient entries concatenated.
+
+def gradient_vector(grads: list[torch.Tensor], reduce: str = "sketch", dim: int = 256) -> torch.Tensor:
+    """One task's gradients (one tensor per parameter tensor, i.e. per layer) -> one vector (mow.md 5).
+
+    sketch (default): each layer's gradient projected to `dim` numbers (sketch(), seeded by the layer's
+    position so every task gets the same projection), scaled to unit length, concatenated: every layer
+    weighs the same in the cosine similarity, however large it is, and within a layer the direction of
+    the gradient is kept. flat: the same with the whole flattened gradient of each layer (exact, memory
+    grows with the model). layer_mean: each layer reduced to the mean of its entries (an earlier reading of
+    the paper's "averaged per layer"; it keeps one number per layer and loses almost all of the signal;
+    kept for comparison only).
     """
     if reduce == "layer_mean":
         return torch.stack([g.float().mean() for g in grads])
     if reduce == "flat":
-        return torch.cat([g.float().flatten() for g in grads])
-    raise ValueError(f"grad_reduce={reduce!r}; allowed: layer_mean, flat")
+        return torch.cat([F.normalize(g.float().flatten(), dim=0) for g in grads])
+    if reduce == "sketch":
+        return torch.cat([F.normalize(sketch(g, dim, seed=i), dim=0) for i, g in enumerate(grads)])
+    raise ValueError(f"cluster_grad_reduce={reduce!r}; allowed: sketch, flat, layer_mean")
 
 
 def cosine_similarity_matrix(vectors: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ class RunLog:
     TABLES = {
         "metrics.csv": ["step", "name", "value"],
         "episodes.csv": ["step", "task", "return", "length", "success"],
-        "eval.csv": ["step", "task", "episode", "return", "length", "success"],
+        "eval.csv": ["step", "task", "episode", "return", "length", "success", "mode"],
     }
 
     def __init__(self, folder: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
@@ -40,9 +40,11 @@ class RunLog:
         if self.writer:
             self.writer.add_scalar(f"train_return/{task}", ret, step)
 
-    def evaluation(self, step: int, task: str, episode: int, ret: float, length: int, success: float | None) -> None:
+    def evaluation(self, step: int, task: str, episode: int, ret: float, length: int, success: float | None,
+                   mode: str = "full") -> None:
+        """One evaluation episode; `mode` is the evaluation mode (trainer.EVAL_MODES) it was counted under."""
         self.rows["eval.csv"].append({"step": step, "task": task, "episode": episode, "return": ret,
-                                      "length": length, "success": "" if success is None else success})
+                                      "length": length, "success": "" if success is None else success, "mode": mode})
 
     def flush(self) -> None:
         for name, header in self.TABLES.items():

@@ -1,4 +1,5 @@
-"""Per-task replay of transitions with uniform sampling of fixed-length sequences (STORM section 'Training loop')."""
+"""Per-task replay of transitions with uniform sampling of fixed-length sequences (STORM section 'Training loop'),
+stratified by task for multi-task agents."""
 
 from __future__ import annotations
 
@@ -60,8 +61,21 @@ class TaskReplay:
         self.size, self.head = n, state["head"]
 
 
+def stratified_counts(n: int, n_tasks: int, rng: np.random.Generator) -> np.ndarray:
+    """Sequences per task (n_tasks,) in a batch of n: n // N for every task, and the remainder n % N to
+    that many distinct tasks drawn uniformly at random. With n >= N every task is in every batch; with
+    fewer, each task's expected share is still exactly n / N (a fixed remainder would give the first
+    tasks every extra row, and with n < N leave the last tasks out of every batch). No random draw
+    when N divides n, so those batches consume the same random numbers as unstratified ones."""
+    counts = np.full(n_tasks, n // n_tasks)
+    extra = n % n_tasks
+    if extra:
+        counts[rng.choice(n_tasks, size=extra, replace=False)] += 1
+    return counts
+
+
 class Replay:
-    """One TaskReplay per task; a batch is split as evenly as possible across tasks."""
+    """One TaskReplay per task; a batch is stratified by task (stratified_counts), rows grouped by task."""
 
     def __init__(self, capacity: int, tasks: list[TaskInfo], device: torch.device, seed: int) -> None:
         self.tasks = tasks
@@ -74,8 +88,7 @@ class Replay:
         return min(b.size for b in self.buffers)
 
     def sample(self, n: int, length: int) -> Batch:
-        counts = np.full(len(self.buffers), n // len(self.buffers))
-        counts[: n % len(self.buffers)] += 1
+        counts = stratified_counts(n, len(self.buffers), self.rng)
         parts = []
         for k, (buf, c) in enumerate(zip(self.buffers, counts, strict=True)):
             if c:

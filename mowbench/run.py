@@ -105,7 +105,7 @@ def plan(cfg: dict[str, Any]) -> Plan:
         agent_cfg.check_tasks(len(tasks))
     train_values = dict(cfg["train"])
     proto = mod.eval_protocol(env_cfg)
-    for key in ("eval_episodes", "eval_greedy"):
+    for key in ("eval_episodes", "eval_greedy", "eval_mode"):
         if train_values.get(key) is None:
             train_values[key] = proto[key]
     unknown = sorted(set(train_values) - {f.name for f in dataclasses.fields(TrainConfig)})
@@ -161,8 +161,8 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
     envs = make_envs(p.suite, tasks, env_cfg, seed)
     agent = make_agent(p.agent, dict(cfg["agent"]), [e.info for e in envs], p.device, p.precision)
 
-    def make_eval_envs(k: int) -> list:
-        return make_envs(p.suite, tasks, env_cfg, seed + 7919 * (k + 1), evaluation=True)
+    def make_eval_envs(k: int, copy: int) -> list:  # evaluation k's envs; copy > 0: reference mode's extra envs
+        return make_envs(p.suite, tasks, env_cfg, seed + 7919 * (k + 1) + 104_729 * copy, evaluation=True)
 
     folder.mkdir(parents=True, exist_ok=True)
     resuming = (folder / CHECKPOINT).exists()
@@ -172,7 +172,11 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         "tasks": tasks, "seed": seed, "preset": cfg.get("preset_name"), "started": _now(), "sessions": []}
     meta.update({"git": R.git_state(), "versions": R.versions(), "device": R.device_description(p.device),
                  "precision": p.precision, "protocol": {e.info.name: e.info.protocol for e in envs},
-                 "parameters": agent.parameter_counts()})
+                 "parameters": agent.parameter_counts(),
+                 "per_task_signal": per_task_signal(agent.per_task_batch(), p.train),
+                 "evaluation": {"mode": p.train.eval_mode, "episodes": p.train.eval_episodes,
+                                "greedy": p.train.eval_greedy, "parallel_envs": p.train.eval_parallel
+                                if p.train.eval_mode == "reference" else 1}})
     R.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
     trainer = Trainer(agent, envs, make_eval_envs, p.train, folder, p.device, seed)
     meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,
@@ -198,6 +202,21 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
     for env in envs:
         env.close()
     return summary
+
+
+def per_task_signal(batch: dict[str, int], train: TrainConfig) -> dict[str, float]:
+    """The training signal each task gets, per update and per round (one env step in every task), from the
+    agent's per-task batch and the update ratio: what makes multi-task runs comparable with single-task
+    STORM (16 sequences of 64 steps, i.e. 1,024 replayed steps, and 1,024 imagination starts per env step)."""
+    u = train.updates_per_step
+    out: dict[str, float] = {"updates_per_round": u, "updates_total": u * max(0, train.steps - train.warmup)}
+    out |= {f"{key}_per_update": value for key, value in batch.items()}
+    if "world_model_sequences" in batch:
+        out["world_model_sequences_per_round"] = u * batch["world_model_sequences"]
+        out["replayed_steps_per_round"] = u * batch["world_model_sequences"] * batch.get("sequence_length", 1)
+    if "imagination_starts" in batch:
+        out["imagination_starts_per_round"] = u * batch["imagination_starts"]
+    return out
 
 
 def _now() -> str:

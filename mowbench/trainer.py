@@ -27,6 +27,7 @@ from mowbench.replay import Replay
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
+EVAL_MODES = ("full", "reference")
 ARTIFACTS = "artifacts"  # agent-specific files (MoW: routing heatmaps, cluster assignment)
 
 
@@ -44,6 +45,10 @@ class TrainConfig:
     eval_episodes: int = 20  # episodes of the final evaluation (protocol)
     periodic_eval_episodes: int = 5  # episodes of each periodic evaluation
     eval_greedy: bool = False  # greedy (mode) instead of sampled actions at evaluation (protocol)
+    # full: every started episode counted with its whole return | reference: as STORM's reference evaluates
+    # (eval_parallel envs in lockstep, the first `episodes` to finish, each without its last step's reward)
+    eval_mode: str = "full"
+    eval_parallel: int = 5  # reference mode: envs per task run in parallel (STORM's reference: 5)
     eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
     random_baseline: bool = True  # also evaluate a uniformly random policy at the end
     checkpoint_every: int = 10_000  # steps between checkpoints (0: none until the end)
@@ -63,6 +68,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
         if self.updates_per_step < 0:
             raise ValueError(f"train.updates_per_step={self.updates_per_step}; allowed: >= 0")
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"train.eval_mode={self.eval_mode!r}; allowed: {', '.join(EVAL_MODES)}")
+        if self.eval_parallel < 1:
+            raise ValueError(f"train.eval_parallel={self.eval_parallel}; allowed: a positive integer")
 
 
 @dataclass
@@ -127,8 +136,43 @@ def evaluate(agent: Agent | None, envs: list[TaskEnv], episodes: int, greedy: bo
     return out
 
 
+def evaluate_reference(agent: Agent | None, copies: list[list[TaskEnv]], episodes: int, greedy: bool,
+                       max_steps: int, rng: np.random.Generator) -> list[list[tuple[float, int, float | None]]]:
+    """STORM's reference evaluation (the one behind the published STORM and MoW numbers): per task, the
+    envs in `copies[task]` step in lockstep, each episode's return is summed *without its last step's
+    reward*, and the first `episodes` episodes to finish are kept (ties within a round in env order), so
+    long episodes are under-represented. Per task, `episodes` x (return, length, success)."""
+    out = []
+    for envs in copies:
+        contexts = [agent.new_context(env.info.index) if agent else None for env in envs]
+        obs = [env.reset() for env in envs]
+        ret, length, success = [0.0] * len(envs), [0] * len(envs), [None] * len(envs)
+        if agent:
+            for context in contexts:
+                agent.episode_start(context)
+        results: list[tuple[float, int, float | None]] = []
+        while len(results) < episodes:
+            for i, env in enumerate(envs):
+                action = agent.act(contexts[i], obs[i], greedy) if agent else env.info.action.sample(rng)
+                step = env.step(action)
+                length[i] += 1
+                if step.success is not None:
+                    success[i] = max(success[i] or 0.0, step.success)
+                if step.done or (max_steps and length[i] >= max_steps):
+                    if len(results) < episodes:
+                        results.append((ret[i], length[i], success[i]))  # the last reward is not added
+                    obs[i], ret[i], length[i], success[i] = env.reset(), 0.0, 0, None
+                    if agent:
+                        agent.episode_start(contexts[i])
+                else:
+                    ret[i] += step.reward
+                    obs[i] = step.obs
+        out.append(results)
+    return out
+
+
 class Trainer:
-    def __init__(self, agent: Agent, envs: list[TaskEnv], make_eval_envs: Callable[[int], list[TaskEnv]],
+    def __init__(self, agent: Agent, envs: list[TaskEnv], make_eval_envs: Callable[[int, int], list[TaskEnv]],
                  cfg: TrainConfig, folder: Path, device: torch.device, seed: int) -> None:
         self.agent, self.cfg, self.folder, self.device = agent, cfg, folder, device
         self.make_eval_envs = make_eval_envs
@@ -207,12 +251,21 @@ class Trainer:
 
     def _episodes(self, agent: Agent | None, envs_key: int, episodes: int, greedy: bool,
                   rng: np.random.Generator) -> dict[str, list[tuple[float, int, float | None]]]:
-        """Evaluation episodes per task name on fresh eval envs (seeded by `envs_key`), closed after."""
-        envs = self.make_eval_envs(envs_key)
-        results = evaluate(agent, envs, episodes, greedy, self.cfg.eval_max_steps, rng)
-        for env in envs:
-            env.close()
-        return {env.info.name: rows for env, rows in zip(envs, results, strict=True)}
+        """Evaluation episodes per task name on fresh eval envs (seeded by `envs_key`), closed after, in
+        the configured evaluation mode."""
+        cfg = self.cfg
+        if cfg.eval_mode == "full":
+            envs = self.make_eval_envs(envs_key, 0)
+            results = evaluate(agent, envs, episodes, greedy, cfg.eval_max_steps, rng)
+            copies = [[env] for env in envs]
+        else:
+            per_copy = [self.make_eval_envs(envs_key, c) for c in range(cfg.eval_parallel)]  # (copies, tasks)
+            copies = [list(envs) for envs in zip(*per_copy, strict=True)]  # (tasks, copies)
+            results = evaluate_reference(agent, copies, episodes, greedy, cfg.eval_max_steps, rng)
+        for envs in copies:
+            for env in envs:
+                env.close()
+        return {envs[0].info.name: rows for envs, rows in zip(copies, results, strict=True)}
 
     def _evaluate(self, episodes: int) -> dict[str, float]:
         """The agent's evaluation at the current step, logged; returns the mean return per task."""
@@ -221,7 +274,7 @@ class Trainer:
         means = {}
         for task, rows in results.items():
             for i, (ret, length, success) in enumerate(rows):
-                self.log.evaluation(self.counters.step, task, i, ret, length, success)
+                self.log.evaluation(self.counters.step, task, i, ret, length, success, self.cfg.eval_mode)
             means[task] = float(np.mean([r[0] for r in rows]))
             self.log.scalars(self.counters.step, {f"eval_return/{task}": means[task]})
         return means

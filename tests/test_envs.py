@@ -38,7 +38,8 @@ def test_atari_protocol_settings_on_the_ale(name, sticky, noops, episodes):
         assert all(1 <= f <= 30 for f in frames) and len(set(frames)) > 1
     else:
         assert frames == [0] * 8
-    assert atari_mod.eval_protocol({"protocol": name}) == {"eval_episodes": episodes, "eval_greedy": False}
+    assert atari_mod.eval_protocol({"protocol": name}) == {"eval_episodes": episodes, "eval_greedy": False,
+                                                           "eval_mode": "reference" if name == "storm" else "full"}
 
 
 def test_atari_observation_and_minimal_action_sets():

@@ -12,6 +12,7 @@ import pytest
 
 from mowbench import results as R
 from mowbench.grid import expand, method_name, parse_args, unit_states
+from mowbench.run import compose_config
 from tests.conftest import REPO
 
 SLURM = shutil.which("sbatch") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
@@ -52,6 +53,21 @@ def test_main_grid_has_all_methods_and_seeds(tmp_path):
         by_method.setdefault(u.key.split("/")[1], []).append(u)
     assert len(by_method["mow"]) == 5 and len(by_method["monolithic"]) == 5
     assert len(by_method["storm"]) == 26 * 5  # one run per game and seed
+
+
+def test_update_ratio_grid_has_a_storm_matched_cell(tmp_path):
+    """ablate_update_ratio: four cells of MoW on the 26 games; storm_matched gives each game STORM's per-step
+    signal (16 sequences of 64 steps and 1,024 imagination starts per env step of that game)."""
+    units = expand(parse_args(["grid=ablate_update_ratio", "seeds=[0]", f"results_dir={tmp_path}"]))
+    cells = {u.key.split("/")[1]: u for u in units}
+    assert set(cells) == {"mow-default", "mow-seqs4", "mow-updates4", "mow-storm_matched"}
+    assert all(u.key.endswith("/all26/seed_0") for u in units)
+    matched = compose_config(cells["mow-storm_matched"].overrides)
+    assert (matched["agent"]["batch_per_task"], matched["agent"]["imag_per_task"]) == (16, 1024)
+    assert matched["train"]["updates_per_step"] == 1.0
+    default = compose_config(cells["mow-default"].overrides)
+    assert (default["agent"]["batch_per_task"], default["agent"]["imag_per_task"]) == (1, 40)
+    assert compose_config(cells["mow-updates4"].overrides)["train"]["updates_per_step"] == 4
 
 
 @pytest.mark.parametrize("args,message", [

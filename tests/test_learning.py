@@ -10,7 +10,7 @@ from mowbench.run import compose_config, execute
 def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
     cfg = compose_config(["task=breakout", "seed=0", f"results_dir={tmp_path}", "train.eval_every=1000",
                           "train.eval_episodes=30", "train.progress=false"])
-    assert cfg["train"]["steps"] == 2000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
+    assert cfg["train"]["steps"] == 2000 and cfg["agent"]["imag_per_task"] == 128  # the tiny preset
     [(_, summary)] = execute(cfg)
     agent, random = summary["final_return"]["breakout"], summary["random_return"]["breakout"]
     print(f"\nbreakout after 2000 steps: agent {agent:.2f}, random {random:.2f} (30 episodes each)")
@@ -31,7 +31,7 @@ def test_tiny_mow_beats_random_on_two_minatar_games(tmp_path):
     cfg = compose_config(["agent=mow", "task=[breakout,space_invaders]", "agent.n_clusters=2", "seed=0",
                           f"results_dir={tmp_path}", "train.eval_episodes=20", "train.progress=false",
                           "train.tensorboard=false"])
-    assert cfg["train"]["steps"] == 2000 and cfg["agent"]["imag_batch"] == 128  # the tiny preset
+    assert cfg["train"]["steps"] == 2000 and cfg["agent"]["imag_per_task"] == 64  # the tiny preset (x 2 games)
     assert cfg["agent"]["return_norm"] == "task"
     [(_, summary)] = execute(cfg)
     agent, random = summary["final_return"], summary["random_return"]

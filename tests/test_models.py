@@ -87,8 +87,8 @@ def test_bf16_autocast_path_runs():
 
     entry = get_agent("storm")
     cfg = build_config(entry, {"channels": (8, 16), "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2,
-                               "ffn": 32, "head_width": 16, "ac_width": 16, "imag_batch": 4, "imag_context": 2,
-                               "imag_horizon": 3, "act_context": 3, "batch_length": 6, "batch_size": 2})
+                               "ffn": 32, "head_width": 16, "ac_width": 16, "imag_per_task": 4, "imag_context": 2,
+                               "imag_horizon": 3, "act_context": 3, "batch_length": 6, "batch_per_task": 2})
     info = TaskInfo("minatar", "breakout", 0, 16, ActionSpace(True, 6, (True, True, False, True, False, False)))
     agent = entry.cls(cfg, [info], torch.device("cpu"), "bf16")
 
@@ -111,7 +111,7 @@ def test_bench_reference_cache_imagination_equals_ours():
 
     entry = get_agent("storm")
     cfg = build_config(entry, {"channels": (8, 16), "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2,
-                               "ffn": 32, "head_width": 16, "ac_width": 16, "imag_batch": 6, "imag_context": 3,
+                               "ffn": 32, "head_width": 16, "ac_width": 16, "imag_per_task": 6, "imag_context": 3,
                                "imag_horizon": 5})
     agent = entry.cls(cfg, [TaskInfo("atari100k", "Pong", 0, 16, ActionSpace(True, 6))], torch.device("cpu"), "fp32")
     batch = random_batch(agent, 6, 3, 16, torch.device("cpu"))

@@ -32,7 +32,9 @@ def test_run_writes_the_results_layout(micro_cfg, tmp_path):
     assert meta["parameters"]["world_model"] > 0 and meta["wall_time_s"] > 0
     assert summary["step"] == 60 and summary["updates"] == 20  # 40 steps after warm-up x 0.5
     eval_rows = (folder / "eval.csv").read_text().splitlines()
-    assert eval_rows[0] == "step,task,episode,return,length,success" and len(eval_rows) == 2
+    assert eval_rows[0] == "step,task,episode,return,length,success,mode" and len(eval_rows) == 2
+    assert eval_rows[1].endswith(",full")  # MinAtar evaluates every episode with its whole return
+    assert meta["evaluation"]["mode"] == "full" and meta["per_task_signal"]["updates_per_round"] == 0.5
     assert not list(folder.glob(".*.tmp"))  # no half-written files
 
 
@@ -143,7 +145,7 @@ def test_presets_set_the_published_budgets():
 
     atari = compose_config(["env=atari100k", "preset=paper"])
     assert (atari["train"]["steps"], atari["train"]["warmup"], atari["env"]["image_size"]) == (100_000, 1024, 64)
-    assert atari["agent"]["width"] == 512 and atari["agent"]["imag_batch"] == 1024
+    assert atari["agent"]["width"] == 512 and atari["agent"]["imag_per_task"] == 1024
     metaworld = compose_config(["env=metaworld", "preset=paper"])
     assert metaworld["train"]["steps"] == 150_000 and metaworld["env"]["action_repeat"] == 2  # 300k env steps
     assert compose_config(["env=metaworld", "preset=paper", "train.steps=7"])["train"]["steps"] == 7

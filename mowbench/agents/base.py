@@ -58,6 +58,11 @@ class Agent(ABC):
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
         """One training step; `sample(batch, length)` draws sequences from replay."""
 
+    def per_task_batch(self) -> dict[str, int]:
+        """What each task contributes to one update (e.g. world-model sequences, imagination starts);
+        recorded with the update ratio in each run's metadata. Empty when the agent has no such batches."""
+        return {}
+
     def write_artifacts(self, folder: Path, final: bool) -> None:  # noqa: B027 - optional hook
         """Save agent-specific files (figures, data) under `folder`; the trainer calls it at every log
         interval and once at the end (final=True). Must be cheap when there is nothing new."""

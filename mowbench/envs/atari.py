@@ -18,11 +18,16 @@ DEFAULT_TASKS = TASKS
 # The two Atari 100k protocols (spec protocols.md). 'storm' is what STORM's and MoW's published
 # numbers used: ALE v5 defaults, sticky actions 0.25, no no-op starts, 20 sampled-action eval episodes.
 # 'standard' is the Dopamine/DER definition: no sticky actions, up to 30 no-op starts, 100 episodes.
+# eval_mode: 'storm' evaluates as STORM's reference code did for the published numbers (5 envs in parallel,
+# the first 20 episodes to finish, each without its last step's reward; trainer.evaluate_reference);
+# 'standard' counts every started episode with its full return. train.eval_mode overrides either.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "storm": dict(sticky_action_prob=0.25, noop_max=0, frame_skip=4, max_pool_frames=2,
-                  max_episode_steps=27_000, life_loss_terminal=True, eval_episodes=20, eval_greedy=False),
+                  max_episode_steps=27_000, life_loss_terminal=True, eval_episodes=20, eval_greedy=False,
+                  eval_mode="reference"),
     "standard": dict(sticky_action_prob=0.0, noop_max=30, frame_skip=4, max_pool_frames=2,
-                     max_episode_steps=27_000, life_loss_terminal=True, eval_episodes=100, eval_greedy=False),
+                     max_episode_steps=27_000, life_loss_terminal=True, eval_episodes=100, eval_greedy=False,
+                     eval_mode="full"),
 }
 FULL_ACTIONS = 18
 
@@ -36,7 +41,7 @@ def protocol(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     p = protocol(cfg)
-    return {"eval_episodes": p["eval_episodes"], "eval_greedy": p["eval_greedy"]}
+    return {"eval_episodes": p["eval_episodes"], "eval_greedy": p["eval_greedy"], "eval_mode": p["eval_mode"]}
 
 
 def check(cfg: dict[str, Any]) -> None:

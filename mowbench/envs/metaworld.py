@@ -40,7 +40,7 @@ GL_BACKENDS = ("auto", "egl", "osmesa", "glfw")
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     """10 evaluation episodes per task with sampled actions; success = success at any step (our choice)."""
-    return {"eval_episodes": 10, "eval_greedy": False}
+    return {"eval_episodes": 10, "eval_greedy": False, "eval_mode": "full"}
 
 
 def check(cfg: dict[str, Any]) -> None:

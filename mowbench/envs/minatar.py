@@ -16,7 +16,7 @@ DEFAULT_TASKS = TASKS
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     """Evaluation of a MinAtar run: 10 episodes with sampled actions (our choice; no published protocol)."""
-    return {"eval_episodes": 10, "eval_greedy": False}
+    return {"eval_episodes": 10, "eval_greedy": False, "eval_mode": "full"}
 N_ACTIONS = 6  # every MinAtar game shares the action set (noop, left, up, right, down, fire)
 
 # One colour per object channel (index 0 = background); fixed so images are identical across runs.

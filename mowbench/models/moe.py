@@ -60,18 +60,20 @@ class StackedNorm(nn.Module):
 
 class StackedBlock(nn.Module):
     """The post-LN block of models.transformer.Block, one per expert: x = LN(x + Drop(Attn(x)));
-    x = LN(x + Drop(FFN(x))); projections without bias, FFN with."""
+    x = LN(x + Drop(FFN(x))); projections without bias, FFN with; attention-probability dropout and the
+    blocks' LayerNorm eps as in Block."""
 
-    def __init__(self, n: int, width: int, heads: int, ffn: int, dropout: float) -> None:
+    def __init__(self, n: int, width: int, heads: int, ffn: int, dropout: float, attn_dropout: float = 0.0,
+                 ln_eps: float = 1e-5) -> None:
         super().__init__()
         assert width % heads == 0, f"width={width} not divisible by heads={heads}"
-        self.heads = heads
+        self.heads, self.attn_dropout = heads, attn_dropout
         self.qkv = StackedLinear(n, width, 3 * width, bias=False)
         self.out = StackedLinear(n, width, width, bias=False)
-        self.norm1 = StackedNorm(n, width)
+        self.norm1 = StackedNorm(n, width, eps=ln_eps)
         self.ffn_in = StackedLinear(n, width, ffn)
         self.ffn_out = StackedLinear(n, ffn, width)
-        self.norm2 = StackedNorm(n, width)
+        self.norm2 = StackedNorm(n, width, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor | None, cache: KVCache | None, layer: int,
@@ -80,7 +82,8 @@ class StackedBlock(nn.Module):
         g, p, t, width = x.shape
         qkv = self.qkv(x, experts).view(g * p, t, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x (G*P, H, T, d)
-        attn = attend(q, k, v, cache, layer, mask).transpose(1, 2).reshape(g, p, t, width)
+        attn = attend(q, k, v, cache, layer, mask, self.attn_dropout if self.training else 0.0)
+        attn = attn.transpose(1, 2).reshape(g, p, t, width)
         x = self.norm1(x + self.drop(self.out(attn, experts)), experts)
         return self.norm2(x + self.drop(self.ffn_out(F.relu(self.ffn_in(x, experts)), experts)), experts)
 
@@ -128,7 +131,8 @@ class ExpertBank(nn.Module):
     `transformer` is False: the 'no expert Transformers' ablation), all with stacked weights."""
 
     def __init__(self, n_experts: int, latent_dim: int, action_dim: int, embed_dim: int, width: int, depth: int,
-                 heads: int, ffn: int, dropout: float, max_len: int, transformer: bool = True) -> None:
+                 heads: int, ffn: int, dropout: float, max_len: int, transformer: bool = True,
+                 attn_dropout: float = 0.0, ln_eps: float = 1e-5) -> None:
         super().__init__()
         n = self.n_experts = n_experts
         self.depth, self.heads, self.width, self.max_len = depth, heads, width, max_len
@@ -140,7 +144,8 @@ class ExpertBank(nn.Module):
         if transformer:
             self.position = nn.Parameter(torch.randn(n, max_len, width))  # as nn.Embedding's N(0, 1)
             self.norm = StackedNorm(n, width, eps=1e-6)
-            self.blocks = nn.ModuleList(StackedBlock(n, width, heads, ffn, dropout) for _ in range(depth))
+            self.blocks = nn.ModuleList(StackedBlock(n, width, heads, ffn, dropout, attn_dropout, ln_eps)
+                                        for _ in range(depth))
 
     def expert_parameters(self, j: int) -> list[torch.Tensor]:
         """Views of expert j's parameters (for inspection and tests)."""

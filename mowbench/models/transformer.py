@@ -64,13 +64,14 @@ def attention_mask(new: int, start: int, key_mask: torch.Tensor | None, device: 
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
-           mask: torch.Tensor | None) -> torch.Tensor:
+           mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention of q, k, v (B, H, T, d) -> (B, H, T, d). With a cache, k and v are
     written after the cached tokens and the queries attend to all of them. mask from attention_mask()
-    ((T, S) or (B, T, S)); None: plain causal."""
+    ((T, S) or (B, T, S)); None: plain causal. `dropout`: on the attention probabilities (training only;
+    the caller passes 0 in eval mode)."""
     mask = None if mask is None else (mask if mask.dim() == 2 else mask[:, None])  # broadcast over heads
     if cache is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
     start, new = cache.length, q.shape[2]
     cache.k[layer, :, :, start:start + new] = k.to(cache.k.dtype)
     cache.v[layer, :, :, start:start + new] = v.to(cache.v.dtype)
@@ -97,17 +98,22 @@ def layer_mask(cache: KVCache | None, key_mask: torch.Tensor | None, length: int
 
 
 class Block(nn.Module):
-    """Post-LN block: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(FFN(x))). Projections have no bias."""
+    """Post-LN block: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(FFN(x))). Projections have no bias.
 
-    def __init__(self, width: int, heads: int, ffn: int, dropout: float) -> None:
+    STORM's reference (the code behind the published numbers) also drops attention probabilities
+    (`attn_dropout`, 0.1 there) and uses LayerNorm eps 1e-6 in its blocks (`ln_eps`); torch's default eps
+    is 1e-5. Both are arguments so the textbook block stays one config value away."""
+
+    def __init__(self, width: int, heads: int, ffn: int, dropout: float, attn_dropout: float = 0.0,
+                 ln_eps: float = 1e-5) -> None:
         super().__init__()
         assert width % heads == 0, f"width={width} not divisible by heads={heads}"
-        self.heads = heads
+        self.heads, self.attn_dropout = heads, attn_dropout
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, eps=ln_eps)
         self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.ReLU(), nn.Linear(ffn, width))
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
@@ -115,7 +121,7 @@ class Block(nn.Module):
         """x (B, T, D); mask from attention_mask() ((T, S) or (B, T, S)), None: plain causal."""
         b, t, width = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, d)
-        attn = attend(q, k, v, cache, layer, mask)
+        attn = attend(q, k, v, cache, layer, mask, self.attn_dropout if self.training else 0.0)
         x = self.norm1(x + self.drop(self.out(attn.transpose(1, 2).reshape(b, t, width))))
         return self.norm2(x + self.drop(self.ffn(x)))
 
@@ -124,12 +130,12 @@ class CausalTransformer(nn.Module):
     """Tokens (B, T, D) -> h (B, T, D): learned positions, LayerNorm(eps 1e-6), post-LN causal blocks."""
 
     def __init__(self, width: int, depth: int, heads: int, ffn: int, dropout: float = 0.1,
-                 max_len: int = 64) -> None:
+                 max_len: int = 64, attn_dropout: float = 0.0, ln_eps: float = 1e-5) -> None:
         super().__init__()
         self.width, self.depth, self.heads, self.max_len = width, depth, heads, max_len
         self.position = nn.Embedding(max_len, width)
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.blocks = nn.ModuleList(Block(width, heads, ffn, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, ffn, dropout, attn_dropout, ln_eps) for _ in range(depth))
 
     def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
         return KVCache.empty(self.depth, batch, self.heads, self.max_len, self.width // self.heads, device, dtype)
