@@ -13,6 +13,11 @@ with `expert_depth` 1 block, the shared Transformer has STORM's depth, the conca
 and e_k are projected to D (Linear + LayerNorm) before it, the actor and critics read [z, h, sg(e_k)],
 without harmonious weighting the task losses are averaged, the world-model optimizer restarts after the
 warm-up clustering, and the warm-up pre-training (cluster_warmup_updates) runs for every `clustering`.
+Each task's clustering gradient is taken w.r.t. the warm-up VAE and heads (the module the clustering
+splits) from the task's own rows, averaged over several batches, and kept per layer as a fixed random
+projection (count sketch) scaled to unit length (the paper: "averaged per layer"; see
+task_gradient_vectors and clustering.gradient_vector). Per update each task gets `batch_per_task`
+sequences and `imag_per_task` imagination starts (paper preset: 1 and 40; the paper states neither).
 """
 
 from __future__ import annotations

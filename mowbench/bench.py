@@ -40,6 +40,10 @@ from mowbench.run import compose_config, plan, resolve_device, resolve_precision
 # flops: count each phase's matmul/conv FLOPs (one untimed pass) and measure the device's dense matmul
 # rate in the run's precision, giving a lower bound on the step time (what no implementation of the same
 # maths can beat on this device)
+# STORM's reference world model (weipu-zhang/STORM, WorldModel with config_files/STORM.yaml), instantiated
+# and counted for 4, 6 and 18 actions: 16,503,939 + 512 per action (the token stem's first Linear).
+REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION = 16_503_939, 512
+
 BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True,
                   "flops": True}
 
@@ -178,6 +182,10 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
                   "imag_context": a.imag_context, "imag_horizon": a.imag_horizon, "image_size": size,
                   "actions": env.info.action.n},
     }
+    if type(agent.wm) is STORMWorldModel and not agent.wm.embed_dim and cfg.get("preset_name") == "paper":
+        reference = REFERENCE_WM_BASE + REFERENCE_WM_PER_ACTION * agent.action_dim
+        out["reference_world_model_parameters"] = reference
+        out["world_model_parameters_match_reference"] = out["parameters"]["world_model"] == reference
     if opts["warm_up"]:
         out["s_first_update_with_warm_up"] = warm_up_s
     if multi_task:

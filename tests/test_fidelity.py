@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mowbench.agents.base import build_config, get_agent
+from mowbench.bench import REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION
 from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 from mowbench.models import CausalTransformer
 from mowbench.results import run_dir
@@ -16,9 +17,9 @@ from mowbench.run import compose_config, execute, plan
 from mowbench.trainer import evaluate, evaluate_reference
 from tests.conftest import MICRO
 
-# STORM's reference world model (weipu-zhang/STORM, sub_models/world_models.py:WorldModel with
-# config_files/STORM.yaml), instantiated and counted: 16,507,011 parameters with Pong's 6 actions.
-REFERENCE_WM_PARAMETERS_6_ACTIONS = 16_507_011
+# STORM's reference world model, instantiated and counted (mowbench.bench): 16,507,011 with Pong's 6 actions
+REFERENCE_WM_PARAMETERS_6_ACTIONS = REFERENCE_WM_BASE + 6 * REFERENCE_WM_PER_ACTION
+assert REFERENCE_WM_PARAMETERS_6_ACTIONS == 16_507_011
 
 
 def storm_world_model_parameters(*overrides: str) -> int:
