@@ -35,7 +35,7 @@ def sort_key(value: Any, position: int) -> tuple:
 
 def load_cells(name: str) -> tuple[list[Cell], str, dict[str, Any]]:
     """The grid's cells and the name of what it sweeps; an unknown grid is a one-line error."""
-    from mowbench import grid as G
+    from mowbench import gridspec as G
 
     try:
         spec = G.load_grid(name)

@@ -30,9 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import Batch, get_agent, make_agent
 from mowbench.baselines.storm import STORMConfig, STORMWorldModel, sample_z
+from mowbench.config import compose_config, plan, resolve_device, resolve_precision
 from mowbench.envs import make_envs, resolve_tasks
 from mowbench.envs.base import ActionSpace, TaskInfo
-from mowbench.run import compose_config, plan, resolve_device, resolve_precision
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
 # reference: also time STORM's reference-style cache; act_steps: env steps timed for acting;

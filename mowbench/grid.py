@@ -14,9 +14,7 @@ multi-task agents one), and each run folder is one job ("unit"). Submissions are
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,10 +25,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mowbench import results as R
-from mowbench.run import compose_config, execute, plan
+from mowbench.config import compose_config, plan
+from mowbench.gridspec import cell_method, cells, grid_names, load_grid
+from mowbench.runner import execute
 
-GRID_DIR = Path(__file__).parent / "conf" / "grid"
-GRID_KEYS = {"reproduces", "seeds", "overrides", "axes", "variants", "agent_overrides", "default"}
 LAUNCHERS = ("auto", "slurm", "local", "debug")
 SLURM_KEYS = {"partition", "account", "qos", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
               "signal_delay_s", "max_requeues", "array_parallelism", "setup", "additional"}
@@ -67,20 +65,6 @@ class Request:
 
 
 # ---- parsing ----
-def grid_names() -> list[str]:
-    return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
-
-
-def load_grid(name: str) -> dict[str, Any]:
-    if name not in grid_names():
-        raise ValueError(f"unknown grid {name!r}; allowed: {', '.join(grid_names())}")
-    spec = OmegaConf.to_container(OmegaConf.load(GRID_DIR / f"{name}.yaml"), resolve=True)
-    unknown = sorted(set(spec) - GRID_KEYS)
-    if unknown:
-        raise ValueError(f"grid {name}: unknown field(s) {unknown}; allowed: {', '.join(sorted(GRID_KEYS))}")
-    return spec
-
-
 def load_slurm(choice: str, fields: dict[str, Any]) -> dict[str, Any]:
     path = Path(choice) if choice.endswith((".yaml", ".yml")) else slurm_dir() / f"{choice}.yaml"
     if not path.exists():
@@ -151,39 +135,6 @@ def _int_list(value: str, name: str) -> list[int]:
 
 
 # ---- expansion ----
-def method_name(agent: str, point: dict[str, Any], variant: str | None) -> str:
-    """Results method of a cell: the agent, then each swept value except the agent itself, e.g.
-    mow-n_clusters=3, mow-no_task_loss."""
-    parts = [agent] + [f"{k.split('.')[-1]}={v}" for k, v in point.items() if k != "agent"]
-    return "-".join(parts + ([variant] if variant else []))
-
-
-def cells(spec: dict[str, Any]) -> list[tuple[dict[str, Any], str | None, list[str]]]:
-    """The grid's cells without seeds: (swept point, variant or None, the overrides defining the cell)."""
-    axes = spec.get("axes") or {}
-    variants = spec.get("variants") or {None: []}
-    keys = list(axes)
-    out = []
-    for values in itertools.product(*(axes[k] for k in keys)):
-        point = dict(zip(keys, values, strict=True))
-        for variant, variant_overrides in variants.items():
-            out.append((point, variant, [*[f"{k}={_fmt(v)}" for k, v in point.items()], *variant_overrides]))
-    return out
-
-
-def is_default(spec: dict[str, Any], point: dict[str, Any], variant: str | None) -> bool:
-    """Whether a cell is the grid's `default` (the reference configuration of its ablation)."""
-    default = spec.get("default") or {}
-    return bool(default) and all((variant if k == "variant" else point.get(k)) == v for k, v in default.items())
-
-
-def cell_method(spec: dict[str, Any], overrides: list[str], point: dict[str, Any], variant: str | None,
-                defining: list[str]) -> tuple[str, str]:
-    """(agent, results method name) of a cell."""
-    agent = compose_config([*spec.get("overrides", []), *overrides, *defining])["agent"]["name"]
-    return agent, method_name(agent, point, variant)
-
-
 def expand(req: Request) -> list[Unit]:
     """Every unit of the grid, each validated (compose + plan) before anything is submitted."""
     spec = req.spec
@@ -209,14 +160,6 @@ def expand(req: Request) -> list[Unit]:
     if errors:
         raise ValueError(f"grid {req.grid}: {len(errors)} invalid cell(s), nothing submitted; first: {errors[0]}")
     return units
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
 
 
 # ---- state ----
@@ -296,18 +239,17 @@ def progress(folder: Path) -> tuple[int | None, float | None]:
 # ---- submission ----
 class GridJob:
     """What each job runs: train one unit (resuming it if a checkpoint exists). On SLURM's pre-timeout or
-    preemption signal the trainer checkpoints at the end of its step and returns; the job then hands over
-    to submitit's handler, which calls checkpoint() and requeues the job; the requeued job resumes."""
+    preemption signal the trainer checkpoints at the end of its step and chains submitit's handler, which
+    calls checkpoint() and requeues the job; the requeued job resumes."""
 
     def __call__(self, overrides: list[str]) -> dict[str, Any]:
         cfg = compose_config(overrides)
         p = plan(cfg)
-        [(name, summary)] = execute(cfg, p)  # a unit is one run folder
+        # a unit is one run folder; on SIGUSR2 the trainer checkpoints, then hands the signal on to submitit's
+        # handler (checkpoint() below, requeue, exit), so a preempted job does not come back here
+        [(name, summary)] = execute(cfg, p)
         folder = R.run_dir(p.cfg["results_dir"], p.suite, p.method, name, int(p.cfg["seed"]))
-        if not R.is_done(folder):
-            handler = signal.getsignal(signal.SIGUSR2)
-            if callable(handler) and getattr(handler, "__self__", None).__class__.__name__ == "SignalHandler":
-                handler(signal.SIGUSR2, None)  # submitit: checkpoint() + requeue + exit
+        if not R.is_done(folder):  # stopped by train.stop_at, or no handler to hand the signal to
             return {"unit": str(folder), "state": "preempted"}
         return {"unit": str(folder), "state": "done", "summary": summary}
 

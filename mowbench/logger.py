@@ -58,7 +58,10 @@ class RunLog:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = {name: list(state.get(name, [])) for name in self.TABLES}
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, flush: bool = True) -> None:
+        """Close the TensorBoard writer (idempotent); with `flush`, write the CSVs first."""
+        if flush:
+            self.flush()
         if self.writer:
             self.writer.close()
+            self.writer = None

@@ -16,8 +16,6 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 SCHEMA_VERSION = 1
 DONE = "DONE.json"
 PACKAGES = ["torch", "numpy", "gymnasium", "ale-py", "metaworld", "mujoco", "minatar", "hydra-core",
@@ -65,6 +63,8 @@ def atomic_write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) 
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch  # here, not at the top: the analysis reads results without importing torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -99,7 +99,10 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def device_description(device: torch.device) -> dict[str, Any]:
+def device_description(device: Any) -> dict[str, Any]:
+    """What a run trained on (device, host, CPU, torch threads; GPU name and CUDA version on CUDA)."""
+    import torch
+
     info: dict[str, Any] = {"device": str(device), "host": platform.node(), "cpu": platform.processor(),
                             "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":

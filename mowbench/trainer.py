@@ -280,11 +280,15 @@ class Trainer:
         return means
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
-        self.preempted = True  # checkpoint at the end of the current step, then leave
+        self.preempted = self.signalled = True  # checkpoint at the end of the current step, then leave
 
-    def train(self) -> dict[str, Any]:
-        """Run until `steps`; returns a summary. Leaves early (preempted=True) after `stop_at` or a signal."""
+    def train(self, on_preempt: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Run until `steps`; returns a summary. Leaves early (preempted=True) after `stop_at` or SIGUSR2,
+        having checkpointed and called `on_preempt(step)`. After a SIGUSR2 it then hands the signal to the
+        handler installed before it, if any (under submitit: checkpoint(), requeue and exit), so whoever
+        launched the run sees the signal as if the trainer had not been there."""
         cfg, c = self.cfg, self.counters
+        self.signalled = False
         old = signal.signal(signal.SIGUSR2, self._handle_signal) if hasattr(signal, "SIGUSR2") else None
         # in a log file (e.g. a SLURM job's output) redraw rarely instead of several times a second
         bar = tqdm(total=cfg.steps, initial=c.step, disable=not cfg.progress, dynamic_ncols=True,
@@ -322,6 +326,11 @@ class Trainer:
                     self.save()
                     if self.preempted or (cfg.stop_at and c.step == cfg.stop_at):
                         self.preempted = True
+                        if on_preempt is not None:
+                            on_preempt(c.step)
+                        if self.signalled and callable(old):
+                            signal.signal(signal.SIGUSR2, old)
+                            old(signal.SIGUSR2, None)  # chain: e.g. submitit requeues the job and exits
                         return {"preempted": True, "step": c.step}
             c.wall_time += time.time() - start
             self.agent.write_artifacts(self.folder / ARTIFACTS, final=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mowbench.run import compose_config
+from mowbench.config import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 

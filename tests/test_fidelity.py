@@ -10,10 +10,11 @@ import torch
 
 from mowbench.agents.base import build_config, get_agent
 from mowbench.bench import REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION
+from mowbench.config import compose_config, plan
 from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 from mowbench.models import CausalTransformer
 from mowbench.results import run_dir
-from mowbench.run import compose_config, execute, plan
+from mowbench.runner import execute
 from mowbench.trainer import evaluate, evaluate_reference
 from tests.conftest import MICRO
 

@@ -11,8 +11,9 @@ import time
 import pytest
 
 from mowbench import results as R
-from mowbench.grid import expand, method_name, parse_args, unit_states
-from mowbench.run import compose_config
+from mowbench.config import compose_config
+from mowbench.grid import expand, parse_args, unit_states
+from mowbench.gridspec import method_name
 from tests.conftest import REPO
 
 SLURM = shutil.which("sbatch") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0

@@ -3,7 +3,8 @@ breakout and space_invaders (~9 CPU minutes); each clearly beats a uniformly ran
 
 import pytest
 
-from mowbench.run import compose_config, execute
+from mowbench.config import compose_config
+from mowbench.runner import execute
 
 
 @pytest.mark.slow

@@ -9,12 +9,13 @@ import torch
 
 from mowbench.agents.base import Batch, build_config, get_agent, make_agent
 from mowbench.clustering import gradient_vector, kmeans_cosine, random_assignment
+from mowbench.config import compose_config, plan
 from mowbench.envs import make_envs
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.ops import Grouping, balance_loss, group_mean, harmonious_loss, topk_route
 from mowbench.replay import Replay
 from mowbench.results import run_dir
-from mowbench.run import compose_config, execute, plan
+from mowbench.runner import execute
 from tests.conftest import MICRO, MICRO_AGENT
 
 SMALL = {"channels": [8, 16], "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2, "ffn": 32, "head_width": 16,

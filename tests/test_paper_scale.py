@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from mowbench.agents.base import Batch, make_agent
+from mowbench.config import compose_config, plan
 from mowbench.envs import make_envs
 from mowbench.envs.atari import TASKS as ATARI26
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.envs.metaworld import MT50
 from mowbench.replay import Replay, stratified_counts
-from mowbench.run import compose_config, plan
 from tests.test_mow import fill_replay
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mowbench.agents.base import AGENTS, get_agent
+from mowbench.config import compose_config
 from mowbench.results import run_dir
-from mowbench.run import compose_config, execute
+from mowbench.runner import execute
 from tests.conftest import MICRO, MICRO_AGENT, REPO
 
 get_agent("storm")  # import the baselines so AGENTS is filled for parametrisation

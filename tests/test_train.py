@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from mowbench.config import plan
 from mowbench.results import run_dir
-from mowbench.run import execute, plan
+from mowbench.runner import execute
 from mowbench.trainer import CHECKPOINT
 from tests.conftest import MICRO_AGENT, REPO
 
@@ -141,7 +142,7 @@ def test_a_run_held_by_a_live_process_is_skipped_and_a_stale_lock_is_taken_over(
 
 
 def test_presets_set_the_published_budgets():
-    from mowbench.run import compose_config
+    from mowbench.config import compose_config
 
     atari = compose_config(["env=atari100k", "preset=paper"])
     assert (atari["train"]["steps"], atari["train"]["warmup"], atari["env"]["image_size"]) == (100_000, 1024, 64)

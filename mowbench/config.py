@@ -1,0 +1,154 @@
+"""Configuration: compose the Hydra config once, validate it before any heavy work, and resolve it into a
+`Plan` (what to train, where, on what). No training, no command line: mowbench.runner trains a Plan, and
+mowbench.run is the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mowbench.agents.base import build_config, get_agent
+from mowbench.envs import resolve_tasks, suite_module
+from mowbench.trainer import TrainConfig
+
+CONF = Path(__file__).parent / "conf"
+GROUPS = ("env", "agent", "preset", "ablation")
+
+
+def _group_dir(group: str) -> Path:
+    if group == "ablation":
+        import mowbench.ablations
+
+        return Path(mowbench.ablations.__file__).parent / "ablation"
+    return CONF / group
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """One-line errors for unknown config-group choices, before Hydra prints a traceback."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in GROUPS and value:
+            options = sorted(p.stem for p in _group_dir(key).glob("*.yaml"))
+            if value not in options:
+                raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(options)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r}; allowed: auto, cpu, cuda, cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available; allowed here: auto, cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}; allowed: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in ("fp32", "bf16"):
+        raise ValueError(f"precision={name!r}; allowed: auto, fp32, bf16")
+    return name
+
+
+@dataclasses.dataclass
+class Plan:
+    """A fully validated run request: what to train, where, on what."""
+
+    cfg: dict[str, Any]
+    suite: str
+    agent: str
+    method: str
+    tasks: list[str]
+    runs: list[tuple[str, list[str]]]  # (results task name, tasks of that run)
+    train: TrainConfig
+    device: torch.device
+    precision: str
+
+
+def plan(cfg: dict[str, Any]) -> Plan:
+    """Validate the whole configuration before any heavy work (envs, networks) starts."""
+    env_cfg = dict(cfg["env"])
+    suite = env_cfg.get("suite")
+    mod = suite_module(suite)
+    tasks = resolve_tasks(suite, cfg.get("task"))
+    entry = get_agent(cfg["agent"]["name"])
+    if env_cfg.get("action_set") == "auto":  # one shared action set when one agent plays several games
+        env_cfg["action_set"] = "full" if entry.multi_task and len(tasks) > 1 else "minimal"
+        cfg = {**cfg, "env": env_cfg}
+    mod.check(env_cfg)
+    agent_cfg = build_config(entry, dict(cfg["agent"]))
+    if hasattr(agent_cfg, "check_image_size"):
+        agent_cfg.check_image_size(int(env_cfg.get("image_size", 64)))
+    if hasattr(agent_cfg, "check_tasks"):
+        agent_cfg.check_tasks(len(tasks))
+    train_values = dict(cfg["train"])
+    proto = mod.eval_protocol(env_cfg)
+    for key in ("eval_episodes", "eval_greedy", "eval_mode"):
+        if train_values.get(key) is None:
+            train_values[key] = proto[key]
+    unknown = sorted(set(train_values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown train option(s) {unknown}; allowed: "
+                         f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+    train = TrainConfig(**train_values)
+    train.check()
+    if train.replay_capacity < getattr(agent_cfg, "batch_length", 1):
+        raise ValueError(f"train.replay_capacity={train.replay_capacity} is smaller than a sequence "
+                         f"(batch_length={agent_cfg.batch_length})")
+    if train.warmup < getattr(agent_cfg, "batch_length", 1) and train.steps > train.warmup:
+        raise ValueError(f"train.warmup={train.warmup} must be >= batch_length={agent_cfg.batch_length} "
+                         "so the first update finds whole sequences")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}; allowed: a non-negative integer")
+    device = resolve_device(str(cfg.get("device", "auto")))
+    precision = resolve_precision(str(cfg.get("precision", "auto")), device)
+    if precision == "bf16" and device.type == "cpu":
+        raise ValueError("precision=bf16 on cpu is not supported (CPU runs in fp32); allowed: auto, fp32")
+    method = cfg.get("method") or entry.name
+    if entry.multi_task:
+        runs = [(tasks[0] if len(tasks) == 1 else f"all{len(tasks)}", tasks)]
+    else:
+        runs = [(t, [t]) for t in tasks]
+    return Plan(cfg, suite, entry.name, method, tasks, runs, train, device, precision)
+
+
+def config_values(cfg: DictConfig, choices: Any) -> dict[str, Any]:
+    """Resolved run configuration as a plain dict, with the preset chosen (recorded in metadata)."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+    values["preset_name"] = choices.get("preset")
+    return values
+
+
+def compose_config(overrides: list[str]) -> dict[str, Any]:
+    """The configuration the CLI would run for `overrides`, without starting Hydra's app (bench, tests)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_group_choices(overrides)
+    try:
+        with initialize_config_module("mowbench.conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:  # e.g. an unknown key: one line, no traceback
+        text = f"{err}\n{err.__cause__ or ''}"
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        detail = next((line for line in lines[1:] if "not in struct" in line or "Key" in line), "")
+        raise ValueError(f"{lines[0]} {detail}".strip() + "; allowed: the keys of mowbench/conf/config.yaml "
+                         "and of the chosen env/agent files (e.g. seed, task, train.steps, agent.width)") from None
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return config_values(cfg, choices)
+
+

@@ -1,0 +1,140 @@
+"""The run lifecycle: one process's work on a run folder (lock, metadata, envs, agent, trainer, results),
+with everything it opens closed on every path, preemption included. Trains a validated mowbench.config.Plan."""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from mowbench import results as R
+from mowbench.agents.base import make_agent
+from mowbench.config import Plan, plan
+from mowbench.envs import make_envs
+from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
+
+
+def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | None:
+    """Train and evaluate one run folder; a finished run is never touched again."""
+    cfg, seed = p.cfg, int(p.cfg["seed"])
+    folder = R.run_dir(cfg["results_dir"], p.suite, p.method, name, seed)
+    if R.is_done(folder):
+        print(f"[mowbench] {folder} is already finished; nothing to do (delete the folder to rerun)")
+        return R.read_summary(folder)
+    lock = R.RunLock(folder)
+    if not lock.acquire():
+        print(f"[mowbench] {folder} is being trained by another process ({lock.owner}); skipping it")
+        return None
+    try:
+        return _train_run(p, folder, tasks)
+    finally:
+        lock.release()
+
+
+def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None:
+    """Train one run folder for one session: to the end, or until preempted (checkpointed, then None)."""
+    cfg, seed = p.cfg, int(p.cfg["seed"])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    env_cfg = dict(cfg["env"])
+    with ExitStack() as opened:  # envs and logs are closed on every path: finished, preempted, failed
+        envs = make_envs(p.suite, tasks, env_cfg, seed)
+        opened.callback(lambda: [env.close() for env in envs])
+        agent = make_agent(p.agent, dict(cfg["agent"]), [e.info for e in envs], p.device, p.precision)
+
+        def make_eval_envs(k: int, copy: int) -> list:  # evaluation k's envs; copy > 0: reference mode's extras
+            return make_envs(p.suite, tasks, env_cfg, seed + 7919 * (k + 1) + 104_729 * copy, evaluation=True)
+
+        folder.mkdir(parents=True, exist_ok=True)
+        resuming = (folder / CHECKPOINT).exists()
+        meta_path = folder / "metadata.json"
+        meta = R.read_json(meta_path) if resuming and meta_path.exists() else {
+            "schema_version": R.SCHEMA_VERSION, "suite": p.suite, "method": p.method, "agent": p.agent,
+            "tasks": tasks, "seed": seed, "preset": cfg.get("preset_name"), "started": _now(), "sessions": []}
+        meta.update({"git": R.git_state(), "versions": R.versions(), "device": R.device_description(p.device),
+                     "precision": p.precision, "protocol": {e.info.name: e.info.protocol for e in envs},
+                     "parameters": agent.parameter_counts(),
+                     "per_task_signal": per_task_signal(agent.per_task_batch(), p.train),
+                     "evaluation": {"mode": p.train.eval_mode, "episodes": p.train.eval_episodes,
+                                    "greedy": p.train.eval_greedy, "parallel_envs": p.train.eval_parallel
+                                    if p.train.eval_mode == "reference" else 1}})
+        R.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        trainer = Trainer(agent, envs, make_eval_envs, p.train, folder, p.device, seed)
+        # a failed session leaves the CSVs as of its last checkpoint; finished and preempted ones flush first
+        opened.callback(trainer.log.close, flush=False)
+        meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,
+                                 "env_restart": trainer.env_restore_failed})
+        R.atomic_write_json(meta_path, meta)
+        t0 = time.time()
+
+        def end_session(step: int) -> None:  # also called by the trainer before it hands a signal on
+            meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": step})
+            R.atomic_write_json(meta_path, meta)
+
+        summary = trainer.train(on_preempt=end_session)
+        if summary["preempted"]:
+            print(f"[mowbench] {folder}: checkpointed at step {summary['step']}; rerun the same command to resume")
+            return None
+        meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": summary["step"]})
+        meta.update({"finished": _now(), "wall_time_s": trainer.counters.wall_time, "updates": summary["updates"]})
+        R.atomic_torch_save(folder / "model.pt", agent.state_dict())
+        R.atomic_write_json(folder / "summary.json", summary)
+        R.atomic_write_json(meta_path, meta)
+        trainer.log.flush()
+        R.atomic_write_json(folder / R.DONE, {"finished": meta["finished"], "step": summary["step"],
+                                              "schema_version": R.SCHEMA_VERSION})
+        if not p.train.keep_checkpoint:
+            (folder / CHECKPOINT).unlink(missing_ok=True)
+        return summary
+
+
+def per_task_signal(batch: dict[str, int], train: TrainConfig) -> dict[str, float]:
+    """The training signal each task gets, per update and per round (one env step in every task), from the
+    agent's per-task batch and the update ratio: what makes multi-task runs comparable with single-task
+    STORM (16 sequences of 64 steps, i.e. 1,024 replayed steps, and 1,024 imagination starts per env step)."""
+    u = train.updates_per_step
+    out: dict[str, float] = {"updates_per_round": u, "updates_total": u * max(0, train.steps - train.warmup)}
+    out |= {f"{key}_per_update": value for key, value in batch.items()}
+    if "world_model_sequences" in batch:
+        out["world_model_sequences_per_round"] = u * batch["world_model_sequences"]
+        out["replayed_steps_per_round"] = u * batch["world_model_sequences"] * batch.get("sequence_length", 1)
+    if "imagination_starts" in batch:
+        out["imagination_starts_per_round"] = u * batch["imagination_starts"]
+    return out
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def print_summary(rows: list[tuple[str, dict[str, Any] | None]]) -> None:
+    print(f"\n{'task':<20} {'final return':>14} {'random policy':>14}")
+    for name, summary in rows:
+        if summary is None:
+            print(f"{name:<20} {'(preempted)':>14}")
+            continue
+        for task, ret in summary["final_return"].items():
+            rand = summary.get("random_return", {}).get(task)
+            print(f"{task:<20} {ret:>14.2f} {'' if rand is None else f'{rand:.2f}':>14}")
+
+
+def execute(cfg: dict[str, Any], p: Plan | None = None) -> list[tuple[str, dict[str, Any] | None]]:
+    """Train every run of `cfg` (its plan, if already made) and print the results table."""
+    p = plan(cfg) if p is None else p
+    if int(cfg.get("threads") or 0) > 0:
+        torch.set_num_threads(int(cfg["threads"]))
+    out = []
+    for name, tasks in p.runs:
+        out.append((name, run_one(p, name, tasks)))
+    print_summary(out)
+    return out
+
+
