@@ -3,13 +3,31 @@ stratified by task for multi-task agents."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from mowbench.agents.base import Batch
 from mowbench.envs.base import TaskInfo
+
+
+@dataclass
+class Batch:
+    """Sequences from replay. obs (B, T, S, S, 3) uint8; action (B, T) long or (B, T, A) float;
+    reward, terminal (B, T) float; task (B,) long; legal (B, A) bool."""
+
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    terminal: torch.Tensor
+    task: torch.Tensor
+    legal: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The sequences at `index` (R,) as a smaller Batch."""
+        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 class TaskReplay:
@@ -86,6 +104,10 @@ class Replay:
 
     def __len__(self) -> int:
         return min(b.size for b in self.buffers)
+
+    def add(self, task: int, obs: np.ndarray, action: Any, reward: float, terminal: bool) -> None:
+        """Store one transition of task `task`: (o_t, a_t, r_t, d_t), d_t the training terminal."""
+        self.buffers[task].add(obs, action, reward, terminal)
 
     def sample(self, n: int, length: int) -> Batch:
         counts = stratified_counts(n, len(self.buffers), self.rng)

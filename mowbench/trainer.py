@@ -7,6 +7,7 @@ states, counters, env states, acting contexts and log rows.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import sys
@@ -196,7 +197,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "agent": self.agent.state_dict(), "replay": self.replay.state_dict(), "rng": rng_state(),
-            "trainer_rng": self.rng.bit_generator.state, "counters": self.counters,
+            "trainer_rng": self.rng.bit_generator.state, "counters": dataclasses.asdict(self.counters),
             "streams": [{"env": s.env.get_state(), "context": s.context, "obs": s.obs, "ret": s.ret,
                          "length": s.length, "success": s.success, "last_return": s.last_return}
                         for s in self.streams],
@@ -213,7 +214,8 @@ class Trainer:
         self.replay.load_state_dict(state["replay"])
         set_rng_state(state["rng"])
         self.rng.bit_generator.state = state["trainer_rng"]
-        self.counters = state["counters"]
+        counters = state["counters"]  # a plain dict (checkpoints before it held the dataclass itself)
+        self.counters = Counters(**counters) if isinstance(counters, dict) else counters
         for stream, s in zip(self.streams, state["streams"], strict=True):
             if s["env"] is not None:
                 stream.env.set_state(s["env"])
@@ -237,7 +239,7 @@ class Trainer:
         else:
             action = s.env.info.action.sample(self.rng)
         step = s.env.step(action)
-        self.replay.buffers[k].add(s.obs, action, step.reward, s.env.train_terminal(step))
+        self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step))
         s.ret += step.reward
         s.length += 1
         if step.success is not None:

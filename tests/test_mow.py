@@ -36,12 +36,12 @@ def fill_replay(envs, steps, seed):
     """A replay holding `steps` random-policy transitions of every env, as the trainer's warm-up collects."""
     replay = Replay(steps, [e.info for e in envs], torch.device("cpu"), seed)
     rng = np.random.default_rng(seed)
-    for buffer, env in zip(replay.buffers, envs, strict=True):
+    for k, env in enumerate(envs):
         obs = env.reset()
         for _ in range(steps):
             action = env.info.action.sample(rng)
             step = env.step(action)
-            buffer.add(obs, action, step.reward, env.train_terminal(step))
+            replay.add(k, obs, action, step.reward, env.train_terminal(step))
             obs = env.reset() if step.done else step.obs
     return replay
 

@@ -40,9 +40,9 @@ def test_stratified_counts_hand_values():
 def test_replay_batch_of_16_over_26_tasks_rotates_the_remainder():
     infos = [TaskInfo("atari100k", f"g{k}", k, 4, ActionSpace(True, 18)) for k in range(26)]
     replay = Replay(10, infos, torch.device("cpu"), seed=0)
-    for buf in replay.buffers:
+    for k in range(26):
         for _ in range(10):
-            buf.add(np.zeros((4, 4, 3), np.uint8), 0, 0.0, False)
+            replay.add(k, np.zeros((4, 4, 3), np.uint8), 0, 0.0, False)
     seen = torch.zeros(26)
     for _ in range(400):
         seen += torch.bincount(replay.sample(16, 4).task, minlength=26)
@@ -118,9 +118,9 @@ def mt50_replay(length: int) -> Replay:
     infos = [TaskInfo("metaworld", name, k, 16, ActionSpace(False, 4)) for k, name in enumerate(MT50)]
     replay = Replay(length + 1, infos, torch.device("cpu"), seed=0)
     rng = np.random.default_rng(0)
-    for buf in replay.buffers:
+    for k in range(len(infos)):
         for _ in range(length + 1):
-            buf.add(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), rng.uniform(-1, 1, 4).astype(np.float32),
+            replay.add(k, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), rng.uniform(-1, 1, 4).astype(np.float32),
                     float(rng.normal()), False)
     return replay
 

@@ -13,29 +13,13 @@ import numpy as np
 import torch
 
 from mowbench.envs.base import TaskInfo
+from mowbench.replay import Batch
 
 
 def adam(params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """Adam with the fused kernel (CPU and CUDA): the same update as the default per-parameter loop, one
     kernel for all parameters (about 4x faster on CPU for the tiny models' ~200 tensors)."""
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
-
-
-@dataclass
-class Batch:
-    """Sequences from replay. obs (B, T, S, S, 3) uint8; action (B, T) long or (B, T, A) float;
-    reward, terminal (B, T) float; task (B,) long; legal (B, A) bool."""
-
-    obs: torch.Tensor
-    action: torch.Tensor
-    reward: torch.Tensor
-    terminal: torch.Tensor
-    task: torch.Tensor
-    legal: torch.Tensor
-
-    def rows(self, index: torch.Tensor) -> Batch:
-        """The sequences at `index` (R,) as a smaller Batch."""
-        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 class Agent(ABC):
