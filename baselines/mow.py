@@ -2,7 +2,8 @@
 to task clusters found by gradient similarity, a task-level router sending each task to its TopK expert
 Transformers before a shared Transformer, per-cluster heads and critics, one shared actor.
 
-Every ablation switch is a MoWConfig field, gated in exactly one place (search for `cfg.<name>`):
+Every ablation switch is a MoWConfig field, gated in exactly one place (search for `cfg.<name>`; task- vs
+token-level routing is a strategy object, TaskLevelRouting or TokenLevelRouting, chosen once):
 n_experts, n_clusters, top_k, routing (task|token), task_loss, balance_loss, harmonious,
 clustering (gradient|random|none), expert_transformers, shared_transformer.
 
@@ -135,6 +136,71 @@ class MoWCache:
     shared: KVCache | None
 
 
+class TaskLevelRouting:
+    """MoW's routing (mow.md 2): S_k = softmax(MLP(e_k) / tau) from the task embedding alone, so every token
+    of task k goes to the same TopK experts J_k and each expert sees whole, coherent sequences."""
+
+    def router_inputs(self, latent_dim: int, action_dim: int, embed_dim: int) -> int:
+        return embed_dim
+
+    def logits(self, router: nn.Module, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return router(e)  # (B, N_e)
+
+    def chosen(self, experts: ExpertBank, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor,
+               routing: Routing, cache: ExpertCache | None) -> torch.Tensor:
+        """The K chosen experts' outputs weighted by W_k -> (B, T, K, D): B*K (sequence, expert) pairs."""
+        b, k = routing.index.shape
+        rows = torch.arange(b, device=z.device).repeat_interleave(k)
+        out = experts(z, action, e, rows, routing.index.flatten(), cache=cache)  # (B*K, T, D)
+        chosen = out.unflatten(0, (b, k)) * routing.weight[:, :, None, None].to(out.dtype)  # (B, K, T, D)
+        return chosen.transpose(1, 2)
+
+    def balance_weights(self, wm: MoWWorldModel, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor
+                        ) -> tuple[torch.Tensor, float | None, torch.Tensor | None]:
+        """Routing weights for the balance loss: one row per task (N, N_e), whatever the batch holds."""
+        return wm.route_tasks().dense, None, None
+
+    def matrix(self, wm: MoWWorldModel, token_means: torch.Tensor) -> torch.Tensor:
+        """Tasks x experts routing weights for the heatmaps: the router's W_k."""
+        return wm.route_tasks().dense
+
+
+class TokenLevelRouting:
+    """The `routing=token` ablation: each token routed by its own (z_t, a_t, e_k), as in token-level MoE; expert
+    j attends only to the tokens routed to it, so sequences are fragmented (what the paper argues against)."""
+
+    def router_inputs(self, latent_dim: int, action_dim: int, embed_dim: int) -> int:
+        return latent_dim + action_dim + embed_dim
+
+    def logits(self, router: nn.Module, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return router(torch.cat([z, action, e[:, None].expand(*z.shape[:2], -1)], dim=-1))  # (B, T, N_e)
+
+    def chosen(self, experts: ExpertBank, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor,
+               routing: Routing, cache: ExpertCache | None) -> torch.Tensor:
+        """Every (sequence, expert) pair, each expert seeing only its tokens; then each token's K chosen
+        outputs weighted by W -> (B, T, K, D)."""
+        b, n_e = z.shape[0], routing.dense.shape[-1]
+        member = (routing.dense > 0).transpose(1, 2).flatten(0, 1)  # (B*N_e, T)
+        rows, expert = torch.arange(b, device=z.device).repeat_interleave(n_e), torch.arange(n_e, device=z.device)
+        out = experts(z, action, e, rows, expert.repeat(b), member, cache)  # (B*N_e, T, D)
+        dense = out.unflatten(0, (b, n_e)).transpose(1, 2)  # (B, T, N_e, D)
+        index = routing.index[..., None].expand(-1, -1, -1, dense.shape[-1])  # (B, T, K, D)
+        return dense.gather(2, index) * routing.weight[..., None].to(out.dtype)
+
+    def balance_weights(self, wm: MoWWorldModel, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor
+                        ) -> tuple[torch.Tensor, float | None, torch.Tensor | None]:
+        """Every token's weights (B*T, N_e) counted as N task rows, and each row's mean weights (B, N_e)."""
+        dense = wm.route(z, action, task).dense  # (B, T, N_e)
+        return dense.flatten(0, 1), float(wm.n_tasks), dense.detach().mean(1)
+
+    def matrix(self, wm: MoWWorldModel, token_means: torch.Tensor) -> torch.Tensor:
+        """Tasks x experts: the mean weights of each task's tokens in the latest batch holding it."""
+        return token_means
+
+
+ROUTINGS = {"task": TaskLevelRouting, "token": TokenLevelRouting}
+
+
 class MoWWorldModel(nn.Module):
     """MoW's world model with the same paper-named methods as STORMWorldModel (each takes the rows'
     task indices (B,)). e_k: L2-normalised task embedding; `assignment` (N,): task -> VAE cluster (all 0
@@ -147,8 +213,9 @@ class MoWWorldModel(nn.Module):
         e = cfg.embed_dim
         self.task_embedding = nn.Embedding(n_tasks, e)
         self.clusters = nn.ModuleList(ClusterModule(cfg, image_size) for _ in range(cfg.n_clusters))
-        router_in = e if cfg.routing == "task" else self.latent_dim + action_dim + e
-        self.router = MLP(router_in, cfg.router_width, 1, cfg.n_experts)
+        self.routing = ROUTINGS[cfg.routing]()  # the one place task- vs token-level routing is chosen
+        self.router = MLP(self.routing.router_inputs(self.latent_dim, action_dim, e), cfg.router_width, 1,
+                          cfg.n_experts)
         self.experts = ExpertBank(
             cfg.n_experts, latent_dim=self.latent_dim, action_dim=action_dim, embed_dim=e, width=cfg.width,
             depth=cfg.expert_depth, heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout, max_len=cfg.max_len,
@@ -216,11 +283,7 @@ class MoWWorldModel(nn.Module):
     def route(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor) -> Routing:
         """Task-level: S_k = softmax(MLP(e_k) / tau) -> (B, N_e); token-level: from each token's
         (z_t, a_t, e_k) -> (B, T, N_e). Then TopK."""
-        e = self.embed(task)
-        if self.cfg.routing == "task":
-            logits = self.router(e)  # (B, N_e)
-        else:
-            logits = self.router(torch.cat([z, action, e[:, None].expand(*z.shape[:2], -1)], dim=-1))
+        logits = self.routing.logits(self.router, z, action, self.embed(task))
         return topk_route(logits, float(self.tau), self.cfg.top_k)
 
     def route_tasks(self) -> Routing:
@@ -239,22 +302,9 @@ class MoWWorldModel(nn.Module):
         The chosen experts' outputs, weighted by their routing weights (so the router gets gradient),
         are concatenated in rank order with e_k, projected to D and fed to the shared Transformer."""
         b, t = z.shape[:2]
-        k, n_e = self.cfg.top_k, self.cfg.n_experts
         e = self.embed(task)  # (B, E)
-        routing = self.route(z, action, task)
-        rows = torch.arange(b, device=z.device)
-        if self.cfg.routing == "task":  # pairs (b, J_k[s]) for the K chosen experts: B*K full sequences
-            out = self.experts(z, action, e, rows.repeat_interleave(k), routing.index.flatten(),
-                               cache=None if cache is None else cache.experts)  # (B*K, T, D)
-            chosen = out.unflatten(0, (b, k)) * routing.weight[:, :, None, None].to(out.dtype)  # (B, K, T, D)
-            chosen = chosen.transpose(1, 2)  # (B, T, K, D)
-        else:  # every (b, j) pair; expert j attends only to the tokens routed to it (fragmented sequences)
-            member = (routing.dense > 0).transpose(1, 2).flatten(0, 1)  # (B*N_e, T)
-            out = self.experts(z, action, e, rows.repeat_interleave(n_e), torch.arange(n_e, device=z.device).repeat(b),
-                               member, None if cache is None else cache.experts)  # (B*N_e, T, D)
-            dense = out.unflatten(0, (b, n_e)).transpose(1, 2)  # (B, T, N_e, D)
-            index = routing.index[..., None].expand(-1, -1, -1, dense.shape[-1])  # (B, T, K, D)
-            chosen = dense.gather(2, index) * routing.weight[..., None].to(out.dtype)  # (B, T, K, D)
+        chosen = self.routing.chosen(self.experts, z, action, e, self.route(z, action, task),
+                                     None if cache is None else cache.experts)  # (B, T, K, D)
         x = self.mix(torch.cat([chosen.flatten(2), e[:, None].expand(b, t, -1).to(chosen.dtype)], dim=-1))
         return x if self.shared is None else self.shared(x, None if cache is None else cache.shared)  # (B, T, D)
 
@@ -347,13 +397,11 @@ class MoWAgent(STORMAgent):
         else:
             loss = task_loss[present].mean()
         metrics = {f"wm/{k}": v[present].mean().item() for k, v in per.items()}
-        if cfg.routing == "task":
-            weights, rows = self.wm.route_tasks().dense, None  # (N, N_e): one row per task
-        else:
-            dense = self.wm.route(aux["z"], self.action_input(batch.action), batch.task).dense  # (B, T, N_e)
-            means, seen = group_mean(dense.detach().mean(1), batch.task, self.n_tasks)
-            self.token_routing[seen] = means[seen]  # the latest batch's routing, for the heatmaps
-            weights, rows = dense.flatten(0, 1), float(self.n_tasks)
+        weights, rows, row_means = self.wm.routing.balance_weights(self.wm, aux["z"], self.action_input(batch.action),
+                                                                   batch.task)
+        if row_means is not None:  # token routing: the latest batch's routing per task, for the heatmaps
+            means, seen = group_mean(row_means, batch.task, self.n_tasks)
+            self.token_routing[seen] = means[seen]
         balance = balance_loss(weights, rows)
         if cfg.balance_loss:
             loss = loss + cfg.balance_scale * balance
@@ -438,9 +486,7 @@ class MoWAgent(STORMAgent):
     def routing_matrix(self) -> np.ndarray:
         """Routing weights tasks x experts (N, N_e): the router's W_k, or for token routing the mean
         weights of each task's tokens in the latest batch holding it."""
-        if self.cfg.routing == "task":
-            return self.wm.route_tasks().dense.cpu().numpy()
-        return self.token_routing.cpu().numpy()
+        return self.wm.routing.matrix(self.wm, self.token_routing).cpu().numpy()
 
     def write_artifacts(self, folder: Path, final: bool) -> None:
         """clusters.{json,csv,png}, gradient_similarity.{csv,png} (gradient clustering) and
