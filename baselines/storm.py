@@ -29,6 +29,13 @@ from mowbench.models import (
 )
 from mowbench.ops import categorical_kl, free_bits, sample_onehot_st, symlog_twohot_ce, twohot_decode, uniform_bins
 
+# STORM's reference world model (weipu-zhang/STORM, WorldModel with config_files/STORM.yaml), instantiated
+# and counted for 4, 6 and 18 actions: 16,503,939 + 512 per action (the token stem's first Linear). Ours
+# matches it at the paper's sizes (PAPER_SIZE_FIELDS at their defaults, 64x64 images).
+REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION = 16_503_939, 512
+PAPER_SIZE_FIELDS = ("channels", "n_vars", "n_classes", "width", "depth", "heads", "ffn", "max_len", "head_width",
+                     "head_depth", "bins", "decoder_stem_norm")
+
 
 @dataclass
 class STORMConfig:
@@ -400,6 +407,35 @@ class STORMAgent(Agent):
         out = action_row[0].cpu().numpy()
         return int(out) if self.discrete else out.astype(np.float32)
 
+    # ---- benchmark hooks (mowbench.bench) ----
+    def bench_phases(self, sample: Callable[[int, int], Batch]) -> dict[str, Callable[[], Any]]:
+        cfg, n = self.cfg, len(self.tasks)
+        wm_batch = sample(cfg.batch_per_task * n, cfg.batch_length)
+        context = sample(cfg.imag_per_task * n, cfg.imag_context)
+        traj = self.imagine(context)
+        return {"world_model_update": lambda: self.update_world_model(wm_batch),
+                "imagination": lambda: self.imagine(context),
+                "agent_update": lambda: self.learner.update(traj)}
+
+    def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
+                     figures: dict[str, Any]) -> dict[str, Any]:
+        """Plain STORM only: imagination timed the way the reference code caches (imagine_reference_cache)
+        and the training step with it; at the paper's sizes, the reference's world-model parameter count."""
+        if type(self.wm) is not STORMWorldModel or self.wm.embed_dim:
+            return {}
+        cfg, out = self.cfg, {}
+        context = sample(cfg.imag_per_task * len(self.tasks), cfg.imag_context)
+        out["s_per_imagination_reference_cache"] = time(lambda: imagine_reference_cache(self, context))
+        ref_step = figures["s_per_train_step"] - figures["s_per_imagination"] + out["s_per_imagination_reference_cache"]
+        out["s_per_train_step_reference_cache"] = ref_step
+        out["train_step_speedup_vs_reference_cache"] = ref_step / figures["s_per_train_step"]
+        paper = STORMConfig()
+        if self.tasks[0].image_size == 64 and all(getattr(cfg, f) == getattr(paper, f) for f in PAPER_SIZE_FIELDS):
+            reference = REFERENCE_WM_BASE + REFERENCE_WM_PER_ACTION * self.action_dim
+            out["reference_world_model_parameters"] = reference
+            out["world_model_parameters_match_reference"] = figures["parameters"]["world_model"] == reference
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {"wm": self.wm.state_dict(), "ac": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(),
                 "learner": self.learner.state_dict()}
@@ -419,3 +455,44 @@ class STORMAgent(Agent):
 
 def count_parameters(params: Any) -> int:
     return sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def imagine_reference_cache(agent: STORMAgent, batch: Batch) -> torch.Tensor:
+    """Imagination as STORM's reference does it: the cache keeps each layer's *inputs*, and every step
+    re-projects K and V for the whole history (O(T^2) projections). Same outputs as agent.imagine (same
+    random draws in the same order), more work. Returns the features (B, H+1, F)."""
+    wm, cfg = agent.wm, agent.cfg
+    wm.eval()
+    tf = wm.transformer
+
+    def step(tokens: torch.Tensor, inputs: list[torch.Tensor], start: int) -> torch.Tensor:
+        x = tf.norm(tokens + tf.position(torch.arange(start, start + tokens.shape[1], device=tokens.device)))
+        for i, block in enumerate(tf.blocks):
+            inputs[i] = x if inputs[i] is None else torch.cat([inputs[i], x], 1)
+            _, k, v = rearrange(block.qkv(inputs[i]), "b t (n h d) -> n b h t d", n=3, h=block.heads)
+            q = rearrange(block.qkv(x), "b t (n h d) -> n b h t d", n=3, h=block.heads)[0]
+            n_new, total = x.shape[1], inputs[i].shape[1]
+            mask = torch.ones(n_new, total, dtype=torch.bool, device=x.device).tril(total - n_new)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = block.norm1(x + block.out(rearrange(attn, "b h t d -> b t (h d)")))
+            x = block.norm2(x + block.ffn(x))
+        return x
+
+    with agent._amp():
+        inputs: list = [None] * len(tf.blocks)
+        task = batch.task
+        z_ctx = sample_z(wm.encode(batch.obs, task))
+        a_ctx = agent.action_input(batch.action)
+        for t in range(z_ctx.shape[1]):  # the reference feeds the context one step at a time too
+            h = step(wm.stem(z_ctx[:, t:t + 1], a_ctx[:, t:t + 1]), inputs, t)
+        z = sample_z(wm.prior(h, task))
+        feats = []
+        for i in range(cfg.imag_horizon):
+            feats.append(torch.cat([z, h], -1))
+            action = agent.ac.actor(feats[-1], batch.legal[:, None]).sample()
+            h = step(wm.stem(z, agent.action_input(action)), inputs, cfg.imag_context + i)
+            wm.reward(h, task), wm.termination(h, task)
+            z = sample_z(wm.prior(h, task))
+        feats.append(torch.cat([z, h], -1))
+    return torch.cat(feats, 1).float()

@@ -1,10 +1,12 @@
-"""Speed and size benchmark: `python -m mowbench.bench agent=storm preset=paper [bench.repeats=3]`.
+"""Speed and size benchmark of any registered agent: `python -m mowbench.bench agent=storm preset=paper
+[bench.repeats=3]`.
 
-Prints one JSON object: parameter counts, seconds per world-model update, per imagination, per agent
-update, a full training step, acting env-steps/s on the real env (Pong by default), and the same
-imagination done the way STORM's reference implementation caches (layer inputs, K/V re-projected for
-the whole history at every step) so the speed-up is measured on the same machine, and the FLOPs of each
-phase with the device's matmul rate: the step time no implementation of the same maths can beat here.
+Prints one JSON object: parameter counts, seconds per phase of a training step as the agent names them
+(`Agent.bench_phases`; STORM-style agents: world-model update, imagination, agent update) and their sum,
+acting env-steps/s on the real env (Pong by default), the FLOPs of each phase with the device's matmul
+rate (the step time no implementation of the same maths can beat here), and whatever the agent adds
+(`Agent.bench_extras`; STORM: the same imagination done the way its reference implementation caches, so
+the speed-up is measured on the same machine, and the reference's parameter count). It knows no baseline.
 
 Multi-task agents (`agent=mow`, `agent=monolithic`) are built for the suite's task list (Atari: the 26
 games, full action set) and batches are spread over the tasks; the output adds the parameters of one
@@ -24,26 +26,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from mowbench.agents.base import Batch, get_agent, make_agent
-from mowbench.baselines.storm import STORMConfig, STORMWorldModel, sample_z
+from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, plan, resolve_device, resolve_precision
 from mowbench.envs import make_envs, resolve_tasks
 from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.replay import random_batch
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
-# reference: also time STORM's reference-style cache; act_steps: env steps timed for acting;
-# warm_up: one untimed agent.update() first (MoW: its warm-up clustering; see cluster_warmup_updates);
+# reference: also the agent's own extras (STORM: its reference-style cache); act_steps: env steps timed for
+# acting; warm_up: one untimed agent.update() first (MoW: its warm-up clustering; see cluster_warmup_updates);
 # flops: count each phase's matmul/conv FLOPs (one untimed pass) and measure the device's dense matmul
 # rate in the run's precision, giving a lower bound on the step time (what no implementation of the same
 # maths can beat on this device)
-# STORM's reference world model (weipu-zhang/STORM, WorldModel with config_files/STORM.yaml), instantiated
-# and counted for 4, 6 and 18 actions: 16,503,939 + 512 per action (the token stem's first Linear).
-REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION = 16_503_939, 512
-
 BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True,
                   "flops": True}
 
@@ -78,21 +75,10 @@ def matmul_gflop_per_s(device: torch.device, precision: str, n: int = 4096, repe
     return 2 * n**3 / timed(lambda: x @ x, repeats, device) / 1e9
 
 
-def random_batch(agent: Any, n: int, length: int, size: int, device: torch.device) -> Batch:
-    """n random sequences spread evenly over the agent's tasks (rows of task k: k, k + N, ...)."""
-    a = agent.action_dim
-    action = (torch.randint(0, a, (n, length), device=device) if agent.discrete
-              else torch.rand(n, length, a, device=device) * 2 - 1)
-    task = torch.arange(n, device=device) % len(agent.tasks)
-    return Batch(obs=torch.randint(0, 256, (n, length, size, size, 3), dtype=torch.uint8, device=device),
-                 action=action, reward=torch.randn(n, length, device=device),
-                 terminal=(torch.rand(n, length, device=device) < 0.01).float(), task=task, legal=agent.legal[task])
-
-
 def separate_storm_parameters(tasks: list[Any], cfg: dict[str, Any]) -> dict[str, int]:
     """Parameters of one STORM per task with the agent's component sizes, each with its task's own
     (minimal) action count: what a multi-task agent's size is compared with (mow.md: about half)."""
-    storm_values = {k: v for k, v in cfg["agent"].items() if k in {f.name for f in fields(STORMConfig)}}
+    storm_values = {k: v for k, v in cfg["agent"].items() if k in {f.name for f in fields(get_agent("storm").config)}}
     total: dict[str, int] = {}
     for info in tasks:
         legal = int(info.action.legal_mask().sum()) if info.action.discrete else info.action.n
@@ -101,47 +87,6 @@ def separate_storm_parameters(tasks: list[Any], cfg: dict[str, Any]) -> dict[str
         for key, value in counts.items():
             total[key] = total.get(key, 0) + value
     return total
-
-
-@torch.no_grad()
-def imagine_reference_cache(agent: Any, batch: Batch) -> torch.Tensor:
-    """Imagination as STORM's reference does it: the cache keeps each layer's *inputs*, and every step
-    re-projects K and V for the whole history (O(T^2) projections). Same outputs as agent.imagine (same
-    random draws in the same order), more work. Returns the features (B, H+1, F)."""
-    wm, cfg = agent.wm, agent.cfg
-    wm.eval()
-    tf = wm.transformer
-
-    def step(tokens: torch.Tensor, inputs: list[torch.Tensor], start: int) -> torch.Tensor:
-        x = tf.norm(tokens + tf.position(torch.arange(start, start + tokens.shape[1], device=tokens.device)))
-        for i, block in enumerate(tf.blocks):
-            inputs[i] = x if inputs[i] is None else torch.cat([inputs[i], x], 1)
-            _, k, v = rearrange(block.qkv(inputs[i]), "b t (n h d) -> n b h t d", n=3, h=block.heads)
-            q = rearrange(block.qkv(x), "b t (n h d) -> n b h t d", n=3, h=block.heads)[0]
-            n_new, total = x.shape[1], inputs[i].shape[1]
-            mask = torch.ones(n_new, total, dtype=torch.bool, device=x.device).tril(total - n_new)
-            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = block.norm1(x + block.out(rearrange(attn, "b h t d -> b t (h d)")))
-            x = block.norm2(x + block.ffn(x))
-        return x
-
-    with agent._amp():
-        inputs: list = [None] * len(tf.blocks)
-        task = batch.task
-        z_ctx = sample_z(wm.encode(batch.obs, task))
-        a_ctx = agent.action_input(batch.action)
-        for t in range(z_ctx.shape[1]):  # the reference feeds the context one step at a time too
-            h = step(wm.stem(z_ctx[:, t:t + 1], a_ctx[:, t:t + 1]), inputs, t)
-        z = sample_z(wm.prior(h, task))
-        feats = []
-        for i in range(cfg.imag_horizon):
-            feats.append(torch.cat([z, h], -1))
-            action = agent.ac.actor(feats[-1], batch.legal[:, None]).sample()
-            h = step(wm.stem(z, agent.action_input(action)), inputs, cfg.imag_context + i)
-            wm.reward(h, task), wm.termination(h, task)
-            z = sample_z(wm.prior(h, task))
-        feats.append(torch.cat([z, h], -1))
-    return torch.cat(feats, 1).float()
 
 
 def bench(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -162,56 +107,44 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     envs = make_envs(suite, p.tasks, env_cfg, seed=0)
     env = envs[0]
     agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [e.info for e in envs], device, precision)
-    a, size, reps = agent.cfg, env.info.image_size, int(opts["repeats"])
+    infos, reps = [e.info for e in envs], int(opts["repeats"])
+
+    def sample(n: int, length: int) -> Any:  # random sequences, every task in every batch
+        return random_batch(infos, n, length, device)
+
     if opts["warm_up"]:  # one untimed full update first (MoW: runs its warm-up clustering)
         t = time.perf_counter()
-        agent.update(lambda n, length: random_batch(agent, n, length, size, device))
+        agent.update(sample)
         warm_up_s = time.perf_counter() - t
-    n = len(agent.tasks)
-    wm_batch = random_batch(agent, a.batch_per_task * n, a.batch_length, size, device)
-    ctx_batch = random_batch(agent, a.imag_per_task * n, a.imag_context, size, device)
-    traj = agent.imagine(ctx_batch)
+    phases = agent.bench_phases(sample)  # name -> callable; batches drawn once, here
     out: dict[str, Any] = {
         "agent": cfg["agent"]["name"], "preset": cfg.get("preset_name"), "task": env.info.name,
         "n_tasks": len(envs), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "torch_threads": torch.get_num_threads(),
         "parameters": agent.parameter_counts(),
-        "sizes": {"wm_batch": [a.batch_per_task * n, a.batch_length], "imag_starts": a.imag_per_task * n,
-                  "per_task": agent.per_task_batch(),
-                  "imag_context": a.imag_context, "imag_horizon": a.imag_horizon, "image_size": size,
-                  "actions": env.info.action.n},
+        "sizes": {"per_task": agent.per_task_batch(), "image_size": env.info.image_size,
+                  "actions": env.info.action.n, "phases": list(phases)},
     }
-    if type(agent.wm) is STORMWorldModel and not agent.wm.embed_dim and cfg.get("preset_name") == "paper":
-        reference = REFERENCE_WM_BASE + REFERENCE_WM_PER_ACTION * agent.action_dim
-        out["reference_world_model_parameters"] = reference
-        out["world_model_parameters_match_reference"] = out["parameters"]["world_model"] == reference
     if opts["warm_up"]:
         out["s_first_update_with_warm_up"] = warm_up_s
     if multi_task:
-        storm = separate_storm_parameters([e.info for e in envs], cfg)
+        storm = separate_storm_parameters(infos, cfg)
         out["parameters_separate_storm"] = storm
         mine = out["parameters"]["world_model"] + out["parameters"]["actor_critic"]
         out["parameter_ratio_vs_separate_storm"] = mine / (storm["world_model"] + storm["actor_critic"])
-    out["s_per_world_model_update"] = timed(lambda: agent.update_world_model(wm_batch), reps, device)
-    out["s_per_imagination"] = timed(lambda: agent.imagine(ctx_batch), reps, device)
-    out["s_per_agent_update"] = timed(lambda: agent.learner.update(traj), reps, device)
-    out["s_per_train_step"] = out["s_per_world_model_update"] + out["s_per_imagination"] + out["s_per_agent_update"]
-    if opts["reference"] and type(agent.wm) is STORMWorldModel and not agent.wm.embed_dim:
-        ref_imag = timed(lambda: imagine_reference_cache(agent, ctx_batch), reps, device)
-        out["s_per_imagination_reference_cache"] = ref_imag
-        ref_step = out["s_per_world_model_update"] + ref_imag + out["s_per_agent_update"]
-        out["s_per_train_step_reference_cache"] = ref_step
-        out["train_step_speedup_vs_reference_cache"] = ref_step / out["s_per_train_step"]
+    for name, fn in phases.items():
+        out[f"s_per_{name}"] = timed(fn, reps, device)
+    out["s_per_train_step"] = sum(out[f"s_per_{name}"] for name in phases)
+    if opts["reference"]:
+        out |= agent.bench_extras(sample, lambda fn: timed(fn, reps, device), out)
     if opts["flops"]:
-        counts = {"world_model_update": gflop(lambda: agent.update_world_model(wm_batch)),
-                  "imagination": gflop(lambda: agent.imagine(ctx_batch)),
-                  "agent_update": gflop(lambda: agent.learner.update(traj))}
+        counts = {name: gflop(fn) for name, fn in phases.items()}
         out["gflop"] = counts
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
         out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
     context, obs = agent.new_context(0), env.reset()
-    for _ in range(agent.cfg.act_context):  # fill the acting window first
+    for _ in range(16):  # fill an acting window first (STORM: its 16-frame context)
         obs = env.step(agent.act(context, obs)).obs
     steps = int(opts["act_steps"])
     t = time.perf_counter()

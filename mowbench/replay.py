@@ -30,6 +30,22 @@ class Batch:
         return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
+def random_batch(tasks: list[TaskInfo], n: int, length: int, device: torch.device) -> Batch:
+    """n random sequences of `length` steps over `tasks`, stratified like Replay.sample (rows of task k: k,
+    k + N, ...): uniform pixels, legal random actions, normal rewards, 1% terminals. For benchmarks and tests."""
+    task = torch.arange(n, device=device) % len(tasks)
+    space, size = tasks[0].action, tasks[0].image_size
+    legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)
+    if space.discrete:  # a uniform choice among each row's legal actions
+        scores = torch.rand(n, length, space.n, device=device).masked_fill(~legal[task][:, None], -1.0)
+        action = scores.argmax(-1)
+    else:
+        action = torch.rand(n, length, space.n, device=device) * (space.high - space.low) + space.low
+    return Batch(obs=torch.randint(0, 256, (n, length, size, size, 3), dtype=torch.uint8, device=device),
+                 action=action, reward=torch.randn(n, length, device=device),
+                 terminal=(torch.rand(n, length, device=device) < 0.01).float(), task=task, legal=legal[task])
+
+
 class TaskReplay:
     """Ring buffer of one task: obs (N, S, S, 3) uint8, action, reward, terminal; on `device`.
 

@@ -72,6 +72,11 @@ def test_no_import_cycle_among_mowbench_modules():
     assert "mowbench.runner" not in graph["mowbench.config"]
 
 
+def test_bench_imports_no_baseline():
+    """mowbench.bench times what an agent exposes (Agent.bench_phases, bench_extras), knowing no baseline."""
+    assert not {m for m in module_imports()["mowbench.bench"] if m.startswith("mowbench.baselines")}
+
+
 def test_analysis_imports_no_torch():
     code = ("import sys, mowbench.analysis.__main__, mowbench.analysis.grids; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")

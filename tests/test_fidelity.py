@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mowbench.agents.base import build_config, get_agent
-from mowbench.bench import REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION
+from mowbench.baselines.storm import REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION
 from mowbench.config import compose_config, plan
 from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 from mowbench.models import CausalTransformer
@@ -18,7 +18,7 @@ from mowbench.runner import execute
 from mowbench.trainer import evaluate, evaluate_reference
 from tests.conftest import MICRO
 
-# STORM's reference world model, instantiated and counted (mowbench.bench): 16,507,011 with Pong's 6 actions
+# STORM's reference world model, instantiated and counted (baselines/storm.py): 16,507,011 with Pong's 6 actions
 REFERENCE_WM_PARAMETERS_6_ACTIONS = REFERENCE_WM_BASE + 6 * REFERENCE_WM_PER_ACTION
 assert REFERENCE_WM_PARAMETERS_6_ACTIONS == 16_507_011
 

@@ -107,14 +107,15 @@ def test_bf16_autocast_path_runs():
 
 def test_bench_reference_cache_imagination_equals_ours():
     """The benchmark's emulation of STORM's reference cache does the same computation as our KV cache."""
-    from mowbench.bench import imagine_reference_cache, random_batch
+    from mowbench.baselines.storm import imagine_reference_cache
+    from mowbench.replay import random_batch
 
     entry = get_agent("storm")
     cfg = build_config(entry, {"channels": (8, 16), "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2,
                                "ffn": 32, "head_width": 16, "ac_width": 16, "imag_per_task": 6, "imag_context": 3,
                                "imag_horizon": 5})
     agent = entry.cls(cfg, [TaskInfo("atari100k", "Pong", 0, 16, ActionSpace(True, 6))], torch.device("cpu"), "fp32")
-    batch = random_batch(agent, 6, 3, 16, torch.device("cpu"))
+    batch = random_batch(agent.tasks, 6, 3, torch.device("cpu"))
     torch.manual_seed(1)
     ours = agent.imagine(batch).feat
     torch.manual_seed(1)

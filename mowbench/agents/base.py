@@ -47,6 +47,17 @@ class Agent(ABC):
         recorded with the update ratio in each run's metadata. Empty when the agent has no such batches."""
         return {}
 
+    def bench_phases(self, sample: Callable[[int, int], Batch]) -> dict[str, Callable[[], Any]]:
+        """The phases of one training step as named callables, timed and FLOP-counted by mowbench.bench; the
+        step is their sum. Batches are drawn from `sample` here, once. Default: the whole update."""
+        return {"update": lambda: self.update(sample)}
+
+    def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
+                     figures: dict[str, Any]) -> dict[str, Any]:
+        """Figures of the agent's own that the bench adds (e.g. a comparison with a reference implementation);
+        `time(fn)` gives seconds per call, `figures` what the bench measured so far. Default: none."""
+        return {}
+
     def write_artifacts(self, folder: Path, final: bool) -> None:  # noqa: B027 - optional hook
         """Save agent-specific files (figures, data) under `folder`; the trainer calls it at every log
         interval and once at the end (final=True). Must be cheap when there is nothing new."""
