@@ -147,8 +147,20 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
         raise ValueError(f"{lines[0]} {detail}".strip() + "; allowed: the keys of mowbench/conf/config.yaml "
                          "and of the chosen env/agent files (e.g. seed, task, train.steps, agent.width)") from None
     choices = dict(cfg.hydra.runtime.choices)
+    check_agent_preset(str(choices.get("agent")), str(choices.get("preset")))
     with open_dict(cfg):
         del cfg["hydra"]
     return config_values(cfg, choices)
+
+
+def check_agent_preset(agent: str, preset: str, conf: Path = CONF) -> None:
+    """Every agent needs its sizes for every preset but `paper` (its config's own defaults): a missing
+    agent/preset/<agent>_<preset>.yaml would otherwise run the paper's sizes silently under `preset=tiny`."""
+    if preset == "paper" or (conf / "agent" / "preset" / f"{agent}_{preset}.yaml").exists():
+        return
+    have = sorted({p.stem.removeprefix(f"{agent}_") for p in (conf / "agent" / "preset").glob(f"{agent}_*.yaml")}
+                  - {"paper"})
+    raise ValueError(f"agent {agent!r} has no {preset!r} preset (mowbench/conf/agent/preset/{agent}_{preset}.yaml "
+                     f"is missing); allowed for {agent}: {', '.join(['paper', *have])}")
 
 

@@ -150,3 +150,17 @@ def test_presets_set_the_published_budgets():
     metaworld = compose_config(["env=metaworld", "preset=paper"])
     assert metaworld["train"]["steps"] == 150_000 and metaworld["env"]["action_repeat"] == 2  # 300k env steps
     assert compose_config(["env=metaworld", "preset=paper", "train.steps=7"])["train"]["steps"] == 7
+
+
+def test_a_missing_agent_preset_is_an_error_not_a_full_size_run(tmp_path):
+    """Hydra skips an optional preset file that is absent; mowbench refuses instead of running paper sizes."""
+    from mowbench.config import CONF, check_agent_preset
+
+    for name in ("storm", "mow", "monolithic"):  # every registered agent has its tiny sizes
+        check_agent_preset(name, "tiny")
+        check_agent_preset(name, "paper")
+    (tmp_path / "agent" / "preset").mkdir(parents=True)
+    (tmp_path / "agent" / "preset" / "newagent_paper.yaml").write_text("width: 8\n")
+    with pytest.raises(ValueError, match="agent 'newagent' has no 'tiny' preset .* allowed for newagent: paper$"):
+        check_agent_preset("newagent", "tiny", conf=tmp_path)
+    assert (CONF / "agent" / "preset" / "storm_tiny.yaml").exists()
