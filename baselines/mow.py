@@ -397,6 +397,8 @@ class MoWAgent(STORMAgent):
         else:
             loss = task_loss[present].mean()
         metrics = {f"wm/{k}": v[present].mean().item() for k, v in per.items()}
+        per_task = task_loss.detach().cpu()  # one device sync for every task's L_k
+        metrics |= {f"wm/task_loss/{self.tasks[k].name}": float(per_task[k]) for k in torch.nonzero(present).flatten()}
         weights, rows, row_means = self.wm.routing.balance_weights(self.wm, aux["z"], self.action_input(batch.action),
                                                                    batch.task)
         if row_means is not None:  # token routing: the latest batch's routing per task, for the heatmaps

@@ -74,6 +74,7 @@ class Recorder:
         return batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agent_name", ["mow", "monolithic"])
 def test_one_paper_preset_update_touches_every_atari_game(agent_name, atari26_replay):
     """One full update (MoW: with its warm-up gradient clustering, no pre-training updates to save CI time)
