@@ -1,0 +1,96 @@
+"""The trainer's only contract is `Agent`: a minimal agent with no world model (a bandit learner per task)
+trains, checkpoints, resumes exactly and evaluates through the real trainer, runner and results layer."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mowbench import results as R
+from mowbench.agents.base import AGENTS, Agent, register_agent
+from mowbench.config import compose_config
+from mowbench.envs.base import TaskInfo
+from mowbench.replay import Batch
+from mowbench.runner import execute
+
+
+@dataclass
+class StubConfig:
+    lr: float = 0.2  # step size of each action value towards the sampled rewards
+
+
+class StubAgent(Agent):
+    """One value per (task, action), moved towards the rewards of sampled transitions; acts by softmax."""
+
+    def __init__(self, cfg: StubConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
+        self.cfg, self.tasks = cfg, tasks
+        self.q = torch.zeros(len(tasks), tasks[0].action.n)
+        self.visits = torch.zeros(len(tasks), tasks[0].action.n)  # transitions learned from
+        self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]))
+
+    def new_context(self, task: int) -> dict[str, int]:
+        return {"task": task}
+
+    def act(self, context: dict[str, int], obs: np.ndarray, greedy: bool = False) -> int:
+        q = self.q[context["task"]].masked_fill(~self.legal[context["task"]], -1e9)
+        return int(q.argmax()) if greedy else int(torch.multinomial(torch.softmax(q * 5, -1), 1))
+
+    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+        batch = sample(4, 2)  # 4 sequences of 2 steps
+        for task, actions, rewards in zip(batch.task.tolist(), batch.action.tolist(), batch.reward.tolist(),
+                                          strict=True):
+            for action, reward in zip(actions, rewards, strict=True):
+                self.q[task, action] += self.cfg.lr * (reward - self.q[task, action])
+                self.visits[task, action] += 1
+        return {"stub/q_mean": float(self.q.mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": self.q.clone(), "visits": self.visits.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q, self.visits = state["q"].clone(), state["visits"].clone()
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"values": self.q.numel()}
+
+
+@pytest.fixture
+def stub_registered():
+    register_agent("stub", StubConfig)(StubAgent)
+    yield
+    del AGENTS["stub"]
+
+
+def stub_cfg(results: Any, *extra: str) -> dict[str, Any]:
+    cfg = compose_config(["task=breakout", f"results_dir={results}", "train.warmup=20", "train.steps=80",
+                          "train.eval_episodes=3", "train.eval_max_steps=30", "train.replay_capacity=200",
+                          "train.checkpoint_every=20", "train.log_every=10", "train.progress=false",
+                          "train.tensorboard=false", *extra])
+    cfg["agent"] = {"name": "stub", "lr": 0.2}  # the stub's own config, no YAML file
+    return cfg
+
+
+def test_a_stub_agent_trains_resumes_exactly_and_evaluates(stub_registered, tmp_path):
+    [(_, whole)] = execute(stub_cfg(tmp_path / "whole"))
+    assert execute(stub_cfg(tmp_path / "cut", "train.stop_at=40")) == [("breakout", None)]  # preempted
+    folder = R.run_dir(tmp_path / "cut", "minatar", "stub", "breakout", 0)
+    assert (folder / "checkpoint.pt").exists() and not R.is_done(folder)
+    [(_, resumed)] = execute(stub_cfg(tmp_path / "cut"))
+    assert R.is_done(folder)
+    assert whole["updates"] == resumed["updates"] == 60 and whole["final_return"] == resumed["final_return"]
+    whole_folder = R.run_dir(tmp_path / "whole", "minatar", "stub", "breakout", 0)
+    for name in ("eval.csv", "episodes.csv", "metrics.csv"):  # every row but the wall-clock speed
+        rows = [[line for line in (f / name).read_text().splitlines() if ",perf/" not in line]
+                for f in (folder, whole_folder)]
+        assert rows[0] == rows[1] and len(rows[0]) > 1, name
+    model = torch.load(folder / "model.pt", weights_only=True)
+    assert model["visits"].sum() == 60 * 4 * 2  # every update learned from its whole batch
+    whole_model = torch.load(whole_folder / "model.pt", weights_only=True)
+    assert torch.equal(model["q"], whole_model["q"]) and torch.equal(model["visits"], whole_model["visits"])
+    meta = R.read_json(folder / "metadata.json")
+    assert meta["agent"] == "stub" and meta["parameters"] == {"values": 6} and meta["per_task_signal"][
+        "updates_per_round"] == 1.0
+    assert [s["resumed_from_step"] for s in meta["sessions"]] == [None, 40]
