@@ -34,7 +34,8 @@ def final_state(results):
 
 
 def assert_same_run(a, b):
-    assert (a["counters"].step, a["counters"].updates) == (b["counters"].step, b["counters"].updates) == (400, 190)
+    ca, cb = a["counters"], b["counters"]
+    assert (ca["step"], ca["updates"]) == (cb["step"], cb["updates"]) == (400, 190)
     for key in ("obs", "action", "reward", "terminal"):
         assert torch.equal(a["replay"]["buffers"][0][key], b["replay"]["buffers"][0][key])
     for key, value in a["agent"]["wm"].items():
@@ -64,8 +65,8 @@ def test_sigusr2_checkpoints_and_leaves_then_resumes(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "checkpointed at step" in out and not (folder / "DONE.json").exists()
-    stopped_at = torch.load(folder / CHECKPOINT, weights_only=False)["counters"].step
+    stopped_at = torch.load(folder / CHECKPOINT, weights_only=False)["counters"]["step"]
     assert 50 <= stopped_at < 400
     again = launch(tmp_path)
     assert again.wait(timeout=600) == 0
-    assert (folder / "DONE.json").exists() and final_state(tmp_path)["counters"].step == 400
+    assert (folder / "DONE.json").exists() and final_state(tmp_path)["counters"]["step"] == 400

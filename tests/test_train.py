@@ -63,13 +63,13 @@ def test_checkpoint_stop_resume_is_exact(micro_cfg, tmp_path, agent, tasks):
     name = "breakout" if agent == "storm" else "all2"
     folder_b = run_dir(tmp_path / "b", "minatar", agent, name, 0)
     mid = load_ckpt(folder_b)
-    assert mid["counters"].step == 40 and mid["replay"]["buffers"][0]["size"] == 40
+    assert mid["counters"]["step"] == 40 and mid["replay"]["buffers"][0]["size"] == 40
     interrupted["train"]["stop_at"] = 0
     execute(interrupted)
     folder_a = run_dir(tmp_path / "a", "minatar", agent, name, 0)
     a, b = load_ckpt(folder_a), load_ckpt(folder_b)
-    assert (a["counters"].step, a["counters"].updates, a["counters"].episodes) == \
-           (b["counters"].step, b["counters"].updates, b["counters"].episodes)
+    assert (a["counters"]["step"], a["counters"]["updates"], a["counters"]["episodes"]) == \
+           (b["counters"]["step"], b["counters"]["updates"], b["counters"]["episodes"])
     for buf_a, buf_b in zip(a["replay"]["buffers"], b["replay"]["buffers"], strict=True):
         for key in ("obs", "action", "reward", "terminal"):
             assert torch.equal(buf_a[key], buf_b[key]), key
