@@ -83,7 +83,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         if summary["preempted"]:
             print(f"[mowbench] {folder}: checkpointed at step {summary['step']}; rerun the same command to resume")
             return None
-        meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": summary["step"]})
+        end_session(summary["step"])
         meta.update({"finished": _now(), "wall_time_s": trainer.counters.wall_time, "updates": summary["updates"]})
         R.atomic_torch_save(folder / "model.pt", agent.state_dict())
         R.atomic_write_json(folder / "summary.json", summary)
