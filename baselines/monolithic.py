@@ -28,5 +28,7 @@ class MonolithicConfig(STORMConfig):
 
 @register_agent("monolithic", MonolithicConfig, multi_task=True)
 class MonolithicAgent(STORMAgent):
+    """STORM's agent around a STORM world model conditioned on the task embedding."""
+
     def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
         return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim, len(tasks), self.cfg.embed_dim)

@@ -36,14 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mowbench import results as R
-from mowbench.agents.base import Batch, adam, register_agent
-from mowbench.baselines.storm import STORMAgent, STORMConfig, count_parameters, encode_frames
+from mowbench.agents.base import adam, count_parameters, register_agent
+from mowbench.agents.imagination import ImaginationAgent
+from mowbench.baselines.storm import STORMConfig, storm_loss, storm_terms
 from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmeans_cosine, random_assignment
 from mowbench.envs.base import TaskInfo
 from mowbench.figures import heatmap_png
-from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache
+from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
 from mowbench.models.moe import ExpertBank, ExpertCache
 from mowbench.ops import Grouping, Routing, balance_loss, group_mean, harmonious_loss, topk_route
+from mowbench.replay import Batch
 
 
 @dataclass
@@ -211,6 +213,8 @@ class MoWWorldModel(nn.Module):
         self.cfg, self.n_tasks = cfg, n_tasks
         self.latent_dim = cfg.n_vars * cfg.n_classes
         e = cfg.embed_dim
+        self.feature_dim = self.latent_dim + cfg.width + e  # [z, h, sg(e_k)]
+        self.n_critics = cfg.n_clusters  # one critic per VAE cluster
         self.task_embedding = nn.Embedding(n_tasks, e)
         self.clusters = nn.ModuleList(ClusterModule(cfg, image_size) for _ in range(cfg.n_clusters))
         self.routing = ROUTINGS[cfg.routing]()  # the one place task- vs token-level routing is chosen
@@ -308,6 +312,16 @@ class MoWWorldModel(nn.Module):
         x = self.mix(torch.cat([chosen.flatten(2), e[:, None].expand(b, t, -1).to(chosen.dtype)], dim=-1))
         return x if self.shared is None else self.shared(x, None if cache is None else cache.shared)  # (B, T, D)
 
+    # ---- what the actor-critic sees ----
+    def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """[z, h, sg(e_k)] (B, T, V*C + D + E): the shared actor knows the task through e_k."""
+        e = self.embed(task).detach()[:, None].expand(*h.shape[:2], -1).to(h.dtype)
+        return torch.cat([z, h, e], dim=-1)
+
+    def critic_index(self, task: torch.Tensor) -> torch.Tensor:
+        """Rows are judged by their task's cluster critic (B,)."""
+        return self.assignment[task]
+
     # ---- per-cluster heads on (h, e_k) ----
     def _heads(self, h: torch.Tensor, task: torch.Tensor, head: str) -> torch.Tensor:
         def run(g: int, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -333,18 +347,20 @@ class MoWWorldModel(nn.Module):
 
 
 @register_agent("mow", MoWConfig, multi_task=True)
-class MoWAgent(STORMAgent):
-    """STORM's agent machinery (imagination, acting, actor-critic) around MoW's world model, with MoW's
-    losses, one critic per VAE cluster, and the warm-up clustering run at the first update (the replay
-    then holds only the trainer's random warm-up data for every task)."""
+class MoWAgent(ImaginationAgent):
+    """The shared imagination agent (world-model update, imagination, actor-critic, acting) around MoW's
+    world model, with MoW's losses, one critic per VAE cluster (the world model's critic_index), and the
+    warm-up clustering run at the first update (the replay then holds only the trainer's random warm-up
+    data for every task)."""
+
+    cfg: MoWConfig
 
     def __init__(self, cfg: MoWConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
         cfg.check_tasks(len(tasks))
         self.n_tasks = len(tasks)
-        super().__init__(cfg, tasks, device, precision)
         # s_k of the harmonious weighting: loss parameters, so they live here (optimised with the world model)
         self.log_sigma = torch.zeros(self.n_tasks, device=device, requires_grad=True) if cfg.harmonious else None
-        self.wm_opt = self._world_model_optimizer()
+        super().__init__(cfg, tasks, device, precision)
         self.wm_updates = 0
         self.token_routing = torch.zeros(self.n_tasks, cfg.n_experts, device=device)  # token routing: per task
         self.cluster_report: dict[str, Any] | None = None  # set by the warm-up
@@ -352,42 +368,27 @@ class MoWAgent(STORMAgent):
     def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
         return MoWWorldModel(self.cfg, len(tasks), tasks[0].image_size, self.action_dim)
 
-    def _world_model_optimizer(self) -> torch.optim.Optimizer:
-        params = list(self.wm.parameters()) + ([self.log_sigma] if self.log_sigma is not None else [])
-        return adam(params, lr=self.cfg.wm_lr)
-
-    def feature_dim(self) -> int:
-        return self.wm.latent_dim + self.cfg.width + self.cfg.embed_dim
-
-    def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """[z, h, sg(e_k)] (B, T, V*C + D + E): the shared actor knows the task through e_k."""
-        e = self.wm.embed(task).detach()[:, None].expand(*h.shape[:2], -1).to(h.dtype)
-        return torch.cat([z, h, e], dim=-1)
-
-    def n_critics(self) -> int:
-        return self.cfg.n_clusters
-
-    def critic_index(self, task: torch.Tensor) -> torch.Tensor:
-        return self.wm.assignment[task]
+    def world_model_parameters(self) -> list[torch.Tensor]:
+        return list(self.wm.parameters()) + ([self.log_sigma] if self.log_sigma is not None else [])
 
     # ---- losses ----
     def task_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor],
                                                     dict[str, torch.Tensor]]:
         """Per-task world-model losses L_k (N,) (STORM's terms + task-ID CE, free bits per task), which
         tasks are present (N,), the per-task term means, and the forward's z/h."""
-        terms, aux = self.world_model_terms(batch)
+        terms, z, h = storm_terms(self.wm, batch, self.action_input(batch.action), self.bins, self.autocast())
         b, t = batch.obs.shape[:2]
         if self.wm.task_head is not None:
-            logits = self.wm.task_head(aux["h"]).float()  # (B, T, N)
+            logits = self.wm.task_head(h).float()  # (B, T, N)
             terms["task_id"] = F.cross_entropy(logits.flatten(0, 1), batch.task.repeat_interleave(t),
                                                reduction="none").view(b, t).mean(1)
         per, present = {}, None
         for name, value in terms.items():
             per[name], present = group_mean(value, batch.task, self.n_tasks)
-        loss = self.combine_terms(per["rec"], per["reward"], per["termination"], per["kl_dyn"], per["kl_rep"])
+        loss = storm_loss(self.cfg, per["rec"], per["reward"], per["termination"], per["kl_dyn"], per["kl_rep"])
         if "task_id" in per:
             loss = loss + self.cfg.task_loss_scale * per["task_id"]
-        return loss, present, per, aux
+        return loss, present, per, {"z": z, "h": h}
 
     def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
@@ -472,7 +473,7 @@ class MoWAgent(STORMAgent):
         for critics in (self.ac.critics, self.ac.slow_critics):
             for critic in critics[1:]:
                 critic.load_state_dict(critics[0].state_dict())
-        self.wm_opt = self._world_model_optimizer()  # fresh moments for the now separate clusters
+        self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr)  # fresh moments for the separate clusters
         self.cluster_report = {
             "clustering": cfg.clustering, "n_clusters": cfg.n_clusters, "assignment": labels.tolist(),
             "gradient_similarity": similarity, "warmup_updates": cfg.cluster_warmup_updates,

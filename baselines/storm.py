@@ -1,21 +1,22 @@
 """STORM (Zhang et al., NeurIPS 2023, arXiv 2310.09615): one categorical-VAE + stochastic-Transformer
 world model and one actor-critic per task, trained in imagination. Hyperparameters follow the paper and
-its reference implementation (the dataclass defaults are the `paper` preset)."""
+its reference implementation (the dataclass defaults are the `paper` preset). The world model and its loss
+live here; the update, imagination and acting are the shared ImaginationAgent's."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
-from mowbench.agents.base import Agent, Batch, adam, register_agent
+from mowbench.agents.base import register_agent
+from mowbench.agents.imagination import ImaginationAgent, ImaginationConfig, sample_z
 from mowbench.envs.base import TaskInfo
 from mowbench.models import (
     MLP,
@@ -26,8 +27,10 @@ from mowbench.models import (
     KVCache,
     TokenStem,
     conv_stages,
+    encode_frames,
 )
-from mowbench.ops import categorical_kl, free_bits, sample_onehot_st, symlog_twohot_ce, twohot_decode, uniform_bins
+from mowbench.ops import categorical_kl, free_bits, symlog_twohot_ce
+from mowbench.replay import Batch
 
 # STORM's reference world model (weipu-zhang/STORM, WorldModel with config_files/STORM.yaml), instantiated
 # and counted for 4, 6 and 18 actions: 16,503,939 + 512 per action (the token stem's first Linear). Ours
@@ -38,8 +41,9 @@ PAPER_SIZE_FIELDS = ("channels", "n_vars", "n_classes", "width", "depth", "heads
 
 
 @dataclass
-class STORMConfig:
-    """STORM hyperparameters; defaults are the paper's (spec storm.md)."""
+class STORMConfig(ImaginationConfig):
+    """STORM hyperparameters; defaults are the paper's (spec storm.md). Batches, imagination, acting and the
+    actor-critic: the parent's fields (mowbench.agents.imagination.ImaginationConfig)."""
 
     channels: tuple[int, ...] = (32, 64, 128, 256)  # encoder conv channels; 64x64 -> 4x4
     n_vars: int = 32  # categorical variables in z
@@ -56,41 +60,12 @@ class STORMConfig:
     max_len: int = 64  # learned positional embedding length
     head_width: int = 512  # reward/termination MLP width
     head_depth: int = 2  # reward/termination MLP hidden layers
-    bins: int = 255  # symlog two-hot bins in [-20, 20] for reward and value
-    wm_lr: float = 1e-4  # world-model Adam learning rate
-    wm_grad_clip: float = 1000.0  # world-model global grad-norm clip
     free_nats: float = 1.0  # KL free bits, applied to the batch-mean KL
     dyn_scale: float = 0.5  # weight of KL(sg(post) || prior)
     rep_scale: float = 0.1  # weight of KL(post || sg(prior))
-    # Per-task sizes: every task of a multi-task agent is in every batch (stratified sampling), so a batch
-    # holds batch_per_task x N sequences and imag_per_task x N start states. STORM (one task): 16 and 1024.
-    batch_per_task: int = 16  # world-model batch: sequences of each task per update
-    batch_length: int = 64  # world-model batch: steps per sequence
-    imag_per_task: int = 1024  # imagination start states of each task per update
-    imag_context: int = 8  # real steps fed before imagining
-    imag_horizon: int = 16  # imagined steps
-    act_context: int = 16  # frames/actions the Transformer sees when acting
-    reset_context_on_episode: bool = False  # STORM keeps the acting context across episodes
-    ac_width: int = 512  # actor/critic MLP width
-    ac_depth: int = 2  # actor/critic hidden layers
-    gamma: float = 0.985  # discount
-    lam: float = 0.95  # lambda of lambda-returns
-    lambda_value: str = "current"  # 'current' = STORM reference's V(s_t) (published numbers) | 'next' = V(s_{t+1})
-    slow_decay: float = 0.98  # slow critic EMA decay
-    norm_decay: float = 0.99  # EMA decay of the return scale S
-    # multi-task only (one task: all the same): one S per task | per critic (MoW: cluster) | one for all.
-    # The papers are silent; per task keeps a game with large returns from shrinking the others' advantages
-    return_norm: str = "task"
-    entropy_coef: float = 3e-4  # entropy bonus
-    ac_lr: float = 3e-5  # actor-critic Adam learning rate
-    ac_eps: float = 1e-5  # actor-critic Adam epsilon
-    ac_grad_clip: float = 100.0  # actor-critic grad-norm clip
 
     def check(self) -> None:
-        if self.lambda_value not in ("next", "current"):
-            raise ValueError(f"lambda_value={self.lambda_value!r}; allowed: next, current")
-        if self.return_norm not in ("task", "critic", "global"):
-            raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
+        super().check()
         if self.decoder_stem_norm not in ("bn2d", "bn1d"):
             raise ValueError(f"decoder_stem_norm={self.decoder_stem_norm!r}; allowed: bn2d, bn1d")
         for name in ("dropout", "attn_dropout"):
@@ -103,32 +78,12 @@ class STORMConfig:
         if self.batch_length > self.max_len or self.imag_context + self.imag_horizon > self.max_len:
             raise ValueError(f"batch_length={self.batch_length} and imag_context+imag_horizon="
                              f"{self.imag_context + self.imag_horizon} must be <= max_len={self.max_len}")
-        if self.act_context > self.max_len or self.act_context < 1:
+        if self.act_context > self.max_len:
             raise ValueError(f"act_context={self.act_context}; allowed: 1..max_len={self.max_len}")
-        for name in ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; allowed: a positive integer")
 
     def check_image_size(self, image_size: int) -> None:
         """Refuse, before any env or network is built, an image size the encoder cannot take."""
         conv_stages(image_size, len(self.channels))
-
-
-def encode_frames(encoder: ConvEncoder, posterior: CategoricalHead, frames: torch.Tensor,
-                  cond: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
-    """frames (N, S, S, 3) uint8 [, cond (N, E)] -> posterior logits (N, V, C).
-
-    Frames stay in their stored (channels-last) layout, which oneDNN convolves faster; without
-    gradients they are encoded `chunk` at a time (0: all at once) so activations stay in cache:
-    encoding imagination's 1024 x 8 context frames takes ~40% less time on CPU, same numbers.
-    """
-    def run(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        return posterior(encoder(x.permute(0, 3, 1, 2).float().div_(255.0)), c)
-
-    if not chunk or torch.is_grad_enabled() or len(frames) <= chunk:
-        return run(frames, cond)
-    conds = cond.split(chunk) if cond is not None else [None] * len(frames.split(chunk))
-    return torch.cat([run(f, c) for f, c in zip(frames.split(chunk), conds, strict=True)])
 
 
 class STORMWorldModel(nn.Module):
@@ -145,6 +100,8 @@ class STORMWorldModel(nn.Module):
         self.cfg = cfg
         self.latent_dim = cfg.n_vars * cfg.n_classes
         self.embed_dim = embed_dim
+        self.feature_dim = self.latent_dim + cfg.width  # [z, h]
+        self.n_critics = 1
         self.task_embedding = nn.Embedding(n_tasks, embed_dim) if embed_dim else None
         self.encoder = ConvEncoder(image_size, cfg.channels)
         self.posterior_head = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, embed_dim, cfg.unimix)
@@ -197,231 +154,74 @@ class STORMWorldModel(nn.Module):
         """h (B, T, D) -> termination logits (B, T)."""
         return self.termination_head(h).squeeze(-1)
 
-
-def sample_z(logits: torch.Tensor) -> torch.Tensor:
-    """Posterior/prior logits (..., V, C) -> straight-through one-hot sample flattened to (..., V*C)."""
-    return sample_onehot_st(logits).flatten(-2)
-
-
-@dataclass
-class ActingContext:
-    """The last `act_context` (z, a) pairs of one env stream; z (T, V*C), action (T, A)."""
-
-    task: int
-    z: torch.Tensor | None = None
-    action: torch.Tensor | None = None
-
-
-@register_agent("storm", STORMConfig)
-class STORMAgent(Agent):
-    """STORM's agent: world-model loss and optimizer, imagination with a KV cache, actor-critic in
-    imagination, acting from the Transformer context. Multi-task subclasses (monolithic, MoW) reuse it
-    through the world model's task-taking methods and the hooks `features` and `critic_index`."""
-
-    def __init__(self, cfg: STORMConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
-        if len(tasks) != 1 and not self.multi_task:
-            raise ValueError(f"storm is single-task; got {len(tasks)} tasks (the runner makes one run per task)")
-        spaces = {(t.action.discrete, t.action.n) for t in tasks}
-        if len(spaces) != 1:
-            raise ValueError(f"tasks have different action spaces {sorted(spaces)}; a shared agent needs one "
-                             "action set (Atari: env.action_set=full)")
-        self.cfg, self.tasks, self.device = cfg, tasks, device
-        self.autocast = precision == "bf16"
-        space = tasks[0].action
-        self.discrete, self.action_dim = space.discrete, space.n
-        self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)  # (N, A)
-        self.wm = self.build_world_model(tasks).to(device)
-        self.ac = ActorCritic(self.feature_dim(), self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth,
-                              cfg.bins, n_critics=self.n_critics()).to(device)
-        self.wm_opt = adam(self.wm.parameters(), lr=cfg.wm_lr)
-        self.learner = ActorCriticLearner(
-            self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
-            cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins, autocast=self.autocast,
-            norm_groups={"task": len(tasks), "critic": self.n_critics(), "global": 1}[cfg.return_norm])
-        self.bins = uniform_bins(cfg.bins).to(device)
-
-    # ---- hooks for multi-task subclasses ----
-    def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
-        return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim)
-
-    def feature_dim(self) -> int:
-        return self.wm.latent_dim + self.cfg.width
-
     def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Actor/critic input: [z, h] (B, T, V*C + D)."""
         return torch.cat([z, h], dim=-1)
 
-    def n_critics(self) -> int:
-        return 1
-
-    def critic_index(self, task: torch.Tensor) -> torch.Tensor | None:
-        """Which critic judges rows of these tasks (None: the only one)."""
+    def critic_index(self, task: torch.Tensor) -> None:
+        """One critic for every row."""
         return None
 
-    def norm_index(self, task: torch.Tensor) -> torch.Tensor | None:
-        """Which return scale S normalises rows of these tasks (config return_norm; None: one S)."""
-        if self.cfg.return_norm == "global":
-            return None
-        return task if self.cfg.return_norm == "task" else self.critic_index(task)
 
-    # ---- helpers ----
-    def _amp(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+def storm_terms(wm: STORMWorldModel, batch: Batch, action: torch.Tensor, bins: torch.Tensor,
+                autocast: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """STORM's per-sequence loss terms (B,) each: rec (L2 summed over pixels), reward (two-hot CE), termination
+    (BCE), kl_dyn = KL(sg(post) || prior), kl_rep = KL(post || sg(prior)), each a mean over time; and the
+    forward's z (B, T, V*C) and h (B, T, D). `wm` is any world model with STORM's methods and a decoder
+    (MoW's too); `action` (B, T, A) is the world-model input. The forward runs under `autocast` (the agent's),
+the losses in fp32."""
+    task = batch.task
+    with autocast or contextlib.nullcontext():
+        post = wm.encode(batch.obs, task)  # (B, T, V, C)
+        z = sample_z(post)  # (B, T, V*C)
+        recon = wm.decode(z, task)  # (B, T, 3, S, S)
+        h = wm.sequence(z, action, task)  # (B, T, D)
+        prior = wm.prior(h, task)
+        reward_logits = wm.reward(h, task)
+        term_logits = wm.termination(h, task)  # (B, T)
+    target = rearrange(batch.obs, "b t h w c -> b t c h w").float() / 255.0
+    # prior at t predicts the posterior at t+1
+    terms = {
+        "rec": (recon.float() - target).pow(2).sum(dim=(2, 3, 4)).mean(1),
+        "reward": symlog_twohot_ce(reward_logits, batch.reward, bins).mean(1),
+        "termination": F.binary_cross_entropy_with_logits(
+            term_logits.float(), batch.terminal.float(), reduction="none").mean(1),
+        "kl_dyn": categorical_kl(post[:, 1:].detach(), prior[:, :-1]).mean(1),
+        "kl_rep": categorical_kl(post[:, 1:], prior[:, :-1].detach()).mean(1),
+    }
+    return terms, z, h
 
-    def action_input(self, action: torch.Tensor) -> torch.Tensor:
-        """Env actions (B, T) long or (B, T, A) float -> Transformer input (B, T, A) float."""
-        return F.one_hot(action.long(), self.action_dim).float() if self.discrete else action.float()
 
-    # ---- world model ----
-    def world_model_terms(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per-sequence loss terms (B,) each: rec (L2 summed over pixels), reward (two-hot CE), termination
-        (BCE), kl_dyn = KL(sg(post) || prior), kl_rep = KL(post || sg(prior)), each a mean over time;
-        plus the forward's z (B, T, V*C) and h (B, T, D) for subclasses' extra heads."""
-        task = batch.task
-        with self._amp():
-            post = self.wm.encode(batch.obs, task)  # (B, T, V, C)
-            z = sample_z(post)  # (B, T, V*C)
-            recon = self.wm.decode(z, task)  # (B, T, 3, S, S)
-            h = self.wm.sequence(z, self.action_input(batch.action), task)  # (B, T, D)
-            prior = self.wm.prior(h, task)
-            reward_logits = self.wm.reward(h, task)
-            term_logits = self.wm.termination(h, task)  # (B, T)
-        target = rearrange(batch.obs, "b t h w c -> b t c h w").float() / 255.0
-        # prior at t predicts the posterior at t+1
-        terms = {
-            "rec": (recon.float() - target).pow(2).sum(dim=(2, 3, 4)).mean(1),
-            "reward": symlog_twohot_ce(reward_logits, batch.reward, self.bins).mean(1),
-            "termination": F.binary_cross_entropy_with_logits(
-                term_logits.float(), batch.terminal.float(), reduction="none").mean(1),
-            "kl_dyn": categorical_kl(post[:, 1:].detach(), prior[:, :-1]).mean(1),
-            "kl_rep": categorical_kl(post[:, 1:], prior[:, :-1].detach()).mean(1),
-        }
-        return terms, {"z": z, "h": h}
+def storm_loss(cfg: STORMConfig, rec: torch.Tensor, reward: torch.Tensor, termination: torch.Tensor,
+               kl_dyn: torch.Tensor, kl_rep: torch.Tensor) -> torch.Tensor:
+    """STORM's loss from mean terms (scalars: batch means; or (N,) per-task means in MoW); free bits clip
+    each mean KL (spec storm.md)."""
+    return (rec + reward + termination + cfg.dyn_scale * free_bits(kl_dyn, cfg.free_nats)
+            + cfg.rep_scale * free_bits(kl_rep, cfg.free_nats))
 
-    def combine_terms(self, rec: torch.Tensor, reward: torch.Tensor, termination: torch.Tensor,
-                      kl_dyn: torch.Tensor, kl_rep: torch.Tensor) -> torch.Tensor:
-        """STORM's loss from mean terms (scalars: batch means; or (N,) per-task means in MoW); free bits
-        clip each mean KL (spec storm.md)."""
-        cfg = self.cfg
-        return (rec + reward + termination + cfg.dyn_scale * free_bits(kl_dyn, cfg.free_nats)
-                + cfg.rep_scale * free_bits(kl_rep, cfg.free_nats))
+
+@register_agent("storm", STORMConfig)
+class STORMAgent(ImaginationAgent):
+    """STORM: its world model and loss on the shared imagination agent; the reference-cache comparison as its
+    bench extra."""
+
+    cfg: STORMConfig
+
+    def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
+        return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim)
 
     def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        terms, _ = self.world_model_terms(batch)
+        terms, _, _ = storm_terms(self.wm, batch, self.action_input(batch.action), self.bins, self.autocast())
         means = {k: v.mean() for k, v in terms.items()}
-        loss = self.combine_terms(**means)
+        loss = storm_loss(self.cfg, **means)
         return loss, {"wm/loss": loss.item(), **{f"wm/{k}": v.item() for k, v in means.items()}}
-
-    def update_world_model(self, batch: Batch) -> dict[str, float]:
-        self.wm.train()
-        loss, metrics = self.world_model_loss(batch)
-        self.wm_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["wm/grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg.wm_grad_clip).item()
-        self.wm_opt.step()
-        return metrics
-
-    # ---- imagination ----
-    @torch.no_grad()
-    def imagine(self, batch: Batch) -> Imagined:
-        """Encode `imag_context` real steps into a KV cache, then roll out `imag_horizon` steps."""
-        cfg, wm, task = self.cfg, self.wm, batch.task
-        wm.eval()
-        legal = batch.legal  # (B, A)
-        cache = wm.empty_cache(task, torch.bfloat16 if self.autocast else torch.float32)
-        feats, actions, hs = [], [], []
-        with self._amp():
-            z_ctx = sample_z(wm.encode(batch.obs, task))  # (B, C, V*C)
-            h = wm.sequence(z_ctx, self.action_input(batch.action), task, cache)[:, -1:]  # (B, 1, D)
-            z = sample_z(wm.prior(h, task))  # (B, 1, V*C): prediction of the next latent
-            for _ in range(cfg.imag_horizon):
-                feat = self.features(z, h, task)  # (B, 1, F)
-                action = self.ac.actor(feat, legal[:, None]).sample()  # (B, 1) or (B, 1, A)
-                h = wm.sequence(z, self.action_input(action), task, cache)
-                feats.append(feat)
-                actions.append(action)
-                hs.append(h)
-                z = sample_z(wm.prior(h, task))
-            feats.append(self.features(z, h, task))
-            # reward and termination depend on h only and feed nothing back into the rollout: one pass over
-            # the whole horizon instead of one per step (fewer, larger matmuls; the same values)
-            h_all = torch.cat(hs, 1)  # (B, H, D)
-            rewards = twohot_decode(wm.reward(h_all, task), self.bins)  # (B, H)
-            conts = (wm.termination(h_all, task) <= 0).float()  # (B, H): 1 - predicted termination
-        return Imagined(torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts, legal,
-                        self.critic_index(task), self.norm_index(task))
-
-    # ---- Agent interface ----
-    def per_task_batch(self) -> dict[str, int]:
-        """What each task contributes to one update: world-model sequences (of batch_length steps) and
-        imagination start states. The replay's stratified sampling gives every task exactly these."""
-        return {"world_model_sequences": self.cfg.batch_per_task, "sequence_length": self.cfg.batch_length,
-                "imagination_starts": self.cfg.imag_per_task}
-
-    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
-        cfg, n = self.cfg, len(self.tasks)
-        metrics = self.update_world_model(sample(cfg.batch_per_task * n, cfg.batch_length))
-        traj = self.imagine(sample(cfg.imag_per_task * n, cfg.imag_context))
-        self.ac.train()
-        metrics |= self.learner.update(traj)
-        return metrics
-
-    def new_context(self, task: int) -> ActingContext:
-        return ActingContext(task)
-
-    def episode_start(self, context: ActingContext) -> None:
-        if self.cfg.reset_context_on_episode:
-            context.z = context.action = None
-
-    @torch.no_grad()
-    def act(self, context: ActingContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray | int:
-        """STORM acts from [prior sample of z_t, h_{t-1}] computed over the previous frames/actions;
-        the current frame is appended to the context after the action is chosen. The window slides, so
-        learned absolute positions change every step and one full pass over <= act_context tokens is
-        used (the KV cache serves imagination, where positions only grow)."""
-        self.wm.eval()
-        self.ac.eval()
-        legal = self.legal[context.task][None, None]  # (1, 1, A)
-        task = torch.full((1,), context.task, dtype=torch.long, device=self.device)
-        with self._amp():
-            if context.z is None:  # nothing seen yet: a uniformly random legal action, as STORM does
-                if self.discrete:
-                    choices = torch.nonzero(self.legal[context.task]).flatten()
-                    action = choices[torch.randint(len(choices), (1,), device=self.device)].view(1, 1)
-                else:
-                    action = torch.rand(1, 1, self.action_dim, device=self.device) * 2 - 1
-            else:
-                h = self.wm.sequence(context.z[None], self.action_input(context.action[None]), task)[:, -1:]
-                z = sample_z(self.wm.prior(h, task))
-                dist = self.ac.actor(self.features(z, h, task), legal)
-                action = dist.mode() if greedy else dist.sample()  # (1, 1) or (1, 1, A)
-            obs_t = torch.as_tensor(obs, device=self.device)[None, None]
-            z_obs = sample_z(self.wm.encode(obs_t, task))[0]  # (1, V*C)
-        action_row = action[0]
-        if context.z is None:
-            context.z, context.action = z_obs.float(), action_row
-        else:
-            keep = self.cfg.act_context - 1
-            context.z = torch.cat([context.z[-keep:] if keep else context.z[:0], z_obs.float()])
-            context.action = torch.cat([context.action[-keep:] if keep else context.action[:0], action_row])
-        out = action_row[0].cpu().numpy()
-        return int(out) if self.discrete else out.astype(np.float32)
-
-    # ---- benchmark hooks (mowbench.bench) ----
-    def bench_phases(self, sample: Callable[[int, int], Batch]) -> dict[str, Callable[[], Any]]:
-        cfg, n = self.cfg, len(self.tasks)
-        wm_batch = sample(cfg.batch_per_task * n, cfg.batch_length)
-        context = sample(cfg.imag_per_task * n, cfg.imag_context)
-        traj = self.imagine(context)
-        return {"world_model_update": lambda: self.update_world_model(wm_batch),
-                "imagination": lambda: self.imagine(context),
-                "agent_update": lambda: self.learner.update(traj)}
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:
-        """Plain STORM only: imagination timed the way the reference code caches (imagine_reference_cache)
-        and the training step with it; at the paper's sizes, the reference's world-model parameter count."""
-        if type(self.wm) is not STORMWorldModel or self.wm.embed_dim:
+        """Without task conditioning (plain STORM): imagination timed the way the reference code caches
+        (imagine_reference_cache) and the training step with it; at the paper's sizes, the reference's
+        world-model parameter count."""
+        if self.wm.embed_dim:
             return {}
         cfg, out = self.cfg, {}
         context = sample(cfg.imag_per_task * len(self.tasks), cfg.imag_context)
@@ -435,26 +235,6 @@ class STORMAgent(Agent):
             out["reference_world_model_parameters"] = reference
             out["world_model_parameters_match_reference"] = figures["parameters"]["world_model"] == reference
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"wm": self.wm.state_dict(), "ac": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(),
-                "learner": self.learner.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.wm.load_state_dict(state["wm"])
-        self.ac.load_state_dict(state["ac"])
-        self.wm_opt.load_state_dict(state["wm_opt"])
-        self.learner.load_state_dict(state["learner"])
-
-    def parameter_counts(self) -> dict[str, int]:
-        return {"world_model": count_parameters(self.wm.parameters()),
-                "actor_critic": count_parameters(self.ac.actor.parameters()) + count_parameters(
-                    self.ac.critics.parameters()),
-                "slow_critic": count_parameters(self.ac.slow_critics.parameters())}
-
-
-def count_parameters(params: Any) -> int:
-    return sum(p.numel() for p in params)
 
 
 @torch.no_grad()
@@ -479,7 +259,7 @@ def imagine_reference_cache(agent: STORMAgent, batch: Batch) -> torch.Tensor:
             x = block.norm2(x + block.ffn(x))
         return x
 
-    with agent._amp():
+    with agent.autocast():
         inputs: list = [None] * len(tf.blocks)
         task = batch.task
         z_ctx = sample_z(wm.encode(batch.obs, task))

@@ -117,6 +117,10 @@ def build_config(entry: AgentEntry, values: dict[str, Any]) -> Any:
     return cfg
 
 
+def count_parameters(params: Any) -> int:
+    return sum(p.numel() for p in params)
+
+
 def make_agent(name: str, values: dict[str, Any], tasks: list[TaskInfo], device: torch.device,
                precision: str) -> Agent:
     entry = get_agent(name)

@@ -2,10 +2,10 @@
 
 from mowbench.models.heads import MLP, ActionHead, ContinuousActionDist, DiscreteActionDist
 from mowbench.models.transformer import CausalTransformer, KVCache, TokenStem
-from mowbench.models.vae import CategoricalHead, ConvDecoder, ConvEncoder, conv_stages
+from mowbench.models.vae import CategoricalHead, ConvDecoder, ConvEncoder, conv_stages, encode_frames
 
 __all__ = [
     "MLP", "ActionHead", "ContinuousActionDist", "DiscreteActionDist",
     "CausalTransformer", "KVCache", "TokenStem",
-    "CategoricalHead", "ConvDecoder", "ConvEncoder", "conv_stages",
+    "CategoricalHead", "ConvDecoder", "ConvEncoder", "conv_stages", "encode_frames",
 ]

@@ -1,0 +1,299 @@
+"""The shared base of world-model agents that learn in imagination (STORM, the monolithic STORM, MoW): each
+update trains the world model on replayed sequences, imagines rollouts from replayed contexts, and trains
+the actor-critic on them. A method of this kind is a world model (the `WorldModel` protocol) plus its loss
+and a config; a method that does not imagine (planning with MPPI or MCTS) implements `Agent` directly."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
+from mowbench.agents.base import Agent, adam, count_parameters
+from mowbench.envs.base import TaskInfo
+from mowbench.ops import sample_onehot_st, twohot_decode, uniform_bins
+from mowbench.replay import Batch
+
+
+@runtime_checkable
+class WorldModel(Protocol):
+    """What ImaginationAgent asks of a world model. Every method takes the rows' task indices (B,), which a
+    single-task model ignores. z: (B, T, V*C) one-hot latents; h: (B, T, D) sequence features."""
+
+    feature_dim: int  # size of the actor/critic input `features` builds
+    n_critics: int  # critics the agent keeps (MoW: one per VAE cluster)
+
+    def encode(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C)."""
+
+    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype) -> Any:
+        """An empty inference cache for len(task) sequences, which `sequence` appends to."""
+
+    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, continues after the cached steps."""
+
+    def prior(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) -> logits (B, T, V, C) of the next step's latent."""
+
+    def reward(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) -> symlog two-hot logits (B, T, bins)."""
+
+    def termination(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) -> termination logits (B, T)."""
+
+    def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Actor/critic input (B, T, feature_dim) of a state."""
+
+    def critic_index(self, task: torch.Tensor) -> torch.Tensor | None:
+        """Which critic judges rows of these tasks (B,), or None when there is one critic."""
+
+
+@dataclass
+class ImaginationConfig:
+    """Batches, imagination, acting and actor-critic settings shared by every imagination agent; defaults are
+    STORM's (arXiv 2310.09615, spec storm.md). A method's config subclasses it with its world model's sizes."""
+
+    bins: int = 255  # symlog two-hot bins in [-20, 20] for reward and value
+    wm_lr: float = 1e-4  # world-model Adam learning rate
+    wm_grad_clip: float = 1000.0  # world-model global grad-norm clip
+    # Per-task sizes: every task of a multi-task agent is in every batch (stratified sampling), so a batch
+    # holds batch_per_task x N sequences and imag_per_task x N start states. STORM (one task): 16 and 1024.
+    batch_per_task: int = 16  # world-model batch: sequences of each task per update
+    batch_length: int = 64  # world-model batch: steps per sequence
+    imag_per_task: int = 1024  # imagination start states of each task per update
+    imag_context: int = 8  # real steps fed before imagining
+    imag_horizon: int = 16  # imagined steps
+    act_context: int = 16  # frames/actions the world model sees when acting
+    reset_context_on_episode: bool = False  # STORM keeps the acting context across episodes
+    ac_width: int = 512  # actor/critic MLP width
+    ac_depth: int = 2  # actor/critic hidden layers
+    gamma: float = 0.985  # discount
+    lam: float = 0.95  # lambda of lambda-returns
+    lambda_value: str = "current"  # 'current' = STORM reference's V(s_t) (published numbers) | 'next' = V(s_{t+1})
+    slow_decay: float = 0.98  # slow critic EMA decay
+    norm_decay: float = 0.99  # EMA decay of the return scale S
+    # multi-task only (one task: all the same): one S per task | per critic (MoW: cluster) | one for all.
+    # The papers are silent; per task keeps a game with large returns from shrinking the others' advantages
+    return_norm: str = "task"
+    entropy_coef: float = 3e-4  # entropy bonus
+    ac_lr: float = 3e-5  # actor-critic Adam learning rate
+    ac_eps: float = 1e-5  # actor-critic Adam epsilon
+    ac_grad_clip: float = 100.0  # actor-critic grad-norm clip
+
+    def check(self) -> None:
+        if self.lambda_value not in ("next", "current"):
+            raise ValueError(f"lambda_value={self.lambda_value!r}; allowed: next, current")
+        if self.return_norm not in ("task", "critic", "global"):
+            raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
+        for name in ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon", "bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: a positive integer")
+        if self.act_context < 1:
+            raise ValueError(f"act_context={self.act_context}; allowed: a positive integer")
+
+
+def sample_z(logits: torch.Tensor) -> torch.Tensor:
+    """Posterior/prior logits (..., V, C) -> straight-through one-hot sample flattened to (..., V*C)."""
+    return sample_onehot_st(logits).flatten(-2)
+
+
+@dataclass
+class ActingContext:
+    """The last `act_context` (z, a) pairs of one env stream; z (T, V*C), action (T, A)."""
+
+    task: int
+    z: torch.Tensor | None = None
+    action: torch.Tensor | None = None
+
+
+class ImaginationAgent(Agent):
+    """World-model update -> imagination with a KV cache -> actor-critic in imagination, and acting from the
+    world model's context. A subclass gives `build_world_model` and `world_model_loss`; everything that
+    depends on the method (task conditioning, features, which critic judges a task) is the world model's."""
+
+    cfg: ImaginationConfig
+    wm: nn.Module  # and a WorldModel
+
+    def __init__(self, cfg: ImaginationConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
+        if len(tasks) != 1 and not self.multi_task:
+            raise ValueError(f"{type(self).__name__} is single-task; got {len(tasks)} tasks (the runner makes one "
+                             "run per task)")
+        spaces = {(t.action.discrete, t.action.n) for t in tasks}
+        if len(spaces) != 1:
+            raise ValueError(f"tasks have different action spaces {sorted(spaces)}; a shared agent needs one "
+                             "action set (Atari: env.action_set=full)")
+        self.cfg, self.tasks, self.device = cfg, tasks, device
+        self.autocast_bf16 = precision == "bf16"
+        space = tasks[0].action
+        self.discrete, self.action_dim = space.discrete, space.n
+        self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)  # (N, A)
+        self.wm = self.build_world_model(tasks).to(device)
+        if not isinstance(self.wm, WorldModel):
+            raise TypeError(f"{type(self.wm).__name__} lacks methods of mowbench.agents.imagination.WorldModel")
+        n_critics = self.wm.n_critics
+        self.ac = ActorCritic(self.wm.feature_dim, self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth,
+                              cfg.bins, n_critics=n_critics).to(device)
+        self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr)
+        self.learner = ActorCriticLearner(
+            self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
+            cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins,
+            autocast=self.autocast_bf16,
+            norm_groups={"task": len(tasks), "critic": n_critics, "global": 1}[cfg.return_norm])
+        self.bins = uniform_bins(cfg.bins).to(device)
+
+    # ---- what a method supplies ----
+    @abstractmethod
+    def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
+        """The method's world model (a WorldModel) for these tasks, on the CPU."""
+
+    @abstractmethod
+    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar world-model loss of a replayed batch and its logged terms."""
+
+    def world_model_parameters(self) -> list[torch.Tensor]:
+        """What the world-model optimizer trains: the world model's parameters and any of the loss's own."""
+        return list(self.wm.parameters())
+
+    # ---- helpers ----
+    def autocast(self) -> Any:
+        """bf16 autocast on the run's device when the run's precision is bf16, else a no-op context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    def action_input(self, action: torch.Tensor) -> torch.Tensor:
+        """Env actions (B, T) long or (B, T, A) float -> world-model input (B, T, A) float."""
+        return F.one_hot(action.long(), self.action_dim).float() if self.discrete else action.float()
+
+    def norm_index(self, task: torch.Tensor) -> torch.Tensor | None:
+        """Which return scale S normalises rows of these tasks (config return_norm; None: one S)."""
+        if self.cfg.return_norm == "global":
+            return None
+        return task if self.cfg.return_norm == "task" else self.wm.critic_index(task)
+
+    # ---- the three phases of an update ----
+    def update_world_model(self, batch: Batch) -> dict[str, float]:
+        self.wm.train()
+        loss, metrics = self.world_model_loss(batch)
+        self.wm_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["wm/grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg.wm_grad_clip).item()
+        self.wm_opt.step()
+        return metrics
+
+    @torch.no_grad()
+    def imagine(self, batch: Batch) -> Imagined:
+        """Encode `imag_context` real steps into a cache, then roll out `imag_horizon` steps."""
+        cfg, wm, task = self.cfg, self.wm, batch.task
+        wm.eval()
+        legal = batch.legal  # (B, A)
+        cache = wm.empty_cache(task, torch.bfloat16 if self.autocast_bf16 else torch.float32)
+        feats, actions, hs = [], [], []
+        with self.autocast():
+            z_ctx = sample_z(wm.encode(batch.obs, task))  # (B, C, V*C)
+            h = wm.sequence(z_ctx, self.action_input(batch.action), task, cache)[:, -1:]  # (B, 1, D)
+            z = sample_z(wm.prior(h, task))  # (B, 1, V*C): prediction of the next latent
+            for _ in range(cfg.imag_horizon):
+                feat = wm.features(z, h, task)  # (B, 1, F)
+                action = self.ac.actor(feat, legal[:, None]).sample()  # (B, 1) or (B, 1, A)
+                h = wm.sequence(z, self.action_input(action), task, cache)
+                feats.append(feat)
+                actions.append(action)
+                hs.append(h)
+                z = sample_z(wm.prior(h, task))
+            feats.append(wm.features(z, h, task))
+            # reward and termination depend on h only and feed nothing back into the rollout: one pass over
+            # the whole horizon instead of one per step (fewer, larger matmuls; the same values)
+            h_all = torch.cat(hs, 1)  # (B, H, D)
+            rewards = twohot_decode(wm.reward(h_all, task), self.bins)  # (B, H)
+            conts = (wm.termination(h_all, task) <= 0).float()  # (B, H): 1 - predicted termination
+        return Imagined(torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts, legal,
+                        wm.critic_index(task), self.norm_index(task))
+
+    def update_actor_critic(self, traj: Imagined) -> dict[str, float]:
+        self.ac.train()
+        return self.learner.update(traj)
+
+    # ---- Agent interface ----
+    def per_task_batch(self) -> dict[str, int]:
+        """What each task contributes to one update: world-model sequences (of batch_length steps) and
+        imagination start states. The replay's stratified sampling gives every task exactly these."""
+        return {"world_model_sequences": self.cfg.batch_per_task, "sequence_length": self.cfg.batch_length,
+                "imagination_starts": self.cfg.imag_per_task}
+
+    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+        cfg, n = self.cfg, len(self.tasks)
+        metrics = self.update_world_model(sample(cfg.batch_per_task * n, cfg.batch_length))
+        traj = self.imagine(sample(cfg.imag_per_task * n, cfg.imag_context))
+        return metrics | self.update_actor_critic(traj)
+
+    def bench_phases(self, sample: Callable[[int, int], Batch]) -> dict[str, Callable[[], Any]]:
+        cfg, n = self.cfg, len(self.tasks)
+        wm_batch = sample(cfg.batch_per_task * n, cfg.batch_length)
+        context = sample(cfg.imag_per_task * n, cfg.imag_context)
+        traj = self.imagine(context)
+        return {"world_model_update": lambda: self.update_world_model(wm_batch),
+                "imagination": lambda: self.imagine(context),
+                "agent_update": lambda: self.learner.update(traj)}
+
+    def new_context(self, task: int) -> ActingContext:
+        return ActingContext(task)
+
+    def episode_start(self, context: ActingContext) -> None:
+        if self.cfg.reset_context_on_episode:
+            context.z = context.action = None
+
+    @torch.no_grad()
+    def act(self, context: ActingContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray | int:
+        """Act from [prior sample of z_t, h_{t-1}] computed over the previous frames/actions (STORM); the
+        current frame is appended to the context after the action is chosen. The window slides, so learned
+        absolute positions change every step and one full pass over <= act_context tokens is used (the KV
+        cache serves imagination, where positions only grow)."""
+        self.wm.eval()
+        self.ac.eval()
+        legal = self.legal[context.task][None, None]  # (1, 1, A)
+        task = torch.full((1,), context.task, dtype=torch.long, device=self.device)
+        with self.autocast():
+            if context.z is None:  # nothing seen yet: a uniformly random legal action, as STORM does
+                if self.discrete:
+                    choices = torch.nonzero(self.legal[context.task]).flatten()
+                    action = choices[torch.randint(len(choices), (1,), device=self.device)].view(1, 1)
+                else:
+                    action = torch.rand(1, 1, self.action_dim, device=self.device) * 2 - 1
+            else:
+                h = self.wm.sequence(context.z[None], self.action_input(context.action[None]), task)[:, -1:]
+                z = sample_z(self.wm.prior(h, task))
+                dist = self.ac.actor(self.wm.features(z, h, task), legal)
+                action = dist.mode() if greedy else dist.sample()  # (1, 1) or (1, 1, A)
+            obs_t = torch.as_tensor(obs, device=self.device)[None, None]
+            z_obs = sample_z(self.wm.encode(obs_t, task))[0]  # (1, V*C)
+        action_row = action[0]
+        if context.z is None:
+            context.z, context.action = z_obs.float(), action_row
+        else:
+            keep = self.cfg.act_context - 1
+            context.z = torch.cat([context.z[-keep:] if keep else context.z[:0], z_obs.float()])
+            context.action = torch.cat([context.action[-keep:] if keep else context.action[:0], action_row])
+        out = action_row[0].cpu().numpy()
+        return int(out) if self.discrete else out.astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wm": self.wm.state_dict(), "ac": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(),
+                "learner": self.learner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wm.load_state_dict(state["wm"])
+        self.ac.load_state_dict(state["ac"])
+        self.wm_opt.load_state_dict(state["wm_opt"])
+        self.learner.load_state_dict(state["learner"])
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"world_model": count_parameters(self.wm.parameters()),
+                "actor_critic": count_parameters(self.ac.actor.parameters()) + count_parameters(
+                    self.ac.critics.parameters()),
+                "slow_critic": count_parameters(self.ac.slow_critics.parameters())}
