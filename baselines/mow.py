@@ -38,7 +38,7 @@ from torch import nn
 from mowbench import results as R
 from mowbench.agents.base import adam, count_parameters, register_agent
 from mowbench.agents.imagination import ImaginationAgent
-from mowbench.baselines.storm import STORMConfig, storm_loss, storm_terms
+from mowbench.baselines.storm import STORMConfig, separate_storm_figures, storm_loss, storm_terms
 from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmeans_cosine, random_assignment
 from mowbench.envs.base import TaskInfo
 from mowbench.figures import heatmap_png
@@ -483,6 +483,11 @@ class MoWAgent(ImaginationAgent):
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
         warm = self.warm_up(sample) if self.cluster_report is None else {}
         return super().update(sample) | warm
+
+    def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
+                     figures: dict[str, Any]) -> dict[str, Any]:
+        """MoW's size beside one STORM per task (mow.md: about half)."""
+        return separate_storm_figures(self, figures)
 
     # ---- seeing inside ----
     @torch.no_grad()

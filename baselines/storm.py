@@ -6,6 +6,7 @@ live here; the update, imagination and acting are the shared ImaginationAgent's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from torch import nn
 
 from mowbench.agents.base import register_agent
 from mowbench.agents.imagination import ImaginationAgent, ImaginationConfig, sample_z
-from mowbench.envs.base import TaskInfo
+from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models import (
     MLP,
     CategoricalHead,
@@ -218,11 +219,11 @@ class STORMAgent(ImaginationAgent):
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:
-        """Without task conditioning (plain STORM): imagination timed the way the reference code caches
-        (imagine_reference_cache) and the training step with it; at the paper's sizes, the reference's
-        world-model parameter count."""
-        if self.wm.embed_dim:
-            return {}
+        """Multi-task (the monolithic STORM): its size beside one STORM per task. One task: imagination timed
+        the way the reference code caches (imagine_reference_cache) and the training step with it; at the
+        paper's sizes, the reference's world-model parameter count."""
+        if self.multi_task:
+            return separate_storm_figures(self, figures)
         cfg, out = self.cfg, {}
         context = sample(cfg.imag_per_task * len(self.tasks), cfg.imag_context)
         out["s_per_imagination_reference_cache"] = time(lambda: imagine_reference_cache(self, context))
@@ -235,6 +236,22 @@ class STORMAgent(ImaginationAgent):
             out["reference_world_model_parameters"] = reference
             out["world_model_parameters_match_reference"] = figures["parameters"]["world_model"] == reference
         return out
+
+
+def separate_storm_figures(agent: ImaginationAgent, figures: dict[str, Any]) -> dict[str, Any]:
+    """A multi-task agent's size beside one STORM per task with the agent's STORM component sizes (its config's
+    STORMConfig fields), each with its task's own (minimal) action count (mow.md: MoW is about half)."""
+    values = {f.name: getattr(agent.cfg, f.name) for f in dataclasses.fields(STORMConfig)}
+    storm: dict[str, int] = {}
+    for info in agent.tasks:
+        legal = int(info.action.legal_mask().sum()) if info.action.discrete else info.action.n
+        single = TaskInfo(info.suite, info.name, 0, info.image_size, ActionSpace(info.action.discrete, legal))
+        counts = STORMAgent(STORMConfig(**values), [single], torch.device("cpu"), "fp32").parameter_counts()
+        for key, value in counts.items():
+            storm[key] = storm.get(key, 0) + value
+    mine = figures["parameters"]["world_model"] + figures["parameters"]["actor_critic"]
+    return {"parameters_separate_storm": storm,
+            "parameter_ratio_vs_separate_storm": mine / (storm["world_model"] + storm["actor_critic"])}
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ rate (the step time no implementation of the same maths can beat here), and what
 the speed-up is measured on the same machine, and the reference's parameter count). It knows no baseline.
 
 Multi-task agents (`agent=mow`, `agent=monolithic`) are built for the suite's task list (Atari: the 26
-games, full action set) and batches are spread over the tasks; the output adds the parameters of one
+games, full action set) and batches are spread over the tasks; their extras add the parameters of one
 STORM per task with the same component sizes and the ratio. For MoW the first (untimed) update runs the
 warm-up clustering; `agent.cluster_warmup_updates=0 agent.clustering=random` skips its cost without
 changing what is timed (the clusters are then as balanced as gradient clustering's 'even' choice).
@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, plan, resolve_device, resolve_precision
 from mowbench.envs import make_envs, resolve_tasks
-from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.replay import random_batch
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
@@ -75,20 +73,6 @@ def matmul_gflop_per_s(device: torch.device, precision: str, n: int = 4096, repe
     return 2 * n**3 / timed(lambda: x @ x, repeats, device) / 1e9
 
 
-def separate_storm_parameters(tasks: list[Any], cfg: dict[str, Any]) -> dict[str, int]:
-    """Parameters of one STORM per task with the agent's component sizes, each with its task's own
-    (minimal) action count: what a multi-task agent's size is compared with (mow.md: about half)."""
-    storm_values = {k: v for k, v in cfg["agent"].items() if k in {f.name for f in fields(get_agent("storm").config)}}
-    total: dict[str, int] = {}
-    for info in tasks:
-        legal = int(info.action.legal_mask().sum()) if info.action.discrete else info.action.n
-        single = TaskInfo(info.suite, info.name, 0, info.image_size, ActionSpace(info.action.discrete, legal))
-        counts = make_agent("storm", storm_values, [single], torch.device("cpu"), "fp32").parameter_counts()
-        for key, value in counts.items():
-            total[key] = total.get(key, 0) + value
-    return total
-
-
 def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     opts = {**BENCH_DEFAULTS, **cfg.get("bench", {})}
     device = resolve_device(str(cfg.get("device", "auto")))
@@ -109,8 +93,10 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [e.info for e in envs], device, precision)
     infos, reps = [e.info for e in envs], int(opts["repeats"])
 
+    fields = agent.replay_fields()
+
     def sample(n: int, length: int) -> Any:  # random sequences, every task in every batch
-        return random_batch(infos, n, length, device)
+        return random_batch(infos, n, length, device, fields)
 
     if opts["warm_up"]:  # one untimed full update first (MoW: runs its warm-up clustering)
         t = time.perf_counter()
@@ -128,11 +114,6 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if opts["warm_up"]:
         out["s_first_update_with_warm_up"] = warm_up_s
-    if multi_task:
-        storm = separate_storm_parameters(infos, cfg)
-        out["parameters_separate_storm"] = storm
-        mine = out["parameters"]["world_model"] + out["parameters"]["actor_critic"]
-        out["parameter_ratio_vs_separate_storm"] = mine / (storm["world_model"] + storm["actor_critic"])
     for name, fn in phases.items():
         out[f"s_per_{name}"] = timed(fn, reps, device)
     out["s_per_train_step"] = sum(out[f"s_per_{name}"] for name in phases)
@@ -144,7 +125,7 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
         out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
     context, obs = agent.new_context(0), env.reset()
-    for _ in range(16):  # fill an acting window first (STORM: its 16-frame context)
+    for _ in range(16):  # fill an acting window first (e.g. STORM's 16-frame context)
         obs = env.step(agent.act(context, obs)).obs
     steps = int(opts["act_steps"])
     t = time.perf_counter()

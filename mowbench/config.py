@@ -5,15 +5,18 @@ mowbench.run is the command line."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mowbench.agents.base import build_config, get_agent
+from mowbench.agents.base import build_config, get_agent, registered_agents
 from mowbench.envs import resolve_tasks, suite_module
+from mowbench.gridspec import ablation_dir
 from mowbench.trainer import TrainConfig
 
 CONF = Path(__file__).parent / "conf"
@@ -21,11 +24,20 @@ GROUPS = ("env", "agent", "preset", "ablation")
 
 
 def _group_dir(group: str) -> Path:
-    if group == "ablation":
-        import mowbench.ablations
+    return ablation_dir() if group == "ablation" else CONF / group
 
-        return Path(mowbench.ablations.__file__).parent / "ablation"
-    return CONF / group
+
+def register_agent_configs() -> None:
+    """Each registered agent's config dataclass is the `agent` group's option of its name (Hydra structured
+    config): the single definition of its fields, types and defaults (the `paper` preset). YAML files hold
+    only presets (agent/preset/<agent>_<preset>.yaml) and overrides; a value of the wrong type (a float for an
+    int field) or an unknown key is refused when the config is composed."""
+    store = ConfigStore.instance()
+    for name, entry in registered_agents().items():
+        node = OmegaConf.structured(entry.config)
+        with open_dict(node):
+            node["name"] = name
+        store.store(group="agent", name=name, node=node)
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -33,6 +45,9 @@ def check_group_choices(argv: list[str]) -> None:
     for arg in argv:
         key, _, value = arg.partition("=")
         if key in GROUPS and value:
+            if key == "agent":
+                get_agent(value)  # its own one-line error naming the registered agents
+                continue
             options = sorted(p.stem for p in _group_dir(key).glob("*.yaml"))
             if value not in options:
                 raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(options)}")
@@ -137,15 +152,23 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     from omegaconf.errors import OmegaConfBaseException
 
     check_group_choices(overrides)
+    register_agent_configs()
     try:
         with initialize_config_module("mowbench.conf", version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:  # e.g. an unknown key: one line, no traceback
         text = f"{err}\n{err.__cause__ or ''}"
         lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        typed = next((line for line in lines[1:] if "could not be converted" in line), "")
+        if typed:  # a value of the wrong type for a typed field (e.g. a float for an int)
+            raise ValueError(f"{lines[0].removeprefix('Error merging override ')}: {typed}; allowed: a value of the "
+                             "field's type (see the agent's config dataclass)") from None
         detail = next((line for line in lines[1:] if "not in struct" in line or "Key" in line), "")
-        raise ValueError(f"{lines[0]} {detail}".strip() + "; allowed: the keys of mowbench/conf/config.yaml "
-                         "and of the chosen env/agent files (e.g. seed, task, train.steps, agent.width)") from None
+        # a typed (dataclass) node says "Key 'x' not in 'STORMConfig'": the same words as for untyped nodes
+        detail = re.sub(r"Key '(\w+)' not in '(\w+)'", r"Key '\1' is not in struct (not a field of \2)", detail)
+        raise ValueError(f"{lines[0]} {detail}".strip() + "; allowed: the keys of mowbench/conf/config.yaml, "
+                         "the chosen env file and the agent's config dataclass (e.g. seed, task, train.steps, "
+                         "agent.width)") from None
     choices = dict(cfg.hydra.runtime.choices)
     check_agent_preset(str(choices.get("agent")), str(choices.get("preset")))
     with open_dict(cfg):
@@ -153,14 +176,19 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     return config_values(cfg, choices)
 
 
+def presets(conf: Path = CONF) -> list[str]:
+    """The global presets (conf/preset/*.yaml): micro (tests), tiny (CPU, quickstart), paper."""
+    return sorted(p.stem for p in (conf / "preset").glob("*.yaml"))
+
+
 def check_agent_preset(agent: str, preset: str, conf: Path = CONF) -> None:
-    """Every agent needs its sizes for every preset but `paper` (its config's own defaults): a missing
-    agent/preset/<agent>_<preset>.yaml would otherwise run the paper's sizes silently under `preset=tiny`."""
-    if preset == "paper" or (conf / "agent" / "preset" / f"{agent}_{preset}.yaml").exists():
+    """Every agent has its own file for every preset, `paper` included (empty when its dataclass defaults are
+    the paper's): a missing agent/preset/<agent>_<preset>.yaml would otherwise run the dataclass defaults
+    (the paper's sizes) silently under `preset=tiny`."""
+    if (conf / "agent" / "preset" / f"{agent}_{preset}.yaml").exists():
         return
-    have = sorted({p.stem.removeprefix(f"{agent}_") for p in (conf / "agent" / "preset").glob(f"{agent}_*.yaml")}
-                  - {"paper"})
+    have = sorted(p.stem.removeprefix(f"{agent}_") for p in (conf / "agent" / "preset").glob(f"{agent}_*.yaml"))
     raise ValueError(f"agent {agent!r} has no {preset!r} preset (mowbench/conf/agent/preset/{agent}_{preset}.yaml "
-                     f"is missing); allowed for {agent}: {', '.join(['paper', *have])}")
+                     f"is missing); allowed for {agent}: {', '.join(have) or 'none'}")
 
 

@@ -5,10 +5,11 @@ the rest as one SLURM job array, show status; jobs checkpoint and requeue on SLU
     python -m mowbench.grid status grid=ablate_clusters
 
 A grid (mowbench/conf/grid/<name>.yaml) is `seeds` x the Cartesian product of `axes` (config key ->
-values) and `variants` (name -> override list), on top of `overrides` applied to every cell. A cell is one
-configuration and seed; it holds one run folder per results task (`plan(cfg).runs`: STORM one per game,
-multi-task agents one), and each run folder is one job ("unit"). Submissions are recorded in
-`<results_dir>/grids/<grid>/jobs.json`, so a resubmission knows which units are queued or running.
+values) and `variants` (name -> an ablation file's name, or a list of overrides), on top of `overrides`
+applied to every cell. A cell is one configuration and seed; it holds one run folder per results task
+(`plan(cfg).runs`: STORM one per game, multi-task agents one), and each run folder is one job ("unit").
+Submissions are recorded in `<results_dir>/grids/<grid>/jobs.json`, so a resubmission knows which units are
+queued or running.
 """
 
 from __future__ import annotations
@@ -312,7 +313,7 @@ def submit(req: Request) -> dict[str, Any]:
         for u, job in zip(todo, jobs, strict=True):
             record[u.key] = {"job_id": str(job.job_id), "launcher": executor.cluster, "submitted": now,
                              "stderr": str(job.paths.stderr), "stdout": str(job.paths.stdout),
-                             "pid": _local_pid(job)}
+                             "pid": local_pid(executor.cluster, str(job.job_id))}
         R.atomic_write_json(jobs_path(req), record)
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
         print(f"[mowbench] grid {req.grid}: submitted {len(todo)} run(s) as job(s) {', '.join(ids)} "
@@ -332,9 +333,10 @@ def count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(r["state"] == s for r in rows) for s in STATES}
 
 
-def _local_pid(job: Any) -> int | None:
-    proc = getattr(job, "_process", None)
-    return proc.pid if proc is not None else None
+def local_pid(launcher: str, job_id: str) -> int | None:
+    """The process of a job run by submitit's local launcher: its public job id is the process id; other
+    launchers (slurm: queue ids; debug: in-process) have none."""
+    return int(job_id) if launcher == "local" and job_id.isdigit() else None
 
 
 def watch(req: Request, units: list[Unit], interval: float = 10.0) -> None:

@@ -16,6 +16,31 @@ GRID_DIR = CONF / "grid"
 GRID_KEYS = {"reproduces", "seeds", "overrides", "axes", "variants", "agent_overrides", "default"}
 
 
+def ablation_dir() -> Path:
+    """ablations/ablation/ (installed as mowbench.ablations): the config diffs `ablation=<name>` selects."""
+    import mowbench.ablations
+
+    return Path(mowbench.ablations.__file__).parent / "ablation"
+
+
+def ablation_names() -> list[str]:
+    return sorted(p.stem for p in ablation_dir().glob("*.yaml"))
+
+
+def ablation_overrides(name: str) -> list[str]:
+    """The ablation file `name` as command-line overrides (e.g. agent.clustering=none agent.n_clusters=1): a
+    grid cell defined by it then wins over the command line's overrides, as every cell definition does, and
+    combines with an `ablation=` the whole grid selects."""
+    values = OmegaConf.to_container(OmegaConf.load(ablation_dir() / f"{name}.yaml"), resolve=False) or {}
+
+    def flat(prefix: str, node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return [o for k, v in node.items() for o in flat(f"{prefix}{k}.", v)]
+        return [f"{prefix[:-1]}={_fmt(node)}"]
+
+    return flat("", values)
+
+
 def grid_names() -> list[str]:
     return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
 
@@ -27,6 +52,13 @@ def load_grid(name: str) -> dict[str, Any]:
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         raise ValueError(f"grid {name}: unknown field(s) {unknown}; allowed: {', '.join(sorted(GRID_KEYS))}")
+    for variant, value in (spec.get("variants") or {}).items():
+        if isinstance(value, str) and value not in ablation_names():
+            raise ValueError(f"grid {name}: variant {variant} names ablation {value!r}, which is not a file in "
+                             f"ablations/ablation/; allowed: {', '.join(ablation_names())}")
+        if not isinstance(value, str | list):
+            raise ValueError(f"grid {name}: variant {variant}={value!r}; allowed: an ablation file's name or a "
+                             "list of overrides")
     return spec
 
 
@@ -38,7 +70,9 @@ def method_name(agent: str, point: dict[str, Any], variant: str | None) -> str:
 
 
 def cells(spec: dict[str, Any]) -> list[tuple[dict[str, Any], str | None, list[str]]]:
-    """The grid's cells without seeds: (swept point, variant or None, the overrides defining the cell)."""
+    """The grid's cells without seeds: (swept point, variant or None, the overrides defining the cell). A variant
+    is the name of an ablation file (ablations/ablation/<name>.yaml, its values applied as overrides) or, for a
+    one-off, a list of overrides."""
     axes = spec.get("axes") or {}
     variants = spec.get("variants") or {None: []}
     keys = list(axes)
@@ -46,6 +80,8 @@ def cells(spec: dict[str, Any]) -> list[tuple[dict[str, Any], str | None, list[s
     for values in itertools.product(*(axes[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
         for variant, variant_overrides in variants.items():
+            if isinstance(variant_overrides, str):  # the name of an ablation file
+                variant_overrides = ablation_overrides(variant_overrides)
             out.append((point, variant, [*[f"{k}={_fmt(v)}" for k, v in point.items()], *variant_overrides]))
     return out
 

@@ -4,7 +4,7 @@ stratified by task for multi-task agents."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,10 +13,21 @@ import torch
 from mowbench.envs.base import TaskInfo
 
 
+@dataclass(frozen=True)
+class StepField:
+    """An optional per-step replay field a method declares (Agent.replay_fields), e.g. MCTS visit counts
+    StepField((A,)) or root values StepField(()): its shape per step and its dtype. A field named `first` is
+    filled by the trainer: 1.0 at the first step of an episode (after a reset), else 0.0."""
+
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+
 @dataclass
 class Batch:
     """Sequences from replay. obs (B, T, S, S, 3) uint8; action (B, T) long or (B, T, A) float;
-    reward, terminal (B, T) float; task (B,) long; legal (B, A) bool."""
+    reward, terminal (B, T) float; task (B,) long; legal (B, A) bool; extras: the optional per-step fields
+    the agent declared, name -> (B, T, *shape)."""
 
     obs: torch.Tensor
     action: torch.Tensor
@@ -24,13 +35,16 @@ class Batch:
     terminal: torch.Tensor
     task: torch.Tensor
     legal: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rows(self, index: torch.Tensor) -> Batch:
         """The sequences at `index` (R,) as a smaller Batch."""
-        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self) if f.name != "extras"),
+                     extras={k: v[index] for k, v in self.extras.items()})
 
 
-def random_batch(tasks: list[TaskInfo], n: int, length: int, device: torch.device) -> Batch:
+def random_batch(tasks: list[TaskInfo], n: int, length: int, device: torch.device,
+                 fields: dict[str, StepField] | None = None) -> Batch:
     """n random sequences of `length` steps over `tasks`, stratified like Replay.sample (rows of task k: k,
     k + N, ...): uniform pixels, legal random actions, normal rewards, 1% terminals. For benchmarks and tests."""
     task = torch.arange(n, device=device) % len(tasks)
@@ -41,9 +55,11 @@ def random_batch(tasks: list[TaskInfo], n: int, length: int, device: torch.devic
         action = scores.argmax(-1)
     else:
         action = torch.rand(n, length, space.n, device=device) * (space.high - space.low) + space.low
+    extras = {name: torch.rand(n, length, *f.shape, device=device).to(f.dtype) for name, f in (fields or {}).items()}
     return Batch(obs=torch.randint(0, 256, (n, length, size, size, 3), dtype=torch.uint8, device=device),
                  action=action, reward=torch.randn(n, length, device=device),
-                 terminal=(torch.rand(n, length, device=device) < 0.01).float(), task=task, legal=legal[task])
+                 terminal=(torch.rand(n, length, device=device) < 0.01).float(), task=task, legal=legal[task],
+                 extras=extras)
 
 
 class TaskReplay:
@@ -53,7 +69,8 @@ class TaskReplay:
     uniformly and may cross episode boundaries, as in STORM (its world model sees the reset frame).
     """
 
-    def __init__(self, capacity: int, info: TaskInfo, device: torch.device) -> None:
+    def __init__(self, capacity: int, info: TaskInfo, device: torch.device,
+                 fields: dict[str, StepField] | None = None) -> None:
         self.capacity, self.device = capacity, device
         s, a = info.image_size, info.action
         # empty, not zeros: untouched rows cost no resident memory, so 26 Atari games x 100k frames
@@ -63,15 +80,19 @@ class TaskReplay:
                        else torch.zeros((capacity, a.n), dtype=torch.float32, device=device))
         self.reward = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.terminal = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.extras = {name: torch.zeros((capacity, *f.shape), dtype=f.dtype, device=device)
+                       for name, f in (fields or {}).items()}
         self.size = 0
         self.head = 0  # next row to write
 
-    def add(self, obs: np.ndarray, action: Any, reward: float, terminal: bool) -> None:
+    def add(self, obs: np.ndarray, action: Any, reward: float, terminal: bool, extras: dict[str, Any]) -> None:
         i = self.head
         self.obs[i] = torch.as_tensor(obs, device=self.device)
         self.action[i] = torch.as_tensor(action, device=self.device)
         self.reward[i] = reward
         self.terminal[i] = float(terminal)
+        for name, column in self.extras.items():  # a declared field without a value this step holds zeros
+            column[i] = torch.as_tensor(extras[name], device=self.device) if name in extras else 0
         self.head = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -86,12 +107,15 @@ class TaskReplay:
     def state_dict(self) -> dict[str, Any]:
         n = self.size
         return {"obs": self.obs[:n].cpu(), "action": self.action[:n].cpu(), "reward": self.reward[:n].cpu(),
-                "terminal": self.terminal[:n].cpu(), "size": n, "head": self.head}
+                "terminal": self.terminal[:n].cpu(), "size": n, "head": self.head,
+                "extras": {name: column[:n].cpu() for name, column in self.extras.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = state["size"]
         for key in ("obs", "action", "reward", "terminal"):
             getattr(self, key)[:n] = state[key].to(self.device)
+        for name, column in self.extras.items():
+            column[:n] = state["extras"][name].to(self.device)
         self.size, self.head = n, state["head"]
 
 
@@ -109,11 +133,14 @@ def stratified_counts(n: int, n_tasks: int, rng: np.random.Generator) -> np.ndar
 
 
 class Replay:
-    """One TaskReplay per task; a batch is stratified by task (stratified_counts), rows grouped by task."""
+    """One TaskReplay per task; a batch is stratified by task (stratified_counts), rows grouped by task.
+    `fields`: the optional per-step fields the agent declared (Agent.replay_fields), returned in Batch.extras."""
 
-    def __init__(self, capacity: int, tasks: list[TaskInfo], device: torch.device, seed: int) -> None:
+    def __init__(self, capacity: int, tasks: list[TaskInfo], device: torch.device, seed: int,
+                 fields: dict[str, StepField] | None = None) -> None:
         self.tasks = tasks
-        self.buffers = [TaskReplay(capacity, t, device) for t in tasks]
+        self.fields = dict(fields or {})
+        self.buffers = [TaskReplay(capacity, t, device, self.fields) for t in tasks]
         self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)
         self.rng = np.random.default_rng(seed)
         self.device = device
@@ -121,9 +148,13 @@ class Replay:
     def __len__(self) -> int:
         return min(b.size for b in self.buffers)
 
-    def add(self, task: int, obs: np.ndarray, action: Any, reward: float, terminal: bool) -> None:
-        """Store one transition of task `task`: (o_t, a_t, r_t, d_t), d_t the training terminal."""
-        self.buffers[task].add(obs, action, reward, terminal)
+    def add(self, task: int, obs: np.ndarray, action: Any, reward: float, terminal: bool, **extras: Any) -> None:
+        """Store one transition of task `task`: (o_t, a_t, r_t, d_t), d_t the training terminal, and values of
+        the declared optional fields (a declared field left out holds zeros at this step)."""
+        unknown = sorted(set(extras) - set(self.fields))
+        if unknown:
+            raise ValueError(f"replay fields {unknown} were not declared; declared: {sorted(self.fields) or 'none'}")
+        self.buffers[task].add(obs, action, reward, terminal, extras)
 
     def sample(self, n: int, length: int) -> Batch:
         counts = stratified_counts(n, len(self.buffers), self.rng)
@@ -136,7 +167,8 @@ class Replay:
         task = cat([torch.full((len(idx),), k, dtype=torch.long, device=self.device) for k, idx, _ in parts])
         return Batch(obs=cat([b.obs[i] for _, i, b in parts]), action=cat([b.action[i] for _, i, b in parts]),
                      reward=cat([b.reward[i] for _, i, b in parts]), terminal=cat([b.terminal[i] for _, i, b in parts]),
-                     task=task, legal=self.legal[task])
+                     task=task, legal=self.legal[task],
+                     extras={name: cat([b.extras[name][i] for _, i, b in parts]) for name in self.fields})
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffers": [b.state_dict() for b in self.buffers], "rng": self.rng.bit_generator.state}

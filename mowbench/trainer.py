@@ -2,12 +2,15 @@
 
 It knows only the Agent interface (mowbench.agents.base) and TaskEnv (mowbench.envs.base).
 Checkpoints hold everything needed to continue exactly: agent (models, optimizers), replay, RNG
-states, counters, env states, acting contexts and log rows.
+states, counters, env states, acting contexts and log rows. They are plain dicts of tensors, numbers and
+strings that load with `torch.load(weights_only=True)`; only the env emulator states and the agents' acting
+contexts (arbitrary Python objects) are pickled, explicitly, into one `objects` bytes field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 import signal
 import sys
@@ -99,7 +102,10 @@ class Counters:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Global RNG states as plain data (numpy's key as a tensor), loadable with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {**numpy_state["state"], "key": torch.from_numpy(numpy_state["state"]["key"].copy())}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -107,10 +113,14 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # numpy's key stored as a tensor (older checkpoints: numpy's own tuple)
+        key = numpy_state["state"]["key"].cpu().numpy()
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"].cpu())  # (a checkpoint loaded with map_location=cuda moves it)
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def evaluate(agent: Agent | None, envs: list[TaskEnv], episodes: int, greedy: bool, max_steps: int,
@@ -179,7 +189,7 @@ class Trainer:
         self.make_eval_envs = make_eval_envs
         self.tasks = [e.info for e in envs]
         replay_device = device if cfg.replay_on_device else torch.device("cpu")
-        self.replay = Replay(cfg.replay_capacity, self.tasks, replay_device, seed)
+        self.replay = Replay(cfg.replay_capacity, self.tasks, replay_device, seed, agent.replay_fields())
         self.streams = [Stream(env, agent.new_context(env.info.index)) for env in envs]
         self.counters = Counters(episodes=[0] * len(envs))
         self.rng = np.random.default_rng(seed + 1)  # warm-up actions
@@ -198,9 +208,11 @@ class Trainer:
         return {
             "agent": self.agent.state_dict(), "replay": self.replay.state_dict(), "rng": rng_state(),
             "trainer_rng": self.rng.bit_generator.state, "counters": dataclasses.asdict(self.counters),
-            "streams": [{"env": s.env.get_state(), "context": s.context, "obs": s.obs, "ret": s.ret,
+            "streams": [{"obs": None if s.obs is None else torch.from_numpy(np.array(s.obs)), "ret": float(s.ret),
                          "length": s.length, "success": s.success, "last_return": s.last_return}
                         for s in self.streams],
+            # env emulator states and acting contexts are the envs' and the agent's own objects: pickled here
+            "objects": pickle.dumps([{"env": s.env.get_state(), "context": s.context} for s in self.streams]),
             "log": self.log.state_dict(), "last_metrics": self.last_metrics,
         }
 
@@ -209,21 +221,26 @@ class Trainer:
         self.log.flush()
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            objects = pickle.loads(state["objects"])  # written by this trainer (see state_dict)
+        except pickle.UnpicklingError:  # a checkpoint from before plain checkpoints: everything pickled
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            objects = state["streams"]
         self.agent.load_state_dict(state["agent"])
         self.replay.load_state_dict(state["replay"])
         set_rng_state(state["rng"])
         self.rng.bit_generator.state = state["trainer_rng"]
         counters = state["counters"]  # a plain dict (checkpoints before it held the dataclass itself)
         self.counters = Counters(**counters) if isinstance(counters, dict) else counters
-        for stream, s in zip(self.streams, state["streams"], strict=True):
-            if s["env"] is not None:
-                stream.env.set_state(s["env"])
-                stream.obs, stream.ret, stream.length = s["obs"], s["ret"], s["length"]
-                stream.success = s["success"]
+        for stream, s, o in zip(self.streams, state["streams"], objects, strict=True):
+            if o["env"] is not None:
+                stream.env.set_state(o["env"])
+                stream.obs = None if s["obs"] is None else np.asarray(torch.as_tensor(s["obs"]).cpu())
+                stream.ret, stream.length, stream.success = s["ret"], s["length"], s["success"]
             else:  # this env cannot restore a mid-episode state: the episode restarts (recorded in metadata)
                 self.env_restore_failed.append(stream.env.info.name)
-            stream.context, stream.last_return = s["context"], s["last_return"]
+            stream.context, stream.last_return = o["context"], s["last_return"]
         self._loaded_log = state["log"]
         self.last_metrics = state["last_metrics"]
         self.resumed_from = self.counters.step
@@ -234,12 +251,17 @@ class Trainer:
         if s.obs is None:
             s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
             self.agent.episode_start(s.context)
+        extras: dict[str, Any] = {}
         if training:
             action = self.agent.act(s.context, s.obs)
+            if self.replay.fields:
+                extras = self.agent.step_extras(s.context)
         else:
             action = s.env.info.action.sample(self.rng)
+        if "first" in self.replay.fields:
+            extras["first"] = float(s.length == 0)
         step = s.env.step(action)
-        self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step))
+        self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step), **extras)
         s.ret += step.reward
         s.length += 1
         if step.success is not None:

@@ -16,12 +16,11 @@ from mowbench.ops import Grouping, balance_loss, group_mean, harmonious_loss, to
 from mowbench.replay import Replay
 from mowbench.results import run_dir
 from mowbench.runner import execute
-from tests.conftest import MICRO, MICRO_AGENT
+from tests.conftest import MICRO
 
-SMALL = {"channels": [8, 16], "n_vars": 4, "n_classes": 4, "width": 16, "heads": 2, "ffn": 32, "head_width": 16,
-         "ac_width": 16, "batch_per_task": 2, "batch_length": 8, "imag_per_task": 2, "imag_context": 2,
-         "imag_horizon": 3, "act_context": 4, "bins": 33, "embed_dim": 4, "n_clusters": 2, "n_experts": 4,
-         "top_k": 2, "router_width": 8, "cluster_warmup_updates": 0, "cluster_n_init": 5, "dropout": 0.0}
+# The micro MoW with 4 experts, no warm-up and no dropout (deterministic forwards), for unit tests
+SMALL = {**compose_config(["agent=mow", *MICRO])["agent"], "n_experts": 4, "imag_per_task": 2,
+         "cluster_warmup_updates": 0, "cluster_n_init": 5, "dropout": 0.0}
 
 
 def make_mow(n_tasks=3, **overrides):
@@ -338,7 +337,7 @@ def test_multi_task_atari_gets_the_full_action_set_and_storm_the_minimal_one():
 def test_mow_run_writes_routing_heatmaps_and_cluster_assignment(tmp_path):
     cfg = compose_config(["agent=mow", "env=minatar", "task=[breakout,asterix,freeway]", f"results_dir={tmp_path}",
                           "train.warmup=20", "train.steps=30", "train.eval_episodes=1", "train.eval_max_steps=10",
-                          "train.replay_capacity=200", "train.log_every=5", *MICRO, *MICRO_AGENT["mow"]])
+                          "train.replay_capacity=200", "train.log_every=5", *MICRO])
     [(_, summary)] = execute(cfg)
     assert set(summary["final_return"]) == {"breakout", "asterix", "freeway"}
     folder = run_dir(tmp_path, "minatar", "mow", "all3", 0) / "artifacts"

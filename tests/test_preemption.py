@@ -30,7 +30,7 @@ def wait_for(path, proc, timeout=120):
 
 
 def final_state(results):
-    return torch.load(run_dir(results, "minatar", "storm", "breakout", 0) / CHECKPOINT, weights_only=False)
+    return torch.load(run_dir(results, "minatar", "storm", "breakout", 0) / CHECKPOINT, weights_only=True)
 
 
 def assert_same_run(a, b):
@@ -65,7 +65,7 @@ def test_sigusr2_checkpoints_and_leaves_then_resumes(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "checkpointed at step" in out and not (folder / "DONE.json").exists()
-    stopped_at = torch.load(folder / CHECKPOINT, weights_only=False)["counters"]["step"]
+    stopped_at = torch.load(folder / CHECKPOINT, weights_only=True)["counters"]["step"]
     assert 50 <= stopped_at < 400
     again = launch(tmp_path)
     assert again.wait(timeout=600) == 0

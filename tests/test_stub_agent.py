@@ -12,9 +12,10 @@ import torch
 from mowbench import results as R
 from mowbench.agents.base import AGENTS, Agent, register_agent
 from mowbench.config import compose_config
-from mowbench.envs.base import TaskInfo
-from mowbench.replay import Batch
+from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.replay import Batch, Replay, StepField
 from mowbench.runner import execute
+from mowbench.trainer import CHECKPOINT
 
 
 @dataclass
@@ -94,3 +95,50 @@ def test_a_stub_agent_trains_resumes_exactly_and_evaluates(stub_registered, tmp_
     assert meta["agent"] == "stub" and meta["parameters"] == {"values": 6} and meta["per_task_signal"][
         "updates_per_round"] == 1.0
     assert [s["resumed_from_step"] for s in meta["sessions"]] == [None, 40]
+
+
+class FieldsStubAgent(StubAgent):
+    """The stub with two optional replay fields: `first` (filled by the trainer) and `chosen_q`, the value of
+    the chosen action when it acted (from step_extras). Checks them in every batch it learns from."""
+
+    checked = 0
+
+    def replay_fields(self) -> dict[str, StepField]:
+        return {"first": StepField(), "chosen_q": StepField((), torch.float32)}
+
+    def act(self, context: dict[str, int], obs: np.ndarray, greedy: bool = False) -> int:
+        action = super().act(context, obs, greedy)
+        context["chosen_q"] = float(self.q[context["task"], action]) + 1.0  # +1: told apart from warm-up zeros
+        return action
+
+    def step_extras(self, context: dict[str, Any]) -> dict[str, Any]:
+        return {"chosen_q": context["chosen_q"]}
+
+    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+        batch = sample(4, 6)
+        first, chosen = batch.extras["first"], batch.extras["chosen_q"]
+        assert first.shape == chosen.shape == batch.reward.shape and set(first.unique().tolist()) <= {0.0, 1.0}
+        # the step after an episode's end is the next episode's first
+        after_end = first[:, 1:][batch.terminal[:, :-1] == 1]
+        assert bool((after_end == 1).all())
+        FieldsStubAgent.checked += 1
+        return super().update(sample)
+
+
+def test_a_method_declares_optional_replay_fields_without_touching_other_agents(tmp_path):
+    register_agent("stub_fields", StubConfig)(FieldsStubAgent)
+    try:
+        cfg = stub_cfg(tmp_path, "train.steps=300", "train.warmup=100", "train.checkpoint_every=150",
+                     "train.keep_checkpoint=true", "train.replay_capacity=400")
+        cfg["agent"] = {"name": "stub_fields", "lr": 0.2}
+        [(_, summary)] = execute(cfg)
+    finally:
+        del AGENTS["stub_fields"]
+    assert FieldsStubAgent.checked == summary["updates"] == 200
+    state = torch.load(R.run_dir(tmp_path, "minatar", "stub_fields", "breakout", 0) / CHECKPOINT, weights_only=True)
+    extras = state["replay"]["buffers"][0]["extras"]
+    assert extras["first"][0] == 1.0 and extras["first"].sum() >= 2  # episodes of 300 steps of breakout: several
+    assert bool((extras["chosen_q"][:100] == 0).all()) and bool((extras["chosen_q"][100:] >= 1).all())
+    replay = Replay(10, [TaskInfo("minatar", "t", 0, 16, ActionSpace(True, 3))], torch.device("cpu"), 0)
+    with pytest.raises(ValueError, match=r"replay fields \['root_value'\] were not declared; declared: none"):
+        replay.add(0, np.zeros((16, 16, 3), np.uint8), 0, 0.0, False, root_value=1.0)

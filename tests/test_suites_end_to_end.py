@@ -12,7 +12,7 @@ from mowbench.agents.base import AGENTS, get_agent
 from mowbench.config import compose_config
 from mowbench.results import run_dir
 from mowbench.runner import execute
-from tests.conftest import MICRO, MICRO_AGENT, REPO
+from tests.conftest import MICRO, REPO
 
 get_agent("storm")  # import the baselines so AGENTS is filled for parametrisation
 
@@ -27,14 +27,14 @@ def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
     cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}",
                           "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
                           "train.eval_max_steps=10", "train.replay_capacity=100", "env.image_size=16",
-                          *MICRO, *MICRO_AGENT.get(agent, []),
+                          *MICRO,
                           *(["env.fast_render=true"] if env == "metaworld" else [])])
     [(_, summary)] = execute(cfg)
     assert summary["step"] == 20 and summary["updates"] == 8
     assert set(summary["final_return"]) == set(tasks)
     folder = run_dir(tmp_path, env, agent, f"all{len(tasks)}" if multi else tasks[0], 0)
     assert (folder / "DONE.json").exists()
-    state = torch.load(folder / "model.pt", weights_only=False)
+    state = torch.load(folder / "model.pt", weights_only=True)
     assert set(state) >= {"wm", "ac"}
     if multi and env == "atari100k":
         protocol = json.loads((folder / "metadata.json").read_text())["protocol"]
@@ -54,7 +54,7 @@ def test_continuous_actor_samples_in_box():
 
 
 def test_bench_prints_one_json_object():
-    out = subprocess.run([sys.executable, "-m", "mowbench.bench", "agent=storm", "preset=tiny", *MICRO[:-2],
+    out = subprocess.run([sys.executable, "-m", "mowbench.bench", "agent=storm", *MICRO,
                           "bench.repeats=1", "bench.act_steps=5"], capture_output=True, text=True, cwd=REPO,
                          timeout=300)
     assert out.returncode == 0, out.stderr

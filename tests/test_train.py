@@ -11,11 +11,11 @@ from mowbench.config import plan
 from mowbench.results import run_dir
 from mowbench.runner import execute
 from mowbench.trainer import CHECKPOINT
-from tests.conftest import MICRO_AGENT, REPO
+from tests.conftest import REPO
 
 
 def load_ckpt(folder):
-    return torch.load(folder / CHECKPOINT, weights_only=False)
+    return torch.load(folder / CHECKPOINT, weights_only=True)
 
 
 def test_run_writes_the_results_layout(micro_cfg, tmp_path):
@@ -53,7 +53,7 @@ def test_finished_run_is_never_overwritten(micro_cfg, tmp_path, capsys):
 def test_checkpoint_stop_resume_is_exact(micro_cfg, tmp_path, agent, tasks):
     """A run stopped at step 40 and resumed ends in the same state as one that never stopped (MoW: its
     warm-up clustering happens before the stop, and the clusters, router and s_k survive the resume)."""
-    common = [f"agent={agent}", f"task={tasks}", *MICRO_AGENT[agent], "train.steps=70", "train.checkpoint_every=0",
+    common = [f"agent={agent}", f"task={tasks}", "train.steps=70", "train.checkpoint_every=0",
               "train.keep_checkpoint=true"]
     straight = micro_cfg(*common, f"results_dir={tmp_path / 'a'}")
     execute(straight)
@@ -107,7 +107,7 @@ def test_bad_input_is_refused_before_heavy_work(micro_cfg, override, message):
 @pytest.mark.parametrize("args,message", [
     (["agent=dreamer"], "error: unknown agent 'dreamer'; allowed: monolithic, mow, storm"),
     (["env=atari57"], "error: unknown env 'atari57'; allowed: atari100k, metaworld, minatar"),
-    (["preset=huge"], "error: unknown preset 'huge'; allowed: paper, tiny"),
+    (["preset=huge"], "error: unknown preset 'huge'; allowed: micro, paper, tiny"),
     (["env=atari100k", "task=Pongg"], "error: unknown task 'Pongg' for suite 'atari100k'"),
     (["env=atari100k", "env.protocol=dqn"], "error: unknown atari100k protocol 'dqn'; allowed: storm, standard"),
 ])

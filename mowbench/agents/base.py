@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mowbench.envs.base import TaskInfo
-from mowbench.replay import Batch
+from mowbench.replay import Batch, StepField
 
 
 def adam(params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
@@ -37,6 +37,17 @@ class Agent(ABC):
 
     def episode_start(self, context: Any) -> None:  # noqa: B027 - optional hook
         """Called when a new episode starts on a stream."""
+
+    def replay_fields(self) -> dict[str, StepField]:
+        """Optional per-step fields this method stores in replay beside (obs, action, reward, terminal), e.g.
+        MCTS visit counts or root values; they arrive in `Batch.extras`. `first` (1.0 at an episode's first
+        step) is filled by the trainer; the others by `step_extras`. Default: none."""
+        return {}
+
+    def step_extras(self, context: Any) -> dict[str, Any]:
+        """Values of the declared replay fields (but `first`) for the step `act` just chose on `context`.
+        Steps the agent did not choose (random warm-up actions) hold zeros. Default: none."""
+        return {}
 
     @abstractmethod
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
@@ -96,10 +107,15 @@ def register_agent(name: str, config: type, multi_task: bool = False) -> Callabl
     return wrap
 
 
-def get_agent(name: str) -> AgentEntry:
-    import mowbench.baselines  # noqa: F401 - importing it registers every baseline file
+def registered_agents() -> dict[str, AgentEntry]:
+    """Every registered agent: importing mowbench.baselines imports (and so registers) each baseline file."""
+    import mowbench.baselines  # noqa: F401
 
-    if name not in AGENTS:
+    return AGENTS
+
+
+def get_agent(name: str) -> AgentEntry:
+    if name not in registered_agents():
         raise ValueError(f"unknown agent {name!r}; allowed: {', '.join(sorted(AGENTS))}")
     return AGENTS[name]
 

@@ -1,0 +1,64 @@
+"""Every registered agent (every file in baselines/, including one a user just added) has a preset file for
+every global preset, composes and validates at `preset=micro` and `preset=paper`, runs one update on real
+MinAtar tasks, and benches through the generic interface. A new baseline is covered with no test edits."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from mowbench.agents.base import make_agent, registered_agents
+from mowbench.bench import bench
+from mowbench.config import check_agent_preset, compose_config, plan, presets
+from mowbench.envs import make_envs
+from mowbench.replay import random_batch
+
+AGENT_NAMES = sorted(registered_agents())
+TASKS = ["breakout", "asterix", "freeway"]
+
+
+def test_the_builtin_agents_are_registered_and_every_preset_is_listed():
+    assert {"storm", "monolithic", "mow"} <= set(AGENT_NAMES)
+    assert presets() == ["micro", "paper", "tiny"]
+
+
+@pytest.mark.parametrize("name", AGENT_NAMES)
+def test_every_agent_composes_at_every_preset_updates_once_and_benches(name):
+    entry = registered_agents()[name]
+    for preset in presets():  # a missing agent/preset/<name>_<preset>.yaml is an error, not a full-size run
+        check_agent_preset(name, preset)
+    paper = plan(compose_config([f"agent={name}", "preset=paper", "env=atari100k"]))  # all 26 games
+    assert paper.cfg["env"]["image_size"] == 64 and len(paper.tasks) == 26
+    assert len(paper.runs) == (1 if entry.multi_task else 26)
+    tasks = TASKS if entry.multi_task else TASKS[:1]
+    cfg = compose_config([f"agent={name}", "preset=micro", f"task=[{','.join(tasks)}]"])
+    micro = plan(cfg)
+    assert micro.cfg["env"]["image_size"] == 16
+    envs = make_envs("minatar", micro.tasks, dict(micro.cfg["env"]), seed=0)
+    infos = [e.info for e in envs]
+    torch.manual_seed(0)
+    agent = make_agent(name, dict(cfg["agent"]), infos, torch.device("cpu"), "fp32")
+    fields = agent.replay_fields()
+    metrics = agent.update(lambda n, length: random_batch(infos, n, length, torch.device("cpu"), fields))
+    assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics
+    for e in envs:
+        e.close()
+    figures = bench({**cfg, "task": tasks, "bench": {"repeats": 1, "act_steps": 5, "flops": False}})
+    assert figures["agent"] == name and figures["n_tasks"] == len(tasks)
+    assert figures["parameters"] == agent.parameter_counts() and sum(figures["parameters"].values()) > 0
+    phases = figures["sizes"]["phases"]
+    assert phases and figures["s_per_train_step"] == pytest.approx(sum(figures[f"s_per_{p}"] for p in phases))
+    assert figures["acting_env_steps_per_s"] > 0
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("agent.width=16.5", "agent.width=16.5: Value '16.5' of type 'float' could not be converted to Integer"),
+    ("agent.batch_per_task=many", "agent.batch_per_task=many: Value 'many' of type 'str' could not be converted"),
+    ("agent.no_such_field=1",
+     "Could not override 'agent.no_such_field'. Key 'no_such_field' is not in struct (not a field of STORMConfig)"),
+])
+def test_the_config_dataclass_types_every_field(override, message):
+    """The dataclass is the schema: a value of the wrong type or an unknown key is one line naming it."""
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        compose_config([override])
