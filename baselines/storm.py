@@ -238,17 +238,23 @@ class STORMAgent(ImaginationAgent):
         return out
 
 
-def separate_storm_figures(agent: ImaginationAgent, figures: dict[str, Any]) -> dict[str, Any]:
-    """A multi-task agent's size beside one STORM per task with the agent's STORM component sizes (its config's
-    STORMConfig fields), each with its task's own (minimal) action count (mow.md: MoW is about half)."""
-    values = {f.name: getattr(agent.cfg, f.name) for f in dataclasses.fields(STORMConfig)}
+def separate_storm_parameters(tasks: list[TaskInfo], cfg: STORMConfig) -> dict[str, int]:
+    """Parameters of one STORM per task with the component sizes of `cfg` (its STORMConfig fields; a MoW or
+    monolithic config gives its STORM-sized parts), each with its task's own (minimal) action count."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(STORMConfig)}
     storm: dict[str, int] = {}
-    for info in agent.tasks:
+    for info in tasks:
         legal = int(info.action.legal_mask().sum()) if info.action.discrete else info.action.n
         single = TaskInfo(info.suite, info.name, 0, info.image_size, ActionSpace(info.action.discrete, legal))
         counts = STORMAgent(STORMConfig(**values), [single], torch.device("cpu"), "fp32").parameter_counts()
         for key, value in counts.items():
             storm[key] = storm.get(key, 0) + value
+    return storm
+
+
+def separate_storm_figures(agent: ImaginationAgent, figures: dict[str, Any]) -> dict[str, Any]:
+    """A multi-task agent's size beside one STORM per task (mow.md: MoW is about half)."""
+    storm = separate_storm_parameters(agent.tasks, agent.cfg)
     mine = figures["parameters"]["world_model"] + figures["parameters"]["actor_critic"]
     return {"parameters_separate_storm": storm,
             "parameter_ratio_vs_separate_storm": mine / (storm["world_model"] + storm["actor_critic"])}

@@ -358,7 +358,7 @@ def test_paper_preset_mow_has_at_most_half_the_parameters_of_26_storms():
     """mow.md: MoW is about half the size of 26 separate STORM models. Counted at the paper preset
     (N_m = 12, N_e = 12, STORM-sized components, 18 shared actions) against 26 STORMs with each game's
     minimal action set (counts without the slow critics, which are EMA copies)."""
-    from mowbench.bench import separate_storm_parameters
+    from mowbench.baselines.storm import separate_storm_parameters
     from mowbench.envs.atari import TASKS
 
     cfg = compose_config(["agent=mow", "env=atari100k", "preset=paper"])
@@ -372,6 +372,6 @@ def test_paper_preset_mow_has_at_most_half_the_parameters_of_26_storms():
     for e in envs:
         e.close()
     mow = entry.cls(mow_cfg, tasks, torch.device("cpu"), "fp32").parameter_counts()
-    storm = separate_storm_parameters(tasks, cfg)
+    storm = separate_storm_parameters(tasks, mow_cfg)
     ratio = (mow["world_model"] + mow["actor_critic"]) / (storm["world_model"] + storm["actor_critic"])
     assert ratio <= 0.5, ratio
