@@ -33,6 +33,7 @@ def register_agent_configs() -> None:
     only presets (agent/preset/<agent>_<preset>.yaml) and overrides; a value of the wrong type (a float for an
     int field) or an unknown key is refused when the config is composed."""
     store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)  # train.*: typed the same way
     for name, entry in registered_agents().items():
         node = OmegaConf.structured(entry.config)
         with open_dict(node):
@@ -159,10 +160,12 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     except (HydraException, OmegaConfBaseException) as err:  # e.g. an unknown key: one line, no traceback
         text = f"{err}\n{err.__cause__ or ''}"
         lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-        typed = next((line for line in lines[1:] if "could not be converted" in line), "")
-        if typed:  # a value of the wrong type for a typed field (e.g. a float for an int)
-            raise ValueError(f"{lines[0].removeprefix('Error merging override ')}: {typed}; allowed: a value of the "
-                             "field's type (see the agent's config dataclass)") from None
+        cause = str(err.__cause__ or "")
+        if "full_key:" in cause and "object_type=" in cause and "not in" not in cause:
+            # a value a typed field cannot take (a float or a word for an int, 'maybe' for a bool)
+            schema = cause.rsplit("object_type=", 1)[1].split()[0]
+            raise ValueError(f"{lines[0].removeprefix('Error merging override ')}: {cause.splitlines()[0].strip()}; "
+                             f"allowed: a value of the field's type in {schema}") from None
         detail = next((line for line in lines[1:] if "not in struct" in line or "Key" in line), "")
         # a typed (dataclass) node says "Key 'x' not in 'STORMConfig'": the same words as for untyped nodes
         detail = re.sub(r"Key '(\w+)' not in '(\w+)'", r"Key '\1' is not in struct (not a field of \2)", detail)

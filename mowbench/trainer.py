@@ -46,12 +46,13 @@ class TrainConfig:
     replay_capacity: int = 100_000  # transitions per task
     replay_on_device: bool = False  # keep replay on the training device (GPU) instead of CPU memory
     eval_every: int = 0  # periodic evaluation interval (0: only the final evaluation)
-    eval_episodes: int = 20  # episodes of the final evaluation (protocol)
+    eval_episodes: int | None = None  # episodes of the final evaluation (None: the suite protocol's number)
     periodic_eval_episodes: int = 5  # episodes of each periodic evaluation
-    eval_greedy: bool = False  # greedy (mode) instead of sampled actions at evaluation (protocol)
+    eval_greedy: bool | None = None  # greedy (mode) instead of sampled actions (None: the protocol's; STORM samples)
     # full: every started episode counted with its whole return | reference: as STORM's reference evaluates
-    # (eval_parallel envs in lockstep, the first `episodes` to finish, each without its last step's reward)
-    eval_mode: str = "full"
+    # (eval_parallel envs in lockstep, the first `episodes` to finish, each without its last step's reward);
+    # None: the protocol's (Atari with the STORM protocol: reference)
+    eval_mode: str | None = None
     eval_parallel: int = 5  # reference mode: envs per task run in parallel (STORM's reference: 5)
     eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
     random_baseline: bool = True  # also evaluate a uniformly random policy at the end
@@ -63,6 +64,7 @@ class TrainConfig:
     keep_checkpoint: bool = False  # keep the full resume checkpoint (with replay) after finishing
 
     def check(self) -> None:
+        """After the protocol filled eval_episodes, eval_greedy and eval_mode (config.plan)."""
         for name in ("steps", "replay_capacity", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")

@@ -53,12 +53,18 @@ def test_every_agent_composes_at_every_preset_updates_once_and_benches(name):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("agent.width=16.5", "agent.width=16.5: Value '16.5' of type 'float' could not be converted to Integer"),
+    ("agent.width=16.5", "agent.width=16.5: Value '16.5' of type 'float' could not be converted to Integer; "
+                         "allowed: a value of the field's type in STORMConfig"),
     ("agent.batch_per_task=many", "agent.batch_per_task=many: Value 'many' of type 'str' could not be converted"),
+    ("train.steps=1.5", "train.steps=1.5: Value '1.5' of type 'float' could not be converted to Integer; "
+                        "allowed: a value of the field's type in TrainConfig"),
+    ("train.progress=maybe", "train.progress=maybe: Value 'maybe' is not a valid bool"),
+    ("train.nope=1", "Could not override 'train.nope'. Key 'nope' is not in struct (not a field of TrainConfig)"),
     ("agent.no_such_field=1",
      "Could not override 'agent.no_such_field'. Key 'no_such_field' is not in struct (not a field of STORMConfig)"),
 ])
 def test_the_config_dataclass_types_every_field(override, message):
-    """The dataclass is the schema: a value of the wrong type or an unknown key is one line naming it."""
+    """The dataclasses (each agent's config, TrainConfig) are the schema: a value of the wrong type or an unknown
+    key is one line naming it, before any work."""
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         compose_config([override])
