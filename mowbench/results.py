@@ -3,7 +3,9 @@ atomic writes, run metadata, and the completion marker that makes a finished run
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -146,9 +148,13 @@ STALE_S = 600.0  # a lock untouched this long belongs to a dead process, whateve
 class RunLock:
     """Exclusive claim on a run folder, so two processes never train the same run at once.
 
-    The lock file holds pid and host, and a background thread touches it every HEARTBEAT_S seconds. A
-    lock is stale, and taken over, when its process is dead on this host, or when it has not been touched
-    for STALE_S seconds (its host, e.g. a preempted SLURM node, is gone). Any other lock is respected.
+    The lock file holds pid and host, and a background thread touches it every HEARTBEAT_S seconds. It
+    appears with its content (written to a temporary file, then hard-linked to the lock's name, which fails
+    if the name exists), so an empty or unreadable lock is never one being written: it is stale (e.g. left
+    by a full disk). A lock is also stale when its process is dead on this host, or when it has not been
+    touched for STALE_S seconds (its host, e.g. a preempted SLURM node, is gone). Any other lock is
+    respected. Taking over a stale lock (check, remove, create) happens under an exclusive `flock` on a
+    guard file beside it, so of two processes racing for one stale lock exactly one gets it.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -160,23 +166,38 @@ class RunLock:
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        with _exclusive(self.path.with_name(f".{self.path.name}.guard")):
+            if not self._create():
                 self.owner = lock_owner(self.path)
-                if self.owner is None:
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                return False
+                if self.owner is not None:
+                    return False
+                self.path.unlink(missing_ok=True)  # stale: dead process, empty or unreadable, or untouched
+                if not self._create():
+                    return False
+        self.held = True
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+        return True
+
+    def _create(self) -> bool:
+        """Create the lock file with its content in one step; False if it exists."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"pid": os.getpid(), "host": platform.node()}, f)
-            self.held = True
-            self._stop.clear()
-            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
-            self._beat.start()
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: exclusive creation, then the content
+                with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                    json.dump({"pid": os.getpid(), "host": platform.node()}, f)
             return True
-        return False
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -192,17 +213,33 @@ class RunLock:
             self.held = False
 
 
+@contextlib.contextmanager
+def _exclusive(guard: Path) -> Any:
+    """An exclusive flock on `guard` (created if needed) for the block; a filesystem without flock support
+    runs the block unguarded (the lock's atomic creation still keeps two fresh acquirers apart)."""
+    fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def lock_owner(path: Path) -> dict[str, Any] | None:
-    """The live owner {pid, host} of a lock file, or None when there is no lock or it is stale."""
+    """The live owner {pid, host} of a lock file, or None when there is no lock or it is stale: untouched
+    for STALE_S, empty or unreadable (a lock appears with its content, so this is never one being
+    written), or held by a dead process on this host."""
     try:
         if time.time() - path.stat().st_mtime > STALE_S:
             return None
-    except OSError:
-        return None
-    try:
         owner = read_json(path)
-    except (OSError, ValueError):  # being written this instant: respect it
-        return {"pid": None, "host": None}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(owner, dict) or not owner.get("pid"):
+        return None
     if owner.get("host") == platform.node() and not pid_alive(owner.get("pid")):
         return None
     return owner

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,65 @@ from mowbench.config import Plan, plan
 from mowbench.envs import make_envs
 from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
 
+# Config keys a rerun may change: where the run is written, how it is shown, when it checkpoints, which tasks
+# the command named (the folder fixes the run's own tasks, compared from metadata.json). They cannot change
+# what the run learns or reports; any other difference from the run's config.yaml is refused.
+INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
+              "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint")
 
-def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | None:
-    """Train and evaluate one run folder; a finished run is never touched again."""
+
+def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys -> leaf values (lists stay values)."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in flat_items(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every result-relevant key whose value differs (INERT_KEYS ignored). A key only
+    one side has (a field a later mowbench added or removed, at its default) is not a difference."""
+    a, b = flat_items(old), flat_items(new)
+    keys = sorted(k for k in set(a) & set(b) if not k.startswith(INERT_KEYS) and a[k] != b[k])
+    return [f"{k}: {a[k]} -> {b[k]}" for k in keys]
+
+
+def check_unchanged(p: Plan) -> None:
+    """Before any work: refuse to continue (or report) an existing run with other settings than it was
+    started with. A resumed run would otherwise mix the two, and a finished one would print its old result
+    as the new settings'."""
+    for name, tasks in p.runs:
+        folder = R.run_dir(p.cfg["results_dir"], p.suite, p.method, name, int(p.cfg["seed"]))
+        path = folder / "config.yaml"
+        if not path.exists():
+            continue
+        try:
+            old = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception as err:  # noqa: BLE001 - any parse failure: the file is named, not a traceback
+            raise ValueError(f"{path} is unreadable ({type(err).__name__}); restore it or delete the run folder "
+                             f"{folder} to start the run again") from None
+        diff = changed_settings(old, p.cfg)
+        meta_path = folder / "metadata.json"
+        if meta_path.exists():
+            run_tasks = R.read_json(meta_path).get("tasks")
+            if run_tasks is not None and list(run_tasks) != list(tasks):
+                diff.insert(0, f"tasks: {run_tasks} -> {tasks}")
+        if diff:
+            state = "finished" if R.is_done(folder) else "started"
+            raise ValueError(f"{folder} was {state} with other settings ({'; '.join(diff)}); to run these settings "
+                             f"use another results_dir or method=<name>, or delete that folder to start it again")
+
+
+@dataclass
+class Skipped:
+    """A run another live process is training (its lock's owner)."""
+
+    folder: Path
+    owner: dict[str, Any]
+
+
+def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | None:
+    """Train and evaluate one run folder: its summary, None when preempted (checkpointed), or Skipped when
+    another live process holds it. A finished run is never touched again."""
     cfg, seed = p.cfg, int(p.cfg["seed"])
     folder = R.run_dir(cfg["results_dir"], p.suite, p.method, name, seed)
     if R.is_done(folder):
@@ -31,7 +88,7 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | None:
     lock = R.RunLock(folder)
     if not lock.acquire():
         print(f"[mowbench] {folder} is being trained by another process ({lock.owner}); skipping it")
-        return None
+        return Skipped(folder, lock.owner or {})
     try:
         return _train_run(p, folder, tasks)
     finally:
@@ -115,11 +172,11 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def print_summary(rows: list[tuple[str, dict[str, Any] | None]]) -> None:
+def print_summary(rows: list[tuple[str, dict[str, Any] | Skipped | None]]) -> None:
     print(f"\n{'task':<20} {'final return':>14} {'random policy':>14}")
     for name, summary in rows:
-        if summary is None:
-            print(f"{name:<20} {'(preempted)':>14}")
+        if summary is None or isinstance(summary, Skipped):
+            print(f"{name:<20} {'(preempted)' if summary is None else '(skipped: held by another process)':>14}")
             continue
         for task, ret in summary["final_return"].items():
             rand = summary.get("random_return", {}).get(task)
@@ -129,12 +186,18 @@ def print_summary(rows: list[tuple[str, dict[str, Any] | None]]) -> None:
 def execute(cfg: dict[str, Any], p: Plan | None = None) -> list[tuple[str, dict[str, Any] | None]]:
     """Train every run of `cfg` (its plan, if already made) and print the results table."""
     p = plan(cfg) if p is None else p
+    check_unchanged(p)
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))
     out = []
     for name, tasks in p.runs:
         out.append((name, run_one(p, name, tasks)))
     print_summary(out)
+    skipped = [s for _, s in out if isinstance(s, Skipped)]
+    if skipped:  # not trained here: a failure for this command (exit code 1), not a preemption
+        raise ValueError(f"{len(skipped)} run(s) skipped, being trained by another process: "
+                         + "; ".join(f"{s.folder} (pid {s.owner.get('pid')} on {s.owner.get('host')})" for s in skipped)
+                         + "; rerun this command when it has finished or died")
     return out
 
 

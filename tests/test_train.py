@@ -131,9 +131,14 @@ def test_a_run_held_by_a_live_process_is_skipped_and_a_stale_lock_is_taken_over(
     folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
     folder.mkdir(parents=True)
     (folder / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}))  # alive: this process
-    [(_, summary)] = execute(micro_cfg())
-    assert summary is None and "being trained by another process" in capsys.readouterr().out
-    assert not (folder / "DONE.json").exists()
+    with pytest.raises(ValueError, match=r"1 run\(s\) skipped, being trained by another process: .*breakout"):
+        execute(micro_cfg())  # the command fails (exit 1), the run is not called preempted
+    out = capsys.readouterr().out
+    assert "being trained by another process" in out and "(skipped: held by another process)" in out
+    assert "(preempted)" not in out and not (folder / "DONE.json").exists()
+    (folder / LOCK).write_text("")  # left empty by a full disk: stale, not "being written"
+    [(_, summary)] = execute(micro_cfg("train.stop_at=20"))
+    assert summary is None and not (folder / LOCK).exists()  # taken over, trained to step 20, released
     dead = sp.Popen(["true"])
     dead.wait()
     (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": platform.node()}))  # its process is gone
@@ -164,3 +169,62 @@ def test_a_missing_agent_preset_is_an_error_not_a_full_size_run(tmp_path):
     with pytest.raises(ValueError, match="agent 'newagent' has no 'tiny' preset .* allowed for newagent: paper$"):
         check_agent_preset("newagent", "tiny", conf=tmp_path)
     assert (CONF / "agent" / "preset" / "storm_tiny.yaml").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_work(micro_cfg, tmp_path):
+    """A finished or started run rerun with result-relevant settings changed is a one-line error naming the
+    keys; settings that cannot change results (INERT_KEYS: progress bar, logging, checkpointing) may change."""
+    [(_, done)] = execute(micro_cfg())
+    with pytest.raises(ValueError, match=r"was finished with other settings \(agent.wm_lr: 0.001 -> 0.5; "
+                                         r"train.steps: 60 -> 100\); to run these settings use another results_dir"):
+        execute(micro_cfg("agent.wm_lr=0.5", "train.steps=100"))
+    assert execute(micro_cfg("train.progress=true", "train.log_every=7"))[0][1] == done  # inert: the old result
+    cut = micro_cfg("seed=1", "train.stop_at=40")
+    assert execute(cut)[0][1] is None  # preempted at step 40
+    started = run_dir(tmp_path, "minatar", "storm", "breakout", 1)
+    before = (started / "metrics.csv").read_text()
+    with pytest.raises(ValueError, match=r"was started with other settings \(agent.width: 16 -> 32\)"):
+        execute(micro_cfg("seed=1", "agent.width=32"))
+    assert (started / "metrics.csv").read_text() == before and (started / CHECKPOINT).exists()  # untouched
+    assert execute(micro_cfg("seed=1"))[0][1]["step"] == 60  # the same settings resume
+    mow = micro_cfg("agent=mow", "task=[breakout,asterix]")
+    execute({**mow, "train": {**mow["train"], "stop_at": 30}})
+    other = run_dir(tmp_path, "minatar", "mow", "all2", 0)
+    assert other.exists()
+    with pytest.raises(ValueError, match=r"tasks: \['breakout', 'asterix'\] -> \['breakout', 'freeway'\]"):
+        execute(micro_cfg("agent=mow", "task=[breakout,freeway]"))
+
+
+def _race_for_lock(folder, start, results, done):
+    from mowbench.results import RunLock
+
+    start.wait()
+    results.put(RunLock(folder).acquire())
+    done.wait()  # hold it (alive) until every racer has answered
+
+
+def test_racing_processes_take_over_a_stale_lock_exactly_once(tmp_path):
+    """Six processes race for one stale lock (its process is dead), 25 times: exactly one wins each time."""
+    import multiprocessing as mp
+    import platform
+    import subprocess as sp
+
+    from mowbench.results import LOCK
+
+    ctx = mp.get_context("fork")
+    dead = sp.Popen(["true"])
+    dead.wait()
+    winners = []
+    for trial in range(25):
+        folder = tmp_path / f"run{trial}"
+        folder.mkdir()
+        (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": platform.node()}))
+        start, done, results = ctx.Barrier(6), ctx.Event(), ctx.Queue()
+        racers = [ctx.Process(target=_race_for_lock, args=(folder, start, results, done)) for _ in range(6)]
+        for r in racers:
+            r.start()
+        winners.append(sum(results.get(timeout=60) for _ in racers))
+        done.set()
+        for r in racers:
+            r.join(timeout=60)
+    assert winners == [1] * 25
