@@ -17,7 +17,13 @@ from einops import rearrange
 from torch import nn
 
 from mowbench.agents.base import register_agent
-from mowbench.agents.imagination import ImaginationAgent, ImaginationConfig, sample_z
+from mowbench.agents.imagination import (
+    ImaginationAgent,
+    ImaginationConfig,
+    check_non_negative,
+    check_positive,
+    sample_z,
+)
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models import (
     MLP,
@@ -67,6 +73,12 @@ class STORMConfig(ImaginationConfig):
 
     def check(self) -> None:
         super().check()
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels={list(self.channels)}; allowed: a non-empty list of positive integers")
+        check_positive(self, ("n_vars", "n_classes", "width", "depth", "heads", "ffn", "max_len", "head_width"))
+        check_non_negative(self, ("head_depth", "free_nats", "dyn_scale", "rep_scale"))
+        if not 0.0 <= self.unimix < 1.0:
+            raise ValueError(f"unimix={self.unimix}; allowed: 0 <= unimix < 1")
         if self.decoder_stem_norm not in ("bn2d", "bn1d"):
             raise ValueError(f"decoder_stem_norm={self.decoder_stem_norm!r}; allowed: bn2d, bn1d")
         for name in ("dropout", "attn_dropout"):

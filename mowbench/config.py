@@ -125,8 +125,13 @@ def plan(cfg: dict[str, Any]) -> Plan:
         raise ValueError(f"train.warmup={train.warmup} must be >= batch_length={agent_cfg.batch_length} "
                          "so the first update finds whole sequences")
     seed = cfg.get("seed")
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed={seed!r}; allowed: a non-negative integer")
+    threads = cfg.get("threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ValueError(f"threads={threads!r}; allowed: a non-negative integer (0: torch's default)")
+    if not isinstance(cfg.get("results_dir"), str) or not str(cfg["results_dir"]).strip():
+        raise ValueError(f"results_dir={cfg.get('results_dir')!r}; allowed: a non-empty path")
     device = resolve_device(str(cfg.get("device", "auto")))
     precision = resolve_precision(str(cfg.get("precision", "auto")), device)
     if precision == "bf16" and device.type == "cpu":

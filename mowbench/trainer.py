@@ -68,8 +68,10 @@ class TrainConfig:
         for name in ("steps", "replay_capacity", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
-        for name in ("warmup", "eval_episodes", "eval_every", "periodic_eval_episodes", "checkpoint_every", "stop_at",
-                     "eval_max_steps"):
+        for name in ("eval_episodes", "periodic_eval_episodes"):  # an evaluation of no episode has no return
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
+        for name in ("warmup", "eval_every", "checkpoint_every", "stop_at", "eval_max_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
         if self.updates_per_step < 0:

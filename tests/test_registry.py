@@ -68,3 +68,36 @@ def test_the_config_dataclass_types_every_field(override, message):
     key is one line naming it, before any work."""
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         compose_config([override])
+
+
+# The validation table: every value refused before any env or network is built, with the one line that says so
+REFUSED = [
+    ("agent.width=0", "agent.width=0; allowed: > 0"),
+    ("agent.width=-16", "agent.width=-16; allowed: > 0"),
+    ("agent.heads=0", "agent.heads=0; allowed: > 0"),
+    ("agent.channels=[]", "agent.channels=[]; allowed: a non-empty list of positive integers"),
+    ("agent.gamma=0", "agent.gamma=0.0; allowed: 0 < gamma <= 1"),
+    ("agent.gamma=1.5", "agent.gamma=1.5; allowed: 0 < gamma <= 1"),
+    ("agent.lam=-0.1", "agent.lam=-0.1; allowed: 0 <= lam <= 1"),
+    ("agent.unimix=1", "agent.unimix=1.0; allowed: 0 <= unimix < 1"),
+    ("agent.bins=1", "agent.bins=1; allowed: an integer >= 2"),
+    ("agent.wm_lr=0", "agent.wm_lr=0.0; allowed: > 0"),
+    ("agent.entropy_coef=-1", "agent.entropy_coef=-1.0; allowed: >= 0"),
+    ("agent.dropout=1", "agent.dropout=1.0; allowed: 0 <= dropout < 1"),
+    ("train.steps=0", "train.steps=0; allowed: a positive integer"),
+    ("train.steps=1.5", "train.steps=1.5: Value '1.5' of type 'float' could not be converted to Integer"),
+    ("train.steps=abc", "train.steps=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("train.eval_episodes=0", "train.eval_episodes=0; allowed: a positive integer"),
+    ("train.eval_episodes=0.5", "train.eval_episodes=0.5: Value '0.5' of type 'float' could not be converted"),
+    ("train.progress=maybe", "train.progress=maybe: Value 'maybe' is not a valid bool"),
+    ("train.warmup=-1", "train.warmup=-1; allowed: a non-negative integer"),
+    ("threads=-1", "threads=-1; allowed: a non-negative integer"),
+    ("seed=-3", "seed=-3; allowed: a non-negative integer"),
+    ("results_dir=", "results_dir=''; allowed: a non-empty path"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), REFUSED)
+def test_bad_values_are_refused_before_any_work(override, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        plan(compose_config([override]))

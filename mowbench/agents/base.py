@@ -129,7 +129,11 @@ def build_config(entry: AgentEntry, values: dict[str, Any]) -> Any:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
     cfg = entry.config(**kwargs)
     if hasattr(cfg, "check"):
-        cfg.check()
+        try:
+            cfg.check()
+        except ValueError as err:  # "width=0; allowed: > 0" -> "agent.width=0; ...": the key as it is typed
+            text = str(err)
+            raise ValueError(f"agent.{text}" if text.split("=", 1)[0] in fields else text) from None
     return cfg
 
 

@@ -88,15 +88,35 @@ class ImaginationConfig:
     ac_grad_clip: float = 100.0  # actor-critic grad-norm clip
 
     def check(self) -> None:
+        """The validation table of these fields (each refused value named, with what is allowed)."""
         if self.lambda_value not in ("next", "current"):
             raise ValueError(f"lambda_value={self.lambda_value!r}; allowed: next, current")
         if self.return_norm not in ("task", "critic", "global"):
             raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
-        for name in ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon", "bins"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; allowed: a positive integer")
-        if self.act_context < 1:
-            raise ValueError(f"act_context={self.act_context}; allowed: a positive integer")
+        check_positive(self, ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon",
+                              "act_context", "ac_width", "wm_lr", "wm_grad_clip", "ac_lr", "ac_eps", "ac_grad_clip"))
+        check_non_negative(self, ("ac_depth", "entropy_coef"))
+        if self.bins < 2:
+            raise ValueError(f"bins={self.bins}; allowed: an integer >= 2 (two-hot needs two bins)")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma}; allowed: 0 < gamma <= 1")
+        for name in ("lam", "slow_decay", "norm_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: 0 <= {name} <= 1")
+
+
+def check_positive(cfg: Any, names: tuple[str, ...]) -> None:
+    """One-line errors for fields that must be > 0."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name}={getattr(cfg, name)}; allowed: > 0")
+
+
+def check_non_negative(cfg: Any, names: tuple[str, ...]) -> None:
+    """One-line errors for fields that must be >= 0."""
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)}; allowed: >= 0")
 
 
 def sample_z(logits: torch.Tensor) -> torch.Tensor:
