@@ -140,6 +140,13 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if overrides and overrides[0] in ("-h", "--help"):
+        from mowbench.config import usage
+
+        print(__doc__)
+        print(f"Bench options (bench.<key>=value): {', '.join(f'{k}={v}' for k, v in BENCH_DEFAULTS.items())}")
+        print(usage())
+        return
     if not any(o.startswith("env=") for o in overrides):
         overrides.append("env=atari100k")  # Pong's 6 actions by default
     bench_overrides = [o for o in overrides if o.startswith("bench.")]

@@ -27,6 +27,25 @@ def _group_dir(group: str) -> Path:
     return ablation_dir() if group == "ablation" else CONF / group
 
 
+def usage() -> str:
+    """The config groups with their options and the most used keys: the common part of every --help."""
+    from mowbench.gridspec import ablation_names
+
+    groups = {"env": sorted(p.stem for p in (CONF / "env").glob("*.yaml")), "agent": sorted(registered_agents()),
+              "preset": presets(), "ablation": ablation_names()}
+    lines = ["Config groups (group=option):"] + [f"  {g:<9} {', '.join(options)}" for g, options in groups.items()]
+    lines += ["Most used keys (key=value; every agent.<field> of the agent's config dataclass works):",
+              "  seed=0 task=breakout|[Pong,Breakout]|MT10|null device=auto|cpu|cuda precision=auto|fp32|bf16",
+              "  threads=0 results_dir=results method=<results folder name>",
+              "  train.steps train.warmup train.updates_per_step train.eval_every train.eval_episodes",
+              "  train.checkpoint_every train.replay_capacity train.progress train.tensorboard",
+              "  agent.width agent.batch_per_task agent.imag_per_task agent.wm_lr agent.ac_lr (MoW: agent.n_clusters,",
+              "  agent.n_experts, agent.top_k, agent.routing, ...)",
+              "Fields, types and defaults: mowbench/conf/config.yaml, mowbench/trainer.py:TrainConfig and the "
+              "agent's config dataclass in baselines/<agent>.py."]
+    return "\n".join(lines)
+
+
 def register_agent_configs() -> None:
     """Each registered agent's config dataclass is the `agent` group's option of its name (Hydra structured
     config): the single definition of its fields, types and defaults (the `paper` preset). YAML files hold

@@ -370,6 +370,17 @@ def print_status(req: Request) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        from mowbench.config import usage
+        from mowbench.gridspec import grid_names
+
+        print(__doc__)
+        print(f"Grids (grid=name): {', '.join(grid_names())}")
+        print("Grid options: seeds=[0,1] launcher=auto|slurm|local|debug slurm=<slurm/*.yaml name or path> "
+              "wait=true|false; any config key below narrows or changes every cell (agent.n_clusters=[1,3] "
+              "sweeps a grid axis)")
+        print(usage())
+        return
     action = args.pop(0) if args and args[0] in ("submit", "status") else "submit"
     try:
         req = parse_args(args)

@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[mowbench] quickstart: python -m mowbench.run {' '.join(QUICKSTART)}")
         args = list(QUICKSTART)
     if args[0] in ("-h", "--help"):
+        from mowbench.config import usage
+
         print(__doc__)
+        print(usage())
         return
     if any(arg.startswith("grid=") for arg in args):  # a named grid: dispatch it (mowbench.grid)
         from mowbench.grid import main as grid_main

@@ -4,6 +4,8 @@ MinAtar tasks, and benches through the generic interface. A new baseline is cove
 
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,3 +103,14 @@ REFUSED = [
 def test_bad_values_are_refused_before_any_work(override, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         plan(compose_config([override]))
+
+
+@pytest.mark.parametrize("module", ["run", "bench", "grid"])
+def test_help_lists_the_groups_and_the_most_used_keys(module):
+    out = subprocess.run([sys.executable, "-m", f"mowbench.{module}", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    assert "agent     monolithic, mow, storm" in out.stdout and "preset    micro, paper, tiny" in out.stdout
+    assert "train.steps" in out.stdout and "seed=0" in out.stdout
+    assert {"bench": "Bench options (bench.<key>=value): repeats=3", "grid": "Grids (grid=name): ablate_clusters",
+            "run": "python -m mowbench.run grid=NAME"}[module] in out.stdout
