@@ -31,6 +31,8 @@ from mowbench.replay import Replay
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
+# signals that make the trainer checkpoint at the end of the current step and leave
+PREEMPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR2", "SIGTERM") if hasattr(signal, name))
 EVAL_MODES = ("full", "reference")
 ARTIFACTS = "artifacts"  # agent-specific files (MoW: routing heatmaps, cluster assignment)
 
@@ -308,16 +310,18 @@ class Trainer:
         return means
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
-        self.preempted = self.signalled = True  # checkpoint at the end of the current step, then leave
+        self.preempted = True  # checkpoint at the end of the current step, then leave
+        self.signalled = signum
 
     def train(self, on_preempt: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Run until `steps`; returns a summary. Leaves early (preempted=True) after `stop_at` or SIGUSR2,
-        having checkpointed and called `on_preempt(step)`. After a SIGUSR2 it then hands the signal to the
-        handler installed before it, if any (under submitit: checkpoint(), requeue and exit), so whoever
-        launched the run sees the signal as if the trainer had not been there."""
+        """Run until `steps`; returns a summary. Leaves early (preempted=True) after `stop_at`, SIGUSR2
+        (SLURM's pre-timeout signal) or SIGTERM (what schedulers send first), having checkpointed and called
+        `on_preempt(step)`. It then hands the signal to the handler installed before it, if any (under
+        submitit: checkpoint(), requeue and exit), so whoever launched the run sees the signal as if the
+        trainer had not been there; a SIGTERM with no handler before it ends the process with status 143."""
         cfg, c = self.cfg, self.counters
-        self.signalled = False
-        old = signal.signal(signal.SIGUSR2, self._handle_signal) if hasattr(signal, "SIGUSR2") else None
+        self.signalled = 0
+        old = {sig: signal.signal(sig, self._handle_signal) for sig in PREEMPT_SIGNALS}
         # in a log file (e.g. a SLURM job's output) redraw rarely instead of several times a second
         bar = tqdm(total=cfg.steps, initial=c.step, disable=not cfg.progress, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 60.0, desc="/".join(t.name for t in self.tasks)[:40])
@@ -356,9 +360,8 @@ class Trainer:
                         self.preempted = True
                         if on_preempt is not None:
                             on_preempt(c.step)
-                        if self.signalled and callable(old):
-                            signal.signal(signal.SIGUSR2, old)
-                            old(signal.SIGUSR2, None)  # chain: e.g. submitit requeues the job and exits
+                        if self.signalled:
+                            self._hand_on(old, c.step)
                         return {"preempted": True, "step": c.step}
             c.wall_time += time.time() - start
             self.agent.write_artifacts(self.folder / ARTIFACTS, final=True)
@@ -375,5 +378,18 @@ class Trainer:
             return summary
         finally:
             bar.close()
-            if old is not None:
-                signal.signal(signal.SIGUSR2, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _hand_on(self, old: dict[int, Any], step: int) -> None:
+        """After the checkpoint: give the signal to the handler installed before the trainer's."""
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        before = old[self.signalled]
+        if callable(before):
+            before(self.signalled, None)  # chain: e.g. submitit requeues the job and exits
+        elif self.signalled == signal.SIGTERM and before == signal.SIG_DFL:
+            # leave as a terminated process would (128 + 15), through the callers' cleanup (lock, envs, logs)
+            print(f"[mowbench] {self.folder}: SIGTERM; checkpointed at step {step}; rerun the same command to resume",
+                  flush=True)
+            raise SystemExit(128 + signal.SIGTERM)

@@ -70,3 +70,21 @@ def test_sigusr2_checkpoints_and_leaves_then_resumes(tmp_path):
     again = launch(tmp_path)
     assert again.wait(timeout=600) == 0
     assert (folder / "DONE.json").exists() and final_state(tmp_path)["counters"]["step"] == 400
+
+
+def test_sigterm_checkpoints_like_sigusr2_and_exits_143_then_resumes(tmp_path):
+    """SIGTERM (what SLURM and most schedulers send first) in a standalone run: checkpoint, release the lock,
+    leave with status 143; the rerun resumes and finishes."""
+    proc = launch(tmp_path)
+    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
+    wait_for(folder / CHECKPOINT, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "SIGTERM; checkpointed at step" in out and not (folder / "DONE.json").exists()
+    assert not (folder / "RUNNING.lock").exists()
+    stopped_at = torch.load(folder / CHECKPOINT, weights_only=True)["counters"]["step"]
+    assert 50 <= stopped_at < 400
+    again = launch(tmp_path)
+    assert again.wait(timeout=600) == 0
+    assert (folder / "DONE.json").exists() and final_state(tmp_path)["counters"]["step"] == 400
