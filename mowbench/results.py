@@ -24,6 +24,16 @@ PACKAGES = ["torch", "numpy", "gymnasium", "ale-py", "metaworld", "mujoco", "min
             "submitit", "opencv-python-headless", "rliable", "pandas"]
 
 
+def remove_partial_writes(folder: Path) -> list[str]:
+    """Delete the temporary files of atomic writes a killed process left in `folder` (e.g.
+    .checkpoint.pt.x1y2.tmp); call it only while holding the run's lock. Returns their names."""
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
 def run_dir(root: str | Path, suite: str, method: str, task: str, seed: int) -> Path:
     """Where a run lives. Multi-task runs use the task-set name (e.g. 'all5') as `task`."""
     return Path(root) / suite / method / task / f"seed_{seed}"
@@ -43,9 +53,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise _named(err, path) from None
+
+
+def _named(err: BaseException, path: Path) -> BaseException:
+    """An OSError (full disk, read-only, no permission) that names the file being written; others as they are."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return OSError(err.errno, err.strerror, str(path))
+    return err
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -69,13 +86,35 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    writer = None
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        # torch's zip writer turns a failed write (e.g. a full disk) into "unexpected pos": report the OSError
+        raise _named(writer.error if writer is not None and writer.error else err, path) from None
+
+
+class _RecordingWriter:
+    """A file for torch.save that remembers the first OSError a write raised."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def git_state(cwd: Path | None = None) -> dict[str, Any]:

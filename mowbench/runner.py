@@ -3,7 +3,10 @@ with everything it opens closed on every path, preemption included. Trains a val
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,6 +23,9 @@ from mowbench.agents.base import make_agent
 from mowbench.config import Plan, plan
 from mowbench.envs import make_envs
 from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
+
+# OS errors of writing the run's files that are the machine's state, not a bug: reported in one line
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 # Config keys a rerun may change: where the run is written, how it is shown, when it checkpoints, which tasks
 # the command named (the folder fixes the run's own tasks, compared from metadata.json). They cannot change
@@ -41,6 +47,20 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = flat_items(old), flat_items(new)
     keys = sorted(k for k in set(a) & set(b) if not k.startswith(INERT_KEYS) and a[k] != b[k])
     return [f"{k}: {a[k]} -> {b[k]}" for k in keys]
+
+
+def check_results_dir(root: Path) -> None:
+    """Before any work: the results root is a folder this process can create and write in."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"results_dir={root} is a file; allowed: a folder (or a path to create)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"results_dir={root} cannot be written ({os.strerror(err.errno).lower() if err.errno else err}"
+                         f" at {err.filename or root}); allowed: a writable folder") from None
 
 
 def check_unchanged(p: Plan) -> None:
@@ -90,7 +110,14 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | 
         print(f"[mowbench] {folder} is being trained by another process ({lock.owner}); skipping it")
         return Skipped(folder, lock.owner or {})
     try:
+        R.remove_partial_writes(folder)
         return _train_run(p, folder, tasks)
+    except OSError as err:  # full disk, read-only or no permission: one line naming the file and what to do
+        if err.errno in WRITE_ERRNOS:
+            raise ValueError(f"{os.strerror(err.errno).lower()} while writing {Path(err.filename or folder).name} in "
+                             f"{folder}; the files written before are kept (the last checkpoint included): free "
+                             "space or fix the permissions, then rerun to resume") from None
+        raise
     finally:
         lock.release()
 
@@ -186,6 +213,7 @@ def print_summary(rows: list[tuple[str, dict[str, Any] | Skipped | None]]) -> No
 def execute(cfg: dict[str, Any], p: Plan | None = None) -> list[tuple[str, dict[str, Any] | None]]:
     """Train every run of `cfg` (its plan, if already made) and print the results table."""
     p = plan(cfg) if p is None else p
+    check_results_dir(Path(p.cfg["results_dir"]))
     check_unchanged(p)
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))

@@ -228,3 +228,43 @@ def test_racing_processes_take_over_a_stale_lock_exactly_once(tmp_path):
         for r in racers:
             r.join(timeout=60)
     assert winners == [1] * 25
+
+
+def test_a_results_path_that_is_a_file_is_one_line_before_any_work(micro_cfg, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"^results_dir=.*taken is a file; allowed: a folder"):
+        execute(micro_cfg(f"results_dir={tmp_path / 'taken'}"))
+    with pytest.raises(ValueError, match=r"^results_dir=.*taken/below cannot be written \(not a directory"):
+        execute(micro_cfg(f"results_dir={tmp_path / 'taken' / 'below'}"))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(micro_cfg, tmp_path):
+    """A real full disk (a small tmpfs; CI runs as root): the checkpoint write fails with one line naming the
+    file and folder, the previous checkpoint stays loadable, no lock and no partial file remain; with space
+    again the rerun resumes and finishes."""
+    import os
+    import subprocess as sp
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root, so this runs there)")
+    assert sp.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode == 0
+    try:
+        args = [f"results_dir={disk}", "train.checkpoint_every=20", "train.keep_checkpoint=true"]
+        assert execute(micro_cfg(*args, "train.stop_at=20"))[0][1] is None  # checkpointed at step 20
+        folder = run_dir(disk, "minatar", "storm", "breakout", 0)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (free - 64 * 1024))  # 64 KiB left: the logs fit, the next checkpoint does not
+        with pytest.raises(ValueError, match=r"^no space left on device while writing checkpoint.pt in .*seed_0; the "
+                                             r"files written before are kept"):
+            execute(micro_cfg(*args))
+        assert torch.load(folder / CHECKPOINT, weights_only=True)["counters"]["step"] == 20
+        assert not (folder / "RUNNING.lock").exists() and not list(folder.glob(".*.tmp"))
+        (folder / ".model.pt.left-by-a-kill.tmp").write_bytes(b"partial")
+        filler.unlink()
+        [(_, summary)] = execute(micro_cfg(*args))
+        assert summary["step"] == 60 and not list(folder.glob(".*.tmp"))  # the partial file is removed
+    finally:
+        sp.run(["umount", str(disk)])
