@@ -170,7 +170,11 @@ def jobs_path(req: Request) -> Path:
 
 def read_jobs(req: Request) -> dict[str, Any]:
     path = jobs_path(req)
-    return R.read_json(path) if path.exists() else {}
+    try:
+        return R.read_json(path) if path.exists() else {}
+    except ValueError as err:  # the run folders are the truth: status and resubmission go on without the record
+        print(f"[mowbench] warning: {err}; going on without it (runs are judged from their folders)", file=sys.stderr)
+        return {}
 
 
 def queue_states(job_ids: list[str]) -> dict[str, str]:

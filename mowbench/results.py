@@ -152,13 +152,17 @@ def device_description(device: Any) -> dict[str, Any]:
     return info
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: Path, recovery: str = "restore it or delete it") -> Any:
+    """A JSON file's content; a truncated or garbage file is a ValueError naming it and the recovery."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt (not JSON: {err}); {recovery}") from None
 
 
 def read_summary(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / "summary.json"
-    return read_json(path) if path.exists() else None
+    return read_json(path, "the run finished; delete its folder to train it again") if path.exists() else None
 
 
 def evaluations(folder: Path, column: str = "return") -> dict[str, dict[int, float]]:

@@ -80,7 +80,7 @@ def check_unchanged(p: Plan) -> None:
         diff = changed_settings(old, p.cfg)
         meta_path = folder / "metadata.json"
         if meta_path.exists():
-            run_tasks = R.read_json(meta_path).get("tasks")
+            run_tasks = R.read_json(meta_path, "restore it, or delete the run folder to start again").get("tasks")
             if run_tasks is not None and list(run_tasks) != list(tasks):
                 diff.insert(0, f"tasks: {run_tasks} -> {tasks}")
         if diff:
@@ -140,7 +140,8 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         folder.mkdir(parents=True, exist_ok=True)
         resuming = (folder / CHECKPOINT).exists()
         meta_path = folder / "metadata.json"
-        meta = R.read_json(meta_path) if resuming and meta_path.exists() else {
+        meta = R.read_json(meta_path, "restore it, or delete the run folder to start again") if (
+            resuming and meta_path.exists()) else {
             "schema_version": R.SCHEMA_VERSION, "suite": p.suite, "method": p.method, "agent": p.agent,
             "tasks": tasks, "seed": seed, "preset": cfg.get("preset_name"), "started": _now(), "sessions": []}
         meta.update({"git": R.git_state(), "versions": R.versions(), "device": R.device_description(p.device),

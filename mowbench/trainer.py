@@ -228,11 +228,15 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            objects = pickle.loads(state["objects"])  # written by this trainer (see state_dict)
-        except pickle.UnpicklingError:  # a checkpoint from before plain checkpoints: everything pickled
-            state = torch.load(path, map_location=self.device, weights_only=False)
-            objects = state["streams"]
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+                objects = pickle.loads(state["objects"])  # written by this trainer (see state_dict)
+            except pickle.UnpicklingError:  # a checkpoint from before plain checkpoints: everything pickled
+                state = torch.load(path, map_location=self.device, weights_only=False)
+                objects = state["streams"]
+        except Exception as err:  # noqa: BLE001 - truncated, garbage: named with the recovery, not a traceback
+            raise ValueError(f"{path} is corrupt ({type(err).__name__}); delete it to restart this run from step 0 "
+                             "(its folder's other files are rewritten)") from None
         self.agent.load_state_dict(state["agent"])
         self.replay.load_state_dict(state["replay"])
         set_rng_state(state["rng"])

@@ -268,3 +268,26 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(micro_cfg, tmp_pa
         assert summary["step"] == 60 and not list(folder.glob(".*.tmp"))  # the partial file is removed
     finally:
         sp.run(["umount", str(disk)])
+
+
+def test_corrupt_files_are_named_with_the_recovery(micro_cfg, tmp_path):
+    """A truncated checkpoint.pt or metadata.json, or a garbage summary.json: one line naming the file and
+    what to do, never a traceback."""
+    args = ["train.keep_checkpoint=true", "train.checkpoint_every=20"]
+    assert execute(micro_cfg(*args, "train.stop_at=20"))[0][1] is None
+    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
+    ckpt = folder / CHECKPOINT
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"checkpoint.pt is corrupt \(.*\); delete it to restart this run from step 0"):
+        execute(micro_cfg(*args))
+    assert not (folder / "RUNNING.lock").exists()
+    ckpt.write_bytes(good)
+    (folder / "metadata.json").write_text('{"tasks": ["breakout"], "seed"')
+    with pytest.raises(ValueError, match=r"metadata.json is corrupt \(not JSON: .*\); restore it, or delete the run"):
+        execute(micro_cfg(*args))
+    (folder / "metadata.json").unlink()
+    assert execute(micro_cfg(*args))[0][1]["step"] == 60
+    (folder / "summary.json").write_text("garbage")
+    with pytest.raises(ValueError, match=r"summary.json is corrupt \(not JSON: .*\); the run finished"):
+        execute(micro_cfg(*args))
