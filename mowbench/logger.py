@@ -25,7 +25,7 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run wrote after its last checkpoint
+            # purge_step drops events a killed run wrote after its last checkpoint (see Trainer)
             self.writer = SummaryWriter(str(folder / "tb"), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -205,7 +205,9 @@ class Trainer:
         self.env_restore_failed: list[str] = []
         if (folder / CHECKPOINT).exists():
             self.load(folder / CHECKPOINT)
-        self.log = RunLog(folder, cfg.tensorboard, purge_step=self.counters.step if self.resumed_from else None)
+        # TensorBoard drops events at steps >= purge_step: those a killed run wrote after its checkpoint at step
+        # S, not the ones logged at S itself (before the checkpoint), which the resumed run does not log again
+        self.log = RunLog(folder, cfg.tensorboard, purge_step=self.counters.step + 1 if self.resumed_from else None)
         if self.resumed_from is not None:
             self.log.load_state_dict(self._loaded_log)
 

@@ -291,3 +291,24 @@ def test_corrupt_files_are_named_with_the_recovery(micro_cfg, tmp_path):
     (folder / "summary.json").write_text("garbage")
     with pytest.raises(ValueError, match=r"summary.json is corrupt \(not JSON: .*\); the run finished"):
         execute(micro_cfg(*args))
+
+
+def tb_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, round(e.value, 5)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if not tag.startswith("perf/")}
+
+
+def test_tensorboard_keeps_every_scalar_across_a_resume(micro_cfg, tmp_path):
+    """The resumed run's TensorBoard scalars equal an uninterrupted run's: none lost at the resume step."""
+    args = ["train.tensorboard=true", "train.log_every=10", "train.checkpoint_every=30"]
+    execute(micro_cfg(*args, f"results_dir={tmp_path / 'a'}"))
+    assert execute(micro_cfg(*args, "train.stop_at=30", f"results_dir={tmp_path / 'b'}"))[0][1] is None
+    execute(micro_cfg(*args, f"results_dir={tmp_path / 'b'}"))
+    a, b = (tb_scalars(run_dir(tmp_path / r, "minatar", "storm", "breakout", 0)) for r in "ab")
+    assert a.keys() == b.keys() and len(a) >= 10
+    assert a == b
+    assert [s for s, _ in a["wm/loss"]] == [30, 40, 50, 60]
