@@ -5,7 +5,6 @@ live here; the update, imagination and acting are the shared ImaginationAgent's.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,14 +176,14 @@ class STORMWorldModel(nn.Module):
 
 
 def storm_terms(wm: STORMWorldModel, batch: Batch, action: torch.Tensor, bins: torch.Tensor,
-                autocast: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+                autocast: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """STORM's per-sequence loss terms (B,) each: rec (L2 summed over pixels), reward (two-hot CE), termination
     (BCE), kl_dyn = KL(sg(post) || prior), kl_rep = KL(post || sg(prior)), each a mean over time; and the
     forward's z (B, T, V*C) and h (B, T, D). `wm` is any world model with STORM's methods and a decoder
     (MoW's too); `action` (B, T, A) is the world-model input. The forward runs under `autocast` (the agent's),
 the losses in fp32."""
     task = batch.task
-    with autocast or contextlib.nullcontext():
+    with autocast:
         post = wm.encode(batch.obs, task)  # (B, T, V, C)
         z = sample_z(post)  # (B, T, V*C)
         recon = wm.decode(z, task)  # (B, T, 3, S, S)

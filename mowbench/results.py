@@ -24,14 +24,13 @@ PACKAGES = ["torch", "numpy", "gymnasium", "ale-py", "metaworld", "mujoco", "min
             "submitit", "opencv-python-headless", "rliable", "pandas"]
 
 
-def remove_partial_writes(folder: Path) -> list[str]:
+def remove_partial_writes(folder: Path) -> None:
     """Delete the temporary files of atomic writes a killed process left in `folder` (e.g.
-    .checkpoint.pt.x1y2.tmp); call it only while holding the run's lock. Returns their names."""
-    removed = []
+    .checkpoint.pt.x1y2.tmp); call it only while holding the run's lock. A racing acquirer's lock draft
+    (.RUNNING.lock.*.tmp) is its own, and left alone."""
     for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
-    return removed
+        if not tmp.name.startswith(f".{LOCK}."):
+            tmp.unlink(missing_ok=True)
 
 
 def run_dir(root: str | Path, suite: str, method: str, task: str, seed: int) -> Path:
@@ -225,22 +224,23 @@ class RunLock:
 
     def _create(self) -> bool:
         """Create the lock file with its content in one step; False if it exists."""
+        content = json.dumps({"pid": os.getpid(), "host": platform.node()})
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": platform.node()}, f)
-            try:
-                os.link(tmp, self.path)
-            except FileExistsError:
-                raise
-            except OSError:  # a filesystem without hard links: exclusive creation, then the content
-                with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                    json.dump({"pid": os.getpid(), "host": platform.node()}, f)
-            return True
+                f.write(content)
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: exclusive creation, then the content
+            try:
+                with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                    f.write(content)
+            except FileExistsError:
+                return False
         finally:
             Path(tmp).unlink(missing_ok=True)
+        return True
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -45,7 +45,7 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: old -> new' for every result-relevant key whose value differs (INERT_KEYS ignored). A key only
     one side has (a field a later mowbench added or removed, at its default) is not a difference."""
     a, b = flat_items(old), flat_items(new)
-    keys = sorted(k for k in set(a) & set(b) if not k.startswith(INERT_KEYS) and a[k] != b[k])
+    keys = sorted(k for k in set(a) & set(b) if k not in INERT_KEYS and a[k] != b[k])
     return [f"{k}: {a[k]} -> {b[k]}" for k in keys]
 
 

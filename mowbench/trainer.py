@@ -230,12 +230,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         try:
-            try:
-                state = torch.load(path, map_location=self.device, weights_only=True)
-                objects = pickle.loads(state["objects"])  # written by this trainer (see state_dict)
-            except pickle.UnpicklingError:  # a checkpoint from before plain checkpoints: everything pickled
-                state = torch.load(path, map_location=self.device, weights_only=False)
-                objects = state["streams"]
+            state, objects = self._read_checkpoint(path)
         except Exception as err:  # noqa: BLE001 - truncated, garbage: named with the recovery, not a traceback
             raise ValueError(f"{path} is corrupt ({type(err).__name__}); delete it to restart this run from step 0 "
                              "(its folder's other files are rewritten)") from None
@@ -256,6 +251,15 @@ class Trainer:
         self._loaded_log = state["log"]
         self.last_metrics = state["last_metrics"]
         self.resumed_from = self.counters.step
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The checkpoint's plain state and its streams' pickled objects (env state, acting context)."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError:  # a checkpoint from before plain checkpoints: everything pickled
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            return state, state["streams"]
+        return state, pickle.loads(state["objects"])  # written by this trainer (see state_dict)
 
     # ---- loop ----
     def _env_step(self, k: int, training: bool) -> None:

@@ -1,10 +1,11 @@
-"""Hard kills and SIGUSR2 (SLURM's pre-timeout signal): the run resumes and ends as if never stopped."""
+"""Hard kills, SIGUSR2 (SLURM's pre-timeout signal) and SIGTERM: the run resumes and ends as if never stopped."""
 
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from mowbench.results import run_dir
@@ -57,31 +58,20 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path):
     assert_same_run(final_state(tmp_path / "ref"), final_state(tmp_path / "killed"))
 
 
-def test_sigusr2_checkpoints_and_leaves_then_resumes(tmp_path):
+@pytest.mark.parametrize(("sig", "code", "message"), [
+    (signal.SIGUSR2, 0, "checkpointed at step"),  # SLURM's pre-timeout signal
+    (signal.SIGTERM, 143, "SIGTERM; checkpointed at step"),  # what SLURM and most schedulers send first
+])
+def test_a_signal_checkpoints_and_leaves_then_resumes(tmp_path, sig, code, message):
+    """SIGUSR2 or SIGTERM in a standalone run: checkpoint, release the lock, leave (SIGTERM: with status 143);
+    the rerun resumes and finishes."""
     proc = launch(tmp_path)
     folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
     wait_for(folder / CHECKPOINT, proc)
-    proc.send_signal(signal.SIGUSR2)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert "checkpointed at step" in out and not (folder / "DONE.json").exists()
-    stopped_at = torch.load(folder / CHECKPOINT, weights_only=True)["counters"]["step"]
-    assert 50 <= stopped_at < 400
-    again = launch(tmp_path)
-    assert again.wait(timeout=600) == 0
-    assert (folder / "DONE.json").exists() and final_state(tmp_path)["counters"]["step"] == 400
-
-
-def test_sigterm_checkpoints_like_sigusr2_and_exits_143_then_resumes(tmp_path):
-    """SIGTERM (what SLURM and most schedulers send first) in a standalone run: checkpoint, release the lock,
-    leave with status 143; the rerun resumes and finishes."""
-    proc = launch(tmp_path)
-    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
-    wait_for(folder / CHECKPOINT, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err
-    assert "SIGTERM; checkpointed at step" in out and not (folder / "DONE.json").exists()
+    assert proc.returncode == code, err
+    assert message in out and not (folder / "DONE.json").exists()
     assert not (folder / "RUNNING.lock").exists()
     stopped_at = torch.load(folder / CHECKPOINT, weights_only=True)["counters"]["step"]
     assert 50 <= stopped_at < 400
