@@ -40,6 +40,8 @@ from mowbench.analysis.metrics import interval_estimates, iqm_curves
 from mowbench.analysis.scores import (
     SUITES,
     AnalysisError,
+    check_tasks,
+    check_unique,
     curve_matrices,
     final_scores,
     human_normalised,
@@ -92,6 +94,8 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
         where = ", ".join(map(str, [*roots, *args.scores]))
         raise AnalysisError(f"no {args.suite} scores found in {where} (finished runs need DONE.json; "
                             "see --include-partial)")
+    check_tasks(scores, args.suite)
+    check_unique(scores)
     if args.suite == "atari100k":
         scores = human_normalised(scores)
     return scores, notes

@@ -9,6 +9,7 @@ scores come as CSV files with the same columns (without `step`, each row is a fi
 from __future__ import annotations
 
 import io
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -86,58 +87,138 @@ def published_aggregates(suite: str) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows).T.reindex(columns=["mean", "median", "iqm", "og"]), notes
 
 
+OPTIONAL_COLUMNS = ("step", "source")
+
+
 def read_scores_csv(path: Path) -> pd.DataFrame:
-    """External scores: CSV with columns method,task,seed,score (optional step)."""
+    """External scores: CSV with columns method,task,seed,score (optional: step, source). Strict: a row of the
+    wrong width, another column, a seed or step that is not an integer, or a score that is not a finite
+    number is an AnalysisError naming the file and line."""
     path = Path(path)
     if not path.exists():
         raise AnalysisError(f"{path}: no such file")
     try:
-        frame = pd.read_csv(path, comment="#")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise AnalysisError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise AnalysisError(f"{path}: missing column(s) {missing}; required: {','.join(COLUMNS)} (optional: step)")
-    for column in ("score", "seed") + (("step",) if "step" in frame.columns else ()):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = frame[column][values.isna()]
-        if len(bad):
-            line = int(bad.index[0]) + 2  # header is line 1
-            raise AnalysisError(f"{path}: line {line}: {column}={bad.iloc[0]!r} is not a number")
-        frame[column] = values
-    frame["method"] = frame["method"].astype(str)
-    frame["task"] = frame["task"].astype(str)
-    frame["seed"] = frame["seed"].astype(int)
-    frame["source"] = str(path)
-    return frame
+        header, rows = R.read_csv_rows(path, COLUMNS)
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
+    extra = [c for c in header if c not in COLUMNS + OPTIONAL_COLUMNS]
+    if extra:
+        raise AnalysisError(f"{path}: unknown column(s) {extra}; allowed: {','.join(COLUMNS + OPTIONAL_COLUMNS)}")
+    records = []
+    for line, row in rows:
+        record = {"method": row["method"], "task": row["task"], "source": row.get("source") or str(path)}
+        for column in ("seed", "score") + (("step",) if "step" in row else ()):
+            try:
+                value = R.finite_number(row[column], path, line, column)
+            except ValueError as err:
+                raise AnalysisError(str(err)) from None
+            if column != "score" and value != int(value):
+                raise AnalysisError(f"{path}: line {line}: {column}={row[column]!r} is not an integer")
+            record[column] = value if column == "score" else int(value)
+        records.append(record)
+    columns = [*COLUMNS, *(["step"] if "step" in header else []), "source"]
+    return pd.DataFrame(records, columns=columns).astype({"seed": int})
+
+
+def suite_tasks(suite: str) -> list[str]:
+    """The task names of `suite`, from its environment module (numpy and cv2 only; its simulator is imported
+    when an env is made, not here)."""
+    from mowbench.envs import suite_module
+
+    return list(suite_module(suite).TASKS)
+
+
+def check_tasks(scores: pd.DataFrame, suite: str) -> None:
+    """Refuse scores of a task `suite` does not have (a typo, or another suite's file)."""
+    known = suite_tasks(suite)
+    unknown = scores[~scores["task"].isin(known)]
+    if len(unknown):
+        first = unknown.iloc[0]
+        raise AnalysisError(f"task {first['task']!r} (method {first['method']!r}, in {first['source']}) is not a "
+                            f"task of {suite}; allowed: {', '.join(known)}")
+
+
+def check_unique(scores: pd.DataFrame) -> None:
+    """One score per (method, task, seed) and evaluation step: a duplicate (the same run in two results roots,
+    a single-task and a multi-task run under one method name, a CSV row given twice) would be averaged
+    silently."""
+    step = scores["step"].fillna(-1) if "step" in scores.columns else pd.Series(-1, index=scores.index)
+    keys = pd.DataFrame({"method": scores["method"], "task": scores["task"], "seed": scores["seed"], "step": step})
+    duplicated = keys.duplicated(keep=False)
+    if duplicated.any():
+        first = keys[duplicated].iloc[0]
+        same = (keys == first).all(axis=1)
+        sources = sorted(set(scores.loc[same, "source"].astype(str)))
+        at = f", step {int(first['step'])}" if first["step"] >= 0 else ""
+        raise AnalysisError(f"duplicate score for method {first['method']!r}, task {first['task']!r}, seed "
+                            f"{int(first['seed'])}{at} in {' and '.join(sources)}; each (method, task, seed) must "
+                            "come from one run or row: rename one method or leave one source out")
+
+
+def run_history(folder: Path, done: bool, column: str) -> tuple[dict[str, dict[int, float]], str | None]:
+    """A run's evaluations (task -> step -> mean `column`), or why it cannot be used: its metadata.json
+    missing or corrupt, its eval.csv missing or truncated, or (finished) without the final evaluation, at
+    DONE.json's step, of every task it trained. A bad value in eval.csv is an AnalysisError."""
+    read = {}
+    for name in ["metadata.json", *([R.DONE] if done else [])]:
+        if not (folder / name).exists():
+            return {}, f"has no {name}"
+        try:
+            read[name] = R.read_json(folder / name)
+        except ValueError:
+            read[name] = None
+        if not isinstance(read[name], dict):
+            return {}, f"has a corrupt {name} (not a JSON object)"
+    if not (folder / "eval.csv").exists():
+        return {}, "has no eval.csv"
+    try:
+        history = R.evaluations(folder, column)
+    except R.TruncatedFile as err:
+        return {}, str(err).removeprefix(f"{folder}{os.sep}")
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
+    final, tasks = read.get(R.DONE, {}).get("step"), read["metadata.json"].get("tasks", [])
+    lacking = [t for t in tasks if final is not None and final not in history.get(t, {})]
+    if lacking:
+        return {}, f"eval.csv has no final evaluation (step {final}) of {', '.join(lacking[:5])}"
+    return history, None
 
 
 def read_results(results_dir: Path, suite: str, include_partial: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Every evaluation of every run of `suite` under results_dir (the results/README.md layout).
 
     Unfinished runs (no DONE.json) are left out, or with include_partial kept (their last evaluation then
-    counts as final); either way the returned notes say which. Meta-World scores are success rates,
-    others returns."""
+    counts as final); either way the returned notes say which. A finished run whose metadata.json or eval.csv
+    is missing, corrupt or truncated is left out and named in the notes; a non-numeric or infinite value in
+    an eval.csv is an AnalysisError. Meta-World scores are success rates, others returns."""
     root = Path(results_dir)
     if not root.is_dir():
         raise AnalysisError(f"{root}: no such results directory")
     if suite not in SUITES:
         raise AnalysisError(f"unknown suite {suite!r}; allowed: {', '.join(SUITES)}")
+    column = "success" if suite == "metaworld" else "return"
     rows, notes, partial = [], [], []
-    for meta in sorted((root / suite).glob("*/*/seed_*/metadata.json")):
-        folder = meta.parent
-        method, seed = folder.parent.parent.name, int(folder.name.removeprefix("seed_"))
-        done = (folder / "DONE.json").exists()
-        if not done and not include_partial:
-            partial.append(str(folder.relative_to(root)))
+    for folder in sorted(f for f in (root / suite).glob("*/*/seed_*") if f.is_dir()):
+        method, seed = folder.parent.parent.name, folder.name.removeprefix("seed_")
+        where = folder.relative_to(root)
+        if not seed.isdigit():
+            notes.append(f"{where}: not a run folder (seed_<integer>), left out")
             continue
-        history = R.evaluations(folder, "success" if suite == "metaworld" else "return")
+        done = R.is_done(folder)
+        if not done and not include_partial:
+            if (folder / "metadata.json").exists():
+                partial.append(str(where))
+            continue
+        history, problem = run_history(folder, done, column)
+        if problem:
+            notes.append(f"{where} ({'finished' if done else 'unfinished'}) {problem}: left out")
+            continue
         for task, steps in history.items():
-            rows += [{"method": method, "task": task, "seed": seed, "score": score, "step": step,
+            rows += [{"method": method, "task": task, "seed": int(seed), "score": score, "step": step,
                       "source": str(folder), "partial": not done} for step, score in steps.items()]
         if not done:
             last = max((max(steps) for steps in history.values()), default="none")
-            notes.append(f"{folder.relative_to(root)} is unfinished: its last evaluation (step {last}) is used")
+            notes.append(f"{where} is unfinished: its last evaluation (step {last}) is used")
     if partial:
         notes.append(f"{len(partial)} unfinished run(s) left out (use --include-partial): {', '.join(partial[:5])}"
                      + (" ..." if len(partial) > 5 else ""))

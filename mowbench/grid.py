@@ -226,7 +226,16 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
 
 
 def progress(folder: Path) -> tuple[int | None, float | None]:
-    """Last logged step and the mean return of the last evaluation (over tasks), from the run's files."""
+    """Last logged step and the mean return of the last evaluation (over tasks), from the run's files; a
+    corrupt file there is a warning (that run shows no figures), so one bad folder does not hide the grid."""
+    try:
+        return read_progress(folder)
+    except ValueError as err:
+        print(f"[mowbench] warning: {err}", file=sys.stderr)
+        return None, None
+
+
+def read_progress(folder: Path) -> tuple[int | None, float | None]:
     summary = R.read_summary(folder)
     if summary:
         final = summary.get("final_return") or {}

@@ -8,6 +8,7 @@ import csv
 import fcntl
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -164,16 +165,67 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
     return read_json(path, "the run finished; delete its folder to train it again") if path.exists() else None
 
 
+class TruncatedFile(ValueError):
+    """An empty file or one that ends mid-line. The run's own writes are atomic, so a copy cut short (a full
+    disk, a killed rsync) made it."""
+
+
+def read_csv_rows(path: Path, required: tuple[str, ...] = ()) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV's header and its rows as (line number, {column: value}); lines starting with '#' are comments.
+
+    Strict, so that no value lands in the wrong column: a row with more or fewer fields than the header, or a
+    missing required column, is a ValueError naming the file and line."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text CSV (not UTF-8)") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise ValueError(f"{path} is empty (no header line)")
+    records = list(csv.reader([line for _, line in lines]))
+    header = records[0]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; required: {','.join(required)}")
+    rows = []
+    for (number, _), fields in zip(lines[1:], records[1:], strict=True):
+        if len(fields) != len(header):
+            raise ValueError(f"{path}: line {number}: {len(fields)} fields, the header has {len(header)} "
+                             f"({','.join(header)})")
+        rows.append((number, dict(zip(header, fields, strict=True))))
+    return header, rows
+
+
+def finite_number(value: str, path: Path, line: int, column: str) -> float:
+    """`value` as a finite float, else a ValueError naming file, line and column (inf and nan are refused:
+    one of them would turn every aggregate into inf or nan)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{path}: line {line}: {column}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{path}: line {line}: {column}={value!r} is not finite; allowed: a finite number")
+    return number
+
+
 def evaluations(folder: Path, column: str = "return") -> dict[str, dict[int, float]]:
-    """Per task and evaluation step: the mean of `column` over that evaluation's episodes (eval.csv)."""
+    """Per task and evaluation step: the mean of `column` over that evaluation's episodes (eval.csv).
+
+    A cut-off last line is a TruncatedFile; a row of the wrong width, or a step or `column` value that is not
+    a finite number, is a ValueError naming the file and line."""
     path = Path(folder) / "eval.csv"
     if not path.exists():
         return {}
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):  # the logger ends every write with a newline
+        raise TruncatedFile(f"{path} is truncated ({'empty' if not data else 'its last line is cut off'})")
     sums: dict[str, dict[int, list[float]]] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            if row[column] != "":
-                sums.setdefault(row["task"], {}).setdefault(int(row["step"]), []).append(float(row[column]))
+    for line, row in read_csv_rows(path, ("step", "task", column))[1]:
+        step = finite_number(row["step"], path, line, "step")
+        if step != int(step):
+            raise ValueError(f"{path}: line {line}: step={row['step']!r} is not an integer")
+        value = finite_number(row[column], path, line, column)
+        sums.setdefault(row["task"], {}).setdefault(int(step), []).append(value)
     return {task: {step: sum(v) / len(v) for step, v in sorted(steps.items())} for task, steps in sorted(sums.items())}
 
 

@@ -2,6 +2,7 @@
 external-score CSVs and results folders with their notes and errors."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -234,3 +235,159 @@ def test_cli_grid_table_curves_and_published_scores(tmp_path, capsys):
     curves, _ = curve_matrices(human_normalised(read_results(results, "atari100k")[0]), "hns")
     steps, cube = curves["mow-top_k=1"]
     assert steps.tolist() == [50.0, 100.0] and iqm_per_step(cube)[1] == pytest.approx(0.25)
+
+
+# ---- bad data is never used silently (issue 13, item 7): one real finished run, copied and damaged ----
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A finished micro MinAtar run (real trainer, real files): results/minatar/storm/breakout/seed_0."""
+    from mowbench.config import compose_config
+    from mowbench.runner import execute
+    from tests.conftest import MICRO
+
+    root = tmp_path_factory.mktemp("real")
+    execute(compose_config(["env=minatar", "task=breakout", f"results_dir={root}", "train.warmup=20",
+                            "train.steps=40", "train.eval_episodes=1", "train.eval_max_steps=20",
+                            "train.eval_every=20", "train.periodic_eval_episodes=1", *MICRO]))
+    return root / "minatar" / "storm" / "breakout" / "seed_0"
+
+
+def copy_run(run, root, method="storm", task="breakout", seed=0):
+    import shutil
+
+    folder = root / "minatar" / method / task / f"seed_{seed}"
+    shutil.copytree(run, folder)
+    return folder
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+def first_return(folder):
+    return (folder / "eval.csv").read_text().splitlines()[1].split(",")[3]
+
+
+REFUSED_DATA = [  # (damage done to a copy of the run, one-line error)
+    ("duplicate", lambda f, r: copy_run(f, r, task="all1"),
+     r"duplicate score for method 'storm', task 'breakout', seed 0, step 20 in .*all1/seed_0 and "
+     r".*breakout/seed_0; each \(method, task, seed\) must come from one run or row"),
+    ("inf", lambda f, r: edit(f / "eval.csv", "," + first_return(f) + ",", ",inf,"),
+     r"eval.csv: line 2: return='inf' is not finite; allowed: a finite number"),
+    ("-inf", lambda f, r: edit(f / "eval.csv", "," + first_return(f) + ",", ",-inf,"),
+     r"eval.csv: line 2: return='-inf' is not finite"),
+    ("nan", lambda f, r: edit(f / "eval.csv", "," + first_return(f) + ",", ",nan,"),
+     r"eval.csv: line 2: return='nan' is not finite"),
+    ("word", lambda f, r: edit(f / "eval.csv", "," + first_return(f) + ",", ",lots,"),
+     r"eval.csv: line 2: return='lots' is not a number"),
+    ("extra field", lambda f, r: edit(f / "eval.csv", ",full\n", ",full,oops\n"),
+     r"eval.csv: line 2: 8 fields, the header has 7 \(step,task,episode,return,length,success,mode\)"),
+    ("missing field", lambda f, r: edit(f / "eval.csv", ",full\n", "\n"),
+     r"eval.csv: line 2: 6 fields, the header has 7"),
+    ("another suite's run", lambda f, r: f.parent.parent.parent.rename(r / "atari100k"),
+     r"task 'breakout' \(method 'storm', in .*atari100k/storm/breakout/seed_0\) is not a task of atari100k; "
+     r"allowed: Alien, Amidar"),
+]
+
+
+@pytest.mark.parametrize("case,damage,error", REFUSED_DATA, ids=[c[0] for c in REFUSED_DATA])
+def test_bad_results_data_is_a_one_line_error(real_run, tmp_path, capsys, case, damage, error):
+    """On 888fdd8: duplicates were averaged, inf gave an inf aggregate (or a matplotlib traceback after 10 of
+    17 outputs), 'lots' a traceback, an extra field shifted or dropped, an unknown task was tabled."""
+    from mowbench.analysis.__main__ import main
+
+    root = tmp_path / "results"
+    damage(copy_run(real_run, root), root)
+    out = tmp_path / "out"
+    suite = "atari100k" if (root / "atari100k").exists() else "minatar"
+    assert main([str(root), "--suite", suite, "--out", str(out), "--reps", "50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search("^error: .*" + error, err), err
+    assert not out.exists()  # refused before anything is written
+
+
+def test_bad_scores_csv_is_a_one_line_error(tmp_path):
+    cases = {  # CSV body after the header -> error
+        "x,Pong,0,inf\n": r"line 2: score='inf' is not finite",
+        "x,Pong,0,1.0\nx,Pong,0,-inf\n": r"line 3: score='-inf' is not finite",
+        "x,Pong,0,1.0,7\n": r"line 2: 5 fields, the header has 4",
+        "x,Pong\n": r"line 2: 2 fields, the header has 4",
+        "x,Pong,0.5,1.0\n": r"line 2: seed='0.5' is not an integer",
+    }
+    for body, error in cases.items():
+        path = tmp_path / "s.csv"
+        path.write_text("method,task,seed,score\n" + body)
+        with pytest.raises(AnalysisError, match=re.escape(str(path)) + ": " + error):
+            read_scores_csv(path)
+    path.write_text("method,task,seed,score,notes\nx,Pong,0,1.0,good\n")
+    with pytest.raises(AnalysisError, match=r"unknown column\(s\) \['notes'\]; allowed: method,task,seed,score,"
+                                            r"step,source"):
+        read_scores_csv(path)
+
+
+def test_duplicate_and_unknown_external_scores_are_refused(tmp_path, capsys):
+    from mowbench.analysis.__main__ import main
+
+    twice = tmp_path / "twice.csv"
+    twice.write_text("method,task,seed,score\nx,Pong,0,1.0\nx,Breakout,0,2.0\nx,Pong,0,3.0\n")
+    assert main(["--scores", str(twice), "--suite", "atari100k", "--out", str(tmp_path / "o")]) == 2
+    assert ("error: duplicate score for method 'x', task 'Pong', seed 0 in " + str(twice)) in capsys.readouterr().err
+    typo = tmp_path / "typo.csv"
+    typo.write_text("method,task,seed,score\nx,Pong,0,1.0\nx,Breakuot,0,2.0\n")
+    assert main(["--scores", str(typo), "--suite", "atari100k", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: task 'Breakuot' (method 'x', in {typo}) is not a task of atari100k; allowed: Alien," in err
+    assert main(["--scores", str(typo), "--suite", "minatar", "--out", str(tmp_path / "o")]) == 2
+    assert "task 'Pong' (method 'x'" in capsys.readouterr().err  # another suite's file
+
+
+LEFT_OUT = [  # (damage to a finished run, the note naming it)
+    ("no eval.csv", lambda f: (f / "eval.csv").unlink(), "has no eval.csv"),
+    ("empty eval.csv", lambda f: (f / "eval.csv").write_text(""), "eval.csv is truncated (empty)"),
+    ("cut eval.csv", lambda f: (f / "eval.csv").write_bytes((f / "eval.csv").read_bytes()[:-9]),
+     "eval.csv is truncated (its last line is cut off)"),
+    ("lost final rows", lambda f: (f / "eval.csv").write_text(
+        "".join(line + "\n" for line in (f / "eval.csv").read_text().splitlines()[:2])),
+     "eval.csv has no final evaluation (step 40) of breakout"),
+    ("no metadata", lambda f: (f / "metadata.json").unlink(), "has no metadata.json"),
+    ("cut metadata", lambda f: (f / "metadata.json").write_text((f / "metadata.json").read_text()[:50]),
+     "has a corrupt metadata.json (not a JSON object)"),
+]
+
+
+def test_finished_runs_with_missing_or_truncated_files_are_named(real_run, tmp_path, capsys):
+    """On 888fdd8 these runs were dropped without a word (or, with a cut eval.csv, scored from a partial
+    evaluation). Now each is left out and named in notes.txt; the good run is still analysed."""
+    from mowbench.analysis.__main__ import main
+
+    root = tmp_path / "results"
+    copy_run(real_run, root, seed=0)
+    for seed, (_, damage, _) in enumerate(LEFT_OUT, start=1):
+        damage(copy_run(real_run, root, seed=seed))
+    out = tmp_path / "out"
+    assert main([str(root), "--suite", "minatar", "--out", str(out), "--reps", "50"]) == 0
+    notes = (out / "notes.txt").read_text()
+    for seed, (_, _, note) in enumerate(LEFT_OUT, start=1):
+        assert f"minatar/storm/breakout/seed_{seed} (finished) {note}: left out" in notes, (note, notes)
+    assert "seed_0" not in notes
+    assert pd.read_csv(out / "aggregate.csv")["method"].unique().tolist() == ["storm"]
+    capsys.readouterr()
+
+
+def test_analysis_command_refuses_inf_in_one_line(real_run, tmp_path):
+    """The command itself (a real process): exit 2, one line on stderr, nothing written."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    root = tmp_path / "results"
+    folder = copy_run(real_run, root)
+    edit(folder / "eval.csv", "," + first_return(folder) + ",", ",inf,")
+    out = subprocess.run([sys.executable, "-m", "mowbench.analysis", str(root), "--suite", "minatar", "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [f"error: {folder}/eval.csv: line 2: return='inf' is not finite; "
+                                               "allowed: a finite number"]
