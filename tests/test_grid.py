@@ -201,12 +201,20 @@ def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tm
 
 
 def test_a_corrupt_jobs_record_does_not_stop_grid_status(tmp_path):
-    """jobs.json is bookkeeping; the run folders are the truth: a garbage record is named, and status works."""
+    """jobs.json is bookkeeping; the run folders are the truth: a garbage record is named, and status works. A
+    corrupt file inside one run folder is a warning too: that run shows no figures, the others do."""
     record = tmp_path / "grids" / "smoke" / "jobs.json"
     record.parent.mkdir(parents=True)
     record.write_text('{"minatar/storm/breakout/seed_0": {"job_id": ')
+    finished, unfinished = (tmp_path / "minatar" / "storm" / "breakout" / f"seed_{k}" for k in (0, 1))
+    for folder in (finished, unfinished):
+        folder.mkdir(parents=True)
+    (finished / "DONE.json").write_text("{}")
+    (finished / "summary.json").write_text("garb")  # and a cut eval.csv in an unfinished run
+    (unfinished / "eval.csv").write_text("step,task,episode,return\n20,breakout,0,1.")
     out = subprocess.run([sys.executable, "-m", "mowbench.grid", "status", "grid=smoke", f"results_dir={tmp_path}"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "jobs.json is corrupt (not JSON" in out.stderr and "going on without it" in out.stderr
-    assert "minatar/storm/breakout/seed_0" in out.stdout
+    assert "minatar/storm/breakout/seed_0" in out.stdout and "minatar/storm/breakout/seed_1" in out.stdout
+    assert "summary.json is corrupt (not JSON" in out.stderr and "eval.csv is truncated" in out.stderr
