@@ -23,7 +23,8 @@ def test_atari_suite_has_the_26_games():
 def test_atari_protocol_settings_on_the_ale(name, sticky, noops, episodes):
     env = atari(protocol=name)
     ale = env.ale
-    assert ale.getFloat("repeat_action_probability") == pytest.approx(sticky)
+    assert ale.getFloat("repeat_action_probability") == 0.0  # the wrapper makes actions sticky (see below)
+    assert env.p["sticky_action_prob"] == sticky
     assert ale.getInt("frame_skip") == 1  # frame skipping is done by the wrapper, with max-pooling
     assert ale.getInt("max_num_frames_per_episode") == 108_000  # 27k agent steps
     p = env.info.protocol
@@ -101,10 +102,73 @@ def assert_restore_is_exact(env, n_actions, steps):
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def test_atari_state_restore_is_exact_with_sticky_actions():
-    env = atari("Breakout")
+class RecordingALE:
+    """The real ALE, recording the action executed at every emulator frame."""
+
+    def __init__(self, ale):
+        self.ale, self.executed = ale, []
+
+    def act(self, action):
+        self.executed.append(action.value)
+        return self.ale.act(action)
+
+    def __getattr__(self, name):
+        return getattr(self.ale, name)
+
+
+def test_atari_sticky_actions_repeat_the_previous_frames_action_with_probability_p():
+    """Per frame, with probability p the previous frame's action runs again (Machado et al. 2018). A step
+    that asks for a new action then runs it on frame k of 4 with probability 1 - p^k, so the share of frames
+    running the requested action is 1 - (p + p^2 + p^3 + p^4) / 4 = 0.91699 for p = 0.25."""
+    env = atari("Pong")  # storm protocol: p = 0.25, no no-op starts
     env.reset()
-    assert_restore_is_exact(env, 4, 40)
+    env.ale = recorder = RecordingALE(env.ale)
+    up, down = env.actions.index(3), env.actions.index(4)  # RIGHT, LEFT (Pong's paddle moves up, down)
+    requested = []
+    for i in range(600):  # a Pong game lasts longer
+        env.step(up if i % 2 else down)
+        requested += [env.actions[up if i % 2 else down]] * 4
+    assert len(recorder.executed) == 2400  # no game over cut a step short
+    share = np.mean(np.array(recorder.executed) == np.array(requested))
+    assert share == pytest.approx(1 - (0.25 + 0.25**2 + 0.25**3 + 0.25**4) / 4, abs=0.02)
+    assert set(recorder.executed) == {3, 4}
+    never = atari("Pong")
+    never.p["sticky_action_prob"] = 1.0  # every frame repeats the previous one: NOOP from the reset on
+    never.reset()
+    never.ale = recorder = RecordingALE(never.ale)
+    for _ in range(10):
+        never.step(up)
+    assert recorder.executed == [0] * 40
+
+
+def test_atari_state_restore_is_exact_in_a_new_process_for_the_26_games():
+    """A checkpointed mid-episode state (pickled, as in checkpoint.pt) restored into a newly made env goes on
+    exactly as the original, sticky actions included, for every game. Failed on ale-py's own sticky actions
+    (its state lacks the previous action) and for Qbert on any emulator restored right after its reset."""
+    import pickle
+
+    for game in resolve_tasks("atari100k", None):
+        env = make_envs("atari100k", [game], {"protocol": "storm"}, seed=1)[0]
+        env.reset()
+        actions = np.random.default_rng(0).integers(0, env.info.action.n, 80)
+        for a in actions[:40]:
+            if env.step(a).terminated:
+                env.reset()
+        state = pickle.loads(pickle.dumps(env.get_state()))
+        fresh = make_envs("atari100k", [game], {"protocol": "storm"}, seed=99)[0]
+        fresh.set_state(state)
+        for i, a in enumerate(actions[40:]):
+            one, two = env.step(a), fresh.step(a)
+            assert np.array_equal(one.obs, two.obs) and one.reward == two.reward, (game, i)
+            if one.terminated:
+                env.reset(), fresh.reset()
+    qbert = atari("Qbert", protocol="standard")  # no sticky actions: only the emulator restore
+    qbert.reset()
+    for _ in range(30):
+        qbert.step(1)
+    fresh = atari("Qbert", protocol="standard")
+    fresh.set_state(qbert.get_state())
+    assert all(np.array_equal(qbert.step(a).obs, fresh.step(a).obs) for a in (2, 3, 4, 5, 1))
 
 
 def test_minatar_suite_rgb_masks_and_restore():

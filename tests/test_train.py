@@ -271,6 +271,36 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(micro_cfg, tmp_pa
         sp.run(["umount", str(disk)])
 
 
+def test_a_read_only_results_disk_is_one_line_and_keeps_the_run(micro_cfg, tmp_path):
+    """A real read-only mount (tmpfs remounted ro; as root, chmod would not stop writes): the rerun of a
+    checkpointed run fails before any work with one line naming the path and the cause, the checkpoint and
+    logs stay as they were and no lock is left; writable again, the rerun resumes and finishes."""
+    import os
+    import subprocess as sp
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:  # CI runs as root and sets MOWBENCH_CI=1: there this can never skip
+        assert os.environ.get("MOWBENCH_CI") != "1", "CI must run the read-only test as root"
+        pytest.skip("mounting a tmpfs needs root (CI runs as root, so this runs there)")
+    assert sp.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)]).returncode == 0
+    try:
+        args = [f"results_dir={disk}", "train.checkpoint_every=20", "train.keep_checkpoint=true"]
+        assert execute(micro_cfg(*args, "train.stop_at=20"))[0][1] is None
+        folder = run_dir(disk, "minatar", "storm", "breakout", 0)
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        assert sp.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+        with pytest.raises(ValueError, match=rf"^results_dir={disk} cannot be written \(read-only file system at "
+                                             rf"{disk}/\.write-probe\..*\); allowed: a writable folder$"):
+            execute(micro_cfg(*args))
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before  # nothing touched
+        assert sp.run(["mount", "-o", "remount,rw", str(disk)]).returncode == 0
+        [(_, summary)] = execute(micro_cfg(*args))
+        assert summary["step"] == 60 and not (folder / "RUNNING.lock").exists()
+    finally:
+        sp.run(["umount", str(disk)])
+
+
 def test_corrupt_files_are_named_with_the_recovery(micro_cfg, tmp_path):
     """A truncated checkpoint.pt or metadata.json, or a garbage summary.json: one line naming the file and
     what to do, never a traceback."""

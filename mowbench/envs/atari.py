@@ -63,7 +63,7 @@ class AtariEnv(TaskEnv):
         self.p = protocol(cfg)
         self.size = int(cfg.get("image_size", 64))
         self.gym_env = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
-                                repeat_action_probability=self.p["sticky_action_prob"],
+                                repeat_action_probability=0.0,  # sticky actions are ours: see step()
                                 max_num_frames_per_episode=self.p["max_episode_steps"] * self.p["frame_skip"])
         self.ale = self.gym_env.unwrapped.ale
         self.gym_env.reset(seed=seed)
@@ -79,6 +79,8 @@ class AtariEnv(TaskEnv):
         import ale_py as _ale
 
         self._ale_actions = [_ale.Action(a) for a in self.actions]
+        self._noop = _ale.Action.NOOP
+        self.last_action = self._noop  # the action the emulator executed last (sticky actions repeat it)
         self.life_loss_terminal = bool(self.p["life_loss_terminal"])
         self.info = TaskInfo("atari100k", game, index, self.size, space,
                              protocol={**self.p, "action_set": "full" if len(self.actions) == FULL_ACTIONS and
@@ -104,14 +106,20 @@ class AtariEnv(TaskEnv):
                 self.gym_env.reset()
         self.t = 0
         self.lives = self.ale.lives()
+        self.last_action = self._noop  # as the ALE's own sticky actions start every episode
         return self._observe([self._screen()])
 
     def step(self, action: np.ndarray | int) -> Step:
         ale_action = self._ale_actions[int(action)]
         reward, frames = 0.0, []
-        skip, pool = self.p["frame_skip"], self.p["max_pool_frames"]
+        skip, pool, sticky = self.p["frame_skip"], self.p["max_pool_frames"], self.p["sticky_action_prob"]
         for i in range(skip):
-            reward += self.ale.act(ale_action)
+            # Sticky actions (Machado et al. 2018), per emulator frame: with probability p the previous frame's
+            # action is executed again. Done here rather than by the ALE, whose saved state lacks the previous
+            # action, so that a run resumed from a checkpoint continues exactly.
+            if sticky == 0 or self.rng.random() >= sticky:
+                self.last_action = ale_action
+            reward += self.ale.act(self.last_action)
             if i >= skip - pool:
                 frames.append(self._screen())
             if self.ale.game_over():
@@ -127,12 +135,17 @@ class AtariEnv(TaskEnv):
 
     def get_state(self) -> Any:
         return {"ale": self.ale.cloneState(include_rng=True), "t": self.t, "lives": self.lives,
-                "rng": self.rng.bit_generator.state, "started": self._started}
+                "rng": self.rng.bit_generator.state, "started": self._started, "last_action": self.last_action.value}
 
     def set_state(self, state: Any) -> None:
+        # An emulator restored right after a reset_game (as every newly made one is) goes on differently in some
+        # games although its restored RAM is equal (Qbert: from the first step; ale-py 0.12). One emulated frame
+        # before restoring avoids it (tested on the 26 games: tests/test_envs.py).
+        self.ale.act(self._noop)
         self.ale.restoreState(state["ale"])
         self.t, self.lives, self._started = state["t"], state["lives"], state["started"]
         self.rng.bit_generator.state = state["rng"]
+        self.last_action = type(self._noop)(state.get("last_action", 0))  # checkpoints before it held none: NOOP
 
     def close(self) -> None:
         self.gym_env.close()
