@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, plan, resolve_device, resolve_precision
-from mowbench.envs import make_envs, resolve_tasks
+from mowbench.envs import make_env, make_envs, resolve_tasks
 from mowbench.replay import random_batch
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
@@ -39,8 +39,10 @@ from mowbench.replay import random_batch
 # flops: count each phase's matmul/conv FLOPs (one untimed pass) and measure the device's dense matmul
 # rate in the run's precision, giving a lower bound on the step time (what no implementation of the same
 # maths can beat on this device)
+# eval_episodes, eval_steps: evaluation episodes per task timed and their cap in agent steps; eval_episode_steps:
+# the episode length the projection assumes (0: the suite's, EVAL_EPISODE_STEPS)
 BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True,
-                  "flops": True}
+                  "flops": True, "eval_episodes": 2, "eval_steps": 20, "eval_episode_steps": 0}
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -124,17 +126,83 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         out["gflop"] = counts
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
         out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
-    context, obs = agent.new_context(0), env.reset()
-    for _ in range(16):  # fill an acting window first (e.g. STORM's 16-frame context)
-        obs = env.step(agent.act(context, obs)).obs
-    steps = int(opts["act_steps"])
-    t = time.perf_counter()
-    for _ in range(steps):
-        step = env.step(agent.act(context, obs))
-        obs = env.reset() if step.done else step.obs
-    out["acting_env_steps_per_s"] = steps / (time.perf_counter() - t)
+    out |= acting_figures(agent, envs, int(opts["act_steps"]))
+    out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts)
+    out["projected_hours"] = projection(out, p.train, len(envs), int(opts["eval_episode_steps"] or
+                                                                     EVAL_EPISODE_STEPS[suite]))
+    out["peak_memory_gib"] = peak_memory_gib(device)
     for e in envs:
         e.close()
+    return out
+
+
+# Agent steps per evaluation episode assumed by the projection (bench.eval_episode_steps overrides): Meta-World
+# episodes have a fixed length (100 agent steps here); Atari 100k evaluation episodes of trained agents mostly
+# last 500 to 5000 agent steps (27k cap), so 2000 is a round middle; MinAtar's are a few hundred.
+EVAL_EPISODE_STEPS = {"atari100k": 2000, "metaworld": 100, "minatar": 500}
+
+
+def acting_figures(agent: Any, envs: list[Any], act_steps: int) -> dict[str, float]:
+    """Env steps per second of training-time acting: one stream per task (a multi-task agent: all its tasks)
+    acting in one batch per round, env steps included, after a full acting window (e.g. STORM's 16 frames)."""
+    contexts, obs = [agent.new_context(i) for i in range(len(envs))], [e.reset() for e in envs]
+
+    def one_round() -> None:
+        for i, (env, action) in enumerate(zip(envs, agent.act_batch(contexts, obs), strict=True)):
+            step = env.step(action)
+            obs[i] = env.reset() if step.done else step.obs
+
+    for _ in range(16):
+        one_round()
+    rounds = max(1, -(-act_steps // len(envs)))
+    t = time.perf_counter()
+    for _ in range(rounds):
+        one_round()
+    return {"acting_streams": len(envs), "acting_env_steps_per_s": rounds * len(envs) / (time.perf_counter() - t)}
+
+
+def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[str, Any], train: Any,
+                       opts: dict[str, Any]) -> dict[str, float]:
+    """The trainer's evaluation (full mode, as many episodes at once as train.eval_envs allows), episodes
+    capped at bench.eval_steps: env steps per second, and seconds per evaluation env made and closed."""
+    from mowbench.trainer import evaluate
+
+    def make(copy: int, task: int) -> Any:
+        return make_env(suite, tasks, task, env_cfg, 1000 + copy, evaluation=True)
+
+    t = time.perf_counter()
+    make(0, 0).close()
+    per_env = time.perf_counter() - t
+    episodes = int(opts["eval_episodes"])
+    t = time.perf_counter()
+    rows = evaluate(agent, make, len(tasks), episodes, False, int(opts["eval_steps"]), 0, train.eval_envs)
+    seconds = time.perf_counter() - t
+    steps = sum(length for per_task in rows for _, length, _ in per_task)
+    return {"eval_env_steps_per_s": steps / max(seconds - per_env * episodes * len(tasks), 1e-9),
+            "s_per_eval_env": per_env, "eval_episodes_timed": episodes * len(tasks)}
+
+
+def projection(figures: dict[str, Any], train: Any, n_tasks: int, eval_episode_steps: int) -> dict[str, float]:
+    """Hours of the preset's full run on this device: acting (train.steps rounds of every task's env; warm-up
+    acting counted as the agent's, an upper bound), updates (after warm-up, train.updates_per_step per step)
+    and evaluations (periodic and final episodes of every task, eval_episode_steps agent steps each, plus a new
+    env per episode)."""
+    acting = train.steps * n_tasks / figures["acting_env_steps_per_s"]
+    updates = (train.steps - train.warmup) * train.updates_per_step * figures["s_per_train_step"]
+    periodic = (train.steps - 1) // train.eval_every if train.eval_every else 0
+    episodes = n_tasks * (train.eval_episodes + periodic * train.periodic_eval_episodes)
+    evaluation = episodes * (eval_episode_steps / figures["eval_env_steps_per_s"] + figures["s_per_eval_env"])
+    hours = {"acting": acting / 3600, "updates": updates / 3600, "evaluation": evaluation / 3600}
+    return hours | {"total": sum(hours.values()), "eval_episode_steps_assumed": eval_episode_steps}
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process, and peak CUDA memory allocated on a CUDA device."""
+    import resource
+
+    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
 
 

@@ -66,20 +66,23 @@ def unimix_logits(logits: torch.Tensor, mix: float = 0.01) -> torch.Tensor:
     return torch.log(probs)
 
 
-def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+def sample_categorical(probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """Index samples of categorical probs (..., C) -> (...,) by inverse CDF: one uniform per row.
 
-    Exact, and several times faster on CPU than torch.multinomial for many small rows.
+    Exact, and several times faster on CPU than torch.multinomial for many small rows. `u` (..., 1) in [0, 1):
+    the uniforms to use (e.g. drawn from an env stream's own generator); None: drawn from torch's.
     """
-    u = torch.rand(*probs.shape[:-1], 1, device=probs.device, dtype=torch.float32)
+    if u is None:
+        u = torch.rand(*probs.shape[:-1], 1, device=probs.device, dtype=torch.float32)
     cdf = probs.float().cumsum(-1)
     return (cdf < u * cdf[..., -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)
 
 
-def sample_onehot_st(logits: torch.Tensor) -> torch.Tensor:
-    """One-hot sample of categorical logits (..., C) with straight-through gradients."""
+def sample_onehot_st(logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One-hot sample of categorical logits (..., C) with straight-through gradients (`u`: see
+    sample_categorical)."""
     probs = torch.softmax(logits, dim=-1)
-    onehot = F.one_hot(sample_categorical(probs), probs.shape[-1]).to(probs.dtype)
+    onehot = F.one_hot(sample_categorical(probs, u), probs.shape[-1]).to(probs.dtype)
     return onehot + probs - probs.detach()
 
 

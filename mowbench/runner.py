@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from mowbench import results as R
 from mowbench.agents.base import make_agent
 from mowbench.config import Plan, plan
-from mowbench.envs import make_envs
+from mowbench.envs import make_env, make_envs
 from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
 
 # OS errors of writing the run's files that are the machine's state, not a bug: reported in one line
@@ -134,8 +134,8 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         opened.callback(lambda: [env.close() for env in envs])
         agent = make_agent(p.agent, dict(cfg["agent"]), [e.info for e in envs], p.device, p.precision)
 
-        def make_eval_envs(k: int, copy: int) -> list:  # evaluation k's envs; copy > 0: reference mode's extras
-            return make_envs(p.suite, tasks, env_cfg, seed + 7919 * (k + 1) + 104_729 * copy, evaluation=True)
+        def make_eval_env(k: int, copy: int, index: int) -> Any:  # evaluation k's env `copy` of task `index`
+            return make_env(p.suite, tasks, index, env_cfg, seed + 7919 * (k + 1) + 104_729 * copy, evaluation=True)
 
         folder.mkdir(parents=True, exist_ok=True)
         resuming = (folder / CHECKPOINT).exists()
@@ -152,7 +152,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
                                     "greedy": p.train.eval_greedy, "parallel_envs": p.train.eval_parallel
                                     if p.train.eval_mode == "reference" else 1}})
         R.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
-        trainer = Trainer(agent, envs, make_eval_envs, p.train, folder, p.device, seed)
+        trainer = Trainer(agent, envs, make_eval_env, p.train, folder, p.device, seed)
         # a failed session leaves the CSVs as of its last checkpoint; finished and preempted ones flush first
         opened.callback(trainer.log.close, flush=False)
         meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,

@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mowbench.agents.base import Agent
-from mowbench.envs.base import TaskEnv
+from mowbench.envs.base import Step, TaskEnv
 from mowbench.logger import RunLog
 from mowbench.replay import Replay
 from mowbench.results import atomic_torch_save
@@ -56,6 +57,8 @@ class TrainConfig:
     # None: the protocol's (Atari with the STORM protocol: reference)
     eval_mode: str | None = None
     eval_parallel: int = 5  # reference mode: envs per task run in parallel (STORM's reference: 5)
+    eval_envs: int = 64  # full mode: episodes (of all tasks) played at once; each has its own env and seed, so
+    # the results do not depend on it (memory: one env per episode in flight)
     eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
     random_baseline: bool = True  # also evaluate a uniformly random policy at the end
     checkpoint_every: int = 10_000  # steps between checkpoints (0: none until the end)
@@ -80,8 +83,9 @@ class TrainConfig:
             raise ValueError(f"train.updates_per_step={self.updates_per_step}; allowed: >= 0")
         if self.eval_mode not in EVAL_MODES:
             raise ValueError(f"train.eval_mode={self.eval_mode!r}; allowed: {', '.join(EVAL_MODES)}")
-        if self.eval_parallel < 1:
-            raise ValueError(f"train.eval_parallel={self.eval_parallel}; allowed: a positive integer")
+        for name in ("eval_parallel", "eval_envs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
 
 
 @dataclass
@@ -129,70 +133,113 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def evaluate(agent: Agent | None, envs: list[TaskEnv], episodes: int, greedy: bool, max_steps: int,
-             rng: np.random.Generator) -> list[list[tuple[float, int, float | None]]]:
-    """Per task, `episodes` x (return, length, success). agent=None: uniformly random legal actions."""
-    out = []
-    for env in envs:
-        results = []
-        context = agent.new_context(env.info.index) if agent else None
-        for _ in range(episodes):
-            obs, ret, length, success = env.reset(), 0.0, 0, None
-            if agent:
-                agent.episode_start(context)
-            while True:
-                action = agent.act(context, obs, greedy) if agent else env.info.action.sample(rng)
-                step = env.step(action)
-                obs, ret, length = step.obs, ret + step.reward, length + 1
-                if step.success is not None:
-                    success = max(success or 0.0, step.success)  # success at any step of the episode
-                if step.done or (max_steps and length >= max_steps):
-                    break
-            results.append((ret, length, success))
-        out.append(results)
-    return out
+EnvMaker = Callable[[int, int], TaskEnv]  # (copy, task index) -> a new evaluation env of that task
 
 
-def evaluate_reference(agent: Agent | None, copies: list[list[TaskEnv]], episodes: int, greedy: bool,
-                       max_steps: int, rng: np.random.Generator) -> list[list[tuple[float, int, float | None]]]:
-    """STORM's reference evaluation (the one behind the published STORM and MoW numbers): per task, the
-    envs in `copies[task]` step in lockstep, each episode's return is summed *without its last step's
+def stream_seed(*keys: int) -> int:
+    """The seed of one evaluation stream from its keys (run seed, evaluation, task, episode or copy)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(2))
+
+
+@dataclass
+class EvalStream:
+    """One evaluation env with its acting state: the agent's context, or the random policy's generator."""
+
+    task: int
+    index: int  # full mode: the episode it plays; reference mode: its copy
+    env: TaskEnv
+    context: Any
+    obs: np.ndarray | None = None
+    ret: float = 0.0
+    length: int = 0
+    success: float | None = None
+
+
+def open_stream(agent: Agent | None, env: TaskEnv, task: int, index: int, seed: int) -> EvalStream:
+    s = EvalStream(task, index, env, agent.new_context(task, seed) if agent else np.random.default_rng(seed))
+    restart(agent, s)
+    return s
+
+
+def restart(agent: Agent | None, s: EvalStream) -> None:
+    s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
+    if agent:
+        agent.episode_start(s.context)
+
+
+def act_round(agent: Agent | None, streams: list[EvalStream], greedy: bool) -> list[Any]:
+    """One action per stream: the agent acting on all of them at once, or uniformly random legal actions."""
+    if agent:
+        return agent.act_batch([s.context for s in streams], [s.obs for s in streams], greedy)
+    return [s.env.info.action.sample(s.context) for s in streams]
+
+
+def advance(s: EvalStream, action: Any, max_steps: int) -> tuple[Step, bool]:
+    """Step the stream's env; returns the step and whether its episode is over (done, or max_steps reached)."""
+    step = s.env.step(action)
+    s.length += 1
+    if step.success is not None:
+        s.success = max(s.success or 0.0, step.success)  # success at any step of the episode
+    return step, bool(step.done or (max_steps and s.length >= max_steps))
+
+
+def evaluate(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int, greedy: bool, max_steps: int,
+             seed: int, max_envs: int = 64) -> list[list[tuple[float, int, float | None]]]:
+    """Per task, `episodes` x (return, length, success) of complete episodes. agent=None: uniformly random
+    legal actions. Up to `max_envs` episodes of all tasks run at once, the agent acting on all of them in one
+    batch; episode i of task t has its own env make_env(i, t) and its own acting seed, so the results do not
+    depend on max_envs or on which episodes run beside it."""
+    pending = deque((t, i) for i in range(episodes) for t in range(n_tasks))  # every task's first episode first
+    results: list[list[Any]] = [[None] * episodes for _ in range(n_tasks)]
+    live: list[EvalStream] = []
+    while pending or live:
+        while pending and len(live) < max_envs:
+            t, i = pending.popleft()
+            live.append(open_stream(agent, make_env(i, t), t, i, stream_seed(seed, t, i)))
+        for s, action in zip(live, act_round(agent, live, greedy), strict=True):
+            step, over = advance(s, action, max_steps)
+            s.ret += step.reward
+            s.obs = step.obs
+            if over:
+                results[s.task][s.index] = (s.ret, s.length, s.success)
+                s.env.close()
+        live = [s for s in live if results[s.task][s.index] is None]
+    return results
+
+
+def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int, greedy: bool,
+                       max_steps: int, seed: int, parallel: int = 5) -> list[list[tuple[float, int, float | None]]]:
+    """STORM's reference evaluation (the one behind the published STORM and MoW numbers): per task, `parallel`
+    envs (make_env(copy, task)) step in lockstep, each episode's return is summed *without its last step's
     reward*, and the first `episodes` episodes to finish are kept (ties within a round in env order), so
-    long episodes are under-represented. Per task, `episodes` x (return, length, success)."""
-    out = []
-    for envs in copies:
-        contexts = [agent.new_context(env.info.index) if agent else None for env in envs]
-        obs = [env.reset() for env in envs]
-        ret, length, success = [0.0] * len(envs), [0] * len(envs), [None] * len(envs)
-        if agent:
-            for context in contexts:
-                agent.episode_start(context)
-        results: list[tuple[float, int, float | None]] = []
-        while len(results) < episodes:
-            for i, env in enumerate(envs):
-                action = agent.act(contexts[i], obs[i], greedy) if agent else env.info.action.sample(rng)
-                step = env.step(action)
-                length[i] += 1
-                if step.success is not None:
-                    success[i] = max(success[i] or 0.0, step.success)
-                if step.done or (max_steps and length[i] >= max_steps):
-                    if len(results) < episodes:
-                        results.append((ret[i], length[i], success[i]))  # the last reward is not added
-                    obs[i], ret[i], length[i], success[i] = env.reset(), 0.0, 0, None
-                    if agent:
-                        agent.episode_start(contexts[i])
-                else:
-                    ret[i] += step.reward
-                    obs[i] = step.obs
-        out.append(results)
-    return out
+    long episodes are under-represented. All tasks' envs step together, the agent acting on all of them in one
+    batch. Per task, `episodes` x (return, length, success)."""
+    streams = [open_stream(agent, make_env(c, t), t, c, stream_seed(seed, t, c))
+               for t in range(n_tasks) for c in range(parallel)]
+    results: list[list[tuple[float, int, float | None]]] = [[] for _ in range(n_tasks)]
+    live = streams
+    while live:
+        for s, action in zip(live, act_round(agent, live, greedy), strict=True):
+            step, over = advance(s, action, max_steps)
+            if over:
+                if len(results[s.task]) < episodes:
+                    results[s.task].append((s.ret, s.length, s.success))  # the last reward is not added
+                restart(agent, s)
+            else:
+                s.ret += step.reward
+                s.obs = step.obs
+        live = [s for s in live if len(results[s.task]) < episodes]
+    for s in streams:
+        s.env.close()
+    return results
 
 
 class Trainer:
-    def __init__(self, agent: Agent, envs: list[TaskEnv], make_eval_envs: Callable[[int, int], list[TaskEnv]],
+    def __init__(self, agent: Agent, envs: list[TaskEnv], make_eval_env: Callable[[int, int, int], TaskEnv],
                  cfg: TrainConfig, folder: Path, device: torch.device, seed: int) -> None:
-        self.agent, self.cfg, self.folder, self.device = agent, cfg, folder, device
-        self.make_eval_envs = make_eval_envs
+        """make_eval_env(evaluation, copy, task index): a new evaluation env (seeded by all three)."""
+        self.agent, self.cfg, self.folder, self.device, self.seed = agent, cfg, folder, device, seed
+        self.make_eval_env = make_eval_env
         self.tasks = [e.info for e in envs]
         replay_device = device if cfg.replay_on_device else torch.device("cpu")
         self.replay = Replay(cfg.replay_capacity, self.tasks, replay_device, seed, agent.replay_fields())
@@ -262,54 +309,52 @@ class Trainer:
         return state, pickle.loads(state["objects"])  # written by this trainer (see state_dict)
 
     # ---- loop ----
-    def _env_step(self, k: int, training: bool) -> None:
-        s = self.streams[k]
-        if s.obs is None:
-            s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
-            self.agent.episode_start(s.context)
-        extras: dict[str, Any] = {}
+    def _round(self, training: bool) -> None:
+        """One env step in every task: the agent acts on all streams in one batch (warm-up: random actions)."""
+        for s in self.streams:
+            if s.obs is None:
+                s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
+                self.agent.episode_start(s.context)
         if training:
-            action = self.agent.act(s.context, s.obs)
-            if self.replay.fields:
-                extras = self.agent.step_extras(s.context)
+            actions = self.agent.act_batch([s.context for s in self.streams], [s.obs for s in self.streams])
         else:
-            action = s.env.info.action.sample(self.rng)
-        if "first" in self.replay.fields:
-            extras["first"] = float(s.length == 0)
-        step = s.env.step(action)
-        self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step), **extras)
-        s.ret += step.reward
-        s.length += 1
-        if step.success is not None:
-            s.success = max(s.success or 0.0, step.success)
-        s.obs = step.obs
-        if step.done:
-            self.counters.episodes[k] += 1
-            s.last_return = s.ret
-            self.log.episode(self.counters.step + 1, s.env.info.name, s.ret, s.length, s.success)
-            s.obs = None
+            actions = [s.env.info.action.sample(self.rng) for s in self.streams]
+        for k, (s, action) in enumerate(zip(self.streams, actions, strict=True)):
+            extras: dict[str, Any] = self.agent.step_extras(s.context) if training and self.replay.fields else {}
+            if "first" in self.replay.fields:
+                extras["first"] = float(s.length == 0)
+            step = s.env.step(action)
+            self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step), **extras)
+            s.ret += step.reward
+            s.length += 1
+            if step.success is not None:
+                s.success = max(s.success or 0.0, step.success)
+            s.obs = step.obs
+            if step.done:
+                self.counters.episodes[k] += 1
+                s.last_return = s.ret
+                self.log.episode(self.counters.step + 1, s.env.info.name, s.ret, s.length, s.success)
+                s.obs = None
 
-    def _episodes(self, agent: Agent | None, envs_key: int, episodes: int, greedy: bool,
-                  rng: np.random.Generator) -> dict[str, list[tuple[float, int, float | None]]]:
-        """Evaluation episodes per task name on fresh eval envs (seeded by `envs_key`), closed after, in
-        the configured evaluation mode."""
-        cfg = self.cfg
+    def _episodes(self, agent: Agent | None, key: int, episodes: int, greedy: bool
+                  ) -> dict[str, list[tuple[float, int, float | None]]]:
+        """Evaluation episodes per task name on new eval envs (seeded by `key`), in the configured mode."""
+        cfg, n = self.cfg, len(self.tasks)
+
+        def make_env(copy: int, task: int) -> TaskEnv:
+            return self.make_eval_env(key, copy, task)
+
         if cfg.eval_mode == "full":
-            envs = self.make_eval_envs(envs_key, 0)
-            results = evaluate(agent, envs, episodes, greedy, cfg.eval_max_steps, rng)
-            copies = [[env] for env in envs]
+            results = evaluate(agent, make_env, n, episodes, greedy, cfg.eval_max_steps, stream_seed(self.seed, key),
+                               cfg.eval_envs)
         else:
-            per_copy = [self.make_eval_envs(envs_key, c) for c in range(cfg.eval_parallel)]  # (copies, tasks)
-            copies = [list(envs) for envs in zip(*per_copy, strict=True)]  # (tasks, copies)
-            results = evaluate_reference(agent, copies, episodes, greedy, cfg.eval_max_steps, rng)
-        for envs in copies:
-            for env in envs:
-                env.close()
-        return {envs[0].info.name: rows for envs, rows in zip(copies, results, strict=True)}
+            results = evaluate_reference(agent, make_env, n, episodes, greedy, cfg.eval_max_steps,
+                                         stream_seed(self.seed, key), cfg.eval_parallel)
+        return {info.name: rows for info, rows in zip(self.tasks, results, strict=True)}
 
     def _evaluate(self, episodes: int) -> dict[str, float]:
         """The agent's evaluation at the current step, logged; returns the mean return per task."""
-        results = self._episodes(self.agent, self.counters.evals, episodes, self.cfg.eval_greedy, self.rng)
+        results = self._episodes(self.agent, self.counters.evals, episodes, self.cfg.eval_greedy)
         self.counters.evals += 1
         means = {}
         for task, rows in results.items():
@@ -340,8 +385,7 @@ class Trainer:
         try:
             while c.step < cfg.steps:
                 training = c.step >= cfg.warmup
-                for k in range(len(self.streams)):
-                    self._env_step(k, training)
+                self._round(training)
                 c.step += 1
                 if training and len(self.replay) >= 1:
                     c.update_credit += cfg.updates_per_step
@@ -380,7 +424,7 @@ class Trainer:
                                        "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],
                                                                                    c.episodes, strict=True))}
             if cfg.random_baseline:
-                rand = self._episodes(None, 10_000, cfg.eval_episodes, False, np.random.default_rng(0))
+                rand = self._episodes(None, 10_000, cfg.eval_episodes, False)
                 summary["random_return"] = {task: float(np.mean([r[0] for r in rows])) for task, rows in rand.items()}
             if cfg.keep_checkpoint:
                 self.save()  # the final state, e.g. to continue training with a larger budget

@@ -90,16 +90,20 @@ def test_reference_evaluation_keeps_the_first_episodes_to_finish_without_their_l
     """Two envs in lockstep (env 0 steps first in each round): env 0's episodes last 3 steps (rewards
     1, 1, 1), env 1's 2 steps (1, 5). Env 1 ends in rounds 2, 4, 6, env 0 in rounds 3 and 6, so the order
     is e1, e0, e1, e0, e1 and the returns without each last reward are 1, 2, 1, 2, 1."""
-    rng = np.random.default_rng(0)
-    [rows] = evaluate_reference(None, [[ScriptedEnv([1, 1, 1]), ScriptedEnv([1, 5])]], 5, False, 0, rng)
+    scripts = [[1, 1, 1], [1, 5]]  # copy -> its env's episode
+    [rows] = evaluate_reference(None, lambda copy, task: ScriptedEnv(scripts[copy]), 1, 5, False, 0, 0, parallel=2)
     assert [r[0] for r in rows] == [1, 2, 1, 2, 1]
     assert [r[1] for r in rows] == [2, 3, 2, 3, 2]
     assert np.mean([r[0] for r in rows]) == pytest.approx(1.4)
     # the full evaluation of the same episodes counts every reward: 3 and 6
-    [full] = evaluate(None, [ScriptedEnv([1, 1, 1])], 2, False, 0, rng)
+    [full] = evaluate(None, lambda episode, task: ScriptedEnv([1, 1, 1]), 1, 2, False, 0, 0)
     assert [r[0] for r in full] == [3, 3]
-    [full] = evaluate(None, [ScriptedEnv([1, 5])], 2, False, 0, rng)
+    [full] = evaluate(None, lambda episode, task: ScriptedEnv([1, 5]), 1, 2, False, 0, 0)
     assert [r[0] for r in full] == [6, 6]
+    # tasks evaluated together keep their own scripts: task 1 of a reference evaluation is task 0 above
+    both = evaluate_reference(None, lambda copy, task: ScriptedEnv(scripts[copy] if task else [2]), 2, 5, False, 0,
+                              0, parallel=2)
+    assert [r[0] for r in both[1]] == [1, 2, 1, 2, 1] and [r[0] for r in both[0]] == [0] * 5
 
 
 def test_evaluation_mode_is_recorded_in_metadata_and_eval_csv(tmp_path):

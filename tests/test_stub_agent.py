@@ -32,12 +32,14 @@ class StubAgent(Agent):
         self.visits = torch.zeros(len(tasks), tasks[0].action.n)  # transitions learned from
         self.legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]))
 
-    def new_context(self, task: int) -> dict[str, int]:
-        return {"task": task}
+    def new_context(self, task: int, seed: int | None = None) -> dict[str, Any]:
+        seed = int(torch.randint(2**62, (1,))) if seed is None else seed
+        return {"task": task, "rng": np.random.default_rng(seed)}
 
-    def act(self, context: dict[str, int], obs: np.ndarray, greedy: bool = False) -> int:
+    def act(self, context: dict[str, Any], obs: np.ndarray, greedy: bool = False) -> int:
         q = self.q[context["task"]].masked_fill(~self.legal[context["task"]], -1e9)
-        return int(q.argmax()) if greedy else int(torch.multinomial(torch.softmax(q * 5, -1), 1))
+        probs = torch.softmax(q * 5, -1).double().numpy()
+        return int(q.argmax()) if greedy else int(context["rng"].choice(len(probs), p=probs / probs.sum()))
 
     def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
         batch = sample(4, 2)  # 4 sequences of 2 steps

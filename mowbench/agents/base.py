@@ -28,12 +28,19 @@ class Agent(ABC):
     multi_task: bool = False  # False: the runner makes one run per task (STORM); True: one run for all
 
     @abstractmethod
-    def new_context(self, task: int) -> Any:
-        """Fresh acting state for one env stream (e.g. the last frames and actions)."""
+    def new_context(self, task: int, seed: int | None = None) -> Any:
+        """Fresh acting state for one env stream (e.g. the last frames and actions). `seed`: the stream's own
+        random numbers, so that its actions do not depend on the streams acting beside it (evaluation gives
+        each episode one); None: drawn from torch's global generator."""
 
     @abstractmethod
     def act(self, context: Any, obs: np.ndarray, greedy: bool = False) -> np.ndarray | int:
         """Choose an action for `obs` (S, S, 3) uint8 and record (obs, action) in `context`."""
+
+    def act_batch(self, contexts: list[Any], obs: list[np.ndarray], greedy: bool = False) -> list[np.ndarray | int]:
+        """`act` for several streams at once (the trainer's and the evaluation's only call): one action per
+        (context, obs). Default: one `act` after another; an agent overrides it with one batched pass."""
+        return [self.act(c, o, greedy) for c, o in zip(contexts, obs, strict=True)]
 
     def episode_start(self, context: Any) -> None:  # noqa: B027 - optional hook
         """Called when a new episode starts on a stream."""

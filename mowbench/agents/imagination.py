@@ -119,18 +119,33 @@ def check_non_negative(cfg: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)}; allowed: >= 0")
 
 
-def sample_z(logits: torch.Tensor) -> torch.Tensor:
-    """Posterior/prior logits (..., V, C) -> straight-through one-hot sample flattened to (..., V*C)."""
-    return sample_onehot_st(logits).flatten(-2)
+def sample_z(logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Posterior/prior logits (..., V, C) -> straight-through one-hot sample flattened to (..., V*C); u (..., V, 1)
+    uniforms to use (None: torch's)."""
+    return sample_onehot_st(logits, u).flatten(-2)
 
 
 @dataclass
 class ActingContext:
-    """The last `act_context` (z, a) pairs of one env stream; z (T, V*C), action (T, A)."""
+    """One env stream's acting state: its last `act_context` (z, a) pairs, z (T, V*C) and action (T,) or (T, A),
+    and its own generator, from which every random number of its acting is drawn."""
 
     task: int
+    rng: np.random.Generator | None = None  # None (contexts pickled before it): made on first use
     z: torch.Tensor | None = None
     action: torch.Tensor | None = None
+
+
+def context_seed() -> int:
+    """A stream seed drawn from torch's global generator (reproducible for the run's seed)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def random_legal(legal: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A uniformly random legal action per row: legal (B, A) bool, u (B,) in [0, 1) -> (B,) long (the
+    floor(u * n_legal)-th legal action)."""
+    k = (u * legal.sum(-1)).long().clamp(max=legal.shape[-1] - 1)  # (B,)
+    return ((legal.cumsum(-1) == (k + 1)[:, None]) & legal).float().argmax(-1)
 
 
 class ImaginationAgent(Agent):
@@ -261,46 +276,71 @@ class ImaginationAgent(Agent):
                 "imagination": lambda: self.imagine(context),
                 "agent_update": lambda: self.learner.update(traj)}
 
-    def new_context(self, task: int) -> ActingContext:
-        return ActingContext(task)
+    def new_context(self, task: int, seed: int | None = None) -> ActingContext:
+        return ActingContext(task, np.random.default_rng(context_seed() if seed is None else seed))
 
     def episode_start(self, context: ActingContext) -> None:
         if self.cfg.reset_context_on_episode:
             context.z = context.action = None
 
-    @torch.no_grad()
     def act(self, context: ActingContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray | int:
-        """Act from [prior sample of z_t, h_{t-1}] computed over the previous frames/actions (STORM); the
-        current frame is appended to the context after the action is chosen. The window slides, so learned
-        absolute positions change every step and one full pass over <= act_context tokens is used (the KV
-        cache serves imagination, where positions only grow)."""
+        return self.act_batch([context], [obs], greedy)[0]
+
+    @torch.no_grad()
+    def act_batch(self, contexts: list[ActingContext], obs: list[np.ndarray], greedy: bool = False
+                  ) -> list[np.ndarray | int]:
+        """Act from [prior sample of z_t, h_{t-1}] computed over each stream's previous frames and actions
+        (STORM); the current frame is encoded and appended to the context after the action is chosen.
+
+        All streams are encoded in one pass, and the streams with the same context length share one
+        sequence pass (after the first steps of an episode, all of them). Each stream draws its random
+        numbers from its own generator, in a fixed order (prior sample, action, encoding), so its actions
+        do not depend on the streams beside it. The window slides, so the learned absolute positions of every
+        token change each step: the pass over <= act_context tokens is recomputed (exact; a KV cache would
+        be exact only while the window grows, and serves imagination, where positions only grow)."""
         self.wm.eval()
         self.ac.eval()
-        legal = self.legal[context.task][None, None]  # (1, 1, A)
-        task = torch.full((1,), context.task, dtype=torch.long, device=self.device)
+        n = len(contexts)
+        task = torch.tensor([c.task for c in contexts], device=self.device)  # (n,)
+        obs_t = torch.as_tensor(np.stack(obs), device=self.device)[:, None]  # (n, 1, S, S, 3)
         with self.autocast():
-            if context.z is None:  # nothing seen yet: a uniformly random legal action, as STORM does
-                if self.discrete:
-                    choices = torch.nonzero(self.legal[context.task]).flatten()
-                    action = choices[torch.randint(len(choices), (1,), device=self.device)].view(1, 1)
-                else:
-                    action = torch.rand(1, 1, self.action_dim, device=self.device) * 2 - 1
-            else:
-                h = self.wm.sequence(context.z[None], self.action_input(context.action[None]), task)[:, -1:]
-                z = sample_z(self.wm.prior(h, task))
-                dist = self.ac.actor(self.wm.features(z, h, task), legal)
-                action = dist.mode() if greedy else dist.sample()  # (1, 1) or (1, 1, A)
-            obs_t = torch.as_tensor(obs, device=self.device)[None, None]
-            z_obs = sample_z(self.wm.encode(obs_t, task))[0]  # (1, V*C)
-        action_row = action[0]
-        if context.z is None:
-            context.z, context.action = z_obs.float(), action_row
+            enc = self.wm.encode(obs_t, task)  # (n, 1, V, C)
+        v, width = enc.shape[-2], 1 if self.discrete else self.action_dim
+        for c in contexts:
+            if c.rng is None:
+                c.rng = np.random.default_rng(context_seed())
+        # per stream: V uniforms for the prior sample, V for the encoding, `width` for the action
+        u = torch.as_tensor(np.stack([c.rng.random(2 * v + width, dtype=np.float32) for c in contexts]),
+                            device=self.device)  # (n, 2V + width)
+        u_prior, u_enc, u_act = u[:, :v, None], u[:, v:2 * v, None], u[:, 2 * v:]
+        legal = self.legal[task]  # (n, A)
+        if self.discrete:
+            actions = random_legal(legal, u_act[:, 0])  # (n,): streams without a context keep these, as STORM
         else:
-            keep = self.cfg.act_context - 1
-            context.z = torch.cat([context.z[-keep:] if keep else context.z[:0], z_obs.float()])
-            context.action = torch.cat([context.action[-keep:] if keep else context.action[:0], action_row])
-        out = action_row[0].cpu().numpy()
-        return int(out) if self.discrete else out.astype(np.float32)
+            actions = u_act * 2 - 1  # (n, A) uniform in [-1, 1]
+        lengths = [0 if c.z is None else len(c.z) for c in contexts]
+        with self.autocast():
+            for length in sorted(set(lengths) - {0}):
+                rows = [i for i in range(n) if lengths[i] == length]
+                idx = torch.tensor(rows, device=self.device)
+                z = torch.stack([contexts[i].z for i in rows])  # (g, L, V*C)
+                a = torch.stack([contexts[i].action for i in rows])  # (g, L) or (g, L, A)
+                h = self.wm.sequence(z, self.action_input(a), task[idx])[:, -1:]  # (g, 1, D)
+                z_next = sample_z(self.wm.prior(h, task[idx]), u_prior[idx, None])  # (g, 1, V*C)
+                dist = self.ac.actor(self.wm.features(z_next, h, task[idx]), legal[idx, None])
+                chosen = dist.mode() if greedy else dist.sample(u_act[idx, None, :1] if self.discrete
+                                                                else u_act[idx, None])  # (g, 1) or (g, 1, A)
+                actions[idx] = chosen[:, 0].to(actions.dtype)
+            z_obs = sample_z(enc, u_enc[:, None]).float()[:, 0]  # (n, V*C)
+        keep = self.cfg.act_context - 1
+        for i, c in enumerate(contexts):
+            if c.z is None:
+                c.z, c.action = z_obs[i:i + 1], actions[i:i + 1]
+            else:
+                c.z = torch.cat([c.z[-keep:] if keep else c.z[:0], z_obs[i:i + 1]])
+                c.action = torch.cat([c.action[-keep:] if keep else c.action[:0], actions[i:i + 1]])
+        out = actions.cpu().numpy()
+        return [int(a) for a in out] if self.discrete else [a.astype(np.float32) for a in out]
 
     def state_dict(self) -> dict[str, Any]:
         return {"wm": self.wm.state_dict(), "ac": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(),

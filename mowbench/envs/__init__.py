@@ -16,7 +16,8 @@ SUITES: dict[str, str] = {
     "minatar": "mowbench.envs.minatar",
 }
 
-__all__ = ["ActionSpace", "Step", "TaskEnv", "TaskInfo", "SUITES", "suite_module", "resolve_tasks", "make_envs"]
+__all__ = ["ActionSpace", "Step", "TaskEnv", "TaskInfo", "SUITES", "suite_module", "resolve_tasks", "make_envs",
+           "make_env"]
 
 
 def suite_module(suite: str) -> Any:
@@ -46,11 +47,17 @@ def resolve_tasks(suite: str, tasks: str | Sequence[str] | None) -> list[str]:
 def make_envs(suite: str, tasks: Sequence[str], cfg: dict[str, Any], seed: int, evaluation: bool = False
               ) -> list[TaskEnv]:
     """One env per task, task index = position in `tasks`; `cfg` is the suite's config section."""
+    suite_module(suite).check(cfg)
+    return [make_env(suite, tasks, i, cfg, seed, evaluation) for i in range(len(tasks))]
+
+
+def make_env(suite: str, tasks: Sequence[str], index: int, cfg: dict[str, Any], seed: int, evaluation: bool = False
+             ) -> TaskEnv:
+    """The env of task `index` of `tasks` (the one make_envs makes there, seeded seed + 1000 * index)."""
     mod = suite_module(suite)
-    mod.check(cfg)
     try:
-        return [mod.make(name, i, cfg, seed=seed + 1000 * i, evaluation=evaluation, n_tasks=len(tasks))
-                for i, name in enumerate(tasks)]
+        return mod.make(tasks[index], index, cfg, seed=seed + 1000 * index, evaluation=evaluation,
+                        n_tasks=len(tasks))
     except ImportError as err:  # an optional dependency of this suite only
         raise ImportError(f"suite {suite!r} needs the package {err.name!r}, which is not importable: "
                           f"install it (pip install -c constraints.txt -e .)") from err

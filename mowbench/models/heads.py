@@ -35,8 +35,9 @@ class DiscreteActionDist:
             logits = logits.masked_fill(~legal, -1e9)
         self.logits = torch.log_softmax(logits, dim=-1)  # (..., A)
 
-    def sample(self) -> torch.Tensor:
-        return sample_categorical(self.logits.exp())
+    def sample(self, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (...,); u (..., 1) uniforms in [0, 1) to use (None: torch's)."""
+        return sample_categorical(self.logits.exp(), u)
 
     def mode(self) -> torch.Tensor:
         return self.logits.argmax(-1)
@@ -62,8 +63,12 @@ class ContinuousActionDist:
         std = (max_std - min_std) * torch.sigmoid(s + 2.0) + min_std
         self.dist = Normal(torch.tanh(mu), std)
 
-    def sample(self) -> torch.Tensor:
-        return self.dist.sample()
+    def sample(self, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (..., A); u (..., A) uniforms in (0, 1) to use, turned into normal noise by the inverse CDF
+        (None: torch's)."""
+        if u is None:
+            return self.dist.sample()
+        return self.dist.mean + self.dist.stddev * torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7))
 
     def mode(self) -> torch.Tensor:
         return self.dist.mean

@@ -1,0 +1,92 @@
+"""Batched acting and vectorised evaluation: each stream draws from its own generator, so a stream's actions
+and an episode's result do not depend on the streams beside it or on how many run at once."""
+
+import numpy as np
+import pytest
+import torch
+
+from mowbench.agents.base import make_agent
+from mowbench.agents.imagination import random_legal
+from mowbench.config import compose_config
+from mowbench.envs import make_env, make_envs
+from mowbench.models.heads import ContinuousActionDist
+from mowbench.ops import sample_categorical
+from mowbench.trainer import evaluate, evaluate_reference
+from tests.conftest import MICRO
+
+
+def micro_agent(name, tasks):
+    cfg = compose_config([f"agent={name}", "env=minatar", f"task=[{','.join(tasks)}]", *MICRO])
+    env_cfg = dict(cfg["env"])
+    envs = make_envs("minatar", tasks, env_cfg, seed=0)
+    agent = make_agent(name, dict(cfg["agent"]), [e.info for e in envs], torch.device("cpu"), "fp32")
+    return agent, envs, env_cfg
+
+
+def test_sampling_from_given_uniforms_is_the_distribution():
+    """Acting samples by inverse CDF from uniforms of each stream's generator: a uniform grid of N points
+    gives every outcome N x its probability (hand-computed), so these are exact samplers."""
+    grid = (torch.arange(1000, dtype=torch.float32) + 0.5) / 1000
+    picks = sample_categorical(torch.tensor([0.1, 0.2, 0.7]).expand(1000, 3), grid[:, None])
+    assert torch.bincount(picks, minlength=3).tolist() == [100, 200, 700]
+    legal = torch.tensor([True, False, True, True]).expand(999, 4)
+    grid3 = (torch.arange(999, dtype=torch.float32) + 0.5) / 999
+    assert torch.bincount(random_legal(legal, grid3), minlength=4).tolist() == [333, 0, 333, 333]
+    dist = ContinuousActionDist(torch.tensor([[0.3, 0.0]]).expand(1000, 2).contiguous())  # tanh(0.3), std s
+    x = dist.sample(grid[:, None].expand(1000, 1))  # (1000, 1): quantiles of N(tanh 0.3, s)
+    assert x.mean().item() == pytest.approx(np.tanh(0.3), abs=1e-3)
+    assert x.std().item() == pytest.approx(dist.dist.stddev[0, 0].item(), rel=0.01)
+
+
+@pytest.mark.parametrize("name,tasks", [("storm", ["breakout"]), ("mow", ["breakout", "space_invaders", "asterix"])])
+def test_batched_acting_equals_acting_one_stream_at_a_time(name, tasks):
+    """Four streams (MoW: over three tasks) join one after another, so their contexts have different lengths
+    (one sequence pass per length) and the first action of each is random; acting on all of them at once
+    gives the actions and contexts of acting on each alone."""
+    torch.manual_seed(0)
+    agent, envs, _ = micro_agent(name, tasks)
+    size = envs[0].info.image_size
+    batched, single, rng, mixed = [], [], np.random.default_rng(0), False
+    for step in range(10):
+        if step % 2 == 0 and len(batched) < 4:
+            task = len(batched) % len(tasks)
+            batched.append(agent.new_context(task, seed=len(batched)))
+            single.append(agent.new_context(task, seed=len(single)))
+        obs = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in batched]
+        together = agent.act_batch(batched, obs)
+        alone = [agent.act(c, o) for c, o in zip(single, obs, strict=True)]
+        assert together == alone, step
+        mixed |= len({len(c.z) for c in batched}) > 1
+    assert mixed  # at some steps the streams had different context lengths
+    for a, b in zip(batched, single, strict=True):
+        torch.testing.assert_close(a.z, b.z)
+        assert torch.equal(a.action, b.action)
+
+
+def test_evaluation_does_not_depend_on_how_many_episodes_run_at_once():
+    """Full mode: each episode has its own env and acting seed, so 1 env at a time or all at once give the
+    same episodes, for the agent and for the random policy; reference mode evaluates every task's copies in
+    one batch and matches evaluating them without batching (max one stream per act_batch call)."""
+    torch.manual_seed(0)
+    tasks = ["breakout", "space_invaders"]
+    agent, envs, env_cfg = micro_agent("mow", tasks)
+
+    def make(copy, task):
+        return make_env("minatar", tasks, task, env_cfg, 100 + 7 * copy, evaluation=True)
+
+    for policy in (agent, None):
+        one = evaluate(policy, make, 2, 3, False, 25, seed=5, max_envs=1)
+        many = evaluate(policy, make, 2, 3, False, 25, seed=5, max_envs=64)
+        assert one == many and len(one) == 2 and all(len(rows) == 3 for rows in one)
+        assert len({r for rows in one for r in rows}) > 1  # not all alike: the seeds differ per episode
+
+    class OneAtATime:  # the agent acting on each stream alone
+        def __getattr__(self, name):
+            return getattr(agent, name)
+
+        def act_batch(self, contexts, obs, greedy=False):
+            return [agent.act(c, o, greedy) for c, o in zip(contexts, obs, strict=True)]
+
+    batched = evaluate_reference(agent, make, 2, 4, False, 25, seed=5, parallel=3)
+    alone = evaluate_reference(OneAtATime(), make, 2, 4, False, 25, seed=5, parallel=3)
+    assert batched == alone and all(len(rows) == 4 for rows in batched)
