@@ -142,21 +142,15 @@ def stream_seed(*keys: int) -> int:
 
 
 @dataclass
-class EvalStream:
-    """One evaluation env with its acting state: the agent's context, or the random policy's generator."""
+class EvalStream(Stream):
+    """An evaluation stream: its context is the agent's, or the random policy's generator."""
 
-    task: int
-    index: int  # full mode: the episode it plays; reference mode: its copy
-    env: TaskEnv
-    context: Any
-    obs: np.ndarray | None = None
-    ret: float = 0.0
-    length: int = 0
-    success: float | None = None
+    task: int = 0
+    index: int = 0  # full mode: the episode it plays; reference mode: its copy
 
 
 def open_stream(agent: Agent | None, env: TaskEnv, task: int, index: int, seed: int) -> EvalStream:
-    s = EvalStream(task, index, env, agent.new_context(task, seed) if agent else np.random.default_rng(seed))
+    s = EvalStream(env, agent.new_context(task, seed) if agent else np.random.default_rng(seed), task=task, index=index)
     restart(agent, s)
     return s
 

@@ -1,5 +1,6 @@
 """The loop end to end at micro sizes: results layout, exact resume, finished runs immutable, bad input."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -238,20 +239,31 @@ def test_a_results_path_that_is_a_file_is_one_line_before_any_work(micro_cfg, tm
         execute(micro_cfg(f"results_dir={tmp_path / 'taken' / 'below'}"))
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(micro_cfg, tmp_path):
-    """A real full disk (a small tmpfs; CI runs as root): the checkpoint write fails with one line naming the
-    file and folder, the previous checkpoint stays loadable, no lock and no partial file remain; with space
-    again the rerun resumes and finishes."""
+@contextlib.contextmanager
+def tmpfs(path, size):
+    """A real tmpfs mounted at `path` for the duration (needs root: CI runs as root and sets MOWBENCH_CI=1,
+    so there the tests using it can never skip)."""
     import os
     import subprocess as sp
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0:  # CI runs as root and sets MOWBENCH_CI=1: there this can never skip
-        assert os.environ.get("MOWBENCH_CI") != "1", "CI must run the full-disk test as root"
+    path.mkdir()
+    if os.geteuid() != 0:
+        assert os.environ.get("MOWBENCH_CI") != "1", "CI must run the tmpfs tests as root"
         pytest.skip("mounting a tmpfs needs root (CI runs as root, so this runs there)")
-    assert sp.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode == 0
+    assert sp.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode == 0
     try:
+        yield path
+    finally:
+        sp.run(["umount", str(path)])
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(micro_cfg, tmp_path):
+    """A real full disk (a small tmpfs): the checkpoint write fails with one line naming the file and folder,
+    the previous checkpoint stays loadable, no lock and no partial file remain; with space again the rerun
+    resumes and finishes."""
+    import os
+
+    with tmpfs(tmp_path / "disk", "4m") as disk:
         args = [f"results_dir={disk}", "train.checkpoint_every=20", "train.keep_checkpoint=true"]
         assert execute(micro_cfg(*args, "train.stop_at=20"))[0][1] is None  # checkpointed at step 20
         folder = run_dir(disk, "minatar", "storm", "breakout", 0)
@@ -267,24 +279,15 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(micro_cfg, tmp_pa
         filler.unlink()
         [(_, summary)] = execute(micro_cfg(*args))
         assert summary["step"] == 60 and not list(folder.glob(".*.tmp"))  # the partial file is removed
-    finally:
-        sp.run(["umount", str(disk)])
 
 
 def test_a_read_only_results_disk_is_one_line_and_keeps_the_run(micro_cfg, tmp_path):
     """A real read-only mount (tmpfs remounted ro; as root, chmod would not stop writes): the rerun of a
     checkpointed run fails before any work with one line naming the path and the cause, the checkpoint and
     logs stay as they were and no lock is left; writable again, the rerun resumes and finishes."""
-    import os
     import subprocess as sp
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0:  # CI runs as root and sets MOWBENCH_CI=1: there this can never skip
-        assert os.environ.get("MOWBENCH_CI") != "1", "CI must run the read-only test as root"
-        pytest.skip("mounting a tmpfs needs root (CI runs as root, so this runs there)")
-    assert sp.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)]).returncode == 0
-    try:
+    with tmpfs(tmp_path / "disk", "8m") as disk:
         args = [f"results_dir={disk}", "train.checkpoint_every=20", "train.keep_checkpoint=true"]
         assert execute(micro_cfg(*args, "train.stop_at=20"))[0][1] is None
         folder = run_dir(disk, "minatar", "storm", "breakout", 0)
@@ -297,8 +300,6 @@ def test_a_read_only_results_disk_is_one_line_and_keeps_the_run(micro_cfg, tmp_p
         assert sp.run(["mount", "-o", "remount,rw", str(disk)]).returncode == 0
         [(_, summary)] = execute(micro_cfg(*args))
         assert summary["step"] == 60 and not (folder / "RUNNING.lock").exists()
-    finally:
-        sp.run(["umount", str(disk)])
 
 
 def test_corrupt_files_are_named_with_the_recovery(micro_cfg, tmp_path):
