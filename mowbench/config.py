@@ -131,6 +131,8 @@ def plan(cfg: dict[str, Any]) -> Plan:
     for key in ("eval_episodes", "eval_greedy", "eval_mode"):
         if train_values.get(key) is None:
             train_values[key] = proto[key]
+    if train_values.get("eval_envs") is None:
+        train_values["eval_envs"] = mod.EVAL_ENVS
     unknown = sorted(set(train_values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(f"unknown train option(s) {unknown}; allowed: "

@@ -57,8 +57,10 @@ class TrainConfig:
     # None: the protocol's (Atari with the STORM protocol: reference)
     eval_mode: str | None = None
     eval_parallel: int = 5  # reference mode: envs per task run in parallel (STORM's reference: 5)
-    eval_envs: int = 64  # full mode: episodes (of all tasks) played at once; each has its own env and seed, so
-    # the results do not depend on it (memory: one env per episode in flight)
+    # full mode: episodes (of all tasks) played at once, each with its own env and seed, so the results do not
+    # depend on it; None: the suite's EVAL_ENVS (what fits in memory: an Atari env takes ~3 MiB, a Meta-World
+    # env with its renderer ~190 MiB)
+    eval_envs: int | None = None
     eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
     random_baseline: bool = True  # also evaluate a uniformly random policy at the end
     checkpoint_every: int = 10_000  # steps between checkpoints (0: none until the end)

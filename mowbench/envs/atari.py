@@ -38,6 +38,8 @@ def protocol(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown atari100k protocol {name!r}; allowed: {', '.join(PROTOCOLS)}")
     return {"name": name, **PROTOCOLS[name]}
 
+EVAL_ENVS = 64  # evaluation envs alive at once by default (train.eval_envs): an env takes about 3 MiB
+
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     p = protocol(cfg)

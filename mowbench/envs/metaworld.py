@@ -37,6 +37,8 @@ TASK_SETS = {"MT10": MT10, "MT50": MT50}
 DEFAULT_TASKS = MT50
 GL_BACKENDS = ("auto", "egl", "osmesa", "glfw")
 
+EVAL_ENVS = 8  # evaluation envs alive at once by default (train.eval_envs): one with its renderer takes ~190 MiB
+
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     """10 evaluation episodes per task with sampled actions; success = success at any step (our choice)."""

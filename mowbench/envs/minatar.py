@@ -13,6 +13,8 @@ from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 TASKS = ["asterix", "breakout", "freeway", "seaquest", "space_invaders"]
 DEFAULT_TASKS = TASKS
 
+EVAL_ENVS = 64  # evaluation envs alive at once by default (train.eval_envs): an env takes well under 1 MiB
+
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     """Evaluation of a MinAtar run: 10 episodes with sampled actions (our choice; no published protocol)."""
