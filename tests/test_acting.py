@@ -90,3 +90,12 @@ def test_evaluation_does_not_depend_on_how_many_episodes_run_at_once():
     batched = evaluate_reference(agent, make, 2, 4, False, 25, seed=5, parallel=3)
     alone = evaluate_reference(OneAtATime(), make, 2, 4, False, 25, seed=5, parallel=3)
     assert batched == alone and all(len(rows) == 4 for rows in batched)
+
+
+@pytest.mark.parametrize("suite,expected", [("atari100k", 64), ("minatar", 64), ("metaworld", 8)])
+def test_evaluation_envs_at_once_default_per_suite(suite, expected):
+    """What fits in memory: an Atari env ~3 MiB, a Meta-World env with its renderer ~190 MiB."""
+    from mowbench.config import plan
+
+    assert plan(compose_config([f"env={suite}"])).train.eval_envs == expected
+    assert plan(compose_config([f"env={suite}", "train.eval_envs=3"])).train.eval_envs == 3
