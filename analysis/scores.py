@@ -105,32 +105,24 @@ def read_scores_csv(path: Path) -> pd.DataFrame:
     if extra:
         raise AnalysisError(f"{path}: unknown column(s) {extra}; allowed: {','.join(COLUMNS + OPTIONAL_COLUMNS)}")
     records = []
-    for line, row in rows:
-        record = {"method": row["method"], "task": row["task"], "source": row.get("source") or str(path)}
-        for column in ("seed", "score") + (("step",) if "step" in row else ()):
-            try:
-                value = R.finite_number(row[column], path, line, column)
-            except ValueError as err:
-                raise AnalysisError(str(err)) from None
-            if column != "score" and value != int(value):
-                raise AnalysisError(f"{path}: line {line}: {column}={row[column]!r} is not an integer")
-            record[column] = value if column == "score" else int(value)
-        records.append(record)
+    try:
+        for line, row in rows:
+            record = {"method": row["method"], "task": row["task"], "source": row.get("source") or str(path)}
+            for column in ("seed", "score") + (("step",) if "step" in row else ()):
+                record[column] = R.finite_number(row[column], path, line, column, integer=column != "score")
+            records.append(record)
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
     columns = [*COLUMNS, *(["step"] if "step" in header else []), "source"]
     return pd.DataFrame(records, columns=columns).astype({"seed": int})
 
 
-def suite_tasks(suite: str) -> list[str]:
-    """The task names of `suite`, from its environment module (numpy and cv2 only; its simulator is imported
-    when an env is made, not here)."""
+def check_tasks(scores: pd.DataFrame, suite: str) -> None:
+    """Refuse scores of a task `suite` does not have (a typo, or another suite's file). The task names come
+    from the suite's env module, which imports numpy and cv2 only (its simulator when an env is made)."""
     from mowbench.envs import suite_module
 
-    return list(suite_module(suite).TASKS)
-
-
-def check_tasks(scores: pd.DataFrame, suite: str) -> None:
-    """Refuse scores of a task `suite` does not have (a typo, or another suite's file)."""
-    known = suite_tasks(suite)
+    known = list(suite_module(suite).TASKS)
     unknown = scores[~scores["task"].isin(known)]
     if len(unknown):
         first = unknown.iloc[0]

@@ -170,15 +170,19 @@ class TruncatedFile(ValueError):
     disk, a killed rsync) made it."""
 
 
-def read_csv_rows(path: Path, required: tuple[str, ...] = ()) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def read_csv_rows(path: Path, required: tuple[str, ...] = (), whole_lines: bool = False
+                  ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """A CSV's header and its rows as (line number, {column: value}); lines starting with '#' are comments.
 
     Strict, so that no value lands in the wrong column: a row with more or fewer fields than the header, or a
-    missing required column, is a ValueError naming the file and line."""
+    missing required column, is a ValueError naming the file and line. whole_lines: the file was written
+    by mowbench, which ends every write with a newline, so an empty file or a cut last line is a TruncatedFile."""
     try:
         text = Path(path).read_text()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text CSV (not UTF-8)") from None
+    if whole_lines and not text.endswith("\n"):
+        raise TruncatedFile(f"{path} is truncated ({'empty' if not text else 'its last line is cut off'})")
     lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
     if not lines:
         raise ValueError(f"{path} is empty (no header line)")
@@ -196,15 +200,19 @@ def read_csv_rows(path: Path, required: tuple[str, ...] = ()) -> tuple[list[str]
     return header, rows
 
 
-def finite_number(value: str, path: Path, line: int, column: str) -> float:
-    """`value` as a finite float, else a ValueError naming file, line and column (inf and nan are refused:
-    one of them would turn every aggregate into inf or nan)."""
+def finite_number(value: str, path: Path, line: int, column: str, integer: bool = False) -> float:
+    """`value` as a finite float (an int with `integer`), else a ValueError naming file, line and column (inf
+    and nan are refused: one of them would turn every aggregate into inf or nan)."""
     try:
         number = float(value)
     except ValueError:
         raise ValueError(f"{path}: line {line}: {column}={value!r} is not a number") from None
     if not math.isfinite(number):
         raise ValueError(f"{path}: line {line}: {column}={value!r} is not finite; allowed: a finite number")
+    if integer:
+        if number != int(number):
+            raise ValueError(f"{path}: line {line}: {column}={value!r} is not an integer")
+        return int(number)
     return number
 
 
@@ -216,16 +224,11 @@ def evaluations(folder: Path, column: str = "return") -> dict[str, dict[int, flo
     path = Path(folder) / "eval.csv"
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):  # the logger ends every write with a newline
-        raise TruncatedFile(f"{path} is truncated ({'empty' if not data else 'its last line is cut off'})")
     sums: dict[str, dict[int, list[float]]] = {}
-    for line, row in read_csv_rows(path, ("step", "task", column))[1]:
-        step = finite_number(row["step"], path, line, "step")
-        if step != int(step):
-            raise ValueError(f"{path}: line {line}: step={row['step']!r} is not an integer")
+    for line, row in read_csv_rows(path, ("step", "task", column), whole_lines=True)[1]:
+        step = finite_number(row["step"], path, line, "step", integer=True)
         value = finite_number(row[column], path, line, column)
-        sums.setdefault(row["task"], {}).setdefault(int(step), []).append(value)
+        sums.setdefault(row["task"], {}).setdefault(step, []).append(value)
     return {task: {step: sum(v) / len(v) for step, v in sorted(steps.items())} for task, steps in sorted(sums.items())}
 
 

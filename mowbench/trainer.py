@@ -157,7 +157,7 @@ def open_stream(agent: Agent | None, env: TaskEnv, task: int, index: int, seed: 
     return s
 
 
-def restart(agent: Agent | None, s: EvalStream) -> None:
+def restart(agent: Agent | None, s: Stream) -> None:
     s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
     if agent:
         agent.episode_start(s.context)
@@ -170,7 +170,7 @@ def act_round(agent: Agent | None, streams: list[EvalStream], greedy: bool) -> l
     return [s.env.info.action.sample(s.context) for s in streams]
 
 
-def advance(s: EvalStream, action: Any, max_steps: int) -> tuple[Step, bool]:
+def advance(s: Stream, action: Any, max_steps: int = 0) -> tuple[Step, bool]:
     """Step the stream's env; returns the step and whether its episode is over (done, or max_steps reached)."""
     step = s.env.step(action)
     s.length += 1
@@ -309,8 +309,7 @@ class Trainer:
         """One env step in every task: the agent acts on all streams in one batch (warm-up: random actions)."""
         for s in self.streams:
             if s.obs is None:
-                s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
-                self.agent.episode_start(s.context)
+                restart(self.agent, s)
         if training:
             actions = self.agent.act_batch([s.context for s in self.streams], [s.obs for s in self.streams])
         else:
@@ -319,12 +318,9 @@ class Trainer:
             extras: dict[str, Any] = self.agent.step_extras(s.context) if training and self.replay.fields else {}
             if "first" in self.replay.fields:
                 extras["first"] = float(s.length == 0)
-            step = s.env.step(action)
+            step, _ = advance(s, action)
             self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step), **extras)
             s.ret += step.reward
-            s.length += 1
-            if step.success is not None:
-                s.success = max(s.success or 0.0, step.success)
             s.obs = step.obs
             if step.done:
                 self.counters.episodes[k] += 1

@@ -14,6 +14,7 @@ TASKS = ["Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Bo
          "Jamesbond", "Kangaroo", "Krull", "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert",
          "RoadRunner", "Seaquest", "UpNDown"]
 DEFAULT_TASKS = TASKS
+EVAL_ENVS = 64  # evaluation envs alive at once by default (train.eval_envs): an env takes about 3 MiB
 
 # The two Atari 100k protocols (spec protocols.md). 'storm' is what STORM's and MoW's published
 # numbers used: ALE v5 defaults, sticky actions 0.25, no no-op starts, 20 sampled-action eval episodes.
@@ -37,8 +38,6 @@ def protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     if name not in PROTOCOLS:
         raise ValueError(f"unknown atari100k protocol {name!r}; allowed: {', '.join(PROTOCOLS)}")
     return {"name": name, **PROTOCOLS[name]}
-
-EVAL_ENVS = 64  # evaluation envs alive at once by default (train.eval_envs): an env takes about 3 MiB
 
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
