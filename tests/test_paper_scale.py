@@ -10,9 +10,10 @@ from mowbench.agents.base import Batch, make_agent
 from mowbench.config import compose_config, plan
 from mowbench.envs import make_envs
 from mowbench.envs.atari import TASKS as ATARI26
-from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 from mowbench.envs.metaworld import MT50
 from mowbench.replay import Replay, stratified_counts
+from mowbench.trainer import evaluate
 from tests.test_mow import fill_replay
 
 
@@ -109,6 +110,49 @@ def test_one_paper_preset_update_touches_every_atari_game(agent_name, atari26_re
         assert [rows.index(1) for rows in single] == list(range(26)) and all(sum(r) == 1 for r in single)
         assert len(wm_batches) == 2 and wm_batches[0] == [1] * 26  # the clustering's gradient batch, the update
         assert len(agent.cluster_report["assignment"]) == 26 and len(set(agent.cluster_report["assignment"])) == 12
+
+
+class StillEnv(TaskEnv):
+    """A task's evaluation env without a simulator: constant frames, episodes of `length` steps."""
+
+    def __init__(self, info: TaskInfo, length: int = 3) -> None:
+        self.info, self.length, self.t = info, length, 0
+
+    def frame(self) -> np.ndarray:
+        return np.full((self.info.image_size,) * 2 + (3,), 7 * self.info.index, dtype=np.uint8)
+
+    def reset(self) -> np.ndarray:
+        self.t = 0
+        return self.frame()
+
+    def step(self, action) -> Step:
+        assert self.info.action.legal_mask()[action], (self.info.name, action)
+        self.t += 1
+        return Step(self.frame(), 1.0, self.t == self.length, False)
+
+
+@pytest.mark.slow
+def test_paper_preset_mow_acts_on_26_games_in_one_batch_and_evaluates_every_episode(atari26_replay):
+    """The paper-preset MoW after one update: 26 streams (one per game, joining at different steps) acting in
+    one batch give the actions of each acting alone, all legal for their game; an evaluation of 26 games x 2
+    episodes with 16 envs at once (fewer than the episodes) plays every episode of every game."""
+    cfg = compose_config(["agent=mow", "env=atari100k", "preset=paper", "agent.cluster_warmup_updates=0",
+                          "agent.cluster_grad_batches=1", "agent.cluster_grad_seqs=1", "agent.cluster_n_init=5"])
+    torch.manual_seed(0)
+    infos = atari26_replay.tasks
+    agent = make_agent("mow", dict(cfg["agent"]), infos, torch.device("cpu"), "fp32")
+    agent.update(atari26_replay.sample)
+    together = [agent.new_context(k, seed=k) for k in range(26)]
+    alone = [agent.new_context(k, seed=k) for k in range(26)]
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        live = range(0, 26, 2) if step == 0 else range(26)  # odd games join a step later: two context lengths
+        obs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in live]
+        batched = agent.act_batch([together[k] for k in live], obs)
+        assert batched == [agent.act(alone[k], o) for k, o in zip(live, obs, strict=True)], step
+        assert all(infos[k].action.legal_mask()[a] for k, a in zip(live, batched, strict=True))
+    rows = evaluate(agent, lambda episode, task: StillEnv(infos[task]), 26, 2, False, 0, seed=0, max_envs=16)
+    assert [[length for _, length, _ in per_task] for per_task in rows] == [[3, 3]] * 26
 
 
 # ---- Meta-World MT50 with the continuous-action agent ----
