@@ -43,7 +43,7 @@ from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmean
 from mowbench.envs.base import TaskInfo
 from mowbench.figures import heatmap_png
 from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
-from mowbench.models.moe import ExpertBank, ExpertCache
+from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, padding_ratio
 from mowbench.ops import Grouping, Routing, balance_loss, group_mean, harmonious_loss, topk_route
 from mowbench.replay import Batch
 
@@ -62,6 +62,7 @@ class MoWConfig(STORMConfig):
     tau_anneal_updates: int = 10_000  # world-model updates over which tau reaches 1
     expert_depth: int = 1  # blocks of each expert's small causal Transformer (width D, STORM's heads/FFN)
     expert_transformers: bool = True  # False: experts are token mixers only (ablation)
+    expert_kernel: str = "auto"  # how each expert runs on its pairs: auto | grouped | loop (models/moe.py)
     shared_transformer: bool = True  # False: no shared Transformer F after the experts (ablation)
     task_loss: bool = True  # task-ID head and its cross-entropy (ablation: False)
     task_loss_scale: float = 1.0  # weight of the task-ID cross-entropy inside each task's loss
@@ -82,7 +83,7 @@ class MoWConfig(STORMConfig):
 
     def check(self) -> None:
         super().check()
-        choices = {"routing": ("task", "token"), "clustering": ("gradient", "random", "none"),
+        choices = {"routing": ("task", "token"), "expert_kernel": KERNELS, "clustering": ("gradient", "random", "none"),
                    "cluster_grad_reduce": ("sketch", "flat", "layer_mean"),
                    "cluster_grad_params": ("cluster", "shared"), "cluster_select": ("even", "inertia")}
         for name, allowed in choices.items():
@@ -223,7 +224,8 @@ class MoWWorldModel(nn.Module):
         self.experts = ExpertBank(
             cfg.n_experts, latent_dim=self.latent_dim, action_dim=action_dim, embed_dim=e, width=cfg.width,
             depth=cfg.expert_depth, heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout, max_len=cfg.max_len,
-            transformer=cfg.expert_transformers, attn_dropout=cfg.attn_dropout, ln_eps=cfg.block_ln_eps)
+            transformer=cfg.expert_transformers, attn_dropout=cfg.attn_dropout, ln_eps=cfg.block_ln_eps,
+            kernel=cfg.expert_kernel)
         self.mix = nn.Sequential(nn.Linear(cfg.top_k * cfg.width + e, cfg.width, bias=False), nn.LayerNorm(cfg.width))
         self.shared = (CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len,
                                          cfg.attn_dropout, cfg.block_ln_eps) if cfg.shared_transformer else None)
@@ -486,8 +488,39 @@ class MoWAgent(ImaginationAgent):
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:
-        """MoW's size beside one STORM per task (mow.md: about half)."""
-        return separate_storm_figures(self, figures)
+        """MoW's size beside one STORM per task (mow.md: about half), and its experts at the current routing."""
+        return separate_storm_figures(self, figures) | self.expert_figures(sample, time)
+
+    def expert_figures(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float]
+                       ) -> dict[str, Any]:
+        """On one world-model batch at the current routing (in the bench: the initial one): the padding that
+        running the experts on groups padded to the largest would cost, and the experts' forward + backward
+        seconds with each kernel."""
+        wm, cfg = self.wm, self.cfg
+        batch = sample(cfg.batch_per_task * self.n_tasks, cfg.batch_length)
+        b, t = batch.action.shape[:2]
+        z = torch.randn(b, t, wm.latent_dim, device=self.device)  # timing only needs the shapes
+        action = self.action_input(batch.action)
+        with torch.no_grad():
+            e, routing = wm.embed(batch.task), wm.route(z, action, batch.task)
+        pair_expert = (routing.index.flatten() if cfg.routing == "task"
+                       else torch.arange(cfg.n_experts, device=self.device).repeat(b))  # token: every pair
+
+        def forward_backward() -> None:
+            wm.experts.zero_grad(set_to_none=True)
+            with self.autocast():
+                out = wm.routing.chosen(wm.experts, z, action, e, routing, None)
+            out.float().square().mean().backward()
+
+        seconds = {}
+        for kernel in ("grouped", "loop"):
+            wm.experts.kernel = kernel
+            seconds[kernel] = time(forward_backward)
+        wm.experts.kernel = cfg.expert_kernel
+        wm.experts.zero_grad(set_to_none=True)
+        return {"expert_pairs": len(pair_expert), "expert_padding_ratio_avoided": padding_ratio(pair_expert,
+                                                                                               cfg.n_experts),
+                "s_experts_fwd_bwd": seconds}
 
     # ---- seeing inside ----
     @torch.no_grad()

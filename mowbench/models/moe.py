@@ -1,33 +1,87 @@
 """MoW's temporal-module experts (spec mow.md section 2): N_e experts, each a token mixer followed by a
-small causal Transformer, with their weights stacked so that the chosen experts run in parallel.
+small causal Transformer, with their weights stacked so that the chosen experts run together.
 
-Every parameter has a leading expert dimension. A call takes (sequence, expert) pairs; the pairs are
-grouped by expert, padded to the largest group, and the G experts present run together as batched
-matmuls on (G, pairs, T, ...) tensors. No Python loop over experts or tasks: the work grows with the
-number of pairs (B x TopK for task-level routing) and the op count is that of one expert.
+Every parameter has a leading expert dimension. A call takes (sequence, expert) pairs; the pairs are sorted
+by expert (PairLayout) so that each expert's pairs are one contiguous slice, and every projection runs each
+expert's weights on its own slice only: the work is that of the real pairs (B x TopK for task-level routing),
+with no padding of small groups to the largest one. Two kernels do this, with equal results (tests):
+- `grouped`: one grouped matmul (torch's F.grouped_mm) per projection; no host synchronisation at all. Used
+  where the call fits the kernel (rows of 16-byte multiples; on CPU in any precision, on CUDA in bf16).
+- `loop`: a Python loop over the experts present, one matmul per slice (the slice sizes are read from the
+  device once per layout: a rollout or a training batch).
+`expert_kernel=auto` takes `grouped` on CPU, where it was measured fastest (forward and backward at the paper
+preset's initial routing; see `mowbench.bench`), and `loop` on CUDA, where no GPU has measured it yet.
+Attention is per sequence and needs no expert weights, so it runs over all pairs at once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mowbench.models.transformer import KVCache, attend, layer_mask
-from mowbench.ops import Grouping
+
+KERNELS = ("auto", "grouped", "loop")
 
 
-def pick(stacked: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
-    """The rows of a stacked parameter for the experts present (None: all of them, in order: no copy)."""
-    return stacked if experts is None else stacked[experts]
+@dataclass
+class PairLayout:
+    """Pairs sorted by expert: order (P,) the pair in each sorted slot, inverse (P,) the slot of each pair,
+    expert (P,) each slot's expert, ends (N_e,) int32 where each expert's slots end (empty experts included),
+    kernel 'grouped' or 'loop', and for 'loop' the slot count of each expert (host ints)."""
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    expert: torch.Tensor
+    ends: torch.Tensor
+    kernel: str
+    sizes: list[int] | None = None
+
+    @classmethod
+    def of(cls, pair_expert: torch.Tensor, n_experts: int, kernel: str) -> PairLayout:
+        order = torch.argsort(pair_expert, stable=True)  # (P,)
+        counts = torch.bincount(pair_expert, minlength=n_experts)  # (N_e,)
+        kernel = ("grouped" if pair_expert.device.type == "cpu" else "loop") if kernel == "auto" else kernel
+        return cls(order, torch.argsort(order), pair_expert[order], counts.cumsum(0).to(torch.int32), kernel,
+                   counts.tolist() if kernel == "loop" else None)  # 'loop': one device sync per layout
+
+    def slot_counts(self) -> list[int]:
+        """Slots per expert (host ints; a grouped layout reads them from the device on demand)."""
+        if self.sizes is None:
+            self.sizes = torch.diff(self.ends, prepend=self.ends.new_zeros(1)).tolist()
+        return self.sizes
+
+
+def fits_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether F.grouped_mm takes x (R, in) @ weight (N_e, in, out): its rows must be 16-byte multiples."""
+    size = x.element_size()
+    return x.dtype == weight.dtype and (x.shape[-1] * size) % 16 == 0 and (weight.shape[-1] * size) % 16 == 0
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """x (P, T, in) in slot order @ each slot's expert's weight (N_e, in, out) -> (P, T, out)."""
+    p, t, _ = x.shape
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast here
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    flat = x.reshape(p * t, x.shape[-1])
+    if layout.kernel == "grouped" and fits_grouped_mm(flat, weight):
+        y = F.grouped_mm(flat.contiguous(), weight, offs=layout.ends * t)
+        if y.requires_grad:  # its backward refuses the broadcast (stride-0) gradients that sums produce
+            y.register_hook(torch.Tensor.contiguous)
+    else:
+        counts = [c * t for c in layout.slot_counts()]
+        y = torch.cat([xs @ w for xs, w, c in zip(flat.split(counts), weight.unbind(0), counts, strict=True) if c])
+    return y.view(p, t, weight.shape[-1])
 
 
 class StackedLinear(nn.Module):
-    """n independent Linear layers, weight (n, in, out): x (G, ..., in) through the experts (G,) -> (G, ..., out).
-    Initialised as nn.Linear (uniform in +-1/sqrt(in))."""
+    """n independent Linear layers, weight (n, in, out): x (P, T, in) in slot order -> (P, T, out), each slot
+    through its expert's layer. Initialised as nn.Linear (uniform in +-1/sqrt(in))."""
 
     def __init__(self, n: int, in_dim: int, out_dim: int, bias: bool = True) -> None:
         super().__init__()
@@ -35,16 +89,13 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, out_dim).uniform_(-bound, bound)) if bias else None
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
-        w = pick(self.weight, experts)  # (G, in, out)
-        y = torch.matmul(x.flatten(1, -2), w).view(*x.shape[:-1], w.shape[-1])
-        if self.bias is not None:
-            y = y + pick(self.bias, experts).view(x.shape[0], *[1] * (x.dim() - 2), -1)
-        return y
+    def forward(self, x: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+        y = expert_matmul(x, self.weight, layout)
+        return y if self.bias is None else y + self.bias[layout.expert][:, None].to(y.dtype)
 
 
 class StackedNorm(nn.Module):
-    """n independent LayerNorms over the last dim (affine per expert)."""
+    """n independent LayerNorms over the last dim (affine per expert): x (P, T, D) in slot order."""
 
     def __init__(self, n: int, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -52,10 +103,9 @@ class StackedNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n, dim))
         self.bias = nn.Parameter(torch.zeros(n, dim))
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
-        shape = (x.shape[0], *[1] * (x.dim() - 2), x.shape[-1])
+    def forward(self, x: torch.Tensor, layout: PairLayout) -> torch.Tensor:
         y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
-        return y * pick(self.weight, experts).view(shape) + pick(self.bias, experts).view(shape)
+        return y * self.weight[layout.expert][:, None] + self.bias[layout.expert][:, None]
 
 
 class StackedBlock(nn.Module):
@@ -76,66 +126,42 @@ class StackedBlock(nn.Module):
         self.norm2 = StackedNorm(n, width, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor | None, cache: KVCache | None, layer: int,
+    def forward(self, x: torch.Tensor, layout: PairLayout, cache: KVCache | None, layer: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        """x (G, P, T, D); attention over the G*P sequences, each projection by its expert's weights."""
-        g, p, t, width = x.shape
-        qkv = self.qkv(x, experts).view(g * p, t, 3, self.heads, width // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x (G*P, H, T, d)
+        """x (P, T, D) in slot order; attention within each sequence, each projection by its expert's weights."""
+        p, t, width = x.shape
+        qkv = self.qkv(x, layout).view(p, t, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x (P, H, T, d)
         attn = attend(q, k, v, cache, layer, mask, self.attn_dropout if self.training else 0.0)
-        attn = attn.transpose(1, 2).reshape(g, p, t, width)
-        x = self.norm1(x + self.drop(self.out(attn, experts)), experts)
-        return self.norm2(x + self.drop(self.ffn_out(F.relu(self.ffn_in(x, experts)), experts)), experts)
+        attn = attn.transpose(1, 2).reshape(p, t, width)
+        x = self.norm1(x + self.drop(self.out(attn, layout)), layout)
+        return self.norm2(x + self.drop(self.ffn_out(F.relu(self.ffn_in(x, layout)), layout)), layout)
 
 
 @dataclass
 class ExpertCache:
     """Inference state of an ExpertBank over a fixed set of pairs (a rollout: task-level routing does not
-    change within it; token-level routing runs every pair): the pair layout and one KV cache over all
-    padded pairs, created on the first call."""
+    change within it; token-level routing runs every pair): the pair layout and one KV cache over the pairs
+    in slot order, created on the first call."""
 
     dtype: torch.dtype
     layout: PairLayout | None = None
     kv: KVCache | None = None
 
 
-@dataclass
-class PairLayout:
-    """Pairs grouped by expert and padded: pairs (G, P) indices into the pair list (short groups repeat
-    their last pair), experts (G,) the experts present (None when all are, in order), valid (G*P,) which
-    padded slots are real, and inverse (n_pairs,) which real slot holds each pair."""
-
-    pairs: torch.Tensor
-    experts: torch.Tensor | None
-    valid: torch.Tensor
-    inverse: torch.Tensor = field(repr=False)
-
-    @classmethod
-    def of(cls, pair_expert: torch.Tensor, n_experts: int) -> PairLayout:
-        grouping = Grouping(pair_expert, n_experts)  # one device sync per layout
-        longest = max(s.stop - s.start for _, s in grouping.slices)
-        slots = torch.arange(longest, device=pair_expert.device)
-        padded, valid = [], []
-        for _, s in grouping.slices:  # once per layout (a rollout, or a training batch), not per token
-            rows = grouping.rows(s)
-            padded.append(torch.cat([rows, rows[-1:].expand(longest - len(rows))]))
-            valid.append(slots < len(rows))
-        experts = None if grouping.groups == list(range(n_experts)) else torch.tensor(grouping.groups,
-                                                                                     device=pair_expert.device)
-        return cls(torch.stack(padded), experts, torch.cat(valid), grouping.inverse)
-
-
 class ExpertBank(nn.Module):
     """N_e experts j = token mixer m_j(z_t, a_t, e_k) (STORM's stem: Linear -> LN -> ReLU -> Linear -> LN)
     followed by a causal Transformer f_j (learned positions, LN, post-LN blocks; absent when
-    `transformer` is False: the 'no expert Transformers' ablation), all with stacked weights."""
+    `transformer` is False: the 'no expert Transformers' ablation), all with stacked weights. `kernel`:
+    one of KERNELS (module docstring)."""
 
     def __init__(self, n_experts: int, latent_dim: int, action_dim: int, embed_dim: int, width: int, depth: int,
                  heads: int, ffn: int, dropout: float, max_len: int, transformer: bool = True,
-                 attn_dropout: float = 0.0, ln_eps: float = 1e-5) -> None:
+                 attn_dropout: float = 0.0, ln_eps: float = 1e-5, kernel: str = "auto") -> None:
         super().__init__()
+        assert kernel in KERNELS, f"kernel={kernel!r}; allowed: {', '.join(KERNELS)}"
         n = self.n_experts = n_experts
-        self.depth, self.heads, self.width, self.max_len = depth, heads, width, max_len
+        self.depth, self.heads, self.width, self.max_len, self.kernel = depth, heads, width, max_len, kernel
         self.mix_in = StackedLinear(n, latent_dim + action_dim + embed_dim, width, bias=False)
         self.mix_norm1 = StackedNorm(n, width)
         self.mix_out = StackedLinear(n, width, width, bias=False)
@@ -159,28 +185,33 @@ class ExpertBank(nn.Module):
         if cache is not None and cache.layout is not None:
             layout = cache.layout
         else:
-            layout = PairLayout.of(pair_expert, self.n_experts)
+            layout = PairLayout.of(pair_expert, self.n_experts, self.kernel)
             if cache is not None:
                 cache.layout = layout
-        experts = layout.experts
-        rows = pair_row[layout.pairs]  # (G, P)
+        rows = pair_row[layout.order]  # (P,) the sequence of each slot
         t = z.shape[1]
-        inputs = torch.cat([z[rows], action[rows], e[rows][:, :, None].expand(-1, -1, t, -1)], -1)  # (G, P, T, in)
-        x = self.mix_norm2(self.mix_out(F.relu(self.mix_norm1(self.mix_in(inputs, experts), experts)), experts),
-                           experts)  # (G, P, T, D)
+        inputs = torch.cat([z[rows], action[rows], e[rows][:, None].expand(-1, t, -1)], -1)  # (P, T, in)
+        x = self.mix_norm2(self.mix_out(F.relu(self.mix_norm1(self.mix_in(inputs, layout), layout)), layout),
+                           layout)  # (P, T, D)
         if self.transformer:
             kv = None
             if cache is not None:
                 if cache.kv is None:
-                    cache.kv = KVCache.empty(self.depth, rows.numel(), self.heads, self.max_len,
+                    cache.kv = KVCache.empty(self.depth, len(rows), self.heads, self.max_len,
                                              self.width // self.heads, z.device, cache.dtype)
                 kv = cache.kv
             start = 0 if kv is None else kv.length
-            mask = layer_mask(kv, None if key_mask is None else key_mask[layout.pairs].flatten(0, 1), t,
-                              self.max_len, z.device)
-            x = self.norm(x + pick(self.position, experts)[:, None, start:start + t], experts)
+            mask = layer_mask(kv, None if key_mask is None else key_mask[layout.order], t, self.max_len, z.device)
+            x = self.norm(x + self.position[:, start:start + t][layout.expert], layout)
             for i, block in enumerate(self.blocks):
-                x = block(x, experts, kv, i, mask)
+                x = block(x, layout, kv, i, mask)
             if kv is not None:
                 kv.length += t
-        return x.flatten(0, 1)[layout.valid][layout.inverse]  # (P, T, D) in pair order
+        return x[layout.inverse]  # (P, T, D) in pair order
+
+
+def padding_ratio(pair_expert: torch.Tensor, n_experts: int) -> float:
+    """The work of running the experts present on groups padded to the largest one, over the real pairs:
+    G x max group / P (what this bank did before its pairs were sorted; 1.0 means no padding)."""
+    counts = torch.bincount(pair_expert, minlength=n_experts)
+    return float((counts > 0).sum() * counts.max()) / len(pair_expert)
