@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mowbench import results as R
-from mowbench.agents.base import adam, count_parameters, register_agent
+from mowbench.agents.base import Metrics, adam, count_parameters, register_agent
 from mowbench.agents.imagination import ImaginationAgent
 from mowbench.baselines.storm import STORMConfig, separate_storm_figures, storm_loss, storm_terms
 from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmeans_cosine, random_assignment
@@ -392,16 +392,19 @@ class MoWAgent(ImaginationAgent):
             loss = loss + self.cfg.task_loss_scale * per["task_id"]
         return loss, present, per, {"z": z, "h": h}
 
-    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        """Over the tasks present (a replay batch holds every task), with masks rather than indexing by
+        `present` so that nothing waits for the device; a task absent from the batch logs NaN."""
         cfg = self.cfg
         task_loss, present, per, aux = self.task_losses(batch)
+        weight = present.float() / present.sum()  # (N,): the mean over the tasks present
         if self.log_sigma is not None:
-            loss = harmonious_loss(task_loss[present], self.log_sigma[present])
+            loss = harmonious_loss(task_loss, self.log_sigma, present)
         else:
-            loss = task_loss[present].mean()
-        metrics = {f"wm/{k}": v[present].mean().item() for k, v in per.items()}
-        per_task = task_loss.detach().cpu()  # one device sync for every task's L_k
-        metrics |= {f"wm/task_loss/{self.tasks[k].name}": float(per_task[k]) for k in torch.nonzero(present).flatten()}
+            loss = (task_loss * weight).sum()
+        metrics: Metrics = {f"wm/{k}": (v.detach() * weight).sum() for k, v in per.items()}
+        per_task = torch.where(present, task_loss.detach(), torch.nan)
+        metrics |= {f"wm/task_loss/{info.name}": per_task[k] for k, info in enumerate(self.tasks)}
         weights, rows, row_means = self.wm.routing.balance_weights(self.wm, aux["z"], self.action_input(batch.action),
                                                                    batch.task)
         if row_means is not None:  # token routing: the latest batch's routing per task, for the heatmaps
@@ -410,13 +413,13 @@ class MoWAgent(ImaginationAgent):
         balance = balance_loss(weights, rows)
         if cfg.balance_loss:
             loss = loss + cfg.balance_scale * balance
-        metrics.update({"wm/loss": loss.item(), "wm/balance": balance.item(), "wm/tau": float(self.wm.tau),
-                        "wm/task_loss_mean": task_loss[present].mean().item()})
+        metrics.update({"wm/loss": loss.detach(), "wm/balance": balance.detach(), "wm/tau": self.wm.tau.clone(),
+                        "wm/task_loss_mean": (task_loss.detach() * weight).sum()})
         if self.log_sigma is not None:
-            metrics["wm/sigma_mean"] = self.log_sigma.exp().mean().item()
+            metrics["wm/sigma_mean"] = self.log_sigma.detach().exp().mean()
         return loss, metrics
 
-    def update_world_model(self, batch: Batch) -> dict[str, float]:
+    def update_world_model(self, batch: Batch) -> Metrics:
         metrics = super().update_world_model(batch)
         self.wm_updates += 1
         self.wm.tau.fill_(tau_schedule(self.wm_updates, self.cfg.tau_start, self.cfg.tau_anneal_updates))
@@ -454,11 +457,11 @@ class MoWAgent(ImaginationAgent):
                                            cfg.cluster_grad_dim).cpu())
         return torch.stack(vectors)
 
-    def warm_up(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+    def warm_up(self, sample: Callable[[int, int], Batch]) -> Metrics:
         """Train the shared model (cluster 0 for every task) on the random warm-up data, cluster the tasks,
         start every cluster's VAE, heads and critic from the warm-up weights."""
         cfg, start = self.cfg, time.time()
-        metrics: dict[str, float] = {}
+        metrics: Metrics = {}
         for _ in range(cfg.cluster_warmup_updates):
             metrics = self.update_world_model(sample(cfg.batch_per_task * self.n_tasks, cfg.batch_length))
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the run's seeded torch RNG
@@ -482,7 +485,7 @@ class MoWAgent(ImaginationAgent):
             "warmup_seconds": time.time() - start, "routing_warmup": self.routing_matrix().tolist()}
         return {f"warmup/{k.split('/')[-1]}": v for k, v in metrics.items()}
 
-    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+    def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
         warm = self.warm_up(sample) if self.cluster_report is None else {}
         return super().update(sample) | warm
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mowbench.agents.base import register_agent
+from mowbench.agents.base import Metrics, register_agent
 from mowbench.agents.imagination import (
     ImaginationAgent,
     ImaginationConfig,
@@ -222,11 +222,11 @@ class STORMAgent(ImaginationAgent):
     def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
         return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim)
 
-    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         terms, _, _ = storm_terms(self.wm, batch, self.action_input(batch.action), self.bins, self.autocast())
         means = {k: v.mean() for k, v in terms.items()}
         loss = storm_loss(self.cfg, **means)
-        return loss, {"wm/loss": loss.item(), **{f"wm/{k}": v.item() for k, v in means.items()}}
+        return loss, {"wm/loss": loss.detach(), **{f"wm/{k}": v.detach() for k, v in means.items()}}
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:

@@ -160,12 +160,15 @@ def balance_loss(weights: torch.Tensor, rows: float | None = None) -> torch.Tens
     return (load - load.mean()).pow(2).sum()
 
 
-def harmonious_loss(task_losses: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+def harmonious_loss(task_losses: torch.Tensor, log_sigma: torch.Tensor, present: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """HarmonyDream (Ma et al., ICML 2024) weighting: sum_k L_k / sigma_k + ln(1 + sigma_k),
-    sigma_k = exp(s_k). task_losses, log_sigma (K,) -> (). Setting the derivative in sigma to zero gives
-    sigma^2 / (1 + sigma) = L, i.e. sigma = (L + sqrt(L^2 + 4L)) / 2, which approaches L for large L."""
+    sigma_k = exp(s_k). task_losses, log_sigma (K,) -> (); `present` (K,) bool: the tasks summed (None: all).
+    Setting the derivative in sigma to zero gives sigma^2 / (1 + sigma) = L, i.e.
+    sigma = (L + sqrt(L^2 + 4L)) / 2, which approaches L for large L."""
     sigma = log_sigma.exp()
-    return (task_losses / sigma + torch.log1p(sigma)).sum()
+    terms = task_losses / sigma + torch.log1p(sigma)
+    return terms.sum() if present is None else torch.where(present, terms, 0.0).sum()
 
 
 def group_mean(values: torch.Tensor, label: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

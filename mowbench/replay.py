@@ -37,6 +37,19 @@ class Batch:
     legal: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device`. From CPU to CUDA through pinned (page-locked) memory with non-blocking copies:
+        the host queues them and goes on while the GPU still runs earlier work, which the copies overlap."""
+        if self.obs.device == device:
+            return self
+        pin = device.type == "cuda" and self.obs.device.type == "cpu"
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return (x.pin_memory() if pin else x).to(device, non_blocking=pin)
+
+        return Batch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extras"),
+                     extras={k: move(v) for k, v in self.extras.items()})
+
     def rows(self, index: torch.Tensor) -> Batch:
         """The sequences at `index` (R,) as a smaller Batch."""
         return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self) if f.name != "extras"),
@@ -132,12 +145,36 @@ def stratified_counts(n: int, n_tasks: int, rng: np.random.Generator) -> np.ndar
     return counts
 
 
+def replay_bytes(capacity: int, tasks: list[TaskInfo], fields: dict[str, StepField] | None = None) -> int:
+    """Memory of a full Replay: per stored step an S x S x 3 uint8 frame, the action, reward, terminal and fields."""
+    total = 0
+    for t in tasks:
+        action = 8 if t.action.discrete else 4 * t.action.n
+        extra = sum(int(np.prod(f.shape)) * torch.empty((), dtype=f.dtype).element_size()
+                    for f in (fields or {}).values())
+        total += capacity * (t.image_size ** 2 * 3 + action + 8 + extra)
+    return total
+
+
+def replay_device(setting: bool | None, device: torch.device, nbytes: int, free_bytes: int | None,
+                  share: float = 0.5) -> torch.device:
+    """Where the replay lives: on the training device (True), in CPU memory (False), or (None) on a GPU when the
+    full replay takes at most `share` of its free memory (free_bytes), else in CPU memory. On a CPU run: CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    if setting is None:
+        setting = free_bytes is not None and nbytes <= share * free_bytes
+    return device if setting else torch.device("cpu")
+
+
 class Replay:
-    """One TaskReplay per task; a batch is stratified by task (stratified_counts), rows grouped by task.
-    `fields`: the optional per-step fields the agent declared (Agent.replay_fields), returned in Batch.extras."""
+    """One TaskReplay per task; a batch is stratified by task (stratified_counts), rows grouped by task, and
+    handed out on `train_device` (default: where it is stored; Batch.to). `fields`: the optional per-step fields
+    the agent declared (Agent.replay_fields), returned in Batch.extras."""
 
     def __init__(self, capacity: int, tasks: list[TaskInfo], device: torch.device, seed: int,
-                 fields: dict[str, StepField] | None = None) -> None:
+                 fields: dict[str, StepField] | None = None, train_device: torch.device | None = None) -> None:
+        self.train_device = train_device or device
         self.tasks = tasks
         self.fields = dict(fields or {})
         self.buffers = [TaskReplay(capacity, t, device, self.fields) for t in tasks]
@@ -168,7 +205,8 @@ class Replay:
         return Batch(obs=cat([b.obs[i] for _, i, b in parts]), action=cat([b.action[i] for _, i, b in parts]),
                      reward=cat([b.reward[i] for _, i, b in parts]), terminal=cat([b.terminal[i] for _, i, b in parts]),
                      task=task, legal=self.legal[task],
-                     extras={name: cat([b.extras[name][i] for _, i, b in parts]) for name in self.fields})
+                     extras={name: cat([b.extras[name][i] for _, i, b in parts]) for name in self.fields}
+                     ).to(self.train_device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffers": [b.state_dict() for b in self.buffers], "rng": self.rng.bit_generator.state}

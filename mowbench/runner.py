@@ -32,7 +32,7 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 # what the run learns or reports; any other difference from the run's config.yaml is refused.
 INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
               "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint",
-              "train.eval_envs")
+              "train.eval_envs", "train.replay_on_device")
 
 
 def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:

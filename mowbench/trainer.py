@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mowbench.agents.base import Agent
+from mowbench.agents.base import Agent, Metrics, read_metrics
 from mowbench.envs.base import Step, TaskEnv
 from mowbench.logger import RunLog
-from mowbench.replay import Replay
+from mowbench.replay import Replay, replay_bytes, replay_device
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,7 +47,9 @@ class TrainConfig:
     warmup: int = 1024  # random-action steps per task before training starts
     updates_per_step: float = 1.0  # agent.update() calls per env step after warm-up (STORM: 1)
     replay_capacity: int = 100_000  # transitions per task
-    replay_on_device: bool = False  # keep replay on the training device (GPU) instead of CPU memory
+    # keep replay on the training device (GPU) instead of CPU memory; None: on the GPU when the full replay takes
+    # at most half its free memory (replay.replay_device), else in pinned-copy CPU memory; a CPU run: CPU
+    replay_on_device: bool | None = None
     eval_every: int = 0  # periodic evaluation interval (0: only the final evaluation)
     eval_episodes: int | None = None  # episodes of the final evaluation (None: the suite protocol's number)
     periodic_eval_episodes: int = 5  # episodes of each periodic evaluation
@@ -237,12 +239,14 @@ class Trainer:
         self.agent, self.cfg, self.folder, self.device, self.seed = agent, cfg, folder, device, seed
         self.make_eval_env = make_eval_env
         self.tasks = [e.info for e in envs]
-        replay_device = device if cfg.replay_on_device else torch.device("cpu")
-        self.replay = Replay(cfg.replay_capacity, self.tasks, replay_device, seed, agent.replay_fields())
+        fields = agent.replay_fields()
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        store = replay_device(cfg.replay_on_device, device, replay_bytes(cfg.replay_capacity, self.tasks, fields), free)
+        self.replay = Replay(cfg.replay_capacity, self.tasks, store, seed, fields, train_device=device)
         self.streams = [Stream(env, agent.new_context(env.info.index)) for env in envs]
         self.counters = Counters(episodes=[0] * len(envs))
         self.rng = np.random.default_rng(seed + 1)  # warm-up actions
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: Metrics = {}  # the latest update's, read from the device at log intervals only
         self.preempted = False
         self.resumed_from: int | None = None
         self.env_restore_failed: list[str] = []
@@ -264,7 +268,7 @@ class Trainer:
                         for s in self.streams],
             # env emulator states and acting contexts are the envs' and the agent's own objects: pickled here
             "objects": pickle.dumps([{"env": s.env.get_state(), "context": s.context} for s in self.streams]),
-            "log": self.log.state_dict(), "last_metrics": self.last_metrics,
+            "log": self.log.state_dict(), "last_metrics": read_metrics(self.last_metrics),
         }
 
     def save(self) -> None:
@@ -389,7 +393,7 @@ class Trainer:
                     now = time.time()
                     sps = (c.step - last_log[1]) / max(now - last_log[0], 1e-9)  # over the last interval
                     last_log = (now, c.step)
-                    self.log.scalars(c.step, {**self.last_metrics, "perf/steps_per_s": sps})
+                    self.log.scalars(c.step, {**read_metrics(self.last_metrics), "perf/steps_per_s": sps})
                     last = [s.last_return for s in self.streams if s.last_return is not None]
                     bar.set_postfix(sps=f"{sps:.1f}", ret=f"{np.mean(last):.2f}" if last else "-")
                     self.agent.write_artifacts(self.folder / ARTIFACTS, final=False)

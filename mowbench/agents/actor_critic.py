@@ -74,7 +74,7 @@ class ActorCriticLearner:
         self.bins = uniform_bins(bins).to(device)
         self.return_scale = torch.zeros(norm_groups, device=device)  # S per group, starts at 0 as in STORM
 
-    def update(self, traj: Imagined) -> dict[str, float]:
+    def update(self, traj: Imagined) -> dict[str, torch.Tensor]:
         feat = traj.feat.detach()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             dist = self.model.actor(feat[:, :-1], traj.legal[:, None])
@@ -100,10 +100,10 @@ class ActorCriticLearner:
         grad_norm = nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.grad_clip)
         self.opt.step()
         ema_(self.model.slow_critics, self.model.critics, self.slow_decay)
-        return {"ac/policy_loss": policy_loss.item(), "ac/value_loss": value_loss.item(),
-                "ac/slow_reg": slow_reg.item(), "ac/entropy": entropy.item(),
-                "ac/return_mean": ret.mean().item(), "ac/return_scale": self.return_scale.mean().item(),
-                "ac/grad_norm": grad_norm.item()}
+        metrics = {"ac/policy_loss": policy_loss, "ac/value_loss": value_loss, "ac/slow_reg": slow_reg,
+                   "ac/entropy": entropy, "ac/return_mean": ret.mean(), "ac/return_scale": self.return_scale.mean(),
+                   "ac/grad_norm": grad_norm}
+        return {k: v.detach() for k, v in metrics.items()}  # read at log intervals, not here (no device sync)
 
     def update_return_scale(self, ret: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
         """EMA step of S from the returns ret (B, H) of each group present (None: all rows in group 0);

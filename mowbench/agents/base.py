@@ -22,6 +22,22 @@ def adam(params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
+Metrics = dict[str, float | torch.Tensor]  # what an update returns: names -> numbers or 0-dim tensors
+
+
+def read_metrics(metrics: Metrics) -> dict[str, float]:
+    """An update's metrics as floats, the tensors among them read in one copy per device."""
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(k)
+    for names in by_device.values():
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in names]).tolist()
+        out |= dict(zip(names, values, strict=True))
+    return {k: out[k] for k in metrics}  # in the agent's order
+
+
 class Agent(ABC):
     """What the trainer calls. Everything else (models, losses, optimizers) is the agent's own."""
 
@@ -57,8 +73,10 @@ class Agent(ABC):
         return {}
 
     @abstractmethod
-    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
-        """One training step; `sample(batch, length)` draws sequences from replay."""
+    def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        """One training step; `sample(batch, length)` draws sequences from replay. Metric values may be
+        (detached, 0-dim) tensors: the trainer reads them at log intervals (read_metrics), so an update on a GPU
+        never waits for the device to report a number."""
 
     def per_task_batch(self) -> dict[str, int]:
         """What each task contributes to one update (e.g. world-model sequences, imagination starts);

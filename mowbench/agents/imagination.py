@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
-from mowbench.agents.base import Agent, adam, count_parameters
+from mowbench.agents.base import Agent, Metrics, adam, count_parameters
 from mowbench.envs.base import TaskInfo
 from mowbench.ops import sample_onehot_st, twohot_decode, uniform_bins
 from mowbench.replay import Batch
@@ -189,7 +189,7 @@ class ImaginationAgent(Agent):
         """The method's world model (a WorldModel) for these tasks, on the CPU."""
 
     @abstractmethod
-    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         """The scalar world-model loss of a replayed batch and its logged terms."""
 
     def world_model_parameters(self) -> list[torch.Tensor]:
@@ -212,12 +212,12 @@ class ImaginationAgent(Agent):
         return task if self.cfg.return_norm == "task" else self.wm.critic_index(task)
 
     # ---- the three phases of an update ----
-    def update_world_model(self, batch: Batch) -> dict[str, float]:
+    def update_world_model(self, batch: Batch) -> Metrics:
         self.wm.train()
         loss, metrics = self.world_model_loss(batch)
         self.wm_opt.zero_grad(set_to_none=True)
         loss.backward()
-        metrics["wm/grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg.wm_grad_clip).item()
+        metrics["wm/grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg.wm_grad_clip).detach()
         self.wm_opt.step()
         return metrics
 
@@ -250,7 +250,7 @@ class ImaginationAgent(Agent):
         return Imagined(torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts, legal,
                         wm.critic_index(task), self.norm_index(task))
 
-    def update_actor_critic(self, traj: Imagined) -> dict[str, float]:
+    def update_actor_critic(self, traj: Imagined) -> Metrics:
         self.ac.train()
         return self.learner.update(traj)
 
@@ -261,7 +261,7 @@ class ImaginationAgent(Agent):
         return {"world_model_sequences": self.cfg.batch_per_task, "sequence_length": self.cfg.batch_length,
                 "imagination_starts": self.cfg.imag_per_task}
 
-    def update(self, sample: Callable[[int, int], Batch]) -> dict[str, float]:
+    def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
         cfg, n = self.cfg, len(self.tasks)
         metrics = self.update_world_model(sample(cfg.batch_per_task * n, cfg.batch_length))
         traj = self.imagine(sample(cfg.imag_per_task * n, cfg.imag_context))

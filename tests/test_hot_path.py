@@ -1,0 +1,98 @@
+"""The GPU-ready hot path, checked on CPU: updates hand back metrics as tensors (read at log intervals in one
+copy), masked per-task sums equal the indexed ones, the replay's placement and its byte count, and bf16
+autocast through the experts' grouped matmul."""
+
+import math
+
+import pytest
+import torch
+
+from mowbench.agents.base import make_agent, read_metrics
+from mowbench.config import compose_config
+from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.ops import harmonious_loss
+from mowbench.replay import random_batch, replay_bytes, replay_device
+from tests.conftest import MICRO
+from tests.test_mow import make_mow
+
+ATARI = TaskInfo("atari100k", "Pong", 0, 64, ActionSpace(True, 18))
+MW = TaskInfo("metaworld", "reach-v3", 0, 64, ActionSpace(False, 4))
+GIB = 2**30
+
+
+def test_read_metrics_reads_tensors_and_keeps_numbers_in_order():
+    metrics = {"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([3.25]), "d": torch.tensor(float("nan"))}
+    out = read_metrics(metrics)
+    assert list(out) == ["a", "b", "c", "d"]
+    assert out["a"] == 1.5 and out["b"] == 2.0 and out["c"] == 3.25 and math.isnan(out["d"])
+    assert all(type(v) is float for v in out.values())
+
+
+@pytest.mark.parametrize("name", ["storm", "mow"])
+def test_an_update_hands_back_tensors_not_numbers_read_from_the_device(name):
+    """Every metric of a (post-warm-up) update is a detached tensor, so nothing in it waits for a GPU."""
+    if name == "mow":
+        agent = make_mow(n_tasks=2)
+    else:
+        torch.manual_seed(0)
+        agent = make_agent("storm", compose_config(["agent=storm", *MICRO])["agent"],
+                           [TaskInfo("minatar", "t0", 0, 16, ActionSpace(True, 6))], torch.device("cpu"), "fp32")
+    infos = list(agent.tasks)
+
+    def sample(n, length):
+        return random_batch(infos, n, length, torch.device("cpu"))
+
+    agent.update(sample)  # MoW: the warm-up clustering comes first (its report is read on the host)
+    metrics = agent.update(sample)
+    assert metrics and all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
+    assert all(math.isfinite(v) for v in read_metrics(metrics).values())
+
+
+def test_masked_harmonious_loss_equals_the_sum_over_the_tasks_present():
+    losses, log_sigma = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.0, math.log(2.0), 0.0])
+    present = torch.tensor([True, True, False])
+    expected = (1.0 / 1 + math.log(2.0)) + (2.0 / 2 + math.log(3.0))  # L/sigma + ln(1 + sigma) of tasks 0, 1
+    assert harmonious_loss(losses, log_sigma, present).item() == pytest.approx(expected)
+    assert harmonious_loss(losses[present], log_sigma[present]).item() == pytest.approx(expected)
+
+
+def test_mow_world_model_loss_logs_nan_for_a_task_absent_from_the_batch():
+    agent = make_mow(n_tasks=3)
+    batch = random_batch(agent.tasks, 4, 8, torch.device("cpu"))
+    batch = batch.rows(torch.nonzero(batch.task != 2).flatten())  # no row of task 2
+    _, metrics = agent.world_model_loss(batch)
+    out = read_metrics(metrics)
+    assert math.isnan(out["wm/task_loss/t2"]) and math.isfinite(out["wm/task_loss/t0"])
+    assert math.isfinite(out["wm/loss"]) and math.isfinite(out["wm/task_loss_mean"])
+
+
+def test_replay_bytes_by_hand():
+    # per step: 64 x 64 x 3 frame + 8 (long action) + 4 (reward) + 4 (terminal)
+    assert replay_bytes(10, [ATARI, ATARI]) == 2 * 10 * (12_288 + 16)
+    assert replay_bytes(10, [MW]) == 10 * (12_288 + 16 + 8)  # four float32 action values
+
+
+def test_replay_placement():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    paper_atari = replay_bytes(100_000, [ATARI] * 26)  # 26 games x 100k steps: 29.8 GiB
+    assert paper_atari / GIB == pytest.approx(29.8, abs=0.05)
+    assert replay_device(None, gpu, paper_atari, 79 * GIB) == gpu  # an H100's free memory: on the GPU
+    assert replay_device(None, gpu, paper_atari, 22 * GIB) == cpu  # a 24 GiB card: pinned CPU memory
+    assert replay_device(True, gpu, paper_atari, 22 * GIB) == gpu and replay_device(False, gpu, 1, 79 * GIB) == cpu
+    assert replay_device(None, cpu, 1, None) == cpu and replay_device(True, cpu, 1, None) == cpu
+
+
+def test_batch_to_its_own_device_is_the_same_batch():
+    batch = random_batch([ATARI], 2, 3, torch.device("cpu"))
+    assert batch.to(torch.device("cpu")) is batch
+
+
+def test_mow_update_in_bf16_on_cpu_runs_the_grouped_experts_under_autocast():
+    agent = make_mow(n_tasks=2)
+    agent.autocast_bf16 = True  # as precision=bf16 sets it
+    batch = random_batch(agent.tasks, 4, 8, torch.device("cpu"))
+    loss, _ = agent.world_model_loss(batch)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    grad = agent.wm.experts.blocks[0].qkv.weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
