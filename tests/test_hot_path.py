@@ -2,6 +2,7 @@
 copy), masked per-task sums equal the indexed ones, the replay's placement and its byte count, and bf16
 autocast through the experts' grouped matmul."""
 
+import functools
 import math
 
 import pytest
@@ -96,3 +97,33 @@ def test_mow_update_in_bf16_on_cpu_runs_the_grouped_experts_under_autocast():
     loss.backward()
     grad = agent.wm.experts.blocks[0].qkv.weight.grad
     assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["storm", "mow"])
+def test_compile_true_gives_the_results_of_eager(name):
+    """Two full updates and a batched act of a compiled agent equal the eager agent's (same seed)."""
+    from mowbench.agents.base import get_agent
+
+    outs = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        infos = [TaskInfo("minatar", f"t{k}", k, 16, ActionSpace(True, 6)) for k in range(2 if name == "mow" else 1)]
+        agent = make_agent(name, compose_config([f"agent={name}", *MICRO, f"agent.compile={compile_}"])["agent"],
+                           infos, torch.device("cpu"), "fp32")
+        if compile_:
+            assert get_agent(name).cls is type(agent) and agent.cfg.compile
+        torch.manual_seed(1)
+        sample = functools.partial(random_batch, infos, device=torch.device("cpu"))
+        metrics = [read_metrics(agent.update(sample)) for _ in range(2)]
+        contexts = [agent.new_context(k, seed=k) for k in range(len(infos))]
+        obs = [torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy() for _ in infos]
+        actions = agent.act_batch(contexts, obs)
+        outs.append((metrics, actions, [p.detach().clone() for p in agent.wm.parameters()]))
+    (m_e, a_e, p_e), (m_c, a_c, p_c) = outs
+    for eager, compiled in zip(m_e, m_c, strict=True):
+        assert eager.keys() == compiled.keys()
+        for k in eager:
+            assert compiled[k] == pytest.approx(eager[k], rel=1e-3, abs=1e-4, nan_ok=True), k
+    assert a_e == a_c
+    for a, b in zip(p_e, p_c, strict=True):  # Adam turns a rounding-sized gradient into a step of up to lr
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)

@@ -86,6 +86,9 @@ class ImaginationConfig:
     ac_lr: float = 3e-5  # actor-critic Adam learning rate
     ac_eps: float = 1e-5  # actor-critic Adam epsilon
     ac_grad_clip: float = 100.0  # actor-critic grad-norm clip
+    # torch.compile every network (opt-in; compile_networks): equal results up to float rounding, a graph the
+    # compiler cannot handle runs eagerly
+    compile: bool = False
 
     def check(self) -> None:
         """The validation table of these fields (each refused value named, with what is allowed)."""
@@ -148,6 +151,33 @@ def random_legal(legal: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ((legal.cumsum(-1) == (k + 1)[:, None]) & legal).float().argmax(-1)
 
 
+def compile_networks(*roots: nn.Module) -> list[str]:
+    """torch.compile, in place (state_dict keys unchanged, so checkpoints are interchangeable), the outermost
+    modules under `roots` that have a forward of their own (containers are opened); returns their class names.
+    Random ops inside compiled graphs draw from torch's generator (inductor's fallback_random), so a seeded run
+    draws the numbers it draws eagerly, and a graph the compiler cannot handle (a backend missing on this
+    machine, a construct it does not support) runs eagerly instead of failing (dynamo's suppress_errors)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.config.suppress_errors = True
+    torch._inductor.config.fallback_random = True
+    compiled: list[str] = []
+
+    def visit(module: nn.Module) -> None:
+        if type(module).forward is not nn.Module.forward and not isinstance(module, nn.ModuleList | nn.ModuleDict):
+            module.compile()
+            compiled.append(type(module).__name__)
+        else:
+            for child in module.children():
+                visit(child)
+
+    for root in roots:
+        for child in root.children():
+            visit(child)
+    return compiled
+
+
 class ImaginationAgent(Agent):
     """World-model update -> imagination with a KV cache -> actor-critic in imagination, and acting from the
     world model's context. A subclass gives `build_world_model` and `world_model_loss`; everything that
@@ -182,6 +212,8 @@ class ImaginationAgent(Agent):
             autocast=self.autocast_bf16,
             norm_groups={"task": len(tasks), "critic": n_critics, "global": 1}[cfg.return_norm])
         self.bins = uniform_bins(cfg.bins).to(device)
+        if cfg.compile:
+            compile_networks(self.wm, self.ac)
 
     # ---- what a method supplies ----
     @abstractmethod

@@ -62,6 +62,15 @@ def fits_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype == weight.dtype and (x.shape[-1] * size) % 16 == 0 and (weight.shape[-1] * size) % 16 == 0
 
 
+@torch.compiler.disable  # F.grouped_mm's compile-time shape check wants bf16 (CUDA); eager takes fp32 on CPU too
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (R, in) @ weight (N_e, in, out), rows of expert j in [ends[j-1], ends[j]) -> (R, out)."""
+    y = F.grouped_mm(x.contiguous(), weight, offs=ends)
+    if y.requires_grad:  # its backward refuses the broadcast (stride-0) gradients that sums produce
+        y.register_hook(torch.Tensor.contiguous)
+    return y
+
+
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     """x (P, T, in) in slot order @ each slot's expert's weight (N_e, in, out) -> (P, T, out)."""
     p, t, _ = x.shape
@@ -70,9 +79,7 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, layout: PairLayout) -> 
         x, weight = x.to(dtype), weight.to(dtype)
     flat = x.reshape(p * t, x.shape[-1])
     if layout.kernel == "grouped" and fits_grouped_mm(flat, weight):
-        y = F.grouped_mm(flat.contiguous(), weight, offs=layout.ends * t)
-        if y.requires_grad:  # its backward refuses the broadcast (stride-0) gradients that sums produce
-            y.register_hook(torch.Tensor.contiguous)
+        y = grouped_matmul(flat, weight, layout.ends * t)
     else:
         counts = [c * t for c in layout.slot_counts()]
         y = torch.cat([xs @ w for xs, w, c in zip(flat.split(counts), weight.unbind(0), counts, strict=True) if c])
