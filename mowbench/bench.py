@@ -193,7 +193,8 @@ def projection(figures: dict[str, Any], train: Any, n_tasks: int, eval_episode_s
     episodes = n_tasks * (train.eval_episodes + periodic * train.periodic_eval_episodes)
     evaluation = episodes * (eval_episode_steps / figures["eval_env_steps_per_s"] + figures["s_per_eval_env"])
     hours = {"acting": acting / 3600, "updates": updates / 3600, "evaluation": evaluation / 3600}
-    return hours | {"total": sum(hours.values()), "eval_episode_steps_assumed": eval_episode_steps}
+    return hours | {"total": sum(hours.values()), "eval_episode_steps_assumed": eval_episode_steps,
+                    "eval_episodes_per_s": episodes / max(evaluation, 1e-9)}
 
 
 def peak_memory_gib(device: torch.device) -> dict[str, float]:

@@ -127,3 +127,19 @@ def test_compile_true_gives_the_results_of_eager(name):
     assert a_e == a_c
     for a, b in zip(p_e, p_c, strict=True):  # Adam turns a rounding-sized gradient into a step of up to lr
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_projected_hours_by_hand():
+    from mowbench.bench import projection
+    from mowbench.trainer import TrainConfig
+
+    train = TrainConfig(steps=1000, warmup=100, updates_per_step=1.0, eval_every=500, eval_episodes=10,
+                        periodic_eval_episodes=5)
+    figures = {"acting_env_steps_per_s": 100.0, "s_per_train_step": 0.5, "eval_env_steps_per_s": 100.0,
+               "s_per_eval_env": 0.5}
+    out = projection(figures, train, n_tasks=2, eval_episode_steps=50)
+    # acting 2 x 1000 / 100 = 20 s; updates 900 x 0.5 = 450 s; evaluations 2 x (10 + 5 at step 500) = 30
+    # episodes of 50 / 100 + 0.5 = 1 s each
+    assert out["acting"] * 3600 == pytest.approx(20) and out["updates"] * 3600 == pytest.approx(450)
+    assert out["evaluation"] * 3600 == pytest.approx(30) and out["total"] * 3600 == pytest.approx(500)
+    assert out["eval_episodes_per_s"] == pytest.approx(1.0)
