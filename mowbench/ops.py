@@ -3,6 +3,8 @@ MoW (TopK routing, expert balance, harmonious weighting, per-task means, groupin
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -185,19 +187,25 @@ class Grouping:
     """Rows grouped by an integer label (e.g. task -> VAE cluster, pair -> expert) so that each group
     runs as one batch through its own module: the Python loop is over groups present, never over rows.
 
-    split(x) gives (group, rows of x) pairs in label order; merge(outputs) restores the row order."""
+    split(x) gives (group, rows of x) pairs in label order; merge(outputs) restores the row order. The sort runs
+    on the device; the group sizes are read from it (one sync) only when first needed (sizes, slices)."""
 
     def __init__(self, label: torch.Tensor, n_groups: int) -> None:
         self.label = label
         self.order = torch.argsort(label, stable=True)  # (R,)
         self.inverse = torch.argsort(self.order)
-        counts = torch.bincount(label, minlength=n_groups).tolist()  # one device sync per grouping
-        self.slices: list[tuple[int, slice]] = []
-        start = 0
-        for g, c in enumerate(counts):
-            if c:
-                self.slices.append((g, slice(start, start + c)))
-            start += c
+        self.counts = torch.bincount(label, minlength=n_groups)  # (n_groups,) on the label's device
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """Rows of every group, empty ones included (host ints; one device sync per grouping)."""
+        return self.counts.tolist()
+
+    @functools.cached_property
+    def slices(self) -> list[tuple[int, slice]]:
+        """(group, its rows' slice of the sorted order) of every group present, in label order."""
+        ends = list(itertools.accumulate(self.sizes))
+        return [(g, slice(end - c, end)) for g, (c, end) in enumerate(zip(self.sizes, ends, strict=True)) if c]
 
     @property
     def groups(self) -> list[int]:

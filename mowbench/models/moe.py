@@ -24,36 +24,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from mowbench.models.transformer import KVCache, attend, layer_mask
+from mowbench.ops import Grouping
 
 KERNELS = ("auto", "grouped", "loop")
 
 
 @dataclass
 class PairLayout:
-    """Pairs sorted by expert: order (P,) the pair in each sorted slot, inverse (P,) the slot of each pair,
-    expert (P,) each slot's expert, ends (N_e,) int32 where each expert's slots end (empty experts included),
-    kernel 'grouped' or 'loop', and for 'loop' the slot count of each expert (host ints)."""
+    """Pairs sorted by expert (ops.Grouping of the pairs by their expert): order (P,) the pair in each sorted
+    slot, inverse (P,) the slot of each pair, expert (P,) each slot's expert, ends (N_e,) int32 where each
+    expert's slots end (empty experts included), and the kernel, 'grouped' or 'loop'."""
 
-    order: torch.Tensor
-    inverse: torch.Tensor
+    grouping: Grouping
     expert: torch.Tensor
     ends: torch.Tensor
     kernel: str
-    sizes: list[int] | None = None
 
     @classmethod
     def of(cls, pair_expert: torch.Tensor, n_experts: int, kernel: str) -> PairLayout:
-        order = torch.argsort(pair_expert, stable=True)  # (P,)
-        counts = torch.bincount(pair_expert, minlength=n_experts)  # (N_e,)
+        grouping = Grouping(pair_expert, n_experts)
         kernel = ("grouped" if pair_expert.device.type == "cpu" else "loop") if kernel == "auto" else kernel
-        return cls(order, torch.argsort(order), pair_expert[order], counts.cumsum(0).to(torch.int32), kernel,
-                   counts.tolist() if kernel == "loop" else None)  # 'loop': one device sync per layout
+        return cls(grouping, pair_expert[grouping.order], grouping.counts.cumsum(0).to(torch.int32), kernel)
+
+    @property
+    def order(self) -> torch.Tensor:
+        return self.grouping.order
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        return self.grouping.inverse
 
     def slot_counts(self) -> list[int]:
-        """Slots per expert (host ints; a grouped layout reads them from the device on demand)."""
-        if self.sizes is None:
-            self.sizes = torch.diff(self.ends, prepend=self.ends.new_zeros(1)).tolist()
-        return self.sizes
+        """Slots per expert, empty ones included (host ints: the 'loop' kernel reads them once per layout)."""
+        return self.grouping.sizes
 
 
 def fits_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
