@@ -297,9 +297,9 @@ class MoWWorldModel(nn.Module):
         task = torch.arange(self.n_tasks, device=self.assignment.device)
         return topk_route(self.router(self.embed(task)), float(self.tau), self.cfg.top_k)
 
-    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype) -> MoWCache:
-        shared = None if self.shared is None else self.shared.empty_cache(task.shape[0], task.device, dtype)
-        return MoWCache(ExpertCache(dtype), shared)
+    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype, offset: torch.Tensor | None = None) -> MoWCache:
+        shared = None if self.shared is None else self.shared.empty_cache(task.shape[0], task.device, dtype, offset)
+        return MoWCache(ExpertCache(dtype, offset=offset), shared)
 
     def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor,
                  cache: MoWCache | None = None) -> torch.Tensor:

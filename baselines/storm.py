@@ -146,8 +146,8 @@ class STORMWorldModel(nn.Module):
         cond = None if e is None else e[:, None].expand(b, t, -1).flatten(0, 1)
         return rearrange(self.decoder(z.flatten(0, 1), cond), "(b t) c h w -> b t c h w", b=b)
 
-    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype) -> KVCache:
-        return self.transformer.empty_cache(task.shape[0], task.device, dtype)
+    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype, offset: torch.Tensor | None = None) -> KVCache:
+        return self.transformer.empty_cache(task.shape[0], task.device, dtype, offset)
 
     def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None) -> torch.Tensor:
         """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, appends after cached steps."""

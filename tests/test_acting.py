@@ -1,6 +1,8 @@
 """Batched acting and vectorised evaluation: each stream draws from its own generator, so a stream's actions
 and an episode's result do not depend on the streams beside it or on how many run at once."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,71 @@ def test_evaluation_envs_at_once_default_per_suite(suite, expected):
 
     assert plan(compose_config([f"env={suite}"])).train.eval_envs == expected
     assert plan(compose_config([f"env={suite}", "train.eval_envs=3"])).train.eval_envs == 3
+
+
+@pytest.mark.parametrize("name,tasks,extra", [("storm", ["breakout"], []),
+                                              ("mow", ["breakout", "space_invaders", "asterix"], []),
+                                              ("mow", ["breakout", "space_invaders"], ["agent.routing=token"])])
+def test_cached_acting_is_exact_over_its_window(name, tasks, extra):
+    """act_refresh=R > 1: every step's h is the exact pass over the stream's last L steps (positions from 0),
+    with min(len, W-R+1) <= L <= min(len, W) for W = act_context; streams joining later make rows of
+    different lengths in one cache (left padding). The first W steps of a batch that does not change are the
+    exact path's, action for action. R = 1 is the exact path itself."""
+    w, r = 4, 2
+    torch.manual_seed(0)
+    cfg = compose_config([f"agent={name}", "env=minatar", f"task=[{','.join(tasks)}]", *MICRO, *extra,
+                          f"agent.act_context={w}", f"agent.act_refresh={r}"])
+    envs = make_envs("minatar", tasks, dict(cfg["env"]), seed=0)
+    agent = make_agent(name, dict(cfg["agent"]), [e.info for e in envs], torch.device("cpu"), "fp32")
+    size = envs[0].info.image_size
+    seen, original = [], agent.cached_h
+
+    def checked(contexts, lengths, task):
+        h = original(contexts, lengths, task)  # (n, 1, D)
+        session = contexts[0].session
+        for i, c in enumerate(contexts):
+            if not lengths[i]:
+                continue
+            window = session.slots - session.pad[i]
+            assert min(lengths[i], w - r + 1) <= window <= min(lengths[i], w)
+            exact = agent.wm.sequence(c.z[None, -window:], agent.action_input(c.action[None, -window:]),
+                                      task[i:i + 1])[:, -1]  # (1, D)
+            torch.testing.assert_close(h[i], exact, atol=1e-4, rtol=1e-4)
+            seen.append(window)
+        return h
+
+    agent.cached_h = checked
+    contexts, rng = [], np.random.default_rng(0)
+    for step in range(14):
+        if step in (0, 3, 7):  # streams join: a new session each time, rows of different lengths
+            contexts.append(agent.new_context(len(contexts) % len(tasks), seed=len(contexts)))
+        agent.act_batch(contexts, [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in contexts])
+    assert set(seen) == {1, 2, 3, 4}  # every window length occurred, refreshes (3) and full windows (4)
+
+    exact_cfg = dict(cfg["agent"]) | {"act_refresh": 1}
+    torch.manual_seed(0)
+    exact = make_agent(name, exact_cfg, [e.info for e in envs], torch.device("cpu"), "fp32")
+    exact.load_state_dict(agent.state_dict())
+    a = [agent.new_context(i % len(tasks), seed=i) for i in range(3)]
+    b = [exact.new_context(i % len(tasks), seed=i) for i in range(3)]
+    for _ in range(w + 1):  # steps 1..W: the cache grows from one pass, exactly the exact path's windows
+        obs = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in a]
+        assert agent.act_batch(a, obs) == exact.act_batch(b, obs)
+
+
+def test_cached_acting_resumes_exactly_from_pickled_contexts():
+    """The session lives in the streams' contexts, which a checkpoint pickles together: acting on the unpickled
+    contexts continues with the same cache and gives the actions of the uninterrupted run."""
+    torch.manual_seed(0)
+    cfg = compose_config(["agent=mow", "env=minatar", "task=[breakout,asterix]", *MICRO, "agent.act_refresh=3"])
+    envs = make_envs("minatar", ["breakout", "asterix"], dict(cfg["env"]), seed=0)
+    agent = make_agent("mow", dict(cfg["agent"]), [e.info for e in envs], torch.device("cpu"), "fp32")
+    size, rng = envs[0].info.image_size, np.random.default_rng(0)
+    frames = [[rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(2)] for _ in range(12)]
+    contexts = [agent.new_context(i, seed=i) for i in range(2)]
+    for obs in frames[:5]:
+        agent.act_batch(contexts, obs)
+    restored = pickle.loads(pickle.dumps(contexts))
+    assert restored[0].session is restored[1].session and restored[0].session.serves(restored)
+    straight = [agent.act_batch(contexts, obs) for obs in frames[5:]]
+    assert [agent.act_batch(restored, obs) for obs in frames[5:]] == straight

@@ -84,6 +84,8 @@ REFUSED = [
     ("agent.unimix=1", "agent.unimix=1.0; allowed: 0 <= unimix < 1"),
     ("agent.bins=1", "agent.bins=1; allowed: an integer >= 2"),
     ("agent.wm_lr=0", "agent.wm_lr=0.0; allowed: > 0"),
+    ("agent.act_refresh=0", "agent.act_refresh=0; allowed: > 0"),
+    ("agent.act_refresh=17", "agent.act_refresh=17; allowed: 1..act_context=8"),
     ("agent.entropy_coef=-1", "agent.entropy_coef=-1.0; allowed: >= 0"),
     ("agent.dropout=1", "agent.dropout=1.0; allowed: 0 <= dropout < 1"),
     ("train.steps=0", "train.steps=0; allowed: a positive integer"),

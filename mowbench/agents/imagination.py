@@ -33,8 +33,9 @@ class WorldModel(Protocol):
     def encode(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C)."""
 
-    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype) -> Any:
-        """An empty inference cache for len(task) sequences, which `sequence` appends to."""
+    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype, offset: torch.Tensor | None = None) -> Any:
+        """An empty inference cache for len(task) sequences, which `sequence` appends to; offset (B,): each
+        sequence's left padding (sequences of different lengths in one cache; see models.transformer.KVCache)."""
 
     def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None) -> torch.Tensor:
         """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, continues after the cached steps."""
@@ -71,6 +72,12 @@ class ImaginationConfig:
     imag_context: int = 8  # real steps fed before imagining
     imag_horizon: int = 16  # imagined steps
     act_context: int = 16  # frames/actions the world model sees when acting
+    # steps between full passes over the acting context. 1: every step, exact (STORM's reference recomputes its
+    # window each step: the learned absolute positions of a sliding window change every step, so a KV cache
+    # cannot be exact). R > 1: a pass over the last act_context-R+1 steps, then one cached token per step, so
+    # each step sees its last act_context-R+1..act_context steps (exactly, at positions from 0), and cached
+    # keys/values keep the weights of the step that computed them (<= R-1 updates old). See ActingSession.
+    act_refresh: int = 1
     reset_context_on_episode: bool = False  # STORM keeps the acting context across episodes
     ac_width: int = 512  # actor/critic MLP width
     ac_depth: int = 2  # actor/critic hidden layers
@@ -97,8 +104,11 @@ class ImaginationConfig:
         if self.return_norm not in ("task", "critic", "global"):
             raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
         check_positive(self, ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon",
-                              "act_context", "ac_width", "wm_lr", "wm_grad_clip", "ac_lr", "ac_eps", "ac_grad_clip"))
+                              "act_context", "act_refresh", "ac_width", "wm_lr", "wm_grad_clip", "ac_lr", "ac_eps",
+                              "ac_grad_clip"))
         check_non_negative(self, ("ac_depth", "entropy_coef"))
+        if self.act_refresh > self.act_context:
+            raise ValueError(f"act_refresh={self.act_refresh}; allowed: 1..act_context={self.act_context}")
         if self.bins < 2:
             raise ValueError(f"bins={self.bins}; allowed: an integer >= 2 (two-hot needs two bins)")
         if not 0.0 < self.gamma <= 1.0:
@@ -131,12 +141,32 @@ def sample_z(logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tenso
 @dataclass
 class ActingContext:
     """One env stream's acting state: its last `act_context` (z, a) pairs, z (T, V*C) and action (T,) or (T, A),
-    and its own generator, from which every random number of its acting is drawn."""
+    its own generator, from which every random number of its acting is drawn, and (act_refresh > 1) the
+    session it acts in."""
 
     task: int
     rng: np.random.Generator | None = None  # None (contexts pickled before it): made on first use
     z: torch.Tensor | None = None
     action: torch.Tensor | None = None
+    session: ActingSession | None = None
+
+
+@dataclass
+class ActingSession:
+    """Cached acting (act_refresh > 1) of one batch of streams: the world model's cache over their last steps,
+    rows left-padded to one length (`pad` slots each), `slots` filled, and each stream's z history as the last
+    call left it. It lives in the streams' contexts, so a checkpoint carries it and a resumed run goes on
+    exactly; a batch of other streams, or a stream whose history changed since (a reset), starts a new one."""
+
+    contexts: list[ActingContext]
+    z: list[torch.Tensor | None]
+    cache: Any
+    pad: list[int]
+    slots: int
+
+    def serves(self, contexts: list[ActingContext]) -> bool:
+        return len(contexts) == len(self.contexts) and all(
+            a is b and a.z is z for a, b, z in zip(contexts, self.contexts, self.z, strict=True))
 
 
 def context_seed() -> int:
@@ -324,14 +354,14 @@ class ImaginationAgent(Agent):
         """Act from [prior sample of z_t, h_{t-1}] computed over each stream's previous frames and actions
         (STORM); the current frame is encoded and appended to the context after the action is chosen.
 
-        All streams are encoded in one pass, and the streams with the same context length share one
-        sequence pass (after the first steps of an episode, all of them). Each stream draws its random
-        numbers from its own generator, in a fixed order (prior sample, action, encoding), so its actions
-        do not depend on the streams beside it. The window slides, so the learned absolute positions of every
-        token change each step: the pass over <= act_context tokens is recomputed (exact; a KV cache would
-        be exact only while the window grows, and serves imagination, where positions only grow)."""
-        self.wm.eval()
-        self.ac.eval()
+        All streams are encoded, and all that have a context act, in one pass each. Each stream draws its
+        random numbers from its own generator, in a fixed order (prior sample, action, encoding), so its
+        actions do not depend on the streams beside it. h comes from `context_h` (act_refresh 1: exact) or
+        `cached_h` (act_refresh > 1)."""
+        if self.wm.training:  # a full eval() walks every module: only after an update
+            self.wm.eval()
+        if self.ac.training:
+            self.ac.eval()
         n = len(contexts)
         task = torch.tensor([c.task for c in contexts], device=self.device)  # (n,)
         obs_t = torch.as_tensor(np.stack(obs), device=self.device)[:, None]  # (n, 1, S, S, 3)
@@ -351,17 +381,16 @@ class ImaginationAgent(Agent):
         else:
             actions = u_act * 2 - 1  # (n, A) uniform in [-1, 1]
         lengths = [0 if c.z is None else len(c.z) for c in contexts]
+        rows = [i for i in range(n) if lengths[i]]  # streams with a context
         with self.autocast():
-            for length in sorted(set(lengths) - {0}):
-                rows = [i for i in range(n) if lengths[i] == length]
+            if rows:
+                h = (self.context_h if self.cfg.act_refresh == 1 else self.cached_h)(contexts, lengths, task)
                 idx = torch.tensor(rows, device=self.device)
-                z = torch.stack([contexts[i].z for i in rows])  # (g, L, V*C)
-                a = torch.stack([contexts[i].action for i in rows])  # (g, L) or (g, L, A)
-                h = self.wm.sequence(z, self.action_input(a), task[idx])[:, -1:]  # (g, 1, D)
-                z_next = sample_z(self.wm.prior(h, task[idx]), u_prior[idx, None])  # (g, 1, V*C)
+                h = h[idx]  # (r, 1, D)
+                z_next = sample_z(self.wm.prior(h, task[idx]), u_prior[idx, None])  # (r, 1, V*C)
                 dist = self.ac.actor(self.wm.features(z_next, h, task[idx]), legal[idx, None])
                 chosen = dist.mode() if greedy else dist.sample(u_act[idx, None, :1] if self.discrete
-                                                                else u_act[idx, None])  # (g, 1) or (g, 1, A)
+                                                                else u_act[idx, None])  # (r, 1) or (r, 1, A)
                 actions[idx] = chosen[:, 0].to(actions.dtype)
             z_obs = sample_z(enc, u_enc[:, None]).float()[:, 0]  # (n, V*C)
         keep = self.cfg.act_context - 1
@@ -371,8 +400,51 @@ class ImaginationAgent(Agent):
             else:
                 c.z = torch.cat([c.z[-keep:] if keep else c.z[:0], z_obs[i:i + 1]])
                 c.action = torch.cat([c.action[-keep:] if keep else c.action[:0], actions[i:i + 1]])
+        if rows and self.cfg.act_refresh > 1:  # the session (cached_h) now holds the histories as they are
+            contexts[0].session.z = [c.z for c in contexts]
         out = actions.cpu().numpy()
         return [int(a) for a in out] if self.discrete else [a.astype(np.float32) for a in out]
+
+    def context_h(self, contexts: list[ActingContext], lengths: list[int], task: torch.Tensor) -> torch.Tensor:
+        """h (n, 1, D) after each stream's whole context, recomputed (exact): streams with the same context length
+        share one pass (after the first steps of an episode, all of them); rows without a context are zeros."""
+        out: torch.Tensor | None = None
+        for length in sorted(set(lengths) - {0}):
+            rows = [i for i in range(len(contexts)) if lengths[i] == length]
+            idx = torch.tensor(rows, device=self.device)
+            z = torch.stack([contexts[i].z for i in rows])  # (g, L, V*C)
+            a = torch.stack([contexts[i].action for i in rows])  # (g, L) or (g, L, A)
+            h = self.wm.sequence(z, self.action_input(a), task[idx])[:, -1]  # (g, D)
+            out = h.new_zeros(len(contexts), h.shape[-1]) if out is None else out
+            out[idx] = h
+        assert out is not None, "called without a stream that has a context"
+        return out[:, None]
+
+    def cached_h(self, contexts: list[ActingContext], lengths: list[int], task: torch.Tensor) -> torch.Tensor:
+        """h (n, 1, D) from the streams' session (ActingSession): the newest (z, a) of every stream appended to its
+        cache, or, every act_refresh steps and whenever the session does not serve these streams, a new session
+        from one pass over each stream's last act_context - act_refresh + 1 steps (left-padded to one length)."""
+        cfg, n = self.cfg, len(contexts)
+        session = contexts[0].session
+        if session is not None and session.serves(contexts) and session.slots < cfg.act_context:
+            z = torch.stack([c.z[-1:] for c in contexts])  # (n, 1, V*C)
+            a = torch.stack([c.action[-1:] for c in contexts])  # (n, 1) or (n, 1, A)
+            session.slots += 1
+            return self.wm.sequence(z, self.action_input(a), task, session.cache)  # (n, 1, D)
+        fill = [min(length, cfg.act_context - cfg.act_refresh + 1) for length in lengths]
+        m = max(fill)
+        offset = torch.tensor([m - f for f in fill], device=self.device)  # (n,)
+        cache = self.wm.empty_cache(task, torch.bfloat16 if self.autocast_bf16 else torch.float32, offset)
+        first = next(c for c in contexts if c.z is not None)
+        z = first.z.new_zeros(n, m, first.z.shape[-1])  # (n, m, V*C): padding never attended to
+        a = first.action.new_zeros(n, m, *first.action.shape[1:])  # (n, m) or (n, m, A)
+        for i, (c, f) in enumerate(zip(contexts, fill, strict=True)):
+            if f:
+                z[i, m - f:], a[i, m - f:] = c.z[-f:], c.action[-f:]
+        session = ActingSession(list(contexts), [c.z for c in contexts], cache, [m - f for f in fill], m)
+        for c in contexts:
+            c.session = session
+        return self.wm.sequence(z, self.action_input(a), task, cache)[:, -1:]  # (n, 1, D)
 
     def state_dict(self) -> dict[str, Any]:
         return {"wm": self.wm.state_dict(), "ac": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mowbench.models.transformer import KVCache, attend, layer_mask
+from mowbench.models.transformer import KVCache, attend, layer_mask, positions
 from mowbench.ops import Grouping
 
 KERNELS = ("auto", "grouped", "loop")
@@ -152,11 +152,12 @@ class StackedBlock(nn.Module):
 class ExpertCache:
     """Inference state of an ExpertBank over a fixed set of pairs (a rollout: task-level routing does not
     change within it; token-level routing runs every pair): the pair layout and one KV cache over the pairs
-    in slot order, created on the first call."""
+    in slot order, created on the first call. offset (B,): per-sequence left padding (see KVCache)."""
 
     dtype: torch.dtype
     layout: PairLayout | None = None
     kv: KVCache | None = None
+    offset: torch.Tensor | None = None
 
 
 class ExpertBank(nn.Module):
@@ -207,12 +208,17 @@ class ExpertBank(nn.Module):
             kv = None
             if cache is not None:
                 if cache.kv is None:
-                    cache.kv = KVCache.empty(self.depth, len(rows), self.heads, self.max_len,
-                                             self.width // self.heads, z.device, cache.dtype)
+                    offset = None if cache.offset is None else cache.offset[rows]  # (P,) in slot order
+                    cache.kv = KVCache.empty(self.depth, len(rows), self.heads, self.max_len, self.width // self.heads,
+                                             z.device, cache.dtype, offset)
                 kv = cache.kv
-            start = 0 if kv is None else kv.length
             mask = layer_mask(kv, None if key_mask is None else key_mask[layout.order], t, self.max_len, z.device)
-            x = self.norm(x + self.position[:, start:start + t][layout.expert], layout)
+            if kv is None or kv.offset is None:
+                start = 0 if kv is None else kv.length
+                pos = self.position[:, start:start + t][layout.expert]  # (P, T, D)
+            else:  # per-sequence offsets (batched acting)
+                pos = self.position[layout.expert[:, None], positions(kv, t, z.device)]  # (P, T, D)
+            x = self.norm(x + pos, layout)
             for i, block in enumerate(self.blocks):
                 x = block(x, layout, kv, i, mask)
             if kv is not None:

@@ -34,18 +34,32 @@ class KVCache:
     k, v: (n_layers, B, heads, max_len, head_dim); `length` tokens are filled. Keeping projected K/V
     (not layer inputs, as STORM's reference does) makes each new token cost O(T) instead of O(T^2).
     valid (B, max_len) bool, only with key masks: which cached tokens later queries may attend to.
+    offset (B,) long or None: rows of different lengths in one cache (batched acting), left-padded: row i's
+    tokens start at slot offset[i], take positions slot - offset[i], and never attend to the slots before.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
     valid: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
-              device: torch.device, dtype: torch.dtype) -> KVCache:
+              device: torch.device, dtype: torch.dtype, offset: torch.Tensor | None = None) -> KVCache:
         shape = (n_layers, batch, heads, max_len, head_dim)  # slots past `length` are never read
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype),
+                   offset=offset)
+
+
+def positions(cache: KVCache | None, length: int, device: torch.device) -> torch.Tensor:
+    """Positions of `length` new tokens: (T,) after the cached ones, or (B, T) with per-row offsets (slots of the
+    left padding take position 0; nothing attends to them)."""
+    start = 0 if cache is None else cache.length
+    pos = torch.arange(start, start + length, device=device)
+    if cache is None or cache.offset is None:
+        return pos
+    return (pos - cache.offset[:, None]).clamp(min=0)
 
 
 def attention_mask(new: int, start: int, key_mask: torch.Tensor | None, device: torch.device
@@ -83,10 +97,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
 def layer_mask(cache: KVCache | None, key_mask: torch.Tensor | None, length: int, max_len: int,
                device: torch.device) -> torch.Tensor | None:
     """The attention mask of `length` new tokens (see attention_mask), after checking they fit in
-    max_len. With a cache and a key mask (B, T) the mask is recorded in cache.valid for later queries."""
+    max_len. With a cache and a key mask (B, T) the mask is recorded in cache.valid for later queries; a cache
+    with row offsets masks each row's left padding."""
     start = 0 if cache is None else cache.length
     if start + length > max_len:
         raise ValueError(f"sequence length {start + length} exceeds max_len={max_len}")
+    if cache is not None and cache.offset is not None:
+        real = torch.arange(start, start + length, device=device) >= cache.offset[:, None]  # (B, T)
+        key_mask = real if key_mask is None else key_mask & real
     if cache is not None and key_mask is not None:
         if cache.valid is None:
             cache.valid = torch.zeros(key_mask.shape[0], max_len, dtype=torch.bool, device=device)
@@ -137,19 +155,19 @@ class CausalTransformer(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.blocks = nn.ModuleList(Block(width, heads, ffn, dropout, attn_dropout, ln_eps) for _ in range(depth))
 
-    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
-        return KVCache.empty(self.depth, batch, self.heads, self.max_len, self.width // self.heads, device, dtype)
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                    offset: torch.Tensor | None = None) -> KVCache:
+        return KVCache.empty(self.depth, batch, self.heads, self.max_len, self.width // self.heads, device, dtype,
+                             offset)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full causal pass (cache=None) or append tokens after the cached ones and return their h.
 
         key_mask (B, T) bool: tokens later queries may attend to (None: all); see attention_mask()."""
-        start = 0 if cache is None else cache.length
         length = tokens.shape[1]
         mask = layer_mask(cache, key_mask, length, self.max_len, tokens.device)
-        pos = torch.arange(start, start + length, device=tokens.device)
-        x = self.norm(tokens + self.position(pos))
+        x = self.norm(tokens + self.position(positions(cache, length, tokens.device)))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, mask)
         if cache is not None:
