@@ -11,8 +11,14 @@ Regenerates, from results folders and/or external score CSVs:
   learning_curves (per task: mean over seeds, min-max band);
 - with --grid NAME: grid_<NAME> (.csv/.md/.tex: one row per cell, its metrics and the probability of
   improvement over the grid's default) and ablation_<NAME> (IQM and mean against the swept value);
-- with --with-published: STORM's published per-game means as the method "storm (published)" (Atari) and
-  the published aggregates (MoW, STORM, the MT50 baselines) as point-only rows of aggregate_table;
+- atari_table (Atari): the papers' layout, the 26 games as rows and the methods as columns (raw means), then
+  mean, median and IQM HNS and the number of superhuman games, the best of each row in bold;
+- with --with-published all|NAME[,NAME...]: published Atari 100k methods shipped in analysis/reference/published
+  (13 methods' runs or per-game means and STORM's per-game means; --list-published shows them) as methods
+  beside ours, named "<method> (published)" ("published, derived" for data reduced from training curves),
+  the papers' aggregates as point-only rows of aggregate_table, and for Meta-World the literature table
+  metaworld_literature with the settings that make its numbers comparable or not (never mixed with our runs);
+- report.html: every table and figure above on one self-contained page, with the notes and the command;
 - notes.txt: what was left out or could not be compared (also printed).
 
 Flags:
@@ -23,20 +29,24 @@ Flags:
   --seed N           bootstrap seed (default 0); --reps N bootstrap resamples (default 50000)
   --include-partial  also use unfinished runs (their last evaluation; noted)
   --grid NAME        also the ablation table and plot of grid NAME (mowbench/conf/grid/NAME.yaml)
-  --with-published   add the published reference scores shipped in analysis/reference/
+  --with-published   all (the default when given bare) or NAME[,NAME...]: add shipped published scores
+  --list-published   print the shipped published methods (runs per game, kind, source) and exit
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from mowbench import results as R
 from mowbench.analysis import figures
 from mowbench.analysis.grids import grid_table, load_cells
 from mowbench.analysis.metrics import interval_estimates, iqm_curves
+from mowbench.analysis.report import Report
 from mowbench.analysis.scores import (
     SUITES,
     AnalysisError,
@@ -45,13 +55,16 @@ from mowbench.analysis.scores import (
     curve_matrices,
     final_scores,
     human_normalised,
+    list_published,
     published,
     published_aggregates,
     read_results,
     read_scores_csv,
+    reference_table,
+    resolve_published,
     score_matrices,
 )
-from mowbench.analysis.tables import interval_text, write_table
+from mowbench.analysis.tables import atari_layout, interval_text, write_table
 
 NORMALISED = {"atari100k": ("hns", "human-normalised score"), "metaworld": ("score", "success rate"),
               "minatar": ("score", "return (not normalised)")}
@@ -60,24 +73,33 @@ NORMALISED = {"atari100k": ("hns", "human-normalised score"), "metaworld": ("sco
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mowbench.analysis", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="*", type=Path, help="results roots (default: results)")
-    parser.add_argument("--suite", required=True, help="atari100k | metaworld | minatar")
+    parser.add_argument("--suite", help="atari100k | metaworld | minatar (required)")
     parser.add_argument("--scores", action="append", type=Path, default=[], help="external scores CSV")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", type=Path, help="output folder (required)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples")
     parser.add_argument("--include-partial", action="store_true", help="use unfinished runs' last evaluation")
     parser.add_argument("--grid", help="grid name: its ablation table and plot")
-    parser.add_argument("--with-published", action="store_true", help="add the shipped published scores")
-    return parser.parse_args(argv)
+    parser.add_argument("--with-published", nargs="?", const="all", metavar="all|NAME[,NAME...]",
+                        help="add shipped published scores (bare: all; names: --list-published)")
+    parser.add_argument("--list-published", action="store_true", help="list the shipped published methods")
+    args = parser.parse_args(argv)
+    missing = [flag for flag, value in (("--suite", args.suite), ("--out", args.out)) if value is None]
+    if missing and not args.list_published:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
 
 
-def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
+def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
+    """Every score (Atari: with hns), the notes so far, and the names of the published methods among them."""
     if args.suite not in SUITES:
         raise AnalysisError(f"unknown suite {args.suite!r}; allowed: {', '.join(SUITES)}")
     if args.reps < 1:
         raise AnalysisError(f"--reps={args.reps}; allowed: a positive integer")
     if args.grid:
         load_cells(args.grid)  # an unknown grid fails here, before anything is read
+    if args.with_published:
+        resolve_published(args.with_published)  # so does an unknown published method
     roots = args.results or ([] if args.scores else [Path("results")])
     frames, notes = [], []
     for root in roots:
@@ -85,8 +107,10 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
         frames.append(frame)
         notes += more
     frames += [read_scores_csv(path) for path in args.scores]
+    shipped: dict[str, str] = {}
     if args.with_published:
-        per_task, more = published(args.suite, {m for f in frames if len(f) for m in f["method"]})
+        per_task, shipped, more = published(args.suite, args.with_published,
+                                            {m for f in frames if len(f) for m in f["method"]})
         frames.append(per_task)
         notes += more
     scores = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else None
@@ -98,7 +122,7 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str]]:
     check_unique(scores)
     if args.suite == "atari100k":
         scores = human_normalised(scores)
-    return scores, notes
+    return scores, notes, set(shipped)
 
 
 def per_task_tables(scores: pd.DataFrame, column: str, scale: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -113,9 +137,13 @@ def per_task_tables(scores: pd.DataFrame, column: str, scale: float) -> tuple[pd
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.list_published:
+        print(list_published(), end="")
+        return 0
     try:
-        scores, notes = load(args)
+        scores, notes, shipped = load(args)
     except AnalysisError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -124,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     matrices, tasks, more = score_matrices(final, column)
     notes += more
     estimates = interval_estimates(matrices, reps=args.reps, seed=args.seed)
+    order = figures.by_iqm(estimates)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    report = Report(f"mowbench analysis: {args.suite}")
     rows = [{"method": m, "metric": k, "point": p, "lower": lo, "upper": hi}
             for m, metrics in estimates.items() for k, (p, lo, hi) in metrics.items()]
     pd.DataFrame(rows).to_csv(out / "aggregate.csv", index=False)
@@ -133,39 +163,74 @@ def main(argv: list[str] | None = None) -> int:
     unit = " (%)" if scale == 100.0 else ""
     aggregate = pd.DataFrame({m: {k: interval_text(*v, scale) for k, v in metrics.items()}
                               for m, metrics in estimates.items()}).T
-    if args.with_published:
+    if args.with_published and args.suite == "atari100k":
         printed, more = published_aggregates(args.suite)
         aggregate = pd.concat([aggregate, printed]).fillna("–")
         notes += more
     aggregate.index.name = "method"
     aggregate.columns = [f"{c}{unit}" for c in aggregate.columns]
     raw, norm = per_task_tables(final, column, scale)
-    print(f"# {args.suite}: {label}, {len(tasks)} tasks, 95% CIs ({args.reps} bootstrap resamples, seed {args.seed})\n")
-    print(write_table(aggregate, out, "aggregate_table"))
-    print(write_table(raw, out, "per_task_raw"))
-    print(write_table(norm, out, "per_task_normalised"))
-    figures.interval_estimates(estimates, scale, label, out / "interval_estimates")
-    figures.performance_profiles(matrices, label, out / "performance_profiles")
+    intervals = f"95% CIs ({args.reps} bootstrap resamples, seed {args.seed})"
+    print(f"# {args.suite}: {label}, {len(tasks)} tasks, {intervals}\n")
+
+    def table(name: str, heading: str, frame: pd.DataFrame, caption: str = "", bold: pd.DataFrame | None = None,
+              rules: tuple[int, ...] = ()) -> None:
+        print(write_table(frame, out, name, bold, rules))
+        report.table(name, heading, frame, bold, caption, rules)
+
+    table("aggregate_table", f"Aggregates of the {label}{unit}", aggregate,
+          f"Point estimate [{intervals}]; rows 'as printed' are the papers' own numbers, without intervals.")
+    if args.suite == "atari100k":
+        ours = [m for m in matrices if m not in shipped]
+        layout, bold = atari_layout(final, {m: e["iqm"][0] for m, e in estimates.items()},
+                                    ours + [m for m in order if m in shipped])
+        table("atari_table", "Atari 100k: raw score per game (mean over runs) and HNS aggregates", layout,
+              "Best of each row in bold. Mean and median: over games of the per-game mean HNS; IQM: over all runs "
+              "and games; superhuman: games with mean HNS >= 1 (at least human).", bold, rules=(len(layout) - 4,))
+    table("per_task_raw", "Raw score per task (mean ± std over runs)", raw)
+    table("per_task_normalised", f"{label.capitalize()} per task{unit} (mean ± std over runs)", norm)
+    if args.suite == "metaworld" and args.with_published:
+        table("metaworld_literature", "Meta-World in the literature (success %, as reported)",
+              reference_table("metaworld_literature").set_index("method"),
+              "Points from papers, never runs of ours: comparable only where observations, steps, goals and the "
+              "reward version match (last column).")
+
+    def figure(name: str, heading: str, caption: str = "") -> None:
+        report.figure(name, heading, (out / name).with_suffix(".png"), caption)
+
+    grey = " Ours in colour, published methods in grey." if shipped else ""
+    figures.interval_estimates(estimates, scale, label, out / "interval_estimates", shipped)
+    figure("interval_estimates", "Aggregate metrics with 95% CIs", "Methods ordered by IQM." + grey)
+    figures.performance_profiles(matrices, label, out / "performance_profiles", shipped, order)
+    figure("performance_profiles", "Performance profiles", "Fraction of runs x tasks above each threshold." + grey)
     if len(matrices) > 1:
-        figures.probability_of_improvement(matrices, out / "probability_of_improvement")
+        own = {m: sorted(final.loc[final["method"] == m, "task"].unique()) for m in matrices}  # matrices' columns
+        figures.probability_of_improvement(matrices, out / "probability_of_improvement", shipped, order, own)
+        figure("probability_of_improvement", "Probability of improvement P(X > Y)",
+               "On the tasks both methods have" + (": each of ours against every other method." if shipped else "."))
     curves, more = curve_matrices(scores, column)
     notes += more
     if curves:
         figures.sample_efficiency(iqm_curves(curves, reps=args.reps, seed=args.seed), label, scale,
                                   out / "sample_efficiency")
+        figure("sample_efficiency", "Sample efficiency (IQM against agent steps)")
         figures.learning_curves(scores, out / "learning_curves", "success" if args.suite == "metaworld" else "return")
+        figure("learning_curves", "Learning curves per task")
     else:
         notes.append("no evaluation histories (only final scores): no sample-efficiency or learning curves")
     if args.grid:
-        table, cells, swept, more = grid_table(args.grid, matrices, estimates, scale, args.reps, args.seed)
+        table_, cells, swept, more = grid_table(args.grid, matrices, estimates, scale, args.reps, args.seed)
         notes += more
-        print(write_table(table, out, f"grid_{args.grid}"))
+        table(f"grid_{args.grid}", f"Grid {args.grid}", table_)
         if any(c["estimates"] for c in cells):
             figures.ablation(cells, swept, scale, label, out / f"ablation_{args.grid}")
+            figure(f"ablation_{args.grid}", f"Ablation {args.grid}")
     (out / "notes.txt").write_text("".join(f"- {n}\n" for n in notes))
+    command = shlex.join(["python", "-m", "mowbench.analysis", *argv])
+    R.atomic_write_text(out / "report.html", report.render(command, notes, R.git_state()["commit"]))
     for note in notes:
         print(f"note: {note}")
-    print(f"[mowbench.analysis] wrote tables and figures to {out}")
+    print(f"[mowbench.analysis] wrote tables, figures and report.html to {out}")
     return 0
 
 

@@ -27,57 +27,114 @@ def _save(fig, path: Path, rect: tuple[float, float, float, float] | None = None
     _plt().close(fig)
 
 
+GREY = "#8c8c8c"
+
+
+def styles(methods: list[str], published: frozenset[str] | set[str]) -> dict[str, dict]:
+    """Line/bar style per method: ours in colour (tab10, thick), published ones in grey (thin; line styles
+    tell them apart), so 15+ methods stay readable and ours stand out."""
+    ours = [m for m in methods if m not in published]
+    dashes = ["-", "--", ":", "-."]
+    out: dict[str, dict] = {m: {"color": f"C{i % 10}", "linewidth": 2.0, "linestyle": "-"} for i, m in enumerate(ours)}
+    for i, m in enumerate(m for m in methods if m in published):
+        out[m] = {"color": GREY, "linewidth": 1.0, "linestyle": dashes[i % len(dashes)], "alpha": 0.8}
+    return out
+
+
+def by_iqm(estimates: dict[str, dict[str, tuple[float, float, float]]]) -> list[str]:
+    """Methods from the highest IQM point estimate to the lowest."""
+    return sorted(estimates, key=lambda m: -estimates[m]["iqm"][0])
+
+
 def interval_estimates(estimates: dict[str, dict[str, tuple[float, float, float]]], scale: float, label: str,
-                       path: Path) -> None:
-    """One panel per metric: point and 95% CI per method (rliable's usual figure)."""
+                       path: Path, published: frozenset[str] | set[str] = frozenset()) -> None:
+    """One panel per metric: point and 95% CI per method (rliable's usual figure), methods ordered by IQM (the
+    best on top), ours in colour and published ones in grey."""
     plt = _plt()
-    methods = list(estimates)
+    methods = by_iqm(estimates)[::-1]  # barh draws from the bottom up
+    style = styles(methods, published)
     metrics = list(next(iter(estimates.values())))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(methods) + 1.4))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 0.32 * len(methods) + 1.4))
     for ax, metric in zip(np.atleast_1d(axes), metrics, strict=True):
         for i, method in enumerate(methods):
             point, lo, hi = (v * scale for v in estimates[method][metric])
-            ax.barh(i, hi - lo, left=lo, height=0.6, alpha=0.7)
+            ax.barh(i, hi - lo, left=lo, height=0.6, alpha=0.7, color=style[method]["color"])
             ax.plot([point, point], [i - 0.3, i + 0.3], color="black")
             ax.plot(point, i, "o", color="black", markersize=3)
         span = [v * scale for m in methods for v in estimates[m][metric][1:]]
         pad = 0.1 * (max(span) - min(span)) or 0.1 * max(abs(max(span)), 1.0)
         ax.set_xlim(min(span) - pad, max(span) + pad)  # bars are sticky: margins() would not apply
-        ax.set_yticks(range(len(methods)), methods if metric == metrics[0] else [""] * len(methods))
+        ax.set_yticks(range(len(methods)), methods if metric == metrics[0] else [""] * len(methods),
+                      fontsize=7 if len(methods) > 8 else 9)
+        if metric == metrics[0]:
+            for tick, method in zip(ax.get_yticklabels(), methods, strict=True):
+                tick.set_color("dimgray" if method in published else "black")
+                tick.set_fontweight("normal" if method in published else "bold")
         ax.set_title(metric_label(metric))
         ax.set_xlabel(label)
     _save(fig, path)
 
 
-def performance_profiles(matrices: dict[str, np.ndarray], label: str, path: Path) -> None:
-    """Fraction of runs x tasks with score > tau, against tau."""
+def performance_profiles(matrices: dict[str, np.ndarray], label: str, path: Path,
+                         published: frozenset[str] | set[str] = frozenset(), order: list[str] | None = None) -> None:
+    """Fraction of runs x tasks with score > tau, against tau; legend in `order` (e.g. by IQM) outside the
+    axes, ours in colour, published ones in grey line styles."""
     plt = _plt()
+    methods = order or list(matrices)
+    style = styles(methods, published)
     values = np.concatenate([m.ravel() for m in matrices.values()])
-    taus = np.linspace(min(0.0, values.min()), max(values.max(), 1.0), 201)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, m in matrices.items():
-        ax.plot(taus, [(m > t).mean() for t in taus], label=method)
+    # up to the 99th percentile: a few games far above human (Boxing, Krull) would squash every curve to the left
+    taus = np.linspace(min(0.0, values.min()), max(np.percentile(values, 99), 1.0), 201)
+    fig, ax = plt.subplots(figsize=(5 + (2.5 if len(methods) > 6 else 0), 3.5 + 0.05 * len(methods)))
+    for method in methods:
+        m = matrices[method]
+        ax.plot(taus, [(m > t).mean() for t in taus], label=method, **style[method])
     ax.set_xlabel(f"{label} (tau)")
     ax.set_ylabel("fraction of runs with score > tau")
-    ax.legend(fontsize=7)
+    if len(methods) > 6:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     _save(fig, path)
 
 
-def probability_of_improvement(matrices: dict[str, np.ndarray], path: Path) -> None:
-    """P(X > Y) for every pair of methods with the same tasks (rliable's Mann-Whitney estimate)."""
+def probability_of_improvement(matrices: dict[str, np.ndarray], path: Path,
+                               published: frozenset[str] | set[str] = frozenset(),
+                               order: list[str] | None = None, tasks: dict[str, list[str]] | None = None) -> None:
+    """P(X > Y) (rliable's Mann-Whitney estimate) on the tasks both methods have (`tasks`: each matrix's
+    columns; None: pairs with the same number of tasks): with our methods beside published ones, each of ours
+    (rows) against every other method (columns); otherwise every pair. Cells are annotated; methods in `order`
+    (e.g. by IQM)."""
     from rliable import metrics
 
     plt = _plt()
-    methods = list(matrices)
-    prob = np.full((len(methods), len(methods)), np.nan)
-    for i, x in enumerate(methods):
-        for j, y in enumerate(methods):
-            if i != j and matrices[x].shape[1] == matrices[y].shape[1]:
-                prob[i, j] = metrics.probability_of_improvement(matrices[x], matrices[y])
-    fig, ax = plt.subplots(figsize=(1.0 * len(methods) + 3, 0.8 * len(methods) + 2))
-    im = ax.imshow(prob, vmin=0, vmax=1, cmap="RdBu")
-    ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    methods = order or list(matrices)
+    ours = [m for m in methods if m not in published]
+    rows = ours if ours and len(ours) < len(methods) else methods
+    cols = [m for m in methods if m not in rows] if rows is ours else methods
+    prob = np.full((len(rows), len(cols)), np.nan)
+    for i, x in enumerate(rows):
+        for j, y in enumerate(cols):
+            if x == y:
+                continue
+            if tasks is None:
+                if matrices[x].shape[1] == matrices[y].shape[1]:
+                    prob[i, j] = metrics.probability_of_improvement(matrices[x], matrices[y])
+                continue
+            shared = sorted(set(tasks[x]) & set(tasks[y]))
+            if shared:
+                prob[i, j] = metrics.probability_of_improvement(matrices[x][:, [tasks[x].index(t) for t in shared]],
+                                                                matrices[y][:, [tasks[y].index(t) for t in shared]])
+    fig, ax = plt.subplots(figsize=(0.55 * len(cols) + 3.5, 0.45 * len(rows) + 2.2))
+    im = ax.imshow(prob, vmin=0, vmax=1, cmap="RdBu", aspect="auto")
+    for (i, j), p in np.ndenumerate(prob):
+        if not np.isnan(p):
+            ax.text(j, i, f"{p:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(p - 0.5) > 0.35 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for tick in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+        tick.set_color("dimgray" if tick.get_text() in published else "black")
     ax.set_xlabel("Y")
     ax.set_ylabel("X")
     ax.set_title("P(X > Y)")

@@ -27,33 +27,93 @@ class AnalysisError(ValueError):
     """Bad analysis input: one line naming the file (or task) and the problem."""
 
 
+def reference_text(*parts: str) -> str:
+    """A file shipped with mowbench under analysis/reference/."""
+    return resources.files("mowbench.analysis").joinpath("reference", *parts).read_text()
+
+
+def read_reference_csv(text: str) -> pd.DataFrame:
+    """A shipped CSV without its # comment lines."""
+    return pd.read_csv(io.StringIO("\n".join(line for line in text.splitlines() if line and not line.startswith("#"))))
+
+
 def reference_table(name: str = "atari100k") -> pd.DataFrame:
     """Reference scores shipped with mowbench (analysis/reference/<name>.csv), indexed by task if it has one."""
-    text = resources.files("mowbench.analysis").joinpath("reference", f"{name}.csv").read_text()
-    rows = [line for line in text.splitlines() if line and not line.startswith("#")]
-    table = pd.read_csv(io.StringIO("\n".join(rows)))
+    table = read_reference_csv(reference_text(f"{name}.csv"))
     return table.set_index("task") if "task" in table.columns else table
 
 
-PUBLISHED_PER_TASK = {"atari100k": ("storm", "storm (published)", "STORM's per-game means (arXiv 2310.09615, "
-                                                                  "Table 1)")}
+# Published per-run or per-game Atari 100k scores of other methods: analysis/reference/published/ (index.csv
+# names them; SOURCES.md is their provenance). Only Atari 100k has them.
+PUBLISHED_SUITE = "atari100k"
+PUBLISHED_KINDS = {"runs": "runs", "means": "one mean per game", "derived": "runs, derived from training curves"}
 
 
-def published(suite: str, methods: set[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Shipped published per-task scores of `suite` as an extra method (one row per task, seed 0), and notes.
+def published_index() -> pd.DataFrame:
+    """name -> file, display (the method name in every table and figure), kind, source."""
+    return read_reference_csv(reference_text("published", "index.csv")).set_index("name")
 
-    Papers print per-task means over seeds, so this method has one "run": its intervals cover no seed
-    variation (noted). A method of that name already given (e.g. with --scores) is not replaced."""
-    if suite not in PUBLISHED_PER_TASK:
-        return pd.DataFrame(columns=list(COLUMNS)), [f"no published per-task scores are shipped for {suite}"]
-    column, method, source = PUBLISHED_PER_TASK[suite]
-    if method in methods:
-        return pd.DataFrame(columns=list(COLUMNS)), [f"{method} is already given; the shipped one is not added"]
-    ref = reference_table(suite)
-    frame = pd.DataFrame({"method": method, "task": ref.index, "seed": 0, "score": ref[column].to_numpy(),
-                          "source": source})
-    return frame, [f"{method}: {source}; one value per task (a mean over the paper's seeds), so its intervals "
-                   "cover no seed variation"]
+
+def resolve_published(spec: str) -> list[str]:
+    """'all' or comma-separated names (any case) -> index names; an unknown name is an AnalysisError."""
+    names = list(published_index().index)
+    if spec == "all":
+        return names
+    chosen = []
+    for part in (p.strip() for p in spec.split(",")):
+        match = [n for n in names if n.lower() == part.lower()]
+        if not match:
+            raise AnalysisError(f"--with-published {part!r}: unknown; allowed: all, {', '.join(names)}")
+        chosen += [m for m in match if m not in chosen]
+    return chosen
+
+
+def published_scores(name: str) -> pd.DataFrame:
+    """One shipped method's final scores: method (its display name), task, seed, score, source."""
+    row = published_index().loc[name]
+    frame = read_reference_csv(reference_text("published", row["file"]))
+    return frame.assign(method=row["display"], source=row["source"])[[*COLUMNS, "source"]]
+
+
+def list_published() -> str:
+    """The table --list-published prints: name, kind, runs per game, games, source."""
+    lines = ["name | method | kind | runs per game | games | source", "---|---|---|---|---|---"]
+    for name, row in published_index().iterrows():
+        runs = published_scores(str(name)).groupby("task").size()
+        count = "1 (mean)" if row["kind"] == "means" else (f"{runs.min()}" if runs.min() == runs.max()
+                                                             else f"{runs.min()}-{runs.max()}")
+        lines.append(f"{name} | {row['display']} | {PUBLISHED_KINDS[row['kind']]} | {count} | {len(runs)} | "
+                     f"{row['source']}")
+    return "\n".join(lines) + "\n"
+
+
+def published(suite: str, spec: str, methods: set[str]) -> tuple[pd.DataFrame, dict[str, str], list[str]]:
+    """The shipped published scores chosen by `spec` ('all' or names) as methods beside ours: their rows,
+    {display name: kind}, and notes. A method of that name already given (e.g. with --scores) is not replaced.
+    Per-game means are one "run" per game: their intervals cover no seed variation (noted); derived data is
+    named as such in its display name, so every table and figure shows it."""
+    names = resolve_published(spec)  # an unknown name is refused for any suite
+    if suite != PUBLISHED_SUITE:
+        return pd.DataFrame(columns=[*COLUMNS, "source"]), {}, [
+            f"no published per-task scores are shipped for {suite}" + (" (see metaworld_literature)"
+                                                                      if suite == "metaworld" else "")]
+    index, frames, kinds, notes = published_index(), [], {}, []
+    for name in names:
+        row = index.loc[name]
+        if row["display"] in methods:
+            notes.append(f"{row['display']} is already given; the shipped one is not added")
+            continue
+        frames.append(published_scores(name))
+        kinds[row["display"]] = row["kind"]
+        if row["kind"] == "means":
+            notes.append(f"{row['display']}: {row['source']}; one value per game (a mean over the paper's seeds), "
+                         "so its intervals cover no seed variation")
+        elif row["kind"] == "derived":
+            notes.append(f"{row['display']}: DERIVED, not published as final scores: {row['source']}")
+        else:
+            notes.append(f"{row['display']}: {row['source']}")
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, "source"])
+    return frame, kinds, notes
 
 
 def human_normalised(scores: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -268,10 +328,17 @@ def score_matrices(scores: pd.DataFrame, column: str = "score") -> tuple[dict[st
         if own != tasks:
             notes.append(f"{method}: {len(own)} of {len(tasks)} tasks (missing: {sorted(set(tasks) - set(own))[:5]})")
         table = frame.pivot_table(index="seed", columns="task", values=column, aggfunc="mean")
-        if table.isna().any().any():
-            notes.append(f"{method}: not every seed has every task; seeds with gaps are dropped")
-            table = table.dropna()
-        matrices[str(method)] = table[own].to_numpy(dtype=float)
+        if not table.isna().any().any():
+            matrices[str(method)] = table[own].to_numpy(dtype=float)
+            continue
+        # seeds not shared by every task (published runs seeded per game, or a run missing a task): the bootstrap
+        # resamples runs within each task, so each task's runs in seed order, the first n of each (the fewest)
+        runs = {task: group.sort_values("seed")[column].to_numpy(dtype=float) for task, group in frame.groupby("task")}
+        n = min(len(r) for r in runs.values())
+        counts = sorted({len(r) for r in runs.values()})
+        notes.append(f"{method}: not every seed has every task; each task's first {n} runs by seed are used "
+                     + (f"({counts[0]}-{counts[-1]} per task)" if len(counts) > 1 else "(all of them)"))
+        matrices[str(method)] = np.stack([runs[task][:n] for task in own], axis=1)  # (n, tasks)
     seeds = {m: len(x) for m, x in matrices.items()}
     if len(set(seeds.values())) > 1:
         notes.append("methods have different numbers of seeds: " + ", ".join(f"{m} {n}" for m, n in seeds.items()))

@@ -201,7 +201,7 @@ def test_cli_grid_table_curves_and_published_scores(tmp_path, capsys):
                      [(50, "Pong", [pong[p] - 1]), (50, "Breakout", [breakout[b] - 1]),
                       (100, "Pong", [pong[p]]), (100, "Breakout", [breakout[b]])])
     out = tmp_path / "out"
-    assert main([str(results), "--suite", "atari100k", "--grid", "ablate_topk", "--with-published",
+    assert main([str(results), "--suite", "atari100k", "--grid", "ablate_topk", "--with-published", "storm",
                  "--out", str(out), "--reps", "100"]) == 0
     printed = capsys.readouterr().out
     expected = (
@@ -227,7 +227,7 @@ def test_cli_grid_table_curves_and_published_scores(tmp_path, capsys):
     assert norm[-1].startswith("| UpNDown | – | – | – | ")  # the published method covers all 26 games
     notes = (out / "notes.txt").read_text()
     assert "grid ablate_topk: no results for mow-top_k=4 (top_k=4)" in notes
-    assert "storm (published): STORM's per-game means" in notes and "no seed variation" in notes
+    assert "storm (published): STORM paper" in notes and "no seed variation" in notes
     for name in ("sample_efficiency", "learning_curves", "ablation_ablate_topk"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
