@@ -202,3 +202,26 @@ def test_report_opens_in_a_real_browser_with_every_figure_and_table(analysed):
         assert resources_loaded == 0  # self-contained: no file or server beside the page
     finally:
         browser.quit()
+
+
+def test_metaworld_literature_is_a_table_of_its_own(tmp_path):
+    """Meta-World with --with-published: the literature's numbers with their settings in metaworld_literature,
+    none of them in the aggregates of our runs."""
+    folder = tmp_path / "results" / "metaworld" / "tdmpc2" / "reach-v3" / "seed_0"
+    folder.mkdir(parents=True)
+    (folder / "metadata.json").write_text("{}")
+    (folder / "eval.csv").write_text("step,task,episode,return,length,success\n100,reach-v3,0,5.0,100,1.0\n"
+                                     "100,reach-v3,1,4.0,100,0.0\n")
+    (folder / "DONE.json").write_text("{}")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "results"), "--suite", "metaworld", "--with-published", "--out", str(out),
+                 "--reps", "100"]) == 0
+    literature = pd.read_csv(out / "metaworld_literature.csv", index_col=0)
+    assert len(literature) == 13 and literature.loc["MoW", "MT50"] == "74.5 ± 1.1"
+    assert literature.loc["MoW", "observations"] == "pixels" and literature.loc["MOORE", "observations"].startswith(
+        "state")
+    assert literature.loc["MOORE (Meta-World+ re-run)", "reward"] == "V2"
+    assert pd.read_csv(out / "aggregate.csv")["method"].unique().tolist() == ["tdmpc2"]
+    assert "as printed" not in (out / "aggregate_table.md").read_text()
+    assert "metaworld_literature" in (out / "report.html").read_text()
+    assert "no published per-task scores are shipped for metaworld" in (out / "notes.txt").read_text()
