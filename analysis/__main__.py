@@ -107,7 +107,7 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
         frames.append(frame)
         notes += more
     frames += [read_scores_csv(path) for path in args.scores]
-    shipped: dict[str, str] = {}
+    shipped: set[str] = set()
     if args.with_published:
         per_task, shipped, more = published(args.suite, args.with_published,
                                             {m for f in frames if len(f) for m in f["method"]})
@@ -122,7 +122,7 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
     check_unique(scores)
     if args.suite == "atari100k":
         scores = human_normalised(scores)
-    return scores, notes, set(shipped)
+    return scores, notes, shipped
 
 
 def per_task_tables(scores: pd.DataFrame, column: str, scale: float) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -87,24 +87,24 @@ def list_published() -> str:
     return "\n".join(lines) + "\n"
 
 
-def published(suite: str, spec: str, methods: set[str]) -> tuple[pd.DataFrame, dict[str, str], list[str]]:
+def published(suite: str, spec: str, methods: set[str]) -> tuple[pd.DataFrame, set[str], list[str]]:
     """The shipped published scores chosen by `spec` ('all' or names) as methods beside ours: their rows,
-    {display name: kind}, and notes. A method of that name already given (e.g. with --scores) is not replaced.
+    their display names, and notes. A method of that name already given (e.g. with --scores) is not replaced.
     Per-game means are one "run" per game: their intervals cover no seed variation (noted); derived data is
     named as such in its display name, so every table and figure shows it."""
     names = resolve_published(spec)  # an unknown name is refused for any suite
     if suite != PUBLISHED_SUITE:
-        return pd.DataFrame(columns=[*COLUMNS, "source"]), {}, [
+        return pd.DataFrame(columns=[*COLUMNS, "source"]), set(), [
             f"no published per-task scores are shipped for {suite}" + (" (see metaworld_literature)"
                                                                       if suite == "metaworld" else "")]
-    index, frames, kinds, notes = published_index(), [], {}, []
+    index, frames, shipped, notes = published_index(), [], set(), []
     for name in names:
         row = index.loc[name]
         if row["display"] in methods:
             notes.append(f"{row['display']} is already given; the shipped one is not added")
             continue
         frames.append(published_scores(name))
-        kinds[row["display"]] = row["kind"]
+        shipped.add(row["display"])
         if row["kind"] == "means":
             notes.append(f"{row['display']}: {row['source']}; one value per game (a mean over the paper's seeds), "
                          "so its intervals cover no seed variation")
@@ -113,7 +113,7 @@ def published(suite: str, spec: str, methods: set[str]) -> tuple[pd.DataFrame, d
         else:
             notes.append(f"{row['display']}: {row['source']}")
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, "source"])
-    return frame, kinds, notes
+    return frame, shipped, notes
 
 
 def human_normalised(scores: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
