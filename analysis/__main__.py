@@ -98,8 +98,7 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
         raise AnalysisError(f"--reps={args.reps}; allowed: a positive integer")
     if args.grid:
         load_cells(args.grid)  # an unknown grid fails here, before anything is read
-    if args.with_published:
-        resolve_published(args.with_published)  # so does an unknown published method
+    chosen = resolve_published(args.with_published) if args.with_published else []  # so does an unknown name
     roots = args.results or ([] if args.scores else [Path("results")])
     frames, notes = [], []
     for root in roots:
@@ -109,8 +108,7 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
     frames += [read_scores_csv(path) for path in args.scores]
     shipped: set[str] = set()
     if args.with_published:
-        per_task, shipped, more = published(args.suite, args.with_published,
-                                            {m for f in frames if len(f) for m in f["method"]})
+        per_task, shipped, more = published(args.suite, chosen, {m for f in frames if len(f) for m in f["method"]})
         frames.append(per_task)
         notes += more
     scores = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else None

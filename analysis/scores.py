@@ -8,6 +8,7 @@ scores come as CSV files with the same columns (without `step`, each row is a fi
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -27,8 +28,9 @@ class AnalysisError(ValueError):
     """Bad analysis input: one line naming the file (or task) and the problem."""
 
 
+@functools.cache
 def reference_text(*parts: str) -> str:
-    """A file shipped with mowbench under analysis/reference/."""
+    """A file shipped with mowbench under analysis/reference/ (package data: read once per process)."""
     return resources.files("mowbench.analysis").joinpath("reference", *parts).read_text()
 
 
@@ -87,12 +89,11 @@ def list_published() -> str:
     return "\n".join(lines) + "\n"
 
 
-def published(suite: str, spec: str, methods: set[str]) -> tuple[pd.DataFrame, set[str], list[str]]:
-    """The shipped published scores chosen by `spec` ('all' or names) as methods beside ours: their rows,
-    their display names, and notes. A method of that name already given (e.g. with --scores) is not replaced.
+def published(suite: str, names: list[str], methods: set[str]) -> tuple[pd.DataFrame, set[str], list[str]]:
+    """The shipped published scores `names` (resolve_published) as methods beside ours: their rows, their
+    display names, and notes. A method of that name already given (e.g. with --scores) is not replaced.
     Per-game means are one "run" per game: their intervals cover no seed variation (noted); derived data is
     named as such in its display name, so every table and figure shows it."""
-    names = resolve_published(spec)  # an unknown name is refused for any suite
     if suite != PUBLISHED_SUITE:
         return pd.DataFrame(columns=[*COLUMNS, "source"]), set(), [
             f"no published per-task scores are shipped for {suite}" + (" (see metaworld_literature)"
