@@ -124,6 +124,8 @@ def plan(cfg: dict[str, Any]) -> Plan:
     agent_cfg = build_config(entry, dict(cfg["agent"]))
     if hasattr(agent_cfg, "check_image_size"):
         agent_cfg.check_image_size(int(env_cfg.get("image_size", 64)))
+    if hasattr(agent_cfg, "check_suite"):  # e.g. continuous-action methods refuse discrete suites
+        agent_cfg.check_suite(suite, bool(mod.DISCRETE_ACTIONS))
     if hasattr(agent_cfg, "check_tasks"):
         agent_cfg.check_tasks(len(tasks))
     train_values = dict(cfg["train"])

@@ -1,10 +1,12 @@
-"""Small pure functions carrying the maths of STORM-style agents (symlog, two-hot, returns, KL) and of
-MoW (TopK routing, expert balance, harmonious weighting, per-task means, grouping rows by label)."""
+"""Small pure functions carrying the maths of STORM-style agents (symlog, two-hot, returns, KL), of MoW (TopK
+routing, expert balance, harmonious weighting, per-task means, grouping rows by label) and of the TD-MPC2
+family (SimNorm, discounts, rho weights, random shifts, frame stacks, squashed Gaussians, MPPI)."""
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -227,3 +229,88 @@ class Grouping:
         """merge([fn(g, [x[rows of g] for x in xs]) for each group g])."""
         sorted_xs = [x[self.order] for x in xs]
         return self.merge([fn(g, [x[s] for x in sorted_xs]) for g, s in self.slices])
+
+
+# ---- TD-MPC2 family: TD-MPC2, Newt, PWM (spec baselines.md) ----
+
+def simnorm(x: torch.Tensor, group: int = 8) -> torch.Tensor:
+    """TD-MPC2's simplicial normalisation: the last dim split into groups of `group`, a softmax within each.
+    (..., L) -> (..., L), L divisible by `group`; each group sums to 1."""
+    shape = x.shape
+    assert shape[-1] % group == 0, (shape, group)
+    return torch.softmax(x.unflatten(-1, (shape[-1] // group, group)), dim=-1).flatten(-2)
+
+
+def tdmpc_discount(episode_length: int, denominator: float = 5.0, low: float = 0.95, high: float = 0.995) -> float:
+    """TD-MPC2's per-task discount from the episode length (in agent steps): frac = length / 5,
+    clip((frac - 1) / frac, 0.95, 0.995). Meta-World's 100-step episodes (action repeat 2): 0.95."""
+    frac = episode_length / denominator
+    return float(min(max((frac - 1) / frac, low), high))
+
+
+def rho_weights(horizon: int, rho: float, normalise: bool) -> torch.Tensor:
+    """Weights (H,) of the per-step losses of an H-step unroll: rho^t / H (TD-MPC2: sum of rho^t-weighted
+    losses divided by H) or rho^t / sum(rho^t) (Newt: normalised to sum 1)."""
+    w = rho ** torch.arange(horizon, dtype=torch.float32)
+    return w / w.sum() if normalise else w / horizon
+
+
+def random_shift(x: torch.Tensor, pad: int, offsets: torch.Tensor) -> torch.Tensor:
+    """DrQ-style random shift: x (B, C, S, S) replicate-padded by `pad`, then the S x S window at integer offsets
+    (B, 2) in [0, 2 * pad] (row, column) cut out. Offsets pad, pad give x back."""
+    b, _, h, w = x.shape
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="replicate")  # (B, C, S+2p, S+2p)
+    rows = offsets[:, 0, None] + torch.arange(h, device=x.device)  # (B, S)
+    cols = offsets[:, 1, None] + torch.arange(w, device=x.device)  # (B, S)
+    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).to(x.dtype)  # advanced indexing put C last: (B, S, S, C) -> (B, C, S, S)
+
+
+def stack_frames(obs: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+    """Stacks of the last k frames, as the acting context builds them (the first frame of an episode repeated
+    in place of frames before it): obs (B, T, S, S, C) with first (B, T) (1 at an episode's first step) ->
+    (B, T - k + 1, k * C, S, S), oldest frame first; output j is the stack ending at input step j + k - 1."""
+    b, t = first.shape
+    steps = torch.arange(t, device=obs.device)
+    last_first = torch.where(first > 0, steps, -1).cummax(dim=1).values  # (B, T) latest episode start <= i
+    ends = steps[k - 1:]  # (T-k+1,)
+    frames = [torch.maximum(ends - d, last_first[:, k - 1:]) for d in range(k - 1, -1, -1)]  # k x (B, T-k+1)
+    index = torch.stack(frames, dim=-1)  # (B, T-k+1, k)
+    picked = obs[torch.arange(b, device=obs.device)[:, None, None], index]  # (B, T-k+1, k, S, S, C)
+    return picked.permute(0, 1, 2, 5, 3, 4).flatten(2, 3)  # (B, T-k+1, k*C, S, S)
+
+
+def log_std_range(raw: torch.Tensor, low: float = -10.0, high: float = 2.0) -> torch.Tensor:
+    """TD-MPC2's policy log-std: raw outputs mapped smoothly into [low, high] by tanh."""
+    return low + 0.5 * (high - low) * (torch.tanh(raw) + 1.0)
+
+
+def squashed_gaussian(mean: torch.Tensor, log_std: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tanh-squashed Gaussian sample and its log-probability over the valid action dims.
+    mean, log_std, eps (..., A), mask (..., A) bool (padded dims False: their actions are 0 and they add
+    nothing) -> (action (..., A) in (-1, 1), log_prob (...,) summed over valid dims, with the tanh Jacobian)."""
+    m = mask.to(mean.dtype)
+    u = (mean + eps * log_std.exp()) * m
+    gauss = -0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)  # (..., A)
+    action = torch.tanh(u)
+    log_prob = ((gauss - torch.log(F.relu(1 - action.pow(2)) + 1e-6)) * m).sum(-1)
+    return action, log_prob
+
+
+def mppi_elites(values: torch.Tensor, n_elites: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MPPI's elites and their weights: values (B, N) -> (index (B, E) of the E best, score (B, E)) with
+    score = exp(temperature * (v - max v)) normalised to sum 1 (TD-MPC2's temperature multiplies)."""
+    elite_value, index = values.topk(n_elites, dim=-1)  # (B, E)
+    score = torch.exp(temperature * (elite_value - elite_value[:, :1]))
+    return index, score / score.sum(-1, keepdim=True)
+
+
+def mppi_moments(actions: torch.Tensor, score: torch.Tensor, min_std: float, max_std: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score-weighted mean and std of elite action sequences: actions (B, E, H, A), score (B, E) ->
+    mean, std (B, H, A), std clamped into [min_std, max_std]."""
+    w = score[:, :, None, None]
+    mean = (w * actions).sum(1) / (score.sum(1)[:, None, None] + 1e-9)
+    std = ((w * (actions - mean[:, None]).pow(2)).sum(1) / (score.sum(1)[:, None, None] + 1e-9)).sqrt()
+    return mean, std.clamp(min_std, max_std)

@@ -38,6 +38,7 @@ DEFAULT_TASKS = MT50
 GL_BACKENDS = ("auto", "egl", "osmesa", "glfw")
 
 EVAL_ENVS = 8  # evaluation envs alive at once by default (train.eval_envs): one with its renderer takes ~190 MiB
+DISCRETE_ACTIONS = False  # agents for one kind of action space refuse the other (AgentConfig.check_suite)
 
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ TASKS = ["asterix", "breakout", "freeway", "seaquest", "space_invaders"]
 DEFAULT_TASKS = TASKS
 
 EVAL_ENVS = 64  # evaluation envs alive at once by default (train.eval_envs): an env takes well under 1 MiB
+DISCRETE_ACTIONS = True  # agents for one kind of action space refuse the other (AgentConfig.check_suite)
 
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
