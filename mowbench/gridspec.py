@@ -64,9 +64,9 @@ def load_grid(name: str) -> dict[str, Any]:
 
 def method_name(agent: str, point: dict[str, Any], variant: str | None) -> str:
     """Results method of a cell: the agent, then each swept value except the agent itself, e.g.
-    mow-n_clusters=3, mow-no_task_loss."""
+    mow-n_clusters=3, mow-no_task_loss; a variant named after the cell's agent adds nothing (newt, newt-onehot)."""
     parts = [agent] + [f"{k.split('.')[-1]}={v}" for k, v in point.items() if k != "agent"]
-    return "-".join(parts + ([variant] if variant else []))
+    return "-".join(parts + ([variant] if variant and variant != agent else []))
 
 
 def cells(spec: dict[str, Any]) -> list[tuple[dict[str, Any], str | None, list[str]]]:

@@ -218,3 +218,17 @@ def test_a_corrupt_jobs_record_does_not_stop_grid_status(tmp_path):
     assert "jobs.json is corrupt (not JSON" in out.stderr and "going on without it" in out.stderr
     assert "minatar/storm/breakout/seed_0" in out.stdout and "minatar/storm/breakout/seed_1" in out.stdout
     assert "summary.json is corrupt (not JSON" in out.stderr and "eval.csv is truncated" in out.stderr
+
+
+def test_mt50_grids_hold_the_tdmpc2_family(tmp_path):
+    """main_mt50 has the TD-MPC2 family beside MoW; ablate_language's cells are newt (language), newt-onehot
+    (a learned embedding) and tdmpc2, each composing to what its name says."""
+    main = expand(parse_args(["grid=main_mt50", "seeds=[0]", f"results_dir={tmp_path}"]))
+    methods = {u.key.split("/")[1] for u in main}
+    assert methods == {"mow", "monolithic", "tdmpc2", "newt", "pwm"}
+    units = expand(parse_args(["grid=ablate_language", "seeds=[0]", f"results_dir={tmp_path}"]))
+    cells = {u.key.split("/")[1]: u for u in units}
+    assert set(cells) == {"newt", "newt-onehot", "tdmpc2"} and all("/all50/" in u.key for u in units)
+    assert compose_config(cells["newt"].overrides)["agent"]["task_embedding"] == "language"
+    assert compose_config(cells["newt-onehot"].overrides)["agent"]["task_embedding"] == "learned"
+    assert compose_config(cells["tdmpc2"].overrides)["agent"]["name"] == "tdmpc2"

@@ -1,6 +1,7 @@
 """Every registered agent (every file in baselines/, including one a user just added) has a preset file for
 every global preset, composes and validates at `preset=micro` and `preset=paper`, runs one update on real
-MinAtar tasks, and benches through the generic interface. A new baseline is covered with no test edits."""
+MinAtar tasks (Meta-World for continuous-only agents), and benches through the generic interface. A new
+baseline is covered with no test edits."""
 
 import math
 import re
@@ -17,11 +18,23 @@ from mowbench.envs import make_envs
 from mowbench.replay import random_batch
 
 AGENT_NAMES = sorted(registered_agents())
-TASKS = ["breakout", "asterix", "freeway"]
+TASKS = {"minatar": ["breakout", "asterix", "freeway"], "metaworld": ["reach-v3", "push-v3", "door-open-v3"]}
+
+
+def suites_of(name):
+    """(suite of the paper check, suite of the micro run): Atari and MinAtar, or Meta-World for an agent whose
+    config refuses discrete actions (the TD-MPC2 family)."""
+    cfg = registered_agents()[name].config()
+    try:
+        if hasattr(cfg, "check_suite"):
+            cfg.check_suite("minatar", True)
+    except ValueError:
+        return "metaworld", "metaworld"
+    return "atari100k", "minatar"
 
 
 def test_the_builtin_agents_are_registered_and_every_preset_is_listed():
-    assert {"storm", "monolithic", "mow"} <= set(AGENT_NAMES)
+    assert {"storm", "monolithic", "mow", "tdmpc2", "newt", "pwm"} <= set(AGENT_NAMES)
     assert presets() == ["micro", "paper", "tiny"]
 
 
@@ -30,14 +43,16 @@ def test_every_agent_composes_at_every_preset_updates_once_and_benches(name):
     entry = registered_agents()[name]
     for preset in presets():  # a missing agent/preset/<name>_<preset>.yaml is an error, not a full-size run
         check_agent_preset(name, preset)
-    paper = plan(compose_config([f"agent={name}", "preset=paper", "env=atari100k"]))  # all 26 games
-    assert paper.cfg["env"]["image_size"] == 64 and len(paper.tasks) == 26
-    assert len(paper.runs) == (1 if entry.multi_task else 26)
-    tasks = TASKS if entry.multi_task else TASKS[:1]
-    cfg = compose_config([f"agent={name}", "preset=micro", f"task=[{','.join(tasks)}]"])
+    paper_suite, suite = suites_of(name)
+    paper = plan(compose_config([f"agent={name}", "preset=paper", f"env={paper_suite}"]))  # all 26 games or MT50
+    n = {"atari100k": 26, "metaworld": 50}[paper_suite]
+    assert paper.cfg["env"]["image_size"] == 64 and len(paper.tasks) == n
+    assert len(paper.runs) == (1 if entry.multi_task else n)
+    tasks = TASKS[suite] if entry.multi_task else TASKS[suite][:1]
+    cfg = compose_config([f"agent={name}", "preset=micro", f"env={suite}", f"task=[{','.join(tasks)}]"])
     micro = plan(cfg)
     assert micro.cfg["env"]["image_size"] == 16
-    envs = make_envs("minatar", micro.tasks, dict(micro.cfg["env"]), seed=0)
+    envs = make_envs(suite, micro.tasks, dict(micro.cfg["env"]), seed=0)
     infos = [e.info for e in envs]
     torch.manual_seed(0)
     agent = make_agent(name, dict(cfg["agent"]), infos, torch.device("cpu"), "fp32")
@@ -112,7 +127,8 @@ def test_help_lists_the_groups_and_the_most_used_keys(module):
     out = subprocess.run([sys.executable, "-m", f"mowbench.{module}", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
-    assert "agent     monolithic, mow, storm" in out.stdout and "preset    micro, paper, tiny" in out.stdout
+    assert "agent     monolithic, mow, newt, pwm, storm, tdmpc2" in out.stdout
+    assert "preset    micro, paper, tiny" in out.stdout
     assert "train.steps" in out.stdout and "seed=0" in out.stdout
     assert {"bench": "Bench options (bench.<key>=value): repeats=3", "grid": "Grids (grid=name): ablate_clusters",
             "run": "python -m mowbench.run grid=NAME"}[module] in out.stdout

@@ -9,7 +9,8 @@ from typing import Any
 
 from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 
-# suite name -> module defining TASKS, DEFAULT_TASKS, EVAL_ENVS, DISCRETE_ACTIONS, check(cfg) and make(task, index, cfg, seed, ...)
+# suite name -> module defining TASKS, DEFAULT_TASKS, EVAL_ENVS, DISCRETE_ACTIONS, check(cfg) and
+# make(task, index, cfg, seed, ...)
 SUITES: dict[str, str] = {
     "atari100k": "mowbench.envs.atari",
     "metaworld": "mowbench.envs.metaworld",
