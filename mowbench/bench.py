@@ -12,7 +12,9 @@ Multi-task agents (`agent=mow`, `agent=monolithic`) are built for the suite's ta
 games, full action set) and batches are spread over the tasks; their extras add the parameters of one
 STORM per task with the same component sizes and the ratio. For MoW the first (untimed) update runs the
 warm-up clustering; `agent.cluster_warmup_updates=0 agent.clustering=random` skips its cost without
-changing what is timed (the clusters are then as balanced as gradient clustering's 'even' choice).
+changing what is timed (the clusters are then as balanced as gradient clustering's 'even' choice). The TD-MPC2
+family's first update is its seeding burst (`seed_updates`, 1000 at `paper`); `agent.seed_updates=0` skips it
+without changing what is timed.
 """
 
 from __future__ import annotations
