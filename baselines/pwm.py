@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
@@ -98,9 +97,6 @@ class PWMAgent(LatentAgent):
     def build_world_model(self, tasks: list[TaskInfo], action_mask: torch.Tensor) -> TDMPCWorldModel:
         return TDMPCWorldModel(**self.world_model_kwargs(tasks, action_mask), n_q=0, policy=False)
 
-    def task_discount(self, task: TaskInfo) -> float:
-        return self.cfg.gamma
-
     # ---- the maths ----
     def policy(self, z: torch.Tensor, eps: torch.Tensor | None, task: torch.Tensor | None = None) -> torch.Tensor:
         """Actions tanh(mu(z) + std * eps): z (K, M, L) grouped by task, or (B, 1, L) with `task` (B,); eps None:
@@ -140,7 +136,7 @@ class PWMAgent(LatentAgent):
     def train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
         cfg = self.cfg
         self.set_rates()
-        u = self.unroll(sample(self.batch_size(), self.sequence_length()))
+        u = self.unroll(sample(self.batch_size(), cfg.batch_length))
         terms, _, _ = self.world_model_terms(u)
         loss = cfg.consistency_coef * terms["consistency"] + cfg.reward_coef * terms["reward"]
         self.optim.zero_grad(set_to_none=True)
@@ -212,19 +208,10 @@ class PWMAgent(LatentAgent):
                 group["lr"] = start + frac * (self.cfg.lr_end - start)
 
     # ---- acting ----
-    @torch.no_grad()
-    def act_batch(self, contexts: list[FrameContext], obs: list[np.ndarray], greedy: bool = False
-                  ) -> list[np.ndarray]:
-        self.set_train(False)
-        x, task = self.stacks(contexts, obs)
-        with self.autocast():
-            z = self.wm.encode(x, task).float()[:, None]  # (B, 1, L)
+    def choose(self, z: torch.Tensor, task: torch.Tensor, contexts: list[FrameContext], greedy: bool) -> torch.Tensor:
+        """The task's actor: its mean action (greedy) or a sample."""
         eps = None if greedy else self.noise(contexts, (1, self.action_dim))
-        out = self.policy(z, eps, task)[:, 0].cpu().numpy()
-        return [out[i, :self.tasks[c.task].action.n] for i, c in enumerate(contexts)]
-
-    def act(self, context: FrameContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray:
-        return self.act_batch([context], [obs], greedy)[0]
+        return self.policy(z[:, None], eps, task)[:, 0]
 
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:

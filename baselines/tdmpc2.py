@@ -97,8 +97,9 @@ class TDMPC2Agent(LatentAgent):
     def __init__(self, cfg: TDMPC2Config, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
         super().__init__(cfg, tasks, device, precision)
         wm = self.wm
-        params = [p for n, p in wm.named_parameters() if not n.startswith(("policy.", "target_qs."))]
-        self.optim = torch.optim.Adam(self.world_model_groups(params), lr=cfg.lr)
+        self.discount = torch.tensor([self.task_discount(t) for t in tasks], device=device)  # (K,)
+        self.wm_params = [p for n, p in wm.named_parameters() if not n.startswith(("policy.", "target_qs."))]
+        self.optim = torch.optim.Adam(self.world_model_groups(self.wm_params), lr=cfg.lr)
         self.pi_optim = torch.optim.Adam(wm.policy.parameters(), lr=cfg.pi_lr, eps=1e-5)
         self.scale = RunningScale(cfg.scale_tau, device)
         self.pi_rho = rho_weights(cfg.horizon + 1, cfg.rho, cfg.rho_normalise).to(device)  # (H+1,)
@@ -115,7 +116,7 @@ class TDMPC2Agent(LatentAgent):
     # ---- learning ----
     def train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
         cfg, wm = self.cfg, self.wm
-        u = self.unroll(sample(self.batch_size(), self.sequence_length()))
+        u = self.unroll(sample(self.batch_size(), cfg.batch_length))
         b, h, a = u.action.shape
         terms, zs, next_z = self.world_model_terms(u)
         gamma = self.discount[u.task][:, None]  # (B, 1)
@@ -131,8 +132,7 @@ class TDMPC2Agent(LatentAgent):
             cfg.value_coef * terms["value"]
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.optim.param_groups[0]["params"] +
-                                                   self.optim.param_groups[1]["params"], cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wm_params, cfg.grad_clip)
         self.optim.step()
         pi_terms = self.policy_step(zs.detach(), u.task)
         wm.update_targets(cfg.tau)
@@ -158,34 +158,22 @@ class TDMPC2Agent(LatentAgent):
                 "pi/grad_norm": grad_norm}
 
     # ---- acting ----
-    @torch.no_grad()
-    def act_batch(self, contexts: list[FrameContext], obs: list[np.ndarray], greedy: bool = False
-                  ) -> list[np.ndarray]:
-        self.set_train(False)
-        x, task = self.stacks(contexts, obs)
-        with self.autocast():
-            z = self.wm.encode(x, task).float()  # (B, L)
+    def choose(self, z: torch.Tensor, task: torch.Tensor, contexts: list[FrameContext], greedy: bool) -> torch.Tensor:
         if self.cfg.mpc:
-            actions = self.plan(z, task, contexts, greedy)
-        else:
-            eps = self.noise(contexts, (self.action_dim,))
-            sampled, _, mean, _ = self.wm.pi(z, task, eps)
-            actions = mean if greedy else sampled
-        out = actions.float().cpu().numpy()
-        return [out[i, :self.tasks[c.task].action.n] for i, c in enumerate(contexts)]
-
-    def act(self, context: FrameContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray:
-        return self.act_batch([context], [obs], greedy)[0]
+            return self.plan(z, task, contexts, greedy)
+        sampled, _, mean, _ = self.wm.pi(z, task, self.noise(contexts, (self.action_dim,)))
+        return mean if greedy else sampled
 
     def initial_plan(self, contexts: list[FrameContext], z: torch.Tensor, task: torch.Tensor,
                      pi_actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MPPI's starting mean and std (B, H, A): the previous plan's mean shifted by one step (zeros at an
         episode start and for the new last step), std max_std. Newt overrides it (constrained planning)."""
         b, h, a = z.shape[0], self.cfg.horizon, self.action_dim
-        mean = torch.zeros(b, h, a, device=self.device)
+        mean = np.zeros((b, h, a), dtype=np.float32)
         for i, c in enumerate(contexts):
             if c.carry is not None:
-                mean[i, :-1] = torch.as_tensor(c.carry[1:], device=self.device)
+                mean[i, :-1] = c.carry[1:]
+        mean = torch.as_tensor(mean, device=self.device)  # one copy to the device for every stream
         return mean, torch.full_like(mean, self.cfg.max_std)
 
     def plan(self, z: torch.Tensor, task: torch.Tensor, contexts: list[FrameContext], greedy: bool) -> torch.Tensor:
@@ -223,8 +211,9 @@ class TDMPC2Agent(LatentAgent):
         action = elites[torch.arange(b, device=self.device), chosen, 0]  # (B, A)
         if not greedy:
             action = (action + std[:, 0] * draws[5]).clamp(-1, 1) * mask[:, 0, 0]
+        carry = mean.cpu().numpy()  # one copy from the device for every stream
         for i, c in enumerate(contexts):
-            c.carry = mean[i].cpu().numpy()
+            c.carry = carry[i]
         return action
 
     def estimate_value(self, z: torch.Tensor, actions: torch.Tensor, task: torch.Tensor, eps: torch.Tensor,

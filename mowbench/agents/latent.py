@@ -157,7 +157,6 @@ class LatentAgent(Agent):
         for k, t in enumerate(tasks):  # actions padded to the largest action dim, the padding masked
             mask[k, :t.action.n] = True
         self.action_mask = mask.to(device)
-        self.discount = torch.tensor([self.task_discount(t) for t in tasks], device=device)  # (K,)
         self.wm = self.build_world_model(tasks, mask).to(device)
         self.rho = rho_weights(cfg.horizon, cfg.rho, cfg.rho_normalise).to(device)  # (H,)
         self.updates = 0
@@ -167,11 +166,12 @@ class LatentAgent(Agent):
     def build_world_model(self, tasks: list[TaskInfo], action_mask: torch.Tensor) -> TDMPCWorldModel: ...
 
     @abstractmethod
-    def task_discount(self, task: TaskInfo) -> float: ...
-
-    @abstractmethod
     def train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
         """One update of everything the method learns."""
+
+    @abstractmethod
+    def choose(self, z: torch.Tensor, task: torch.Tensor, contexts: list[FrameContext], greedy: bool) -> torch.Tensor:
+        """Actions (B, A) for the streams' latents z (B, L) (TD-MPC2: MPPI; PWM: the task's actor)."""
 
     # ---- shared ----
     def task_vectors(self, tasks: list[TaskInfo]) -> torch.Tensor | None:
@@ -217,6 +217,21 @@ class LatentAgent(Agent):
         task = torch.tensor([c.task for c in contexts], device=self.device)
         return torch.as_tensor(x, device=self.device), task
 
+    @torch.no_grad()
+    def act_batch(self, contexts: list[FrameContext], obs: list[np.ndarray], greedy: bool = False
+                  ) -> list[np.ndarray]:
+        """Encode every stream's frame stack in one pass, let the method choose, and cut each action to its
+        task's action dims."""
+        self.set_train(False)
+        x, task = self.stacks(contexts, obs)
+        with self.autocast():
+            z = self.wm.encode(x, task).float()  # (B, L)
+        out = self.choose(z, task, contexts, greedy).float().cpu().numpy()
+        return [out[i, :self.tasks[c.task].action.n] for i, c in enumerate(contexts)]
+
+    def act(self, context: FrameContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray:
+        return self.act_batch([context], [obs], greedy)[0]
+
     def noise(self, contexts: list[FrameContext], shape: tuple[int, ...]) -> torch.Tensor:
         """Standard normal noise (B, *shape), each stream's from its own generator when it has one, so a stream's
         actions do not depend on the streams acting beside it."""
@@ -240,9 +255,6 @@ class LatentAgent(Agent):
         if action.shape[-1] < self.action_dim:
             action = F.pad(action, (0, self.action_dim - action.shape[-1]))
         return Unroll(obs, action, batch.reward[:, k - 1:k - 1 + h].float(), valid, batch.task)
-
-    def sequence_length(self) -> int:
-        return self.cfg.batch_length
 
     def encode_all(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """obs (B, T, 3k, S, S) -> z (B, T, L)."""
@@ -292,7 +304,7 @@ class LatentAgent(Agent):
 
     def per_task_batch(self) -> dict[str, int]:
         return {"world_model_sequences": self.batch_size() // len(self.tasks),
-                "sequence_length": self.sequence_length()}
+                "sequence_length": self.cfg.batch_length}
 
     def bench_phases(self, sample: Callable[[int, int], Batch]) -> dict[str, Callable[[], Any]]:
         return {"update": lambda: self.train_step(sample)}
