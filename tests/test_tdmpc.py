@@ -256,3 +256,37 @@ def test_agent_state_and_contexts_resume_exactly(agent_name, tmp_path):
         np.testing.assert_array_equal(a, b)
     for e in envs:
         e.close()
+
+
+@pytest.mark.parametrize("agent_name", ["tdmpc2", "newt", "pwm"])
+def test_fifty_tasks_every_task_in_every_batch_and_one_acting_pass(agent_name):
+    """MT50 scale at micro sizes (more tasks than the preset's batch of 8 rows): every batch holds every task,
+    every learned task vector gets a gradient, PWM's start states hold starts_per_task rows of each task, and
+    the 50 streams act in one batch."""
+    infos = mw_tasks(MT50, 16)
+    torch.manual_seed(0)
+    cfg = compose_config([f"agent={agent_name}", "env=metaworld", "preset=micro"])
+    agent = make_agent(agent_name, dict(cfg["agent"]), infos, CPU, "fp32")
+    replay = Replay(50, infos, CPU, 0, agent.replay_fields())
+    rng = np.random.default_rng(0)
+    for t in range(12):
+        for k in range(50):
+            replay.add(k, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), rng.uniform(-1, 1, 4).astype(np.float32),
+                       float(k), False, first=float(t == 0))
+    counts = []
+
+    def sample(n, length):
+        batch = replay.sample(n, length)
+        counts.append(torch.bincount(batch.task, minlength=50))
+        return batch
+
+    metrics = agent.update(sample)
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    assert all(int(c.min()) >= 1 and int(c.min()) == int(c.max()) for c in counts)  # every task, evenly
+    if agent_name == "pwm":
+        assert int(counts[-1][0]) == cfg["agent"]["starts_per_task"]
+    embedding = agent.wm.task_embedding
+    if embedding.learned:
+        assert int((embedding.table.weight.grad.abs().sum(1) > 0).sum()) == 50
+    actions = agent.act_batch([agent.new_context(k) for k in range(50)], [np.zeros((16, 16, 3), np.uint8)] * 50)
+    assert len(actions) == 50 and all(a.shape == (4,) and np.all(np.abs(a) <= 1) for a in actions)
