@@ -16,6 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 MICRO = ["preset=micro"]
 
 
+def continuous_only(agent: str) -> bool:
+    """Whether an agent's config refuses discrete-action suites (the TD-MPC2 family: Meta-World only)."""
+    from mowbench.agents.base import registered_agents
+
+    cfg = registered_agents()[agent].config()
+    try:
+        if hasattr(cfg, "check_suite"):
+            cfg.check_suite("minatar", True)
+    except ValueError:
+        return True
+    return False
+
+
 @pytest.fixture
 def micro_cfg(tmp_path):
     def make(*extra: str) -> dict[str, Any]:
