@@ -11,4 +11,5 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     chromium chromium-driver >/dev/null
 fi
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q --durations=12 "$@"
+# Two xdist workers, one torch thread each (tests/conftest.py), tests sent one at a time, longest first
+.venv/bin/python -m pytest -q -n 2 --maxschedchunk 1 --durations=12 "$@"

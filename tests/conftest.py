@@ -1,7 +1,9 @@
-"""Shared helpers: compose the real Hydra config with overrides, as the CLI does."""
+"""Shared helpers: compose the real Hydra config with overrides, as the CLI does; and the suite's schedule
+across pytest-xdist workers (scripts/test.sh runs `-n 2`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,25 @@ import pytest
 from mowbench.config import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per xdist worker (and in the subprocesses the tests start, which inherit the variable):
+    # two workers fill CI's 2 cores better than one worker with two threads, whose small matmuls scale poorly;
+    # and a test comparing a subprocess's numbers with its own sees the same thread count on both sides.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: tests marked `slow(seconds=S)` are ordered by S, descending, before all others, so that
+    with `-n 2 --maxschedchunk 1` the long tests start at once and the short ones fill the other worker
+    (longest-processing-time-first scheduling). S is a rough CI figure; it orders, it asserts nothing."""
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.kwargs.get("seconds", 60)) if mark else 0.0
+    items.sort(key=seconds, reverse=True)  # stable: equal estimates keep file order
 
 # The micro preset (agent/preset/<agent>_micro.yaml): every agent at the tests' sizes, seconds per run on 2 CPU
 # cores, no progress bar, no TensorBoard. For loop tests, not for learning.

@@ -158,7 +158,7 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=140)
 @pytest.mark.skipif(not SLURM and not REQUIRE_SLURM, reason="no SLURM here (start one: slurm/local-cluster.sh start)")
 def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tmp_path):
     """Driven through the commands a user types (subprocesses), against the real single-node SLURM."""

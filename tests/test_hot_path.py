@@ -99,6 +99,7 @@ def test_mow_update_in_bf16_on_cpu_runs_the_grouped_experts_under_autocast():
     assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
 
 
+@pytest.mark.slow(seconds=90)
 @pytest.mark.parametrize("name", ["storm", "mow"])
 def test_compile_true_gives_the_results_of_eager(name):
     """Two full updates and a batched act of a compiled agent equal the eager agent's (same seed)."""

@@ -8,7 +8,7 @@ from mowbench.config import compose_config
 from mowbench.runner import execute
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=270)
 def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
     cfg = compose_config(["task=breakout", "seed=0", f"results_dir={tmp_path}", "train.eval_every=1000",
                           "train.eval_episodes=30", "train.progress=false"])
@@ -21,7 +21,7 @@ def test_tiny_storm_beats_random_on_minatar_breakout(tmp_path):
     assert agent >= 2.0 * random and agent - random >= 0.4, (agent, random)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=620)
 def test_tiny_mow_trains_both_minatar_games_and_beats_random_on_breakout(tmp_path):
     """Tiny MoW, one agent for MinAtar breakout and space_invaders (a cluster each), 2000 steps per game, every
     game in every batch. Asserted: each game's world-model loss L_k falls to under 0.6 of its first logged
@@ -50,3 +50,32 @@ def test_tiny_mow_trains_both_minatar_games_and_beats_random_on_breakout(tmp_pat
         print(f"{game}: L_k {losses[0]:.2f} -> {losses[-1]:.2f} over {len(losses)} logs")
         assert len(losses) >= 10 and losses[-1] < 0.6 * losses[0], (game, losses[0], losses[-1])
     assert agent["breakout"] >= 2.0 * random["breakout"] and agent["breakout"] - random["breakout"] >= 0.4
+
+
+# The TD-MPC2 family on two Meta-World tasks from 16x16 pixels (the tiny presets, fast rendering, one thread per
+# xdist worker): steps per task and the cheaper MPPI each agent needs to beat a random policy within CI's time.
+# Measured sums of the two tasks' returns (5 evaluation episodes each; a random policy: seed 0 305.9):
+FAMILY = {
+    "tdmpc2": ["train.steps=1000", "agent.iterations=2", "agent.num_samples=64", "agent.num_elites=8",
+               "agent.num_pi_trajs=4"],
+    "newt": ["train.steps=1200"],
+    "pwm": ["train.steps=600"],
+}
+
+
+@pytest.mark.slow(seconds=330)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("agent", sorted(FAMILY))
+def test_tdmpc_family_beats_random_on_two_metaworld_tasks_from_pixels(agent, seed, tmp_path):
+    """reach-v3 and button-press-topdown-v3 in one multi-task run: the sum of the two tasks' mean evaluation
+    returns beats a random policy's by 30%."""
+    tasks = ["reach-v3", "button-press-topdown-v3"]
+    cfg = compose_config([f"agent={agent}", "env=metaworld", f"task=[{','.join(tasks)}]", f"seed={seed}",
+                          f"results_dir={tmp_path}", "env.fast_render=true", "train.warmup=200",
+                          "train.eval_episodes=5", "train.checkpoint_every=0", "train.progress=false",
+                          "train.tensorboard=false", *FAMILY[agent]])
+    assert cfg["env"]["image_size"] == 16 and cfg["agent"]["model_size"] == "custom"  # the tiny preset
+    [(_, summary)] = execute(cfg)
+    agent_sum, random_sum = (sum(summary[key][t] for t in tasks) for key in ("final_return", "random_return"))
+    print(f"\n{agent} seed {seed}: agent {summary['final_return']}, random {summary['random_return']}")
+    assert agent_sum >= 1.3 * random_sum, (agent_sum, random_sum)

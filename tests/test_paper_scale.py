@@ -75,7 +75,7 @@ class Recorder:
         return batch
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 @pytest.mark.parametrize("agent_name", ["mow", "monolithic"])
 def test_one_paper_preset_update_touches_every_atari_game(agent_name, atari26_replay):
     """One full update (MoW: with its warm-up gradient clustering, no pre-training updates to save CI time)
@@ -131,7 +131,7 @@ class StillEnv(TaskEnv):
         return Step(self.frame(), 1.0, self.t == self.length, False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_paper_preset_mow_acts_on_26_games_in_one_batch_and_evaluates_every_episode(atari26_replay):
     """The paper-preset MoW after one update: 26 streams (one per game, joining at different steps) acting in
     one batch give the actions of each acting alone, all legal for their game; an evaluation of 26 games x 2

@@ -116,6 +116,34 @@ def test_random_shift_by_hand():
     assert shifted[0, 0].tolist() == [[1, 2, 2], [1, 2, 2], [4, 5, 5]]
 
 
+def test_stacked_q_heads_equal_separate_mlps_by_hand():
+    """The Q ensemble in one stacked module: head k of the batched pass equals head k's MLP written out by hand
+    (Linear, LayerNorm, Mish, Linear); the last layer starts at zero; dropout acts in training only."""
+    from mowbench.models.tdmpc import TaskMLP
+
+    torch.manual_seed(0)
+    heads = TaskMLP(3, 6, (5, 4), 2, dropout=0.5, zero_last=True)
+    assert torch.equal(heads.weights[-1], torch.zeros(3, 4, 2)) and torch.equal(heads.biases[-1], torch.zeros(3, 1, 2))
+    with torch.no_grad():
+        heads.weights[-1].normal_()
+    heads.eval()  # no dropout
+    x = torch.randn(7, 6)
+    out = heads(x.expand(3, 7, 6))  # (3, 7, 2)
+
+    def by_hand(k):
+        h = x
+        for i in range(2):
+            h = h @ heads.weights[i][k] + heads.biases[i][k]
+            h = torch.nn.functional.layer_norm(h, (h.shape[-1],)) * heads.norms_w[i][k] + heads.norms_b[i][k]
+            h = h * torch.tanh(torch.nn.functional.softplus(h))  # Mish
+        return h @ heads.weights[2][k] + heads.biases[2][k]
+
+    for k in range(3):
+        torch.testing.assert_close(out[k], by_hand(k))
+    heads.train()
+    assert not torch.equal(heads(x.expand(3, 7, 6)), out)  # dropout on in training
+
+
 # ---- sizes ----
 
 def mlp(in_dim, hidden, out_dim):

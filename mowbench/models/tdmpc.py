@@ -18,20 +18,17 @@ SIZES = {"1M": (256, 384, 128), "5M": (256, 512, 512), "19M": (1024, 1024, 768),
 
 
 class NormedMLP(nn.Module):
-    """TD-MPC2's MLP: [Linear -> (Dropout on the first layer) -> LayerNorm -> Mish] per hidden layer, then a
-    plain Linear. `simnorm_group` > 0: SimNorm on the output (latents). `zero_last`: the last layer starts at
-    zero (reward and Q heads: every value starts at 0)."""
+    """TD-MPC2's MLP: [Linear -> LayerNorm -> Mish] per hidden layer, then a plain Linear. `simnorm_group` > 0:
+    SimNorm on the output (latents). `zero_last`: the last layer starts at zero (the reward head starts at 0).
+    The Q ensemble, with its dropout, is a TaskMLP (one stacked module for all heads)."""
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float = 0.0,
-                 simnorm_group: int = 0, zero_last: bool = False) -> None:
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, simnorm_group: int = 0,
+                 zero_last: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_dim
-        for i, width in enumerate(hidden):
-            layers.append(nn.Linear(prev, width))
-            if i == 0 and dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            layers += [nn.LayerNorm(width), nn.Mish()]
+        for width in hidden:
+            layers += [nn.Linear(prev, width), nn.LayerNorm(width), nn.Mish()]
             prev = width
         self.last = nn.Linear(prev, out_dim)
         if zero_last:
@@ -123,9 +120,9 @@ class TDMPCWorldModel(nn.Module):
         self.dynamics = NormedMLP(latent_dim + action_dim + e, hidden, latent_dim, simnorm_group=simnorm_group)
         self.reward_head = NormedMLP(latent_dim + action_dim + e, hidden, bins, zero_last=True)
         self.policy = NormedMLP(latent_dim + e, hidden, 2 * action_dim) if policy else None
-        self.qs = nn.ModuleList(NormedMLP(latent_dim + action_dim + e, hidden, bins, q_dropout, zero_last=True)
-                                for _ in range(n_q))
-        self.target_qs = copy.deepcopy(self.qs).requires_grad_(False)  # Polyak copies, updated by the agent
+        # the n_q heads in one stacked module (one batched matmul per layer); PWM (n_q = 0) has none
+        self.qs = TaskMLP(n_q, latent_dim + action_dim + e, hidden, bins, q_dropout, zero_last=True) if n_q else None
+        self.target_qs = copy.deepcopy(self.qs).requires_grad_(False) if n_q else None  # Polyak copies
         self.register_buffer("bins", torch.linspace(vmin, vmax, bins))  # symlog space
         mask = torch.ones(n_tasks, action_dim, dtype=torch.bool) if action_mask is None else action_mask.bool()
         self.register_buffer("action_mask", mask)  # (K, A): a task's real action dims
@@ -165,8 +162,10 @@ class TDMPCWorldModel(nn.Module):
 
     def Q(self, z: torch.Tensor, a: torch.Tensor, task: torch.Tensor, target: bool = False) -> torch.Tensor:  # noqa: N802
         """Every Q head's logits: z (B, ..., L), a (B, ..., A) -> (n_q, B, ..., bins)."""
-        x = self.with_task(torch.cat([z, a.to(z.dtype)], -1), task)
-        return torch.stack([q(x) for q in (self.target_qs if target else self.qs)])
+        x = self.with_task(torch.cat([z, a.to(z.dtype)], -1), task)  # (B, ..., D)
+        flat = x.reshape(1, -1, x.shape[-1]).expand(self.n_q, -1, -1)  # (n_q, M, D): one input for every head
+        out = (self.target_qs if target else self.qs)(flat)  # (n_q, M, bins)
+        return out.view(self.n_q, *x.shape[:-1], out.shape[-1])
 
     def value(self, logits: torch.Tensor) -> torch.Tensor:
         """Two-hot logits (..., bins) -> real-valued scalars (...,) (symexp of the expected symlog bin)."""
@@ -191,12 +190,14 @@ def pair_values(values: torch.Tensor, pair: torch.Tensor, kind: str) -> torch.Te
 
 
 class TaskMLP(nn.Module):
-    """One MLP per task with the weights of all tasks in one tensor (PWM's per-task actors and critics):
-    [Linear -> LayerNorm -> Mish] per hidden layer, then a plain Linear. forward(x (K, M, in)) runs task k's MLP
-    on x[k] (rows grouped by task, one batched matmul per layer); forward(x (B, M, in), task (B,)) runs each row's
-    task's MLP (acting on streams of any tasks)."""
+    """K MLPs with their weights in one tensor per layer: [Linear -> (Dropout on the first layer) -> LayerNorm ->
+    Mish] per hidden layer, then a plain Linear (zero at start with `zero_last`). One batched matmul per layer
+    runs all K: PWM's per-task actors and critics (K tasks) and TD-MPC2's Q ensemble (K heads, as upstream's
+    vmapped ensemble). forward(x (K, M, in)) runs MLP k on x[k] (rows grouped by task, or one input expanded to
+    every head); forward(x (B, M, in), task (B,)) runs each row's task's MLP (acting on streams of any tasks)."""
 
-    def __init__(self, n_tasks: int, in_dim: int, hidden: tuple[int, ...], out_dim: int) -> None:
+    def __init__(self, n_tasks: int, in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float = 0.0,
+                 zero_last: bool = False) -> None:
         super().__init__()
         dims = [in_dim, *hidden, out_dim]
         self.weights = nn.ParameterList()
@@ -205,8 +206,12 @@ class TaskMLP(nn.Module):
             bound = a ** -0.5  # nn.Linear's default range
             self.weights.append(nn.Parameter(torch.empty(n_tasks, a, b).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(n_tasks, 1, b).uniform_(-bound, bound)))
+        if zero_last:
+            nn.init.zeros_(self.weights[-1])
+            nn.init.zeros_(self.biases[-1])
         self.norms_w = nn.ParameterList(nn.Parameter(torch.ones(n_tasks, 1, h)) for h in hidden)
         self.norms_b = nn.ParameterList(nn.Parameter(torch.zeros(n_tasks, 1, h)) for h in hidden)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         def pick(p: torch.Tensor) -> torch.Tensor:
@@ -215,6 +220,8 @@ class TaskMLP(nn.Module):
         n = len(self.norms_w)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.baddbmm(pick(b).to(x.dtype), x, pick(w).to(x.dtype))  # (K or B, M, out)
+            if i == 0 and self.dropout is not None:
+                x = self.dropout(x)
             if i < n:
                 x = nn.functional.layer_norm(x, x.shape[-1:]) * pick(self.norms_w[i]) + pick(self.norms_b[i])
                 x = nn.functional.mish(x)
