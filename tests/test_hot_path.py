@@ -126,8 +126,12 @@ def test_compile_true_gives_the_results_of_eager(name):
         for k in eager:
             assert compiled[k] == pytest.approx(eager[k], rel=1e-3, abs=1e-4, nan_ok=True), k
     assert a_e == a_c
-    for a, b in zip(p_e, p_c, strict=True):  # Adam turns a rounding-sized gradient into a step of up to lr
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    # Adam turns a rounding-sized gradient into a step of up to lr whatever its size, so a parameter whose gradient
+    # is rounding noise may step +lr in one run and -lr in the other at each of the 2 updates: up to 4 x lr apart
+    # (seen on one torch thread: 2.01e-3 at wm_lr 1e-3 on 2 of 384 elements)
+    bound = 2 * 2 * agent.cfg.wm_lr
+    for a, b in zip(p_e, p_c, strict=True):
+        torch.testing.assert_close(a, b, atol=bound, rtol=1e-3)
 
 
 def test_projected_hours_by_hand():
