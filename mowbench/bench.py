@@ -34,6 +34,7 @@ from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, plan, resolve_device, resolve_precision
 from mowbench.envs import make_env, make_envs, resolve_tasks
 from mowbench.replay import random_batch
+from mowbench.results import peak_memory_gib
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
 # reference: also the agent's own extras (STORM: its reference-style cache); act_steps: env steps timed for
@@ -197,16 +198,6 @@ def projection(figures: dict[str, Any], train: Any, n_tasks: int, eval_episode_s
     hours = {"acting": acting / 3600, "updates": updates / 3600, "evaluation": evaluation / 3600}
     return hours | {"total": sum(hours.values()), "eval_episode_steps_assumed": eval_episode_steps,
                     "eval_episodes_per_s": episodes / max(evaluation, 1e-9)}
-
-
-def peak_memory_gib(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process, and peak CUDA memory allocated on a CUDA device."""
-    import resource
-
-    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
-    if device.type == "cuda":
-        out["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

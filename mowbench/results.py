@@ -152,6 +152,18 @@ def device_description(device: Any) -> dict[str, Any]:
     return info
 
 
+def peak_memory_gib(device: Any) -> dict[str, float]:
+    """Peak resident memory of this process so far, and peak CUDA memory allocated on a CUDA device (GiB)."""
+    import resource
+
+    import torch
+
+    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
 def read_json(path: Path, recovery: str = "restore it or delete it") -> Any:
     """A JSON file's content; a truncated or garbage file is a ValueError naming it and the recovery."""
     try:

@@ -164,7 +164,8 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         t0 = time.time()
 
         def end_session(step: int) -> None:  # also called by the trainer before it hands a signal on
-            meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": step})
+            meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": step,
+                                      "peak_memory_gib": R.peak_memory_gib(p.device)})
             R.atomic_write_json(meta_path, meta)
 
         summary = trainer.train(on_preempt=end_session)

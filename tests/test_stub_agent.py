@@ -97,6 +97,9 @@ def test_a_stub_agent_trains_resumes_exactly_and_evaluates(stub_registered, tmp_
     assert meta["agent"] == "stub" and meta["parameters"] == {"values": 6} and meta["per_task_signal"][
         "updates_per_round"] == 1.0
     assert [s["resumed_from_step"] for s in meta["sessions"]] == [None, 40]
+    # each session records its process's peak memory (a CPU run: resident memory only), in GiB
+    assert all(0.05 < s["peak_memory_gib"]["host_rss"] < 64 and "cuda_allocated" not in s["peak_memory_gib"]
+               for s in meta["sessions"])
 
 
 class FieldsStubAgent(StubAgent):

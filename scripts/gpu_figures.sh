@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU figures of the README (issue 14): paper-preset benches of storm, monolithic and mow in bf16 with and
+# without agent.compile=true, and a few hundred real training steps of each to check bf16 stability and memory.
+#
+#   bash scripts/gpu_figures.sh STAGE OUT_DIR     STAGE: env | bench | bench-compile | train-storm | train-multi | all
+#
+# Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
+# OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
+# measurement that fails or runs past its time limit leaves its stderr beside it and the next one still runs.
+set -u
+stage=${1:?STAGE: env | bench | bench-compile | train-storm | train-multi | all}
+out=${2:?OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python}
+limit=${LIMIT_S:-240}  # seconds per measurement
+dev=${DEVICE:-cuda} preset=${PRESET:-paper}  # DEVICE=cpu PRESET=tiny tries the script without a GPU
+# MoW's bench skips the warm-up clustering (its cost is not what is timed; see mowbench/bench.py)
+mow_bench="agent.cluster_warmup_updates=0 agent.clustering=random"
+
+item() {  # item NAME CMD...: run CMD under the time limit, stdout to OUT_DIR/NAME, stderr beside it
+    local name=$1; shift
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$out/$name" 2>"$out/$name.err"
+    echo "[gpu_figures] $name: exit $? after $((SECONDS - t0)) s"
+}
+
+env_check() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt"
+    $py -c "import torch, torch.nn.functional as F; print(torch.__version__, torch.version.cuda,
+torch.cuda.get_device_name(), 'grouped_mm' if hasattr(F, 'grouped_mm') else 'no grouped_mm')" >>"$out/gpu.txt"
+    cat "$out/gpu.txt"
+}
+
+bench() {  # bench COMPILE: the three agents at the paper preset, bf16 (precision=auto on CUDA)
+    for agent in storm monolithic mow; do
+        local extra=""
+        [ "$agent" = mow ] && extra=$mow_bench
+        # shellcheck disable=SC2086
+        item "bench_${agent}_compile-$1.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev \
+            agent.compile=$1 $extra
+    done
+}
+
+train() {  # train NAME STEPS OVERRIDES...: a paper-preset run of STEPS agent steps per task, then its figures
+    local name=$1 steps=$2; shift 2
+    local dir=/tmp/gpu_figures_runs/$name
+    rm -rf "$dir"
+    item "train_$name.log" $py -m mowbench.run env=atari100k preset=$preset device=$dev train.steps="$steps" \
+        train.checkpoint_every=0 train.log_every=25 train.progress=false train.tensorboard=false \
+        train.eval_episodes=2 train.eval_max_steps=200 results_dir="$dir" "$@"
+    $py - "$dir" >"$out/train_$name.json" <<'EOF'
+import csv, json, math, sys
+from pathlib import Path
+
+run = next(Path(sys.argv[1]).glob("*/*/*/seed_*"))
+meta = json.loads((run / "metadata.json").read_text())
+rows = list(csv.DictReader((run / "metrics.csv").open()))
+losses = {}
+for r in rows:
+    if r["name"].endswith("loss") or r["name"] in ("perf/steps_per_s",):
+        losses.setdefault(r["name"], []).append(float(r["value"]))
+print(json.dumps({
+    "device": meta["device"], "precision": meta["precision"], "updates": meta.get("updates"),
+    "wall_time_s": meta.get("wall_time_s"), "peak_memory_gib": meta["sessions"][-1].get("peak_memory_gib"),
+    "all_finite": all(math.isfinite(v) for vs in losses.values() for v in vs),
+    "first_last": {k: (vs[0], vs[-1]) for k, vs in losses.items()},
+    "final_return": json.loads((run / "summary.json").read_text())["final_return"]}, indent=1))
+EOF
+    echo "[gpu_figures] train_$name.json written"
+}
+
+case $stage in
+    env) env_check ;;
+    bench) env_check; bench false ;;
+    bench-compile) bench true ;;
+    # 400 updates after STORM's 1024 warm-up steps
+    train-storm) train storm 1424 agent=storm task=Pong ;;
+    # 300 updates over the 26 games after 100 warm-up rounds; MoW's warm-up clustering shortened to 100 updates
+    train-multi)
+        train monolithic 400 agent=monolithic train.warmup=100
+        train mow 400 agent=mow train.warmup=100 agent.cluster_warmup_updates=100 ;;
+    all) env_check; bench false; bench true; train storm 1424 agent=storm task=Pong
+         train monolithic 400 agent=monolithic train.warmup=100
+         train mow 400 agent=mow train.warmup=100 agent.cluster_warmup_updates=100 ;;
+    *) echo "STAGE=$stage; allowed: env, bench, bench-compile, train-storm, train-multi, all" >&2; exit 2 ;;
+esac
