@@ -2,7 +2,7 @@
 # The GPU figures of the README (issue 14): paper-preset benches of storm, monolithic and mow in bf16 with and
 # without agent.compile=true, and a few hundred real training steps of each to check bf16 stability and memory.
 #
-#   bash scripts/gpu_figures.sh STAGE OUT_DIR     STAGE: env | bench | bench-compile | train-storm | train-multi | all
+#   bash scripts/gpu_figures.sh STAGE OUT_DIR     STAGE: env | bench | bench-compile | train-storm | train-multi | train-mow | all
 #
 # Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
@@ -80,8 +80,11 @@ case $stage in
     train-multi)
         train monolithic 400 agent=monolithic train.warmup=100
         train mow 400 agent=mow train.warmup=100 agent.cluster_warmup_updates=100 ;;
+    # MoW alone, 200 updates (what fitted the time left of a lease)
+    train-mow) train mow 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 train.eval_episodes=1 \
+                   train.eval_max_steps=100 ;;
     all) env_check; bench false; bench true; train storm 1424 agent=storm task=Pong
          train monolithic 400 agent=monolithic train.warmup=100
          train mow 400 agent=mow train.warmup=100 agent.cluster_warmup_updates=100 ;;
-    *) echo "STAGE=$stage; allowed: env, bench, bench-compile, train-storm, train-multi, all" >&2; exit 2 ;;
+    *) echo "STAGE=$stage; allowed: env, bench, bench-compile, train-storm, train-multi, train-mow, all" >&2; exit 2 ;;
 esac

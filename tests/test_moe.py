@@ -107,3 +107,12 @@ def test_grouped_matmul_takes_a_broadcast_gradient():
         grads.append((x.grad, w.grad))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("capability", "kernel"), [((8, 0), "loop"), ((9, 0), "grouped"), ((10, 0), "grouped")])
+def test_auto_kernel_on_cuda_is_grouped_from_hopper_on(monkeypatch, capability, kernel):
+    from mowbench.models.moe import auto_kernel
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert auto_kernel(torch.device("cuda")) == kernel
+    assert auto_kernel(torch.device("cpu")) == "grouped"

@@ -62,6 +62,9 @@ def test_every_agent_composes_at_every_preset_updates_once_and_benches(name):
     phases = figures["sizes"]["phases"]
     assert phases and figures["s_per_train_step"] == pytest.approx(sum(figures[f"s_per_{p}"] for p in phases))
     assert figures["acting_env_steps_per_s"] > 0
+    # evaluation speed net of making envs (a GPU bench once printed 1e12 here: the env-making time it subtracted
+    # was larger than the evaluation's); no CPU evaluates a million env steps a second
+    assert 0 < figures["eval_env_steps_per_s"] < 1e6 and figures["s_per_eval_env"] > 0
 
 
 @pytest.mark.parametrize(("override", "message"), [
