@@ -154,6 +154,7 @@ class EvalStream(Stream):
 
 
 def open_stream(agent: Agent | None, env: TaskEnv, task: int, index: int, seed: int) -> EvalStream:
+    env.observe = agent is not None  # a random policy needs no frames
     s = EvalStream(env, agent.new_context(task, seed) if agent else np.random.default_rng(seed), task=task, index=index)
     restart(agent, s)
     return s

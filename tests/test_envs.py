@@ -236,9 +236,17 @@ def test_metaworld_success_flag_from_info():
 
 
 def test_metaworld_fast_render_changes_only_the_look():
-    slow, fast = metaworld_env().reset(), metaworld_env(fast_render=True).reset()
+    slow_env, fast_env = metaworld_env(), metaworld_env(fast_render=True)
+    slow, fast = slow_env.reset(), fast_env.reset()
     assert slow.shape == fast.shape and not np.array_equal(slow, fast)
     assert np.abs(slow.astype(int) - fast.astype(int)).mean() < 40
+    # no multisampling: frames of one state are the same every time (no stale or garbage buffer content), and
+    # after a few steps they still match the full render's
+    action = np.array([0.5, 0.2, -0.3, 0.0])
+    for _ in range(3):
+        slow, fast = slow_env.step(action).obs, fast_env.step(action).obs
+    np.testing.assert_array_equal(fast, fast_env.render())
+    assert np.abs(slow.astype(int) - fast.astype(int)).mean() < 10
 
 
 def test_missing_optional_dependency_breaks_only_its_suite(monkeypatch):
@@ -248,3 +256,16 @@ def test_missing_optional_dependency_breaks_only_its_suite(monkeypatch):
     with pytest.raises(ImportError, match="suite 'minatar' needs the package 'minatar'"):
         make_envs("minatar", ["breakout"], {}, seed=0)
     assert atari().reset().shape == (64, 64, 3)  # other suites are unaffected
+
+
+def test_metaworld_without_observing_renders_nothing_and_changes_nothing_else():
+    """A random policy's evaluation sets observe=False: blank frames, the same rewards and successes."""
+    seen, blind = metaworld_env(fast_render=True), metaworld_env(fast_render=True)
+    blind.observe = False
+    assert seen.reset().any() and not blind.reset().any()
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        action = rng.uniform(-1, 1, 4)
+        a, b = seen.step(action), blind.step(action)
+        assert not b.obs.any() and b.obs.shape == a.obs.shape and b.obs.dtype == np.uint8
+        assert (a.reward, a.success, a.truncated) == (b.reward, b.success, b.truncated)

@@ -64,6 +64,9 @@ class TaskEnv(ABC):
 
     info: TaskInfo
     life_loss_terminal: bool = False  # protocol: store life loss as termination for training
+    # False: reset and step may return a blank frame instead of rendering one (a random policy looks at none;
+    # a suite whose frames cost time, such as Meta-World's software rendering, skips them)
+    observe: bool = True
 
     @abstractmethod
     def reset(self) -> np.ndarray: ...
