@@ -4,11 +4,11 @@ Protocol choices (spec protocols.md leaves them open; all are config): action re
 per episode (200 simulator steps), an episode counts as a success if info["success"] was 1 at any step,
 and a new goal variation of the task is drawn at every reset. MUJOCO_GL is chosen before mujoco is
 imported: 'egl' when a CUDA device is visible, else 'osmesa'; an existing MUJOCO_GL or `gl:` wins.
-`fast_render` turns shadows, reflections and multisampling (offsamples=0) off: a frame of the Sawyer scene
-(67k mesh triangles, vertex-bound under osmesa's llvmpipe at any image size) took 45 ms with shadows and
-reflections off and 15 ms with multisampling off too (64x64, one core); it changes the image (edges
-aliased, thin parts may drop a pixel). An earlier check saw corrupted frames with offsamples=0; with
-mujoco 3.3.0 a test checks that fast frames are stable and close to the full ones.
+`fast_render` turns shadows and reflections off (about 12 -> 30 frames/s at 64x64 on 2 CPU cores with
+osmesa) and `multisample=false` turns anti-aliasing off (offsamples=0: a frame of the Sawyer scene, 67k mesh
+triangles that bound osmesa's llvmpipe at any image size, 45 -> 15 ms on one core with fast_render). Both
+change the image and are off by default; the protocol records them. An earlier check saw corrupted frames
+with offsamples=0; with mujoco 3.3.0 a test checks that such frames are stable and close to the full ones.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class MetaWorldEnv(TaskEnv):
             raise ValueError(f"camera={self.camera!r} not in the {task} model")
         if cfg.get("camera_pos") is not None:
             model.cam_pos[cam] = np.asarray(cfg["camera_pos"], dtype=np.float64)
-        if cfg.get("fast_render", False):
+        if not cfg.get("multisample", True):
             model.vis.quality.offsamples = 0  # read when the renderer's context is made
         self.renderer = mujoco.Renderer(model, self.size, self.size)
         if cfg.get("fast_render", False):
@@ -109,6 +109,7 @@ class MetaWorldEnv(TaskEnv):
                              protocol={"action_repeat": self.repeat, "episode_length": self.length,
                                        "camera": self.camera, "flip_vertical": self.flip,
                                        "fast_render": bool(cfg.get("fast_render", False)),
+                                       "multisample": bool(cfg.get("multisample", True)),
                                        "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl})
         self.t = 0
 
