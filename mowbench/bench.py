@@ -167,7 +167,7 @@ def acting_figures(agent: Any, envs: list[Any], act_steps: int) -> dict[str, flo
 def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[str, Any], train: Any,
                        opts: dict[str, Any]) -> dict[str, float]:
     """The trainer's evaluation (full mode, as many episodes at once as train.eval_envs allows), episodes
-    capped at bench.eval_steps: env steps per second, and seconds per evaluation env made and closed."""
+    capped at bench.eval_steps: env steps per second net of making the envs, and seconds per env made."""
     from mowbench.trainer import evaluate
 
     made = []  # seconds of each env made (and later closed) inside the evaluation

@@ -7,7 +7,7 @@ imported: 'egl' when a CUDA device is visible, else 'osmesa'; an existing MUJOCO
 `fast_render` turns shadows and reflections off (about 12 -> 30 frames/s at 64x64 on 2 CPU cores with
 osmesa) and `multisample=false` turns anti-aliasing off (offsamples=0: a frame of the Sawyer scene, 67k mesh
 triangles that bound osmesa's llvmpipe at any image size, 45 -> 15 ms on one core with fast_render). Both
-change the image and are off by default; the protocol records them. An earlier check saw corrupted frames
+change the image and are opt-in; the protocol records them. An earlier check saw corrupted frames
 with offsamples=0; with mujoco 3.3.0 a test checks that such frames are stable and close to the full ones.
 """
 
