@@ -8,7 +8,7 @@
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
 # measurement that fails or runs past its time limit leaves its stderr beside it and the next one still runs.
 set -u
-stage=${1:?STAGE: env | bench | bench-compile | train-storm | train-multi | all}
+stage=${1:?STAGE: env | bench | bench-compile | train-storm | train-multi | train-mow | all}
 out=${2:?OUT_DIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -70,21 +70,23 @@ EOF
     echo "[gpu_figures] train_$name.json written"
 }
 
+# 400 updates after STORM's 1024 warm-up steps
+train_storm() { train storm 1424 agent=storm task=Pong; }
+# 300 updates over the 26 games after 100 warm-up rounds; MoW's warm-up clustering shortened to 100 updates
+train_multi() {
+    train monolithic 400 agent=monolithic train.warmup=100
+    train mow 400 agent=mow train.warmup=100 agent.cluster_warmup_updates=100
+}
+
 case $stage in
     env) env_check ;;
     bench) env_check; bench false ;;
     bench-compile) bench true ;;
-    # 400 updates after STORM's 1024 warm-up steps
-    train-storm) train storm 1424 agent=storm task=Pong ;;
-    # 300 updates over the 26 games after 100 warm-up rounds; MoW's warm-up clustering shortened to 100 updates
-    train-multi)
-        train monolithic 400 agent=monolithic train.warmup=100
-        train mow 400 agent=mow train.warmup=100 agent.cluster_warmup_updates=100 ;;
+    train-storm) train_storm ;;
+    train-multi) train_multi ;;
     # MoW alone, 200 updates (what fitted the time left of a lease)
     train-mow) train mow 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 train.eval_episodes=1 \
                    train.eval_max_steps=100 ;;
-    all) env_check; bench false; bench true; train storm 1424 agent=storm task=Pong
-         train monolithic 400 agent=monolithic train.warmup=100
-         train mow 400 agent=mow train.warmup=100 agent.cluster_warmup_updates=100 ;;
+    all) env_check; bench false; bench true; train_storm; train_multi ;;
     *) echo "STAGE=$stage; allowed: env, bench, bench-compile, train-storm, train-multi, train-mow, all" >&2; exit 2 ;;
 esac

@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return float(mark.kwargs.get("seconds", 60)) if mark else 0.0
     items.sort(key=seconds, reverse=True)  # stable: equal estimates keep file order
 
+
 # The micro preset (agent/preset/<agent>_micro.yaml): every agent at the tests' sizes, seconds per run on 2 CPU
 # cores, no progress bar, no TensorBoard. For loop tests, not for learning.
 MICRO = ["preset=micro"]
