@@ -92,7 +92,7 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     elif not multi_task:  # one task; a multi-task agent gets the suite's task list (Atari: 26 games)
         cfg["task"] = "Pong" if suite == "atari100k" else resolve_tasks(suite, None)[0]
     p = plan(cfg)  # validates and resolves the env config (e.g. the shared Atari action set)
-    env_cfg = dict(p.cfg["env"])
+    env_cfg = {**p.cfg["env"], "run_seed": 0}  # as a run of seed 0 (the runner adds its seed)
     envs = make_envs(suite, p.tasks, env_cfg, seed=0)
     env = envs[0]
     agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [e.info for e in envs], device, precision)

@@ -235,10 +235,16 @@ class Grouping:
 
 def simnorm(x: torch.Tensor, group: int = 8) -> torch.Tensor:
     """TD-MPC2's simplicial normalisation: the last dim split into groups of `group`, a softmax within each.
-    (..., L) -> (..., L), L divisible by `group`; each group sums to 1."""
+    (..., L) -> (..., L), L divisible by `group`; each group sums to 1.
+
+    Written out (exp of x minus the group's max, over the group's sum) rather than torch.softmax: on CPU the
+    softmax kernel runs row by row, and rows of 8 made it 4x slower than these three vectorised ops. The max is
+    detached: a softmax does not depend on the constant subtracted, so its gradient would be zero (rounding)."""
     shape = x.shape
     assert shape[-1] % group == 0, (shape, group)
-    return torch.softmax(x.unflatten(-1, (shape[-1] // group, group)), dim=-1).flatten(-2)
+    v = x.unflatten(-1, (shape[-1] // group, group))  # (..., L / group, group)
+    e = torch.exp(v - v.detach().amax(-1, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)).flatten(-2)
 
 
 def tdmpc_discount(episode_length: int, denominator: float = 5.0, low: float = 0.95, high: float = 0.995) -> float:

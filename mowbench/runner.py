@@ -131,7 +131,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    env_cfg = dict(cfg["env"])
+    env_cfg = {**cfg["env"], "run_seed": seed}  # randomness a suite shares across the run's envs (Meta-World goals)
     with ExitStack() as opened:  # envs and logs are closed on every path: finished, preempted, failed
         envs = make_envs(p.suite, tasks, env_cfg, seed)
         opened.callback(lambda: [env.close() for env in envs])

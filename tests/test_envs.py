@@ -274,3 +274,31 @@ def test_metaworld_without_observing_renders_nothing_and_changes_nothing_else():
         a, b = seen.step(action), blind.step(action)
         assert not b.obs.any() and b.obs.shape == a.obs.shape and b.obs.dtype == np.uint8
         assert (a.reward, a.success, a.truncated) == (b.reward, b.success, b.truncated)
+
+
+def test_metaworld_envs_of_a_run_share_each_tasks_goal_set():
+    """Training and evaluation envs of one run draw goals from the same 50 variations (MT1 at the run's seed,
+    as Meta-World's MT benchmarks), each env in its own order; another run seed gives another set."""
+    import pickle
+
+    from mowbench.envs.metaworld import goal_variations
+
+    def goals(env):
+        return [pickle.loads(t.data)["rand_vec"].tobytes() for t in env.tasks]
+
+    train = make_envs("metaworld", ["reach-v3"], {"image_size": 16, "run_seed": 3}, seed=3)[0]
+    evaluation = make_envs("metaworld", ["reach-v3"], {"image_size": 16, "run_seed": 3}, seed=3 + 7919,
+                           evaluation=True)[0]
+    other_run = make_envs("metaworld", ["reach-v3"], {"image_size": 16, "run_seed": 4}, seed=4)[0]
+    assert len(set(goals(train))) == 50 and goals(train) == goals(evaluation)
+    assert not set(goals(train)) & set(goals(other_run))
+    assert train.info.protocol["goal_seed"] == 3 and other_run.info.protocol["goal_seed"] == 4
+    assert goal_variations("reach-v3", 3) is goal_variations("reach-v3", 3)  # drawn once per process
+    pinned = make_envs("metaworld", ["reach-v3"], {"image_size": 16, "run_seed": 4, "goal_seed": 3}, seed=4)[0]
+    assert goals(pinned) == goals(train)
+    # each env draws its own sequence of variations from the shared set
+    train.reset(), evaluation.reset()
+    first = [train.rng.integers(50, size=8).tolist(), evaluation.rng.integers(50, size=8).tolist()]
+    assert first[0] != first[1]
+    with pytest.raises(ValueError, match="goal_seed='x'; allowed: an integer, or null for the run's seed"):
+        make_envs("metaworld", ["reach-v3"], {"goal_seed": "x"}, seed=0)

@@ -2,6 +2,7 @@
 weights, two-hot over 101 bins, squashed Gaussians, MPPI), parameter counts of the presets against hand counts,
 Newt's language vectors, the refusals of discrete suites, and exact resume of each agent's state."""
 
+import functools
 import math
 import pickle
 
@@ -25,7 +26,7 @@ from mowbench.ops import (
     tdmpc_discount,
     twohot_encode,
 )
-from mowbench.replay import Replay
+from mowbench.replay import Replay, random_batch
 
 CPU = torch.device("cpu")
 
@@ -42,6 +43,14 @@ def test_simnorm_is_a_softmax_within_each_group():
     assert torch.allclose(simnorm(x, group=2), torch.tensor([0.25, 0.75, 0.5, 0.5]))
     y = simnorm(torch.randn(3, 16), group=8)
     assert torch.allclose(y.view(3, 2, 8).sum(-1), torch.ones(3, 2))
+    # written out (no row-wise softmax kernel), its values and gradient are torch.softmax's, also at large inputs
+    x = (torch.randn(4, 5, 16, dtype=torch.float64) * 30).requires_grad_()
+    w = torch.randn(4, 5, 16, dtype=torch.float64)
+    ref = torch.softmax(x.view(4, 5, 2, 8), -1).view(4, 5, 16)
+    (grad,) = torch.autograd.grad((simnorm(x) * w).sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(simnorm(x), ref)
+    torch.testing.assert_close(grad, ref_grad)
 
 
 def test_discount_from_episode_length():
@@ -318,3 +327,30 @@ def test_fifty_tasks_every_task_in_every_batch_and_one_acting_pass(agent_name):
         assert int((embedding.table.weight.grad.abs().sum(1) > 0).sum()) == 50
     actions = agent.act_batch([agent.new_context(k) for k in range(50)], [np.zeros((16, 16, 3), np.uint8)] * 50)
     assert len(actions) == 50 and all(a.shape == (4,) and np.all(np.abs(a) <= 1) for a in actions)
+
+
+def test_pwm_policy_warmup_trains_the_world_model_alone_first():
+    """policy_warmup_updates=2: the first two updates change the world model only (no actor, critic or
+    return-scale step, no policy metrics); the third updates them all."""
+    infos = mw_tasks(["reach-v3", "push-v3"], 16)
+    torch.manual_seed(0)
+    cfg = compose_config(["agent=pwm", "env=metaworld", "preset=micro", "agent.policy_warmup_updates=2",
+                          "agent.seed_updates=0"])
+    agent = make_agent("pwm", dict(cfg["agent"]), infos, CPU, "fp32")
+    sample = functools.partial(random_batch, infos, device=CPU, fields=agent.replay_fields())
+
+    def policy_state():
+        return [p.detach().clone() for p in [*agent.actor.parameters(), agent.log_std, *agent.critics.parameters()]]
+
+    wm_before, before = [p.detach().clone() for p in agent.wm.parameters()], policy_state()
+    for _ in range(2):
+        metrics = agent.update(sample)
+        assert "wm/loss" in metrics and not any(k.startswith(("pi/", "critic/")) for k in metrics)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy_state(), strict=True))
+    assert float(agent.ret_var) == 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(wm_before, agent.wm.parameters(), strict=True))
+    metrics = agent.update(sample)
+    assert {"pi/loss", "critic/loss"} <= metrics.keys()
+    assert all(not torch.equal(a, b) for a, b in zip(before[:2], policy_state()[:2], strict=True))
+    # the learning rates decay over policy updates: the third update is the first, at the start rate
+    assert agent.actor_optim.param_groups[0]["lr"] == cfg["agent"]["actor_lr"]

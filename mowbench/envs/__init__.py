@@ -47,7 +47,8 @@ def resolve_tasks(suite: str, tasks: str | Sequence[str] | None) -> list[str]:
 
 def make_envs(suite: str, tasks: Sequence[str], cfg: dict[str, Any], seed: int, evaluation: bool = False
               ) -> list[TaskEnv]:
-    """One env per task, task index = position in `tasks`; `cfg` is the suite's config section."""
+    """One env per task, task index = position in `tasks`; `cfg` is the suite's config section, plus
+    `run_seed` (the run's seed) where a suite shares randomness across a run's envs (Meta-World's goal sets)."""
     suite_module(suite).check(cfg)
     return [make_env(suite, tasks, i, cfg, seed, evaluation) for i in range(len(tasks))]
 

@@ -2,9 +2,11 @@
 
 Protocol choices (spec protocols.md leaves them open; all are config): action repeat 2, 100 agent steps
 per episode (200 simulator steps), an episode counts as a success if info["success"] was 1 at any step,
-and a new goal variation of the task is drawn at every reset. MUJOCO_GL is chosen before mujoco is
-imported: 'egl' when a CUDA device is visible, else 'osmesa'; an existing MUJOCO_GL or `gl:` wins.
-`fast_render` turns shadows and reflections off (about 12 -> 30 frames/s at 64x64 on 2 CPU cores with
+and a new goal variation of the task is drawn at every reset, each env with its own generator, from the task's
+50 variations that every env of the run shares (as Meta-World's MT10/MT50 train and evaluate on one set of 50
+per task): metaworld.MT1(task, seed=goal_seed), goal_seed null meaning the run's seed. MUJOCO_GL is chosen
+before mujoco is imported: 'egl' when a CUDA device is visible, else 'osmesa'; an existing MUJOCO_GL or `gl:`
+wins. `fast_render` turns shadows and reflections off (about 12 -> 30 frames/s at 64x64 on 2 CPU cores with
 osmesa) and `multisample=false` turns anti-aliasing off (offsamples=0: a frame of the Sawyer scene, 67k mesh
 triangles that bound osmesa's llvmpipe at any image size, 45 -> 15 ms on one core with fast_render). Both
 change the image and are opt-in; the protocol records them. An earlier check saw corrupted frames
@@ -13,6 +15,7 @@ with offsamples=0; with mujoco 3.3.0 a test checks that such frames are stable a
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -54,6 +57,9 @@ def check(cfg: dict[str, Any]) -> None:
     for key in ("action_repeat", "episode_length", "image_size"):
         if int(cfg.get(key, 1)) < 1:
             raise ValueError(f"{key}={cfg[key]}; allowed: a positive integer")
+    goal_seed = cfg.get("goal_seed")
+    if goal_seed is not None and (isinstance(goal_seed, bool) or not isinstance(goal_seed, int)):
+        raise ValueError(f"goal_seed={cfg['goal_seed']!r}; allowed: an integer, or null for the run's seed")
 
 
 def choose_gl(requested: str = "auto") -> str:
@@ -73,20 +79,31 @@ def choose_gl(requested: str = "auto") -> str:
     return requested
 
 
+@functools.cache
+def goal_variations(task: str, seed: int) -> tuple[Any, ...]:
+    """The task's 50 goal variations (metaworld.MT1's train tasks) drawn with `seed`: a pure function of its
+    arguments (MT1 seeds numpy's global generator and restores it), cached because drawing them resets a fresh
+    simulator 50 times (~1 s), once for every env of a run otherwise."""
+    import metaworld
+
+    return tuple(metaworld.MT1(task, seed=seed).train_tasks)
+
+
 class MetaWorldEnv(TaskEnv):
     def __init__(self, task: str, index: int, cfg: dict[str, Any], seed: int) -> None:
         self.gl = choose_gl(cfg.get("gl", "auto"))
-        import metaworld  # lazy: only this suite needs metaworld/mujoco
-        import mujoco
+        import mujoco  # lazy: only this suite needs metaworld/mujoco
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
         self.size = int(cfg.get("image_size", 64))
         self.repeat = int(cfg.get("action_repeat", 2))
         self.length = int(cfg.get("episode_length", 100))
         self.camera = str(cfg.get("camera", "corner2"))
-        benchmark = metaworld.MT1(task, seed=seed)
-        self.env = benchmark.train_classes[task]()
+        goal_seed = cfg.get("goal_seed")
+        goal_seed = int(cfg.get("run_seed", seed) if goal_seed is None else goal_seed)
+        self.tasks = goal_variations(task, goal_seed)
+        self.env = ALL_V3_ENVIRONMENTS[task]()
         self.env.seed(seed)
-        self.tasks = benchmark.train_tasks
         self.rng = np.random.default_rng(seed)
         model = self.env.model
         cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera)
@@ -110,7 +127,8 @@ class MetaWorldEnv(TaskEnv):
                                        "camera": self.camera, "flip_vertical": self.flip,
                                        "fast_render": bool(cfg.get("fast_render", False)),
                                        "multisample": bool(cfg.get("multisample", True)),
-                                       "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl})
+                                       "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl,
+                                       "goal_seed": goal_seed})
         self.t = 0
 
     def render(self) -> np.ndarray:
