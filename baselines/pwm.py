@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
-from mowbench.agents.imagination import check_non_negative, check_positive
+from mowbench.agents.imagination import check_positive
 from mowbench.agents.latent import FrameContext, LatentAgent, LatentConfig
 from mowbench.envs.base import TaskInfo
 from mowbench.models.tdmpc import TaskMLP, TDMPCWorldModel
@@ -59,13 +59,9 @@ class PWMConfig(LatentConfig):
     critic_grad_clip: float = 100.0
     symlog_reward: bool = True  # the authors' quirk: the actor maximises symlog rewards (see the module docstring)
     ret_norm_rate: float = 0.01  # rate of the running std of imagined returns
-    # updates of the world model alone before the actor and critics start (the online stand-in for PWM's offline
-    # pretraining: the actor's first-order gradients are only as good as the model they flow through)
-    policy_warmup_updates: int = 0
 
     def check(self) -> None:
         super().check()
-        check_non_negative(self, ("policy_warmup_updates",))
         check_positive(self, ("n_critics", "starts_per_task", "imag_horizon", "critic_epochs", "critic_minibatches",
                               "actor_lr", "critic_lr", "lr_end", "lr_decay_updates", "actor_grad_clip",
                               "critic_grad_clip", "ret_norm_rate"))
@@ -147,9 +143,8 @@ class PWMAgent(LatentAgent):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), cfg.grad_clip)
         self.optim.step()
-        metrics = {f"wm/{k}": v.detach() for k, v in terms.items()} | {"wm/loss": loss.detach(),
-                                                                       "wm/grad_norm": grad_norm}
-        return metrics | self.policy_step(sample) if self.updates >= cfg.policy_warmup_updates else metrics
+        return {f"wm/{k}": v.detach() for k, v in terms.items()} | {"wm/loss": loss.detach(), "wm/grad_norm": grad_norm,
+                                                                  **self.policy_step(sample)}
 
     def start_states(self, sample: Callable[[int, int], Batch]) -> torch.Tensor:
         """starts_per_task replayed states of every task, encoded: (K, M, L), rows grouped by task."""
@@ -206,8 +201,8 @@ class PWMAgent(LatentAgent):
         return loss.detach()
 
     def set_rates(self) -> None:
-        """Both learning rates: linear from their start to lr_end over lr_decay_updates policy updates."""
-        frac = min(max(self.updates - self.cfg.policy_warmup_updates, 0) / self.cfg.lr_decay_updates, 1.0)
+        """Both learning rates: linear from their start to lr_end over lr_decay_updates updates."""
+        frac = min(self.updates / self.cfg.lr_decay_updates, 1.0)
         for opt, start in ((self.actor_optim, self.cfg.actor_lr), (self.critic_optim, self.cfg.critic_lr)):
             for group in opt.param_groups:
                 group["lr"] = start + frac * (self.cfg.lr_end - start)
