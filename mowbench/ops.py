@@ -237,12 +237,16 @@ def simnorm(x: torch.Tensor, group: int = 8) -> torch.Tensor:
     """TD-MPC2's simplicial normalisation: the last dim split into groups of `group`, a softmax within each.
     (..., L) -> (..., L), L divisible by `group`; each group sums to 1.
 
-    Written out (exp of x minus the group's max, over the group's sum) rather than torch.softmax: on CPU the
-    softmax kernel runs row by row, and rows of 8 made it 4x slower than these three vectorised ops. The max is
-    detached: a softmax does not depend on the constant subtracted, so its gradient would be zero (rounding)."""
+    On CPU written out (exp of x minus the group's max, over the group's sum), in fp32 at least: torch's CPU
+    softmax runs row by row, and rows of 8 made it 4x slower than these vectorised ops. The max is detached: a
+    softmax does not depend on the constant subtracted, so its gradient would be zero (rounding). Elsewhere
+    torch.softmax, one fused kernel (fp32 under autocast, as the CPU path)."""
     shape = x.shape
     assert shape[-1] % group == 0, (shape, group)
     v = x.unflatten(-1, (shape[-1] // group, group))  # (..., L / group, group)
+    if x.device.type != "cpu":
+        return torch.softmax(v, dim=-1).flatten(-2)
+    v = v.float() if v.element_size() < 4 else v  # bf16 in, fp32 out (fp64 stays fp64)
     e = torch.exp(v - v.detach().amax(-1, keepdim=True))
     return (e / e.sum(-1, keepdim=True)).flatten(-2)
 

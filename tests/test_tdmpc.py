@@ -50,6 +50,10 @@ def test_simnorm_is_a_softmax_within_each_group():
     (ref_grad,) = torch.autograd.grad((ref * w).sum(), x)
     torch.testing.assert_close(simnorm(x), ref)
     torch.testing.assert_close(grad, ref_grad)
+    # bf16 latents (autocast) come out in fp32, as torch.softmax's under autocast
+    half = simnorm(x.detach().float().bfloat16())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, ref.float(), atol=0.02, rtol=0.0)
 
 
 def test_discount_from_episode_length():
