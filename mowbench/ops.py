@@ -324,3 +324,34 @@ def mppi_moments(actions: torch.Tensor, score: torch.Tensor, min_std: float, max
     mean = (w * actions).sum(1) / (score.sum(1)[:, None, None] + 1e-9)
     std = ((w * (actions - mean[:, None]).pow(2)).sum(1) / (score.sum(1)[:, None, None] + 1e-9)).sqrt()
     return mean, std.clamp(min_std, max_std)
+
+
+# ---- MuZero / UniZero / ScaleZero (spec baselines.md) ----
+
+def muzero_h(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """MuZero's invertible scalar transform h(x) = sign(x) (sqrt(|x| + 1) - 1) + eps x (Pohlen et al. 2018),
+    applied to values and rewards before their categorical support."""
+    return torch.sign(x) * (torch.sqrt(x.abs() + 1.0) - 1.0) + eps * x
+
+
+def muzero_h_inverse(y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The inverse of muzero_h: sign(y) (((sqrt(1 + 4 eps (|y| + 1 + eps)) - 1) / (2 eps))^2 - 1)."""
+    root = (torch.sqrt(1.0 + 4.0 * eps * (y.abs() + 1.0 + eps)) - 1.0) / (2.0 * eps)
+    return torch.sign(y) * (root.pow(2) - 1.0)
+
+
+def support_bins(n_bins: int = 101) -> torch.Tensor:
+    """MuZero's categorical support: the integers -(n-1)/2 .. (n-1)/2 (101 bins: -50 .. 50) in h-space."""
+    half = (n_bins - 1) // 2
+    return torch.arange(-half, half + 1, dtype=torch.float32)
+
+
+def support_ce(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between logits (..., n_bins) and the two-hot of h(target) (...,) on the support -> (...,)."""
+    target_dist = twohot_encode(muzero_h(target.float()), bins)
+    return -(target_dist * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def support_value(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Scalar of support logits (..., n_bins): h^-1 of the expected bin -> (...,)."""
+    return muzero_h_inverse((torch.softmax(logits.float(), dim=-1) * bins).sum(-1))

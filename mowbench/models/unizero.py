@@ -1,0 +1,244 @@
+"""ScaleZero-lite's world model (spec baselines.md, ScaleZero / UniZero): a ResNet encoder to LayerNorm'ed
+latents, a pre-LN causal Transformer over (latent obs, action) tokens whose feed-forward layers are mixtures of
+SwiGLU experts with top-1 token routing plus a shared expert, and per-task heads (policy and value on the obs
+token, reward and next latent on the action token). No task embedding: task identity enters only through the
+heads. Pure modules with explicit sizes; the losses and the search live in baselines/scalezero.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mowbench.models.moe import PairLayout, StackedLinear, StackedNorm
+from mowbench.models.transformer import KVCache, attend, layer_mask, positions
+
+ROUTERS = ("learned", "upstream")
+
+
+class ResidualBlock(nn.Module):
+    """x + Conv3x3(ReLU(Norm(Conv3x3(ReLU(Norm(x)))))): a pre-activation residual block, C channels kept."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.GroupNorm(1, channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                 nn.GroupNorm(1, channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+def resnet_out(image_size: int, strides: tuple[int, ...]) -> int:
+    """Side of the encoder's last feature map; refuses a size the strides cannot halve evenly."""
+    size = image_size
+    for s in strides:
+        if size % s:
+            raise ValueError(f"image_size={image_size} with encoder strides {list(strides)}: {size} is not divisible "
+                             f"by {s}; allowed: an image side divisible by the product of the strides")
+        size //= s
+    return size
+
+
+class ResNetEncoder(nn.Module):
+    """obs (B, S, S, 3) uint8 -> z (B, D), LayerNorm'ed (UniZero's latents). Stages of [Conv3x3 at stride s ->
+    GroupNorm -> ReLU -> residual block], `blocks` more residual blocks at the last width, flatten, Linear D,
+    LayerNorm. GroupNorm(1, C) (LayerNorm over C x H x W) stands for upstream's BatchNorm: no batch statistics,
+    so acting and training see the same function. Atari 64x64 (paper preset): strides (2, 2, 2, 2) -> 4x4;
+    MinAtar's 10x10 grids rendered at 16x16 (tiny): strides (2, 2) -> 4x4, a small encoder."""
+
+    def __init__(self, image_size: int, channels: tuple[int, ...], strides: tuple[int, ...], blocks: int,
+                 latent_dim: int) -> None:
+        super().__init__()
+        assert len(channels) == len(strides), (channels, strides)
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c, s in zip(channels, strides, strict=True):
+            layers += [nn.Conv2d(c_in, c, 3, stride=s, padding=1), nn.GroupNorm(1, c), nn.ReLU(), ResidualBlock(c)]
+            c_in = c
+        layers += [ResidualBlock(c_in) for _ in range(blocks)]
+        self.trunk = nn.Sequential(*layers)
+        side = resnet_out(image_size, strides)
+        self.project = nn.Linear(c_in * side * side, latent_dim)
+        self.norm = nn.LayerNorm(latent_dim, elementwise_affine=False)  # as the predicted latents' (no affine)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (B, 3, S, S)
+        return self.norm(self.project(self.trunk(x).flatten(1)))  # (B, D)
+
+
+class MoEFeedForward(nn.Module):
+    """ScaleZero's mixture-of-experts feed-forward layer: `n_experts` SwiGLU experts (W_down(silu(W_gate x) *
+    W_up x), no bias), each token sent to its top-1 expert by a router Linear(D, n_experts) on the token alone,
+    plus one always-on shared expert Linear -> GELU -> Linear. No balance loss (upstream has none).
+
+    router='learned': the chosen expert's output is weighted by the softmax over all router logits at the chosen
+    one, so the router gets a gradient. router='upstream': ScaleZero's code takes the softmax over the single
+    selected logit, a weight of exactly 1, so its router never learns (spec pitfall); kept as an option."""
+
+    def __init__(self, width: int, hidden: int, n_experts: int, shared_hidden: int, router: str = "learned") -> None:
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router={router!r}; allowed: {', '.join(ROUTERS)}")
+        self.n_experts, self.router_kind = n_experts, router
+        self.router = nn.Linear(width, n_experts)
+        self.gate = StackedLinear(n_experts, width, hidden, bias=False)
+        self.up = StackedLinear(n_experts, width, hidden, bias=False)
+        self.down = StackedLinear(n_experts, hidden, width, bias=False)
+        self.shared = nn.Sequential(nn.Linear(width, shared_hidden), nn.GELU(), nn.Linear(shared_hidden, width))
+        self.last_counts: torch.Tensor | None = None  # tokens per expert of the last call (on the device)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) -> the chosen expert (N,) and its weight (N,)."""
+        logits = self.router(x).float()  # (N, E)
+        expert = logits.argmax(-1)
+        if self.router_kind == "learned":
+            weight = torch.softmax(logits, -1).gather(-1, expert[:, None])[:, 0]
+        else:  # softmax over the one selected logit: 1 everywhere, no gradient to the router
+            weight = torch.softmax(logits.gather(-1, expert[:, None]), -1)[:, 0]
+        return expert, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, D)
+        expert, weight = self.route(flat)
+        layout = PairLayout.of(expert, self.n_experts, "auto")
+        xs = flat[layout.order][:, None]  # (N, 1, D) in expert order
+        h = F.silu(self.gate(xs, layout)) * self.up(xs, layout)  # (N, 1, F)
+        y = self.down(h, layout)[:, 0][layout.inverse]  # (N, D), back in token order
+        self.last_counts = layout.grouping.counts.detach()
+        out = y * weight[:, None].to(y.dtype) + self.shared(flat)
+        return out.view(shape)
+
+
+class DenseFeedForward(nn.Module):
+    """The dense feed-forward of UniZero's blocks (ScaleZero's own 'no MoE' ablation): Linear -> GELU -> Linear."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.last_counts = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PreLNBlock(nn.Module):
+    """x = x + Drop(Attn(LN(x))); x = x + Drop(FFN(LN(x))) (UniZero's pre-LN block; FFN dense or MoE)."""
+
+    def __init__(self, width: int, heads: int, ffn: nn.Module, dropout: float) -> None:
+        super().__init__()
+        assert width % heads == 0, f"width={width} not divisible by heads={heads}"
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        attn = attend(q, k, v, cache, layer, mask, self.dropout if self.training else 0.0)  # (B, H, T, d)
+        x = x + self.drop(self.out(attn.transpose(1, 2).reshape(b, t, width)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class UniZeroTransformer(nn.Module):
+    """Tokens (B, T, D) -> h (B, T, D): learned positions over `max_tokens`, dropout, pre-LN causal blocks, a
+    final LayerNorm. With a KVCache (whose row offsets left-pad windows of different lengths) new tokens attend
+    to the cached ones. moe=False: dense feed-forward layers of `ffn` hidden units."""
+
+    def __init__(self, width: int, depth: int, heads: int, max_tokens: int, dropout: float, moe: bool,
+                 n_experts: int, expert_hidden: int, shared_hidden: int, router: str, ffn: int) -> None:
+        super().__init__()
+        self.width, self.depth, self.heads, self.max_tokens = width, depth, heads, max_tokens
+        self.position = nn.Embedding(max_tokens, width)
+        self.drop = nn.Dropout(dropout)
+
+        def feed_forward() -> nn.Module:
+            if moe:
+                return MoEFeedForward(width, expert_hidden, n_experts, shared_hidden, router)
+            return DenseFeedForward(width, ffn)
+
+        self.blocks = nn.ModuleList(PreLNBlock(width, heads, feed_forward(), dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype,
+                    offset: torch.Tensor | None = None) -> KVCache:
+        return KVCache.empty(self.depth, batch, self.heads, self.max_tokens, self.width // self.heads, device, dtype,
+                             offset)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        length = tokens.shape[1]
+        mask = layer_mask(cache, None, length, self.max_tokens, tokens.device)
+        x = self.drop(tokens + self.position(positions(cache, length, tokens.device)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, mask)
+        if cache is not None:
+            cache.length += length
+        return self.norm(x)  # (B, T, D)
+
+    def expert_counts(self) -> list[torch.Tensor]:
+        """Tokens per expert in each MoE layer's last call (empty without MoE)."""
+        return [b.ffn.last_counts for b in self.blocks if b.ffn.last_counts is not None]
+
+
+class TaskHeads(nn.Module):
+    """K per-task heads LN -> Linear(D, H) -> LN -> GELU -> Linear(H, out), weights stacked by task: x (B, T, D)
+    and each row's task (B,) -> (B, T, out), every row through its task's head (rows grouped by task)."""
+
+    def __init__(self, n_tasks: int, width: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.n_tasks = n_tasks
+        self.norm_in = StackedNorm(n_tasks, width)
+        self.hidden = StackedLinear(n_tasks, width, hidden)
+        self.norm_hidden = StackedNorm(n_tasks, hidden)
+        self.out = StackedLinear(n_tasks, hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor, layout: PairLayout | None = None) -> torch.Tensor:
+        layout = layout or PairLayout.of(task, self.n_tasks, "auto")
+        h = self.hidden(self.norm_in(x[layout.order], layout), layout)
+        y = self.out(F.gelu(self.norm_hidden(h, layout)), layout)
+        return y[layout.inverse]
+
+
+class UniZeroWorldModel(nn.Module):
+    """Encoder, action embedding (the full action set), transformer, per-task heads, with MuZero-named methods:
+    encode (representation), tokens, policy/value on obs tokens, reward/next_latent on action tokens. Latents
+    and predicted next latents are LayerNorm'ed (no affine: the predictions live where the encoder's do)."""
+
+    def __init__(self, image_size: int, n_actions: int, n_tasks: int, latent_dim: int, channels: tuple[int, ...],
+                 strides: tuple[int, ...], res_blocks: int, depth: int, heads: int, max_tokens: int, dropout: float,
+                 moe: bool, n_experts: int, expert_hidden: int, shared_hidden: int, router: str, ffn: int,
+                 head_hidden: int, bins: int) -> None:
+        super().__init__()
+        self.n_tasks, self.latent_dim, self.bins = n_tasks, latent_dim, bins
+        self.encoder = ResNetEncoder(image_size, channels, strides, res_blocks, latent_dim)
+        self.action_embedding = nn.Embedding(n_actions, latent_dim)
+        self.transformer = UniZeroTransformer(latent_dim, depth, heads, max_tokens, dropout, moe, n_experts,
+                                              expert_hidden, shared_hidden, router, ffn)
+        self.policy_head = TaskHeads(n_tasks, latent_dim, head_hidden, n_actions)
+        self.value_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins)
+        self.reward_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins)
+        self.latent_head = TaskHeads(n_tasks, latent_dim, head_hidden, latent_dim)
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (..., S, S, 3) uint8 -> z (..., D)."""
+        lead = obs.shape[:-3]
+        return self.encoder(obs.reshape(-1, *obs.shape[-3:])).view(*lead, self.latent_dim)
+
+    def interleave(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """z (B, T, D), action (B, T) long -> tokens (B, 2T, D): z_0, a_0, z_1, a_1, ..."""
+        return torch.stack([z, self.action_embedding(action).to(z.dtype)], dim=2).flatten(1, 2)
+
+    def obs_heads(self, h: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h at obs tokens (B, T, D) -> policy logits (B, T, A), value logits (B, T, bins)."""
+        layout = PairLayout.of(task, self.n_tasks, "auto")
+        return self.policy_head(h, task, layout), self.value_head(h, task, layout)
+
+    def action_heads(self, h: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h at action tokens (B, T, D) -> reward logits (B, T, bins), next latent (B, T, D) (LayerNorm'ed)."""
+        layout = PairLayout.of(task, self.n_tasks, "auto")
+        reward = self.reward_head(h, task, layout)
+        z_next = self.latent_head(h, task, layout)
+        return reward, F.layer_norm(z_next, z_next.shape[-1:])

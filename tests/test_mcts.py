@@ -1,0 +1,151 @@
+"""The batched tensor MCTS (mowbench.agents.mcts) against hand-built trees (known priors and values give known
+visit counts) and against exhaustive search on toy MDPs, many trees in one batch."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from mowbench.agents.mcts import min_max_normalise, puct_scores, search, visit_policy
+
+C1, C2 = 1.25, 19652.0
+
+
+def constant_model(values: list[float], reward: float = 0.0, n_actions: int = 2):
+    """A model whose nodes below root action j all have value values[j], reward `reward` and uniform priors (one
+    tree). Remembers each node's root action."""
+    branch = {0: -1}
+
+    def expand(parent, action, node):
+        p = int(parent[0])
+        branch[node] = int(action[0]) if p == 0 else branch[p]
+        return (torch.tensor([reward]), torch.tensor([values[branch[node]]]), torch.zeros(1, n_actions))
+
+    return expand
+
+
+def test_puct_scores_by_hand():
+    prior = torch.tensor([[0.7, 0.3]])
+    visits = torch.tensor([[2.0, 1.0]])
+    c = C1 + math.log((4.0 + C2 + 1.0) / C2)  # N(s) = 1 + 3
+    expected = torch.tensor([[0.5 + 0.7 * 2.0 / 3.0 * c, 0.25 + 0.3 * 2.0 / 2.0 * c]])
+    torch.testing.assert_close(puct_scores(prior, visits, torch.tensor([[0.5, 0.25]])), expected)
+
+
+def test_min_max_normalise_and_visit_policy_by_hand():
+    q = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    out = min_max_normalise(q, torch.tensor([1.0, 2.0]), torch.tensor([5.0, 2.0]))
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5], [2.0, 2.0]]))  # no span: unnormalised
+    visits = torch.tensor([[1.0, 2.0, 0.0]])
+    torch.testing.assert_close(visit_policy(visits, 0.5), torch.tensor([[0.2, 0.8, 0.0]]))  # N^2 / sum
+    torch.testing.assert_close(visit_policy(visits, 1.0), torch.tensor([[1 / 3, 2 / 3, 0.0]]))
+    torch.testing.assert_close(visit_policy(torch.tensor([[3.0, 5.0, 5.0]]), 0.0), torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+def test_priors_alone_decide_the_first_visits():
+    """Priors 0.7 / 0.3 and all values 0: sim 1 follows the prior (N(s) = 1); sim 2 scores 0.7 sqrt2 / 2 c = 0.49c
+    against 0.3 sqrt2 c = 0.42c (a0 again); sim 3 scores 0.7 sqrt3 / 3 c = 0.40c against 0.3 sqrt3 c = 0.52c (a1)."""
+    logits = torch.log(torch.tensor([[0.7, 0.3]]))
+    legal = torch.ones(1, 2, dtype=torch.bool)
+    for sims, visits in [(1, [1.0, 0.0]), (2, [2.0, 0.0]), (3, [2.0, 1.0])]:
+        out = search(logits, legal, constant_model([0.0, 0.0]), sims, gamma=1.0)
+        assert out.visits.tolist() == [visits], sims
+
+
+def test_values_steer_visits_with_min_max_normalisation():
+    """Equal priors, value 1 below a0 and 0 below a1, gamma 1. a0 (the tie's lowest index) is visited until a1's
+    exploration term 0.5 sqrt(N) c beats 1 + 0.5 sqrt(N) / N c: at N(s) = 5 (4 visits of a0). Then Q(a1) = 0 sets
+    min 0, max 1: a0's normalised 1 against a1's 0 keeps a1 at one visit until 0.5 sqrt(N) / 2 c > 1 +
+    0.5 sqrt(N) / N c, i.e. never before N = 30: after 12 simulations the visits are 11 and 1."""
+    logits = torch.zeros(1, 2)
+    legal = torch.ones(1, 2, dtype=torch.bool)
+    model = constant_model([1.0, 0.0])
+    assert search(logits, legal, model, 4, 1.0).visits.tolist() == [[4.0, 0.0]]
+    assert search(logits, legal, constant_model([1.0, 0.0]), 5, 1.0).visits.tolist() == [[4.0, 1.0]]
+    out = search(logits, legal, constant_model([1.0, 0.0]), 12, 1.0)
+    assert out.visits.tolist() == [[11.0, 1.0]]
+    torch.testing.assert_close(out.q, torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(out.value, torch.tensor([11.0 / 12.0]))
+
+
+def test_backup_discounts_rewards_and_values_along_the_path():
+    """One action, reward 1 on every edge, value 2 at every new node, gamma 0.5: simulation k expands depth k.
+    The root edge's returns: sim 1 1 + 0.5 * 2 = 2; sim 2 1 + 0.5 (1 + 0.5 * 2) = 2; every sim gives 2 (a fixed
+    point), so Q = 2. With value 4 instead: 1 + 0.5 * 4 = 3, then 1 + 0.5 (1 + 0.5 * 4) = 2.5, then 2.25: mean
+    (3 + 2.5 + 2.25) / 3."""
+    legal = torch.ones(1, 1, dtype=torch.bool)
+    out = search(torch.zeros(1, 1), legal, constant_model([2.0], reward=1.0, n_actions=1), 3, gamma=0.5)
+    torch.testing.assert_close(out.q, torch.tensor([[2.0]]))
+    out = search(torch.zeros(1, 1), legal, constant_model([4.0], reward=1.0, n_actions=1), 3, gamma=0.5)
+    torch.testing.assert_close(out.q, torch.tensor([[(3.0 + 2.5 + 2.25) / 3.0]]))
+
+
+def test_illegal_actions_are_never_visited_and_noise_mixes_into_the_root_prior():
+    logits = torch.tensor([[0.0, 5.0, 0.0]])
+    legal = torch.tensor([[True, False, True]])
+    noise = torch.tensor([[1.0, 0.0, 0.0]])
+    out = search(logits, legal, constant_model([0.0, 0.0, 0.0], n_actions=3), 10, 1.0, noise=noise, noise_weight=0.25)
+    assert out.visits[0, 1] == 0 and out.visits.sum() == 10
+    torch.testing.assert_close(out.prior, torch.tensor([[0.75 * 0.5 + 0.25, 0.0, 0.75 * 0.5]]))
+
+
+class ToyMDP:
+    """B random deterministic MDPs: A actions, rewards r(path) uniform in [0, 1) for paths up to `depth` steps, 0
+    beyond; every node's value 0 and its prior uniform. The model tracks each node's path id (base A + 1)."""
+
+    def __init__(self, trees: int, actions: int, depth: int, sims: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.a, self.depth = actions, depth
+        self.rewards = torch.rand(trees, (actions + 1) ** depth, generator=g)
+        self.path = torch.zeros(trees, sims + 1, dtype=torch.long)
+        self.level = torch.zeros(trees, sims + 1, dtype=torch.long)
+
+    def expand(self, parent, action, node):
+        rows = torch.arange(parent.shape[0])
+        path = self.path[rows, parent] * (self.a + 1) + action + 1
+        level = self.level[rows, parent] + 1
+        self.path[:, node], self.level[:, node] = path, level
+        inside = level <= self.depth
+        reward = torch.where(inside, self.rewards[rows, path % self.rewards.shape[1]], torch.zeros(len(rows)))
+        return reward, torch.zeros(len(rows)), torch.zeros(len(rows), self.a)
+
+    def best(self, tree: int, gamma: float) -> tuple[int, float]:
+        """Exhaustive search: (best first action, its optimal return) of one tree."""
+        returns = {}
+        for seq in itertools.product(range(self.a), repeat=self.depth):
+            path, total = 0, 0.0
+            for i, act in enumerate(seq):
+                path = path * (self.a + 1) + act + 1
+                total += gamma ** i * float(self.rewards[tree, path % self.rewards.shape[1]])
+            returns[seq] = total
+        top = max(returns, key=returns.get)
+        return top[0], returns[top]
+
+
+@pytest.mark.parametrize("actions,depth", [(2, 3), (3, 2)])
+def test_search_agrees_with_exhaustive_search_on_toy_mdps(actions, depth):
+    """Enough simulations find every tree's optimal first action, 16 trees in one batch; that action's Q, a mean of
+    the returns backed up through it (early ones from worse subtrees), approaches the optimal return from below.
+    Measured: 400 simulations missed one tree's best action in each case (Q 0.03-0.12 below); 2000: none, 0.005-0.06
+    below."""
+    trees, sims, gamma = 16, 2000, 0.9
+    mdp = ToyMDP(trees, actions, depth, sims, seed=actions)
+    out = search(torch.zeros(trees, actions), torch.ones(trees, actions, dtype=torch.bool), mdp.expand, sims, gamma)
+    for t in range(trees):
+        action, value = mdp.best(t, gamma)
+        assert int(out.visits[t].argmax()) == action, t
+        assert 0.0 <= value - float(out.q[t, action]) < 0.08, t
+
+
+def test_trees_in_one_batch_do_not_interact():
+    """The batch of 16 trees gives each tree the visits it gets searched alone."""
+    trees, sims = 6, 60
+    mdp = ToyMDP(trees, 3, 3, sims, seed=7)
+    batched = search(torch.zeros(trees, 3), torch.ones(trees, 3, dtype=torch.bool), mdp.expand, sims, 0.9)
+    for t in range(trees):
+        alone = ToyMDP(1, 3, 3, sims, seed=7)
+        alone.rewards = mdp.rewards[t:t + 1]
+        one = search(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), alone.expand, sims, 0.9)
+        assert one.visits.tolist() == batched.visits[t:t + 1].tolist()
+        torch.testing.assert_close(one.q, batched.q[t:t + 1])
