@@ -52,8 +52,18 @@ def test_main_grid_has_all_methods_and_seeds(tmp_path):
     by_method = {}
     for u in units:
         by_method.setdefault(u.key.split("/")[1], []).append(u)
-    assert len(by_method["mow"]) == 5 and len(by_method["monolithic"]) == 5
+    assert len(by_method["mow"]) == 5 and len(by_method["monolithic"]) == 5 and len(by_method["scalezero"]) == 5
     assert len(by_method["storm"]) == 26 * 5  # one run per game and seed
+
+
+def test_moe_ablation_grid_runs_scalezero_with_and_without_moe(tmp_path):
+    units = expand(parse_args(["grid=ablate_moe", "seeds=[0]", f"results_dir={tmp_path}"]))
+    cells = {u.key.split("/")[1]: u for u in units}
+    assert set(cells) == {"scalezero", "scalezero-dense"}
+    assert all(u.key.endswith("/all26/seed_0") for u in units)
+    assert compose_config(cells["scalezero"].overrides)["agent"]["moe"] is True
+    dense = compose_config(cells["scalezero-dense"].overrides)
+    assert dense["agent"]["moe"] is False and dense["agent"]["name"] == "scalezero"
 
 
 def test_update_ratio_grid_has_a_storm_matched_cell(tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mowbench.agents.mcts import min_max_normalise, puct_scores, search, visit_policy
+from mowbench.agents.mcts import mean_q, min_max_normalise, puct_scores, search, visit_policy
 
 C1, C2 = 1.25, 19652.0
 
@@ -54,19 +54,29 @@ def test_priors_alone_decide_the_first_visits():
 
 
 def test_values_steer_visits_with_min_max_normalisation():
-    """Equal priors, value 1 below a0 and 0 below a1, gamma 1. a0 (the tie's lowest index) is visited until a1's
-    exploration term 0.5 sqrt(N) c beats 1 + 0.5 sqrt(N) / N c: at N(s) = 5 (4 visits of a0). Then Q(a1) = 0 sets
-    min 0, max 1: a0's normalised 1 against a1's 0 keeps a1 at one visit until 0.5 sqrt(N) / 2 c > 1 +
-    0.5 sqrt(N) / N c, i.e. never before N = 30: after 12 simulations the visits are 11 and 1."""
+    """Equal priors, value 1 below a0 and 0 below a1, gamma 1, c = 1.25 (+ log((N + c2 + 1) / c2) < 1e-3).
+    Sim 1: all unvisited, a tie: a0. Sim 2 (N(s) = 2): a0 scores 1 + 0.5 sqrt2 / 2 c; unvisited a1 takes the node's
+    mean Q, 1, and scores 1 + 0.5 sqrt2 c: a1, whose Q = 0 sets min 0, max 1. Then a0 (normalised 1) wins while
+    1 + 0.5 sqrt(N) / N c > 0.5 sqrt(N) / 2 c (a1 normalised 0), i.e. until N = 15: after 12 simulations the visits
+    are 11 and 1, after 15 they are 13 and 2."""
     logits = torch.zeros(1, 2)
     legal = torch.ones(1, 2, dtype=torch.bool)
-    model = constant_model([1.0, 0.0])
-    assert search(logits, legal, model, 4, 1.0).visits.tolist() == [[4.0, 0.0]]
-    assert search(logits, legal, constant_model([1.0, 0.0]), 5, 1.0).visits.tolist() == [[4.0, 1.0]]
+    assert search(logits, legal, constant_model([1.0, 0.0]), 2, 1.0).visits.tolist() == [[1.0, 1.0]]
     out = search(logits, legal, constant_model([1.0, 0.0]), 12, 1.0)
     assert out.visits.tolist() == [[11.0, 1.0]]
     torch.testing.assert_close(out.q, torch.tensor([[1.0, 0.0]]))
     torch.testing.assert_close(out.value, torch.tensor([11.0 / 12.0]))
+    assert search(logits, legal, constant_model([1.0, 0.0]), 15, 1.0).visits.tolist() == [[13.0, 2.0]]
+
+
+def test_unvisited_edges_take_their_nodes_mean_q():
+    """LightZero's convention: at the root the mean of the visited edges' Q; below it the parent's mean counts as
+    one more edge."""
+    q = torch.tensor([[2.0, 4.0, 9.0]])
+    visited = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(mean_q(q, visited, None), torch.tensor([3.0]))
+    torch.testing.assert_close(mean_q(q, visited, torch.tensor([6.0])), torch.tensor([4.0]))
+    torch.testing.assert_close(mean_q(q, torch.zeros_like(visited), None), torch.tensor([0.0]))
 
 
 def test_backup_discounts_rewards_and_values_along_the_path():
