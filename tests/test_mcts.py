@@ -37,6 +37,8 @@ def test_min_max_normalise_and_visit_policy_by_hand():
     q = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
     out = min_max_normalise(q, torch.tensor([1.0, 2.0]), torch.tensor([5.0, 2.0]))
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.5], [2.0, 2.0]]))  # no span: unnormalised
+    small = min_max_normalise(torch.tensor([[0.001, 0.003]]), torch.tensor([0.001]), torch.tensor([0.003]))
+    torch.testing.assert_close(small, torch.tensor([[0.0, 0.2]]))  # a span under 0.01 counts as 0.01
     visits = torch.tensor([[1.0, 2.0, 0.0]])
     torch.testing.assert_close(visit_policy(visits, 0.5), torch.tensor([[0.2, 0.8, 0.0]]))  # N^2 / sum
     torch.testing.assert_close(visit_policy(visits, 1.0), torch.tensor([[1 / 3, 2 / 3, 0.0]]))

@@ -125,14 +125,14 @@ def test_paper_preset_over_26_games_trains_every_task_and_reaches_every_expert()
 
 
 def test_search_statistics_go_to_replay_and_the_run_resumes_exactly(tmp_path):
-    """A micro run stopped at step 40 and resumed ends as one that never stopped: weights, target network,
+    """A micro run stopped at step 30 and resumed ends as one that never stopped: weights, target network,
     optimiser, replay with its visit distributions and root values, episodes and evaluation. Warm-up (random) steps
     hold no search statistics; searched steps hold a distribution over legal actions."""
-    common = [*MICRO, "agent=scalezero", "task=[breakout,asterix]", "train.steps=70", "train.warmup=20",
+    common = [*MICRO, "agent=scalezero", "task=[breakout,asterix]", "train.steps=50", "train.warmup=20",
               "train.checkpoint_every=0", "train.keep_checkpoint=true", "train.eval_episodes=1",
               "train.eval_max_steps=20", "train.replay_capacity=500"]
     execute(compose_config([*common, f"results_dir={tmp_path / 'a'}"]))
-    interrupted = compose_config([*common, "train.stop_at=40", f"results_dir={tmp_path / 'b'}"])
+    interrupted = compose_config([*common, "train.stop_at=30", f"results_dir={tmp_path / 'b'}"])
     execute(interrupted)
     interrupted["train"]["stop_at"] = 0
     execute(interrupted)
@@ -147,9 +147,9 @@ def test_search_statistics_go_to_replay_and_the_run_resumes_exactly(tmp_path):
         for key in ("visits", "root_value", "first"):
             assert torch.equal(buf_a["extras"][key], buf_b["extras"][key]), key
         visits = buf_a["extras"]["visits"]
-        assert visits.shape == (70, 6)
+        assert visits.shape == (50, 6)
         assert bool((visits[:20] == 0).all())  # warm-up: random actions, no search
-        torch.testing.assert_close(visits[20:].sum(-1), torch.ones(50))
+        torch.testing.assert_close(visits[20:].sum(-1), torch.ones(30))
         assert bool((buf_a["extras"]["root_value"][20:] != 0).any())
     env = make_envs("minatar", ["breakout"], dict(interrupted["env"]), seed=0)[0]
     illegal = torch.as_tensor(~env.info.action.legal_mask())
@@ -158,7 +158,7 @@ def test_search_statistics_go_to_replay_and_the_run_resumes_exactly(tmp_path):
     assert (folder_a / "eval.csv").read_text() == (folder_b / "eval.csv").read_text()
     assert a["log"]["episodes.csv"] == b["log"]["episodes.csv"]
     sessions = json.loads((folder_b / "metadata.json").read_text())["sessions"]
-    assert [s["resumed_from_step"] for s in sessions] == [None, 40]
+    assert [s["resumed_from_step"] for s in sessions] == [None, 30]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -18,7 +18,7 @@ Conventions (each a choice where MuZero's pseudocode leaves room; Schrittwieser 
   simulations on the prior's favourite action: tiny ScaleZero's policy collapsed onto one action of breakout
   (return 0.00 against a random policy's 0.35 after 2000 steps at 8 simulations). Ties go to the lowest index.
 - Min-max statistics per tree over the Q values of the edges backed up so far; with max <= min, Q is used
-  unnormalised (MuZero's MinMaxStats).
+  unnormalised (MuZero's MinMaxStats); spans below 0.01 count as 0.01 (LightZero's).
 """
 
 from __future__ import annotations
@@ -63,10 +63,13 @@ def mean_q(q: torch.Tensor, visited: torch.Tensor, parent_q: torch.Tensor | None
     return (parent_q + total) / (count + 1.0)
 
 
-def min_max_normalise(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """(q - low) / (high - low) per tree where high > low, else q. q (B, A), low and high (B,) -> (B, A)."""
+def min_max_normalise(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, min_span: float = 0.01) -> torch.Tensor:
+    """(q - low) / max(high - low, min_span) per tree where high > low, else q. q (B, A), low and high (B,) ->
+    (B, A). min_span (LightZero's value_delta_max, 0.01): without it a span of 1e-3 between the near-zero values
+    of a fresh model stretches to [0, 1] and outweighs the priors; the tiny agent's first searches then sent 6 of
+    8 simulations to one action on noise, and its policy collapsed onto it."""
     span = (high - low)[:, None]
-    return torch.where(span > 0, (q - low[:, None]) / span.clamp(min=1e-12), q)
+    return torch.where(span > 0, (q - low[:, None]) / span.clamp(min=min_span), q)
 
 
 def visit_policy(visits: torch.Tensor, temperature: float) -> torch.Tensor:

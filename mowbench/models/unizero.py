@@ -185,15 +185,23 @@ class UniZeroTransformer(nn.Module):
 
 class TaskHeads(nn.Module):
     """K per-task heads LN -> Linear(D, H) -> LN -> GELU -> Linear(H, out), weights stacked by task: x (B, T, D)
-    and each row's task (B,) -> (B, T, out), every row through its task's head (rows grouped by task)."""
+    and each row's task (B,) -> (B, T, out), every row through its task's head (rows grouped by task).
 
-    def __init__(self, n_tasks: int, width: int, hidden: int, out_dim: int) -> None:
+    zero_last: the last Linear starts at zero (LightZero's last_linear_layer_init_zero, on in UniZero): a fresh
+    value or reward head then predicts exactly 0 and a fresh policy head the uniform prior. Without it, the random
+    heads' values (|v| ~ 5 after the support's inverse transform) steered the first searches and the tiny agent's
+    policy collapsed onto one action."""
+
+    def __init__(self, n_tasks: int, width: int, hidden: int, out_dim: int, zero_last: bool = False) -> None:
         super().__init__()
         self.n_tasks = n_tasks
         self.norm_in = StackedNorm(n_tasks, width)
         self.hidden = StackedLinear(n_tasks, width, hidden)
         self.norm_hidden = StackedNorm(n_tasks, hidden)
         self.out = StackedLinear(n_tasks, hidden, out_dim)
+        if zero_last:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor, layout: PairLayout | None = None) -> torch.Tensor:
         layout = layout or PairLayout.of(task, self.n_tasks, "auto")
@@ -217,9 +225,9 @@ class UniZeroWorldModel(nn.Module):
         self.action_embedding = nn.Embedding(n_actions, latent_dim)
         self.transformer = UniZeroTransformer(latent_dim, depth, heads, max_tokens, dropout, moe, n_experts,
                                               expert_hidden, shared_hidden, router, ffn)
-        self.policy_head = TaskHeads(n_tasks, latent_dim, head_hidden, n_actions)
-        self.value_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins)
-        self.reward_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins)
+        self.policy_head = TaskHeads(n_tasks, latent_dim, head_hidden, n_actions, zero_last=True)
+        self.value_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins, zero_last=True)
+        self.reward_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins, zero_last=True)
         self.latent_head = TaskHeads(n_tasks, latent_dim, head_hidden, latent_dim)
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
