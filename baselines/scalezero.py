@@ -81,6 +81,9 @@ class ScaleZeroConfig:
     policy_coef: float = 1.0  # policy CE weight
     value_coef: float = 0.5  # value CE weight
     entropy_coef: float = 1e-4  # policy entropy bonus
+    # frame reconstruction from the latent (UniZero's optional latent_recon_loss, off upstream on Atari), MSE on
+    # [0, 1] pixels through a ConvDecoder mirroring the encoder's stages (stride-2 stages only); 0: no decoder
+    recon_coef: float = 0.0
     reward_clip: float = 1.0  # rewards clipped to [-c, c] in training (0: no clipping)
     lr: float = 1e-4  # AdamW learning rate
     betas: tuple[float, ...] = (0.9, 0.95)  # AdamW betas
@@ -104,8 +107,8 @@ class ScaleZeroConfig:
                               "grad_clip", "batch_size", "simulations", "eval_simulations", "c1", "c2",
                               "dirichlet_alpha"))
         check_non_negative(self, ("dropout", "latent_coef", "reward_coef", "policy_coef", "value_coef",
-                                  "entropy_coef", "reward_clip", "weight_decay", "res_blocks", "context_steps",
-                                  "temperature"))
+                                  "entropy_coef", "recon_coef", "reward_clip", "weight_decay", "res_blocks",
+                                  "context_steps", "temperature"))
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}; allowed: {', '.join(ROUTERS)}")
         if self.latent_dim % self.heads:
@@ -113,6 +116,9 @@ class ScaleZeroConfig:
         if not self.channels or len(self.channels) != len(self.strides):
             raise ValueError(f"channels={list(self.channels)} and strides={list(self.strides)}; allowed: two "
                              "non-empty lists of one length")
+        if self.recon_coef > 0 and any(s != 2 for s in self.strides):
+            raise ValueError(f"recon_coef={self.recon_coef} with strides={list(self.strides)}; allowed: recon_coef=0 "
+                             "or stride-2 stages only (the decoder mirrors them)")
         if self.bins % 2 == 0:
             raise ValueError(f"bins={self.bins}; allowed: an odd number (a support symmetric about 0)")
         if 2 * self.unroll_steps > self.max_tokens:
@@ -203,7 +209,8 @@ class ScaleZeroAgent(Agent):
         self.wm = UniZeroWorldModel(tasks[0].image_size, self.n_actions, len(tasks), cfg.latent_dim,
                                     tuple(cfg.channels), tuple(cfg.strides), cfg.res_blocks, cfg.depth, cfg.heads,
                                     cfg.max_tokens, cfg.dropout, cfg.moe, cfg.n_experts, cfg.expert_hidden,
-                                    cfg.shared_hidden, cfg.router, cfg.ffn, cfg.head_hidden, cfg.bins).to(device)
+                                    cfg.shared_hidden, cfg.router, cfg.ffn, cfg.head_hidden, cfg.bins,
+                                    decoder=cfg.recon_coef > 0).to(device)
         self.target = copy.deepcopy(self.wm).requires_grad_(False).eval()
         self.bins = support_bins(cfg.bins).to(device)
         self.optim = torch.optim.AdamW(self.wm.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -310,7 +317,10 @@ class ScaleZeroAgent(Agent):
             conc = torch.full((b, a), cfg.dirichlet_alpha)
             dirichlet = torch.distributions.Dirichlet(conc).sample().to(self.device) * legal
             dirichlet = dirichlet / dirichlet.sum(-1, keepdim=True)
-        return search(logits[:, 0], legal, expand, simulations, cfg.gamma, dirichlet, cfg.noise_weight, cfg.c1, cfg.c2)
+        ties = torch.stack([torch.rand((n, a), generator=c.rng) if c.rng is not None else torch.rand((n, a))
+                            for c in contexts]).to(self.device)  # each stream's own tie-breaking order per node
+        return search(logits[:, 0], legal, expand, simulations, cfg.gamma, dirichlet, cfg.noise_weight, cfg.c1, cfg.c2,
+                      ties)
 
     @torch.no_grad()
     def act_batch(self, contexts: list[ZeroContext], obs: list[np.ndarray], greedy: bool = False) -> list[int]:
@@ -389,6 +399,11 @@ class ScaleZeroAgent(Agent):
             "value": self.task_sum(support_ce(value_logits, value_target, self.bins), value_valid, task),
             "entropy": self.task_sum(entropy, searched, task),
         }
+        if wm.decoder is not None:
+            frames = wm.decoder(z.flatten(0, 1).float())  # (B*T, 3, S, S)
+            target = batch.obs[:, :t].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+            recon = (frames.float() - target).pow(2).mean((1, 2, 3)).view(z.shape[:2])  # (B, T)
+            terms["recon"] = self.task_sum(recon, torch.ones_like(recon), task)
         return terms
 
     def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
@@ -398,7 +413,7 @@ class ScaleZeroAgent(Agent):
         terms = self.losses(batch)
         loss = (cfg.latent_coef * terms["latent"] + cfg.reward_coef * terms["reward"] +
                 cfg.policy_coef * terms["policy"] + cfg.value_coef * terms["value"] -
-                cfg.entropy_coef * terms["entropy"])
+                cfg.entropy_coef * terms["entropy"] + cfg.recon_coef * terms.get("recon", 0.0))
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), cfg.grad_clip)
@@ -444,10 +459,11 @@ class ScaleZeroAgent(Agent):
         self.updates = int(state["updates"])
 
     def active_parameters(self) -> int:
-        """Parameters one token passes through: all but the unchosen experts (n_experts - 1 of every MoE layer),
-        one task's heads (of K) and the action embedding's other rows."""
+        """Parameters one token passes through: all but the unchosen experts (n_experts - 1 per MoE layer),
+        one task's heads (of K) and the action embedding's other rows; the decoder (training only) is not counted."""
         wm, cfg = self.wm, self.cfg
-        total = count_parameters(wm.parameters())
+        decoder = count_parameters(wm.decoder.parameters()) if wm.decoder is not None else 0
+        total = count_parameters(wm.parameters()) - decoder
         if cfg.moe:
             per_expert = 3 * cfg.latent_dim * cfg.expert_hidden
             total -= cfg.depth * (cfg.n_experts - 1) * per_expert
@@ -463,6 +479,7 @@ class ScaleZeroAgent(Agent):
                       if self.cfg.moe)
         transformer = count_parameters(wm.transformer.parameters())
         counts = {"encoder": count_parameters(wm.encoder.parameters()),
+                  "decoder": count_parameters(wm.decoder.parameters()) if wm.decoder is not None else 0,
                   "action_embedding": count_parameters(wm.action_embedding.parameters()),
                   "transformer_experts": experts, "transformer_other": transformer - experts,
                   "heads": sum(count_parameters(h.parameters()) for h in (wm.policy_head, wm.value_head,

@@ -161,3 +161,16 @@ def test_trees_in_one_batch_do_not_interact():
         one = search(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), alone.expand, sims, 0.9)
         assert one.visits.tolist() == batched.visits[t:t + 1].tolist()
         torch.testing.assert_close(one.q, batched.q[t:t + 1])
+
+
+def test_ties_are_broken_by_each_nodes_random_order():
+    """Equal priors and values: the first simulation's tie goes to the action the root's uniforms rank first, not
+    to the lowest index; every legal action is visited once in the first three simulations."""
+    ties = torch.zeros(1, 4, 3)
+    ties[0, 0] = torch.tensor([0.1, 0.2, 0.9])
+    out = search(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), constant_model([0.0] * 3, n_actions=3), 1, 1.0,
+                 ties=ties[:, :2])
+    assert out.visits.tolist() == [[0.0, 0.0, 1.0]]
+    out = search(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), constant_model([0.0] * 3, n_actions=3), 3, 1.0,
+                 ties=ties)
+    assert out.visits.tolist() == [[1.0, 1.0, 1.0]]

@@ -13,10 +13,13 @@ Conventions (each a choice where MuZero's pseudocode leaves room; Schrittwieser 
 - A node's visit count in the pUCT exploration term is 1 + the sum of its edges' visits: its own expansion
   counts (mctx's convention), so a fresh root's first simulation follows the prior. MuZero's pseudocode has 0
   there, which makes every score 0 and leaves the choice to tie-breaking.
+- Ties: LightZero breaks them at random (`ties`); with the lowest index instead, a fresh model's equal scores sent
+  8-simulation searches to breakout's lowest actions (no-op, left) first, and sampling at temperature 0.25 made
+  the agent worse than random. Hand-built tests pass no ties: the lowest index.
 - An unvisited edge's value is its node's mean Q (mean_q; LightZero's, the code ScaleZero is built on), normalised
   like the others. MuZero's pseudocode gives it 0, the worst normalised value, which keeps a search of few
   simulations on the prior's favourite action: tiny ScaleZero's policy collapsed onto one action of breakout
-  (return 0.00 against a random policy's 0.35 after 2000 steps at 8 simulations). Ties go to the lowest index.
+  (return 0.00 against a random policy's 0.35 after 2000 steps at 8 simulations).
 - Min-max statistics per tree over the Q values of the edges backed up so far; with max <= min, Q is used
   unnormalised (MuZero's MinMaxStats); spans below 0.01 count as 0.01 (LightZero's).
 """
@@ -89,12 +92,14 @@ def masked_softmax(logits: torch.Tensor, legal: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simulations: int, gamma: float,
            noise: torch.Tensor | None = None, noise_weight: float = 0.25, c1: float = 1.25,
-           c2: float = 19652.0) -> SearchResult:
+           c2: float = 19652.0, ties: torch.Tensor | None = None) -> SearchResult:
     """Run `simulations` MuZero simulations in every tree at once from the roots' prior logits (B, A).
 
     legal (B, A) bool: the actions allowed at every node of a tree (Atari's full set with a per-game mask).
     noise (B, A) or None: Dirichlet draws mixed into the root prior, (1 - noise_weight) P + noise_weight noise
-    (training; None at evaluation). The root's own value does not enter its statistics (MuZero)."""
+    (training; None at evaluation). The root's own value does not enter its statistics (MuZero).
+    ties (B, simulations + 1, A) uniforms or None: scores within 1e-6 of a node's best are a tie, broken by the
+    node's uniforms (a random order per node, as LightZero breaks ties at random); None: the lowest index."""
     b, a = root_logits.shape
     n = simulations + 1
     device = root_logits.device
@@ -121,7 +126,12 @@ def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simul
             mean = mean_q(q, visits > 0, parent_q)  # (B,): the value of this node's unvisited edges
             q = torch.where(visits > 0, q, mean[:, None])
             score = puct_scores(prior[rows, node], visits, min_max_normalise(q, low, high), c1, c2)
-            action = score.masked_fill(~legal, float("-inf")).argmax(-1)  # (B,)
+            score = score.masked_fill(~legal, float("-inf"))
+            if ties is None:
+                action = score.argmax(-1)  # (B,)
+            else:
+                tied = score >= score.amax(-1, keepdim=True) - 1e-6
+                action = torch.where(tied, ties[rows, node], -1.0).argmax(-1)
             path_nodes.append(node)
             path_actions.append(action)
             path_live.append(live)

@@ -12,6 +12,7 @@ from torch import nn
 
 from mowbench.models.moe import PairLayout, StackedLinear, StackedNorm
 from mowbench.models.transformer import KVCache, attend, layer_mask, positions
+from mowbench.models.vae import ConvDecoder
 
 ROUTERS = ("learned", "upstream")
 
@@ -211,17 +212,20 @@ class TaskHeads(nn.Module):
 
 
 class UniZeroWorldModel(nn.Module):
-    """Encoder, action embedding (the full action set), transformer, per-task heads, with MuZero-named methods:
+    """Encoder, action embedding (the full action set), transformer, per-task heads (and with `decoder` a
+    ConvDecoder from latents to frames, the tiny preset's reconstruction loss), with MuZero-named methods:
     encode (representation), tokens, policy/value on obs tokens, reward/next_latent on action tokens. Latents
     and predicted next latents are LayerNorm'ed (no affine: the predictions live where the encoder's do)."""
 
     def __init__(self, image_size: int, n_actions: int, n_tasks: int, latent_dim: int, channels: tuple[int, ...],
                  strides: tuple[int, ...], res_blocks: int, depth: int, heads: int, max_tokens: int, dropout: float,
                  moe: bool, n_experts: int, expert_hidden: int, shared_hidden: int, router: str, ffn: int,
-                 head_hidden: int, bins: int) -> None:
+                 head_hidden: int, bins: int, decoder: bool = False) -> None:
         super().__init__()
         self.n_tasks, self.latent_dim, self.bins = n_tasks, latent_dim, bins
         self.encoder = ResNetEncoder(image_size, channels, strides, res_blocks, latent_dim)
+        # UniZero's optional latent reconstruction (its latent_recon_loss): z -> frame, training only
+        self.decoder = ConvDecoder(image_size, channels, latent_dim) if decoder else None
         self.action_embedding = nn.Embedding(n_actions, latent_dim)
         self.transformer = UniZeroTransformer(latent_dim, depth, heads, max_tokens, dropout, moe, n_experts,
                                               expert_hidden, shared_hidden, router, ffn)
