@@ -137,6 +137,12 @@ class ScaleZeroConfig:
         resnet_out(image_size, tuple(self.strides))
 
     @property
+    def batch_length(self) -> int:
+        """Steps of a replayed sequence: the unroll and the n steps to its last bootstrap (the run's plan checks
+        that warm-up and replay hold one)."""
+        return self.unroll_steps + self.td_steps
+
+    @property
     def window(self) -> int:
         """Token slots of a search node's window: the largest odd number <= max_tokens - 2 (a window ends with an
         obs token; an expansion appends an action token and the predicted latent)."""
@@ -354,7 +360,7 @@ class ScaleZeroAgent(Agent):
 
     def per_task_batch(self) -> dict[str, int]:
         return {"sequences": self.batch_rows() // len(self.tasks),
-                "sequence_length": self.cfg.unroll_steps + self.cfg.td_steps}
+                "sequence_length": self.cfg.batch_length}
 
     def task_sum(self, loss: torch.Tensor, mask: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Sum over tasks of each task's masked mean of loss (B, T): upstream sums the per-task micro-batch losses."""
@@ -409,7 +415,7 @@ class ScaleZeroAgent(Agent):
     def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
         cfg = self.cfg
         self.wm.train()
-        batch = sample(self.batch_rows(), cfg.unroll_steps + cfg.td_steps)
+        batch = sample(self.batch_rows(), cfg.batch_length)
         terms = self.losses(batch)
         loss = (cfg.latent_coef * terms["latent"] + cfg.reward_coef * terms["reward"] +
                 cfg.policy_coef * terms["policy"] + cfg.value_coef * terms["value"] -

@@ -84,6 +84,7 @@ def atari26() -> list[TaskInfo]:
             for k in range(26)]
 
 
+@pytest.mark.slow(seconds=25)
 def test_paper_preset_over_26_games_trains_every_task_and_reaches_every_expert():
     """The paper preset (339M parameters, 62.6M active per token) for the 26 Atari games, on CPU with 26 rows (one
     per game) and two simulations: the search acts for 26 streams in one batch with legal actions only; one update
@@ -168,6 +169,7 @@ def test_search_statistics_go_to_replay_and_the_run_resumes_exactly(tmp_path):
     ("agent.bins=100", "agent.bins=100; allowed: an odd number"),
     ("agent.heads=5", "agent.latent_dim=64; allowed: a multiple of heads=5"),
     ("env=metaworld", "scalezero searches over discrete actions"),
+    ("train.warmup=2", "train.warmup=2 must be >= batch_length=15"),
 ])
 def test_bad_scalezero_values_are_refused_before_any_work(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
