@@ -26,8 +26,9 @@ Deviations from upstream (each named in the README):
   are not its numbers; train.steps=400000 runs its budget.
 - Update ratio: upstream collects 8 segments x 20 steps per task, then makes 80 updates (0.5 per step per task);
   train.updates_per_step is shared by every agent of a grid, so set train.updates_per_step=0.5 to match.
-- Sequences that cross an episode end are masked after it (UniZero pads them); value targets whose t+5
-  bootstrap falls past a truncation (not a terminal) are left out.
+- Sequences that cross an episode end: after a terminal, the steps are MuZero's absorbing states (the padding
+  frame, value and reward 0; `absorbing`); after a truncation they are masked, and value targets whose t+5
+  bootstrap falls past a truncation are left out.
 - Evaluation streams (seeded contexts) search without root noise with eval_simulations; `greedy` takes the most
   visited action (UniZero's evaluation), else an action is sampled from the visits at `temperature`.
 """
@@ -85,6 +86,9 @@ class ScaleZeroConfig:
     # [0, 1] pixels through a ConvDecoder mirroring the encoder's stages (stride-2 stages only); 0: no decoder
     recon_coef: float = 0.0
     reward_clip: float = 1.0  # rewards clipped to [-c, c] in training (0: no clipping)
+    # MuZero's absorbing states: the steps of a sequence after a terminal are the padding frame (zeros) with value
+    # and reward targets 0, so the model learns what follows an episode's end and the search sees it; False: masked
+    absorbing: bool = True
     lr: float = 1e-4  # AdamW learning rate
     betas: tuple[float, ...] = (0.9, 0.95)  # AdamW betas
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -194,6 +198,13 @@ def n_step_targets(reward: torch.Tensor, terminal: torch.Tensor, in_episode: tor
     target = ret + (gamma ** n) * boot * alive_n
     valid = in_episode[:, :steps] * ((alive_n + ended) > 0).float()
     return target, valid
+
+
+def absorbing_steps(terminal: torch.Tensor, in_episode: torch.Tensor) -> torch.Tensor:
+    """1.0 at the steps after a terminal of step 0's episode (MuZero's absorbing states), else 0.0: terminal,
+    in_episode (B, L) -> (B, L). A truncation (an episode end without a terminal) starts none."""
+    term = terminal * in_episode
+    return (torch.cumsum(term, 1) - term).clamp(max=1.0)
 
 
 @register_agent("scalezero", ScaleZeroConfig, multi_task=True)
@@ -379,19 +390,26 @@ class ScaleZeroAgent(Agent):
         if cfg.reward_clip:
             reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
         action = batch.action.long()
+        obs, absorbing = batch.obs, torch.zeros_like(in_ep)
+        if cfg.absorbing:  # steps after a terminal of step 0's episode: the padding frame, value and reward 0
+            absorbing = absorbing_steps(batch.terminal.float(), in_ep)  # (B, L)
+            obs = torch.where(absorbing[..., None, None, None] > 0, torch.zeros_like(obs), obs)
+        live = in_ep + absorbing  # (B, L): steps the model is trained on
         with torch.no_grad(), self.autocast():
-            target_z = self.target.encode(batch.obs[:, 1:t + 1]).float()  # (B, T, D)
-            h_boot = self.target.transformer(self.target.interleave(self.target.encode(batch.obs[:, n:n + t]),
+            target_z = self.target.encode(obs[:, 1:t + 1]).float()  # (B, T, D)
+            h_boot = self.target.transformer(self.target.interleave(self.target.encode(obs[:, n:n + t]),
                                                                     action[:, n:n + t]))
             boot = support_value(self.target.obs_heads(h_boot[:, 0::2], task)[1], self.bins)  # (B, T)
         value_target, value_valid = n_step_targets(reward, batch.terminal.float(), in_ep, boot, n, cfg.gamma, t)
+        value_target = value_target * (1.0 - absorbing[:, :t])
+        value_valid = torch.maximum(value_valid, absorbing[:, :t])
         with self.autocast():
-            z = wm.encode(batch.obs[:, :t])  # (B, T, D)
+            z = wm.encode(obs[:, :t])  # (B, T, D)
             h = wm.transformer(wm.interleave(z, action[:, :t]))  # (B, 2T, D)
             policy_logits, value_logits = wm.obs_heads(h[:, 0::2], task)
             reward_logits, z_pred = wm.action_heads(h[:, 1::2], task)
         step_valid = in_ep[:, :t]
-        next_valid = in_ep[:, 1:t + 1]  # o_{t+1} in the episode: the latent target exists
+        next_valid = live[:, 1:t + 1]  # o_{t+1} in the episode (or absorbing): the latent target exists
         visits = batch.extras["visits"][:, :t].float()  # (B, T, A)
         searched = step_valid * (visits.sum(-1) > 0).float()  # warm-up (random) steps have no search
         legal = batch.legal[:, None]  # (B, 1, A)
@@ -400,14 +418,15 @@ class ScaleZeroAgent(Agent):
         entropy = -(log_pi.exp() * log_pi).sum(-1)  # (B, T)
         terms = {
             "latent": self.task_sum((z_pred.float() - target_z).pow(2).mean(-1), next_valid, task),
-            "reward": self.task_sum(support_ce(reward_logits, reward[:, :t], self.bins), step_valid, task),
+            "reward": self.task_sum(support_ce(reward_logits, reward[:, :t] * in_ep[:, :t], self.bins), live[:, :t],
+                                    task),
             "policy": self.task_sum(-(target_pi * log_pi).sum(-1), searched, task),
             "value": self.task_sum(support_ce(value_logits, value_target, self.bins), value_valid, task),
             "entropy": self.task_sum(entropy, searched, task),
         }
         if wm.decoder is not None:
             frames = wm.decoder(z.flatten(0, 1).float())  # (B*T, 3, S, S)
-            target = batch.obs[:, :t].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+            target = obs[:, :t].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
             recon = (frames.float() - target).pow(2).mean((1, 2, 3)).view(z.shape[:2])  # (B, T)
             terms["recon"] = self.task_sum(recon, torch.ones_like(recon), task)
         return terms

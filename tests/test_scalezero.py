@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mowbench.agents.base import make_agent
-from mowbench.baselines.scalezero import n_step_targets
+from mowbench.baselines.scalezero import absorbing_steps, n_step_targets
 from mowbench.config import compose_config, plan
 from mowbench.envs import make_envs
 from mowbench.envs.base import ActionSpace, TaskInfo
@@ -53,6 +53,12 @@ def test_n_step_targets_by_hand():
     torch.testing.assert_close(target[0], torch.tensor([1 + 1 + 2.5, 2 + 1.5 + 5, 3 + 2 + 7.5]))
     assert valid.tolist() == [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
     assert target[1, :2].tolist() == [1 + 0.5 * 2, 2.0]
+
+
+def test_absorbing_steps_follow_a_terminal_not_a_truncation():
+    terminal = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    in_ep = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0]])  # row 1: truncated after step 1
+    assert absorbing_steps(terminal, in_ep).tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0], [0.0] * 5]
 
 
 def test_moe_layer_is_top1_swiglu_plus_shared_and_only_the_learned_router_learns():
