@@ -140,6 +140,12 @@ class ScaleZeroConfig:
     def check_image_size(self, image_size: int) -> None:
         resnet_out(image_size, tuple(self.strides))
 
+    def check_suite(self, suite: str, discrete: bool) -> None:
+        """Discrete actions only: refused before any env or network is built."""
+        if not discrete:
+            raise ValueError(f"env={suite} has continuous actions; scalezero searches over discrete actions; "
+                             "allowed: env=atari100k, env=minatar")
+
     @property
     def batch_length(self) -> int:
         """Steps of a replayed sequence: the unroll and the n steps to its last bootstrap (the run's plan checks

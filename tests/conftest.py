@@ -52,6 +52,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 MICRO = ["preset=micro"]
 
 
+def discrete_only(agent: str) -> bool:
+    """Whether an agent's config refuses continuous-action suites (scalezero: Atari and MinAtar only)."""
+    from mowbench.agents.base import registered_agents
+
+    cfg = registered_agents()[agent].config()
+    try:
+        if hasattr(cfg, "check_suite"):
+            cfg.check_suite("metaworld", False)
+    except ValueError:
+        return True
+    return False
+
+
 def continuous_only(agent: str) -> bool:
     """Whether an agent's config refuses discrete-action suites (the TD-MPC2 family: Meta-World only)."""
     from mowbench.agents.base import registered_agents

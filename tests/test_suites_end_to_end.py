@@ -12,7 +12,7 @@ from mowbench.agents.base import AGENTS, get_agent
 from mowbench.config import compose_config
 from mowbench.results import run_dir
 from mowbench.runner import execute
-from tests.conftest import MICRO, REPO, continuous_only
+from tests.conftest import MICRO, REPO, continuous_only, discrete_only
 
 get_agent("storm")  # import the baselines so AGENTS is filled for parametrisation
 
@@ -22,7 +22,7 @@ get_agent("storm")  # import the baselines so AGENTS is filled for parametrisati
 def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
     """Single-task agents run one task; multi-task agents run two (Atari: shared 18-action set with
     per-game masks; Meta-World: continuous 4-d actions). A continuous-only agent (the TD-MPC2 family) is refused
-    Atari with a one-line error before any env is built."""
+    Atari, a discrete-only one (scalezero) Meta-World, with a one-line error before any env is built."""
     multi = get_agent(agent).multi_task
     tasks = tasks if multi else tasks[:1]
     if env == "atari100k" and continuous_only(agent):
@@ -30,6 +30,13 @@ def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
         with pytest.raises(ValueError, match=r"^env=atari100k has discrete actions.*allowed: env=metaworld$"):
             execute(cfg)
         assert not any(tmp_path.iterdir())  # nothing written
+        return
+    if env == "metaworld" and discrete_only(agent):  # scalezero searches over discrete actions
+        cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}"])
+        with pytest.raises(ValueError, match=r"^env=metaworld has continuous actions.*allowed: env=atari100k, "
+                                             r"env=minatar$"):
+            execute(cfg)
+        assert not any(tmp_path.iterdir())
         return
     cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}",
                           "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
@@ -42,7 +49,10 @@ def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
     folder = run_dir(tmp_path, env, agent, f"all{len(tasks)}" if multi else tasks[0], 0)
     assert (folder / "DONE.json").exists()
     state = torch.load(folder / "model.pt", weights_only=True)
-    assert "wm" in state and ("ac" in state or continuous_only(agent))  # the STORM family keeps a separate "ac"
+    from mowbench.agents.imagination import ImaginationAgent
+
+    # the STORM family (agents learning in imagination) keeps a separate "ac"; planners (TD-MPC2, scalezero) do not
+    assert "wm" in state and ("ac" in state) == issubclass(get_agent(agent).cls, ImaginationAgent)
     if multi and env == "atari100k":
         protocol = json.loads((folder / "metadata.json").read_text())["protocol"]
         assert protocol["Pong"]["action_set"] == "full"

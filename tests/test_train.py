@@ -106,7 +106,8 @@ def test_bad_input_is_refused_before_heavy_work(micro_cfg, override, message):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["agent=dreamer"], "error: unknown agent 'dreamer'; allowed: monolithic, mow, newt, pwm, storm, tdmpc2"),
+    (["agent=dreamer"],
+     "error: unknown agent 'dreamer'; allowed: monolithic, mow, newt, pwm, scalezero, storm, tdmpc2"),
     (["env=atari57"], "error: unknown env 'atari57'; allowed: atari100k, metaworld, minatar"),
     (["preset=huge"], "error: unknown preset 'huge'; allowed: micro, paper, tiny"),
     (["env=atari100k", "task=Pongg"], "error: unknown task 'Pongg' for suite 'atari100k'"),
