@@ -52,30 +52,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 MICRO = ["preset=micro"]
 
 
-def discrete_only(agent: str) -> bool:
-    """Whether an agent's config refuses continuous-action suites (scalezero: Atari and MinAtar only)."""
+def refuses_suite(agent: str, suite: str, discrete: bool) -> bool:
+    """Whether an agent's config refuses a suite of discrete or continuous actions before any work."""
     from mowbench.agents.base import registered_agents
 
     cfg = registered_agents()[agent].config()
     try:
         if hasattr(cfg, "check_suite"):
-            cfg.check_suite("metaworld", False)
+            cfg.check_suite(suite, discrete)
     except ValueError:
         return True
     return False
+
+
+def discrete_only(agent: str) -> bool:
+    """Whether an agent refuses continuous-action suites (scalezero: Atari and MinAtar only)."""
+    return refuses_suite(agent, "metaworld", False)
 
 
 def continuous_only(agent: str) -> bool:
-    """Whether an agent's config refuses discrete-action suites (the TD-MPC2 family: Meta-World only)."""
-    from mowbench.agents.base import registered_agents
-
-    cfg = registered_agents()[agent].config()
-    try:
-        if hasattr(cfg, "check_suite"):
-            cfg.check_suite("minatar", True)
-    except ValueError:
-        return True
-    return False
+    """Whether an agent refuses discrete-action suites (the TD-MPC2 family: Meta-World only)."""
+    return refuses_suite(agent, "minatar", True)
 
 
 @pytest.fixture
