@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mowbench.agents.base import Agent, Metrics, count_parameters, register_agent
+from mowbench.agents.base import Agent, Metrics, PicklesGenerator, count_parameters, register_agent
 from mowbench.agents.imagination import check_non_negative, check_positive
 from mowbench.agents.mcts import SearchResult, search, visit_policy
 from mowbench.envs.base import TaskInfo
@@ -161,7 +161,7 @@ class ScaleZeroConfig:
 
 
 @dataclass
-class ZeroContext:
+class ZeroContext(PicklesGenerator):
     """One env stream's acting state: task, the episode's last `context_steps` observations and actions before
     the current one, its noise generator (evaluation streams; None: torch's global one) and the last search's
     statistics (what step_extras stores)."""
@@ -172,18 +172,6 @@ class ZeroContext:
     rng: torch.Generator | None = None
     visits: np.ndarray | None = None
     root_value: float = 0.0
-
-    def __getstate__(self) -> dict[str, Any]:  # checkpoints pickle contexts; a Generator pickles as its state
-        state = dict(self.__dict__)
-        state["rng"] = None if self.rng is None else self.rng.get_state()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if state["rng"] is not None:
-            gen = torch.Generator()
-            gen.set_state(state["rng"])
-            state["rng"] = gen
-        self.__dict__.update(state)
 
 
 def n_step_targets(reward: torch.Tensor, terminal: torch.Tensor, in_episode: torch.Tensor, boot: torch.Tensor,

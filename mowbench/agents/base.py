@@ -22,6 +22,23 @@ def adam(params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
+class PicklesGenerator:
+    """Mixin for acting contexts with an `rng` attribute (a torch.Generator or None): checkpoints pickle contexts,
+    and a Generator pickles as its state."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["rng"] = None if state["rng"] is None else state["rng"].get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state["rng"] is not None:
+            gen = torch.Generator()
+            gen.set_state(state["rng"])
+            state["rng"] = gen
+        self.__dict__.update(state)
+
+
 Metrics = dict[str, float | torch.Tensor]  # what an update returns: names -> numbers or 0-dim tensors
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mowbench.agents.base import Agent, Metrics, count_parameters
+from mowbench.agents.base import Agent, Metrics, PicklesGenerator, count_parameters
 from mowbench.agents.imagination import check_non_negative, check_positive
 from mowbench.envs.base import TaskInfo
 from mowbench.models.tdmpc import SIZES, TDMPCWorldModel, conv_out
@@ -98,7 +98,7 @@ def check_continuous(tasks: list[TaskInfo]) -> None:
 
 
 @dataclass
-class FrameContext:
+class FrameContext(PicklesGenerator):
     """One env stream's acting state: its task, its last `frames` observations, its own noise generator
     (evaluation streams; None: torch's global one) and the method's carried state (TD-MPC2: the previous
     plan's mean, shifted to warm-start the next)."""
@@ -112,19 +112,6 @@ class FrameContext:
         """Record obs (S, S, 3) and return the stack (k*3, S, S), the episode's first frame repeated before it."""
         self.frames = (self.frames or [obs] * (k - 1))[-(k - 1):] + [obs] if k > 1 else [obs]
         return np.concatenate([f.transpose(2, 0, 1) for f in self.frames], axis=0)
-
-    def __getstate__(self) -> dict[str, Any]:  # checkpoints pickle contexts; a Generator pickles as its state
-        state = dict(self.__dict__)
-        state["rng"] = None if self.rng is None else self.rng.get_state()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        rng = state["rng"]
-        if rng is not None:
-            gen = torch.Generator()
-            gen.set_state(rng)
-            state["rng"] = gen
-        self.__dict__.update(state)
 
 
 @dataclass
