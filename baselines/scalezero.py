@@ -206,10 +206,8 @@ class ScaleZeroAgent(Agent):
     """ScaleZero-lite (see the module docstring)."""
 
     def __init__(self, cfg: ScaleZeroConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
-        continuous = sorted({t.suite for t in tasks if not t.action.discrete})
-        if continuous:
-            raise ValueError(f"env={continuous[0]} has continuous actions; scalezero searches over discrete actions; "
-                             "allowed: env=atari100k, env=minatar")
+        for t in tasks:  # the plan refuses them first; an agent built directly refuses them too
+            cfg.check_suite(t.suite, t.action.discrete)
         self.cfg, self.tasks, self.device = cfg, tasks, device
         self.autocast_bf16 = precision == "bf16"
         self.n_actions = max(t.action.n for t in tasks)

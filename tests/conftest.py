@@ -65,11 +65,6 @@ def refuses_suite(agent: str, suite: str, discrete: bool) -> bool:
     return False
 
 
-def discrete_only(agent: str) -> bool:
-    """Whether an agent refuses continuous-action suites (scalezero: Atari and MinAtar only)."""
-    return refuses_suite(agent, "metaworld", False)
-
-
 def continuous_only(agent: str) -> bool:
     """Whether an agent refuses discrete-action suites (the TD-MPC2 family: Meta-World only)."""
     return refuses_suite(agent, "minatar", True)

@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from mowbench.agents.base import AGENTS, get_agent
+from mowbench.agents.imagination import ImaginationAgent
 from mowbench.config import compose_config
 from mowbench.results import run_dir
 from mowbench.runner import execute
-from tests.conftest import MICRO, REPO, continuous_only, discrete_only
+from tests.conftest import MICRO, REPO, refuses_suite
 
 get_agent("storm")  # import the baselines so AGENTS is filled for parametrisation
+
+# the one-line refusal of a suite an agent cannot act in: continuous-only agents (the TD-MPC2 family) refuse Atari,
+# discrete-only ones (scalezero, searching over discrete actions) Meta-World
+REFUSALS = {"atari100k": r"^env=atari100k has discrete actions.*allowed: env=metaworld$",
+            "metaworld": r"^env=metaworld has continuous actions.*allowed: env=atari100k, env=minatar$"}
 
 
 @pytest.mark.parametrize("agent", sorted(AGENTS))
@@ -25,18 +31,11 @@ def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
     Atari, a discrete-only one (scalezero) Meta-World, with a one-line error before any env is built."""
     multi = get_agent(agent).multi_task
     tasks = tasks if multi else tasks[:1]
-    if env == "atari100k" and continuous_only(agent):
+    if refuses_suite(agent, env, discrete=env == "atari100k"):
         cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}"])
-        with pytest.raises(ValueError, match=r"^env=atari100k has discrete actions.*allowed: env=metaworld$"):
+        with pytest.raises(ValueError, match=REFUSALS[env]):
             execute(cfg)
         assert not any(tmp_path.iterdir())  # nothing written
-        return
-    if env == "metaworld" and discrete_only(agent):  # scalezero searches over discrete actions
-        cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}"])
-        with pytest.raises(ValueError, match=r"^env=metaworld has continuous actions.*allowed: env=atari100k, "
-                                             r"env=minatar$"):
-            execute(cfg)
-        assert not any(tmp_path.iterdir())
         return
     cfg = compose_config([f"agent={agent}", f"env={env}", f"task=[{','.join(tasks)}]", f"results_dir={tmp_path}",
                           "train.warmup=12", "train.steps=20", "train.updates_per_step=1", "train.eval_episodes=1",
@@ -49,8 +48,6 @@ def test_agent_runs_on_suite(agent, env, tasks, tmp_path):
     folder = run_dir(tmp_path, env, agent, f"all{len(tasks)}" if multi else tasks[0], 0)
     assert (folder / "DONE.json").exists()
     state = torch.load(folder / "model.pt", weights_only=True)
-    from mowbench.agents.imagination import ImaginationAgent
-
     # the STORM family (agents learning in imagination) keeps a separate "ac"; planners (TD-MPC2, scalezero) do not
     assert "wm" in state and ("ac" in state) == issubclass(get_agent(agent).cls, ImaginationAgent)
     if multi and env == "atari100k":
