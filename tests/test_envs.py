@@ -221,6 +221,25 @@ def test_metaworld_pixels_shape_orientation_and_time_limit():
     assert [s.truncated for s in steps] == [False, False, True] and not any(s.terminated for s in steps)
 
 
+def test_metaworld_env_makes_its_renderer_at_its_first_frame():
+    """The random policy's evaluation envs never observe: they make no GL context (~1 s and ~120 MiB each, 500 of
+    them for MT50's random baseline). An env's frames do not depend on when its renderer was made."""
+    blind, seeing = metaworld_env(fast_render=True), metaworld_env(fast_render=True)
+    blind.observe = False
+    assert not blind.reset().any() and not blind.step(np.zeros(4)).obs.any()
+    assert blind.renderer is None
+    blind.close()  # closes without a renderer
+    late = metaworld_env(fast_render=True)
+    late.observe = False
+    late.reset()
+    seeing.reset()
+    late.observe = True
+    step = np.array([0.3, -0.2, 0.1, 0.0])
+    frame = late.step(step).obs
+    np.testing.assert_array_equal(frame, seeing.step(step).obs)
+    assert late.renderer is not None and frame.std() > 10
+
+
 def test_metaworld_success_flag_from_info():
     from metaworld.policies import SawyerReachV3Policy
 

@@ -113,11 +113,9 @@ class MetaWorldEnv(TaskEnv):
             model.cam_pos[cam] = np.asarray(cfg["camera_pos"], dtype=np.float64)
         if not cfg.get("multisample", True):
             model.vis.quality.offsamples = 0  # read when the renderer's context is made
-        self.renderer = mujoco.Renderer(model, self.size, self.size)
-        if cfg.get("fast_render", False):
-            flags = self.renderer.scene.flags
-            flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
-            flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        self.fast_render = bool(cfg.get("fast_render", False))
+        # made at the first frame: an env that never observes (the random policy's) needs no GL context
+        self.renderer: mujoco.Renderer | None = None
         self.cam = cam
         # Meta-World's corner cameras are mounted upside down (table legs up in the raw frame, also in
         # gymnasium's renderer); flip rows so the table is at the bottom. A test checks it.
@@ -125,15 +123,28 @@ class MetaWorldEnv(TaskEnv):
         self.info = TaskInfo("metaworld", task, index, self.size, ActionSpace(False, 4),
                              protocol={"action_repeat": self.repeat, "episode_length": self.length,
                                        "camera": self.camera, "flip_vertical": self.flip,
-                                       "fast_render": bool(cfg.get("fast_render", False)),
+                                       "fast_render": self.fast_render,
                                        "multisample": bool(cfg.get("multisample", True)),
                                        "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl,
                                        "goal_seed": goal_seed})
         self.t = 0
 
+    def make_renderer(self) -> Any:
+        """The offscreen renderer (its GL context reads the model's offsamples), shadows and reflections off with
+        fast_render."""
+        import mujoco
+
+        renderer = mujoco.Renderer(self.env.model, self.size, self.size)
+        if self.fast_render:
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        return renderer
+
     def render(self) -> np.ndarray:
         if not self.observe:
             return np.zeros((self.size, self.size, 3), np.uint8)
+        if self.renderer is None:
+            self.renderer = self.make_renderer()
         self.renderer.update_scene(self.env.data, camera=self.cam)
         frame = self.renderer.render()  # (S, S, 3) uint8
         return np.ascontiguousarray(frame[::-1] if self.flip else frame)
@@ -156,7 +167,8 @@ class MetaWorldEnv(TaskEnv):
         return Step(self.render(), reward, False, self.t >= self.length, success=success)
 
     def close(self) -> None:
-        self.renderer.close()
+        if self.renderer is not None:
+            self.renderer.close()
         self.env.close()
 
 
