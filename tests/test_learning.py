@@ -61,7 +61,8 @@ def test_tiny_scalezero_beats_random_on_minatar_breakout(seed, tmp_path):
     then 1500 updates), evaluation episodes sampled from the visit counts at temperature 0.25 (the protocol's). The
     STORM test's margins.
 
-    Measured (threads=1, 20 episodes, beside another run): seed 0 1.90, seed 1 2.50 vs random 0.35, ~410 s a run.
+    Measured (threads=1, 20 episodes, beside another run): seed 0 1.90, seed 1 2.50 vs random 0.35, ~410 s a run;
+    on a machine whose CPU has AVX2 but not AVX-512 (other float rounding, so another run): 0.85 and 2.30, ~310 s.
     The training returns dip to ~0 for a few hundred steps after warm-up, then climb (seed 0: 0.03 over steps
     500-750, 1.17 over 1750-2000). Cheaper variants failed a seed: 1500 steps 1.65 and 0.65; 4 collect
     simulations 0.75 at seed 0; a burst of 500 updates at the end of warm-up kept seed 0's dip (0.05-0.08 over
