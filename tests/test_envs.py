@@ -222,8 +222,8 @@ def test_metaworld_pixels_shape_orientation_and_time_limit():
 
 
 def test_metaworld_env_makes_its_renderer_at_its_first_frame():
-    """The random policy's evaluation envs never observe: they make no GL context (~1 s and ~120 MiB each, 500 of
-    them for MT50's random baseline). An env's frames do not depend on when its renderer was made."""
+    """The random policy's evaluation envs never observe: they make no GL context (0.5-1 s and ~120 MiB each, 500
+    of them for MT50's random baseline). An env's frames do not depend on when its renderer was made."""
     blind, seeing = metaworld_env(fast_render=True), metaworld_env(fast_render=True)
     blind.observe = False
     assert not blind.reset().any() and not blind.step(np.zeros(4)).obs.any()
