@@ -65,6 +65,9 @@ class TrainConfig:
     eval_envs: int | None = None
     eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
     random_baseline: bool = True  # also evaluate a uniformly random policy at the end
+    # its episodes per task (None: eval_episodes). A random policy's return varies widely between episodes and its
+    # episodes cost no agent (and no renderer on Meta-World), so a ratio to it is steadier with more of them
+    random_episodes: int | None = None
     checkpoint_every: int = 10_000  # steps between checkpoints (0: none until the end)
     stop_at: int = 0  # leave after checkpointing at this step (simulates preemption; 0: off)
     log_every: int = 250  # steps between scalar logs
@@ -87,8 +90,8 @@ class TrainConfig:
             raise ValueError(f"train.updates_per_step={self.updates_per_step}; allowed: >= 0")
         if self.eval_mode not in EVAL_MODES:
             raise ValueError(f"train.eval_mode={self.eval_mode!r}; allowed: {', '.join(EVAL_MODES)}")
-        for name in ("eval_parallel", "eval_envs"):
-            if getattr(self, name) < 1:
+        for name in ("eval_parallel", "eval_envs", "random_episodes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
 
 
@@ -421,7 +424,7 @@ class Trainer:
                                        "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],
                                                                                    c.episodes, strict=True))}
             if cfg.random_baseline:
-                rand = self._episodes(None, 10_000, cfg.eval_episodes, False)
+                rand = self._episodes(None, 10_000, cfg.random_episodes or cfg.eval_episodes, False)
                 summary["random_return"] = {task: float(np.mean([r[0] for r in rows])) for task, rows in rand.items()}
             if cfg.keep_checkpoint:
                 self.save()  # the final state, e.g. to continue training with a larger budget

@@ -106,6 +106,24 @@ def test_reference_evaluation_keeps_the_first_episodes_to_finish_without_their_l
     assert [r[0] for r in both[1]] == [1, 2, 1, 2, 1] and [r[0] for r in both[0]] == [0] * 5
 
 
+def test_random_baseline_plays_random_episodes_and_records_them(tmp_path):
+    """train.random_episodes sets the random policy's episodes per task apart from the agent's evaluation
+    (None: eval_episodes); 0 is refused before any work."""
+    base = ["task=breakout", "train.warmup=20", "train.steps=30", "train.eval_episodes=2", "train.eval_max_steps=30",
+            "train.replay_capacity=200", *MICRO]
+    returns, meta = {}, {}
+    for n in (None, 2, 5):
+        out = tmp_path / str(n)
+        [(_, summary)] = execute(compose_config([*base, f"results_dir={out}", f"train.random_episodes={n or 'null'}"]))
+        returns[n] = summary["random_return"]["breakout"]
+        meta[n] = json.loads((run_dir(out, "minatar", "storm", "breakout", 0) / "metadata.json").read_text())
+    assert returns[None] == returns[2] and returns[5] != returns[2]  # episodes 3-5 join the first two
+    assert [meta[n]["evaluation"]["random_episodes"] for n in (None, 2, 5)] == [2, 2, 5]
+    with pytest.raises(ValueError, match=r"train.random_episodes=0; allowed: a positive integer"):
+        execute(compose_config([*base, f"results_dir={tmp_path / 'bad'}", "train.random_episodes=0"]))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_evaluation_mode_is_recorded_in_metadata_and_eval_csv(tmp_path):
     cfg = compose_config(["task=breakout", f"results_dir={tmp_path}", "train.warmup=20", "train.steps=30",
                           "train.eval_episodes=3", "train.eval_max_steps=15", "train.eval_mode=reference",
@@ -113,7 +131,8 @@ def test_evaluation_mode_is_recorded_in_metadata_and_eval_csv(tmp_path):
     [(_, summary)] = execute(cfg)
     folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
     meta = json.loads((folder / "metadata.json").read_text())
-    assert meta["evaluation"] == {"mode": "reference", "episodes": 3, "greedy": False, "parallel_envs": 2}
+    assert meta["evaluation"] == {"mode": "reference", "episodes": 3, "greedy": False, "parallel_envs": 2,
+                                  "random_episodes": 3}
     rows = list(csv.DictReader((folder / "eval.csv").open()))
     assert len(rows) == 3 and {r["mode"] for r in rows} == {"reference"}
     assert all(int(r["length"]) <= 15 for r in rows)
