@@ -76,29 +76,31 @@ def test_tiny_scalezero_beats_random_on_minatar_breakout(seed, tmp_path):
     assert agent >= 2.0 * random and agent - random >= 0.4, (agent, random)
 
 
-# The TD-MPC2 family on reach-v3 and button-press-topdown-v3 from 16x16 pixels (the tiny presets, fast frames
-# without anti-aliasing, one thread per xdist worker; every env of a run shares each task's goal variations).
-# The statistic is the random-normalised score, the mean over the two tasks of agent return / random policy's
-# return (5 evaluation episodes each): the raw sum let reach-v3, whose return runs 3x button-press's and whose
-# goal is invisible in the frames (episode returns 55-1045 under one policy), decide alone. Measured (runs are
-# deterministic per seed and machine; score, then summed returns agent / random):
-#   tdmpc2, 400 steps per task at action repeat 4 and 50-step episodes (the same 200 simulator steps an
-#     episode with half the decisions, renders and updates; ~2 CPU minutes a run): seed 0 2.06 (reach 702.3 vs
-#     205.5, button 55.8 vs 79.0), seed 1 1.67 (reach 197.3 vs 228.5, button 278.8 vs 112.7); with 10
-#     evaluation episodes 2.44 and 1.69. At the default protocol (action repeat 2), 800 steps: 1.69 and 2.68.
-#   newt, 1200 steps at the default protocol (~5.5 CPU minutes): seed 0 1.69 (reach 176.0 vs 254.6, button
-#     203.9 vs 76.1), seed 1 1.74 (reach 370.4 vs 273.5, button 151.7 vs 71.1). With anti-aliased frames 2.31
-#     and 1.40; at action repeat 4 and 1000 steps 2.18 and 0.69 (seed 1 learned neither task).
-#   pwm, 800 steps at the default protocol (~3 CPU minutes), 5 imagined steps (tiny preset): seed 0 1.74 (reach
-#     595.0 vs 254.6, button 86.2 vs 76.1), seed 1 1.75 (reach 511.5 vs 273.5, button 116.1 vs 71.1). With the
-#     paper's 16 imagined steps 0.92 and 1.81: its imagined return rose while real returns fell (model
-#     exploitation); at action repeat 4 and 400 steps 1.10 at seed 1 (1.95 with 5 steps, 1.30 at seed 0).
-# These were measured on a CPU with AVX-512. On one with AVX2 only (other rounding, other runs): tdmpc2 2.34 and 2.47,
-# newt 1.53 and 1.66, pwm 1.42 and 1.05 -- pwm's seed 1 FAILS there (reach-v3 0.37x random; at 1200 steps 0.93 and
-# 1.64), an open problem (README, "Learning at CPU budgets").
-FAMILY_ENV = ["env.fast_render=true", "env.multisample=false", "train.eval_episodes=5", "train.checkpoint_every=0",
-              "train.progress=false", "train.tensorboard=false"]
-FAMILY = {"tdmpc2": (["train.steps=400", "env.action_repeat=4", "env.episode_length=50", "train.warmup=100"], 150),
+# The TD-MPC2 family on window-close-v3 and button-press-topdown-v3 from 16x16 pixels (the tiny presets, fast frames
+# without anti-aliasing, one thread per xdist worker; every env of a run shares each task's goal variations), all
+# three at the default protocol (action repeat 2, 100-step episodes). The statistic is the random-normalised score,
+# the mean over the two tasks of the agent's mean return over 5 evaluation episodes divided by a random policy's
+# over 20 (train.random_episodes: a random episode costs no agent and no renderer, ~0.3 s, and 5 of them left the
+# denominator ~10% off its 20-episode mean), so that neither task's scale decides alone. Both tasks show what
+# they ask for in the frames (the window, the button); the pair used before, reach-v3 + button-press, did not:
+# reach-v3's goal is invisible, its returns swing 55-1045 under one policy, and an agent that parks the arm far
+# from the goals scores below random there -- pwm's seed 1 scored 1.05 on an AVX2-only CPU (reach 0.37x random),
+# and its reach ratio at seeds 1-3 was 0.37, 0.94 and 6.05. Measured on an AVX2-only CPU (runs are deterministic
+# per seed and CPU; score, then the ratios window / button):
+#   tdmpc2, 800 steps per task (~2.7 CPU minutes a run): seed 0 1.56 (1.44 / 1.67), seed 1 1.48 (1.47 / 1.49).
+#     At action repeat 4 and 400 steps (its budget on reach-v3) seed 1 fell to 1.13 (button 0.93).
+#   newt, 1200 steps (~4.5 CPU minutes): seed 0 1.78 (1.41 / 2.15), seed 1 1.76 (1.27 / 2.25). At 900 steps
+#     seed 1 gave 1.59 with window 0.88, so the budget stays.
+#   pwm, 800 steps, 5 imagined steps (tiny preset; ~2.3 CPU minutes): seed 0 1.34 (1.41 / 1.27), seed 1 1.50
+#     (1.54 / 1.46) -- the thinnest margin, and pwm's is a lottery at this budget: its variants scored 0.97
+#     (2 updates a step, seed 0), 1.15 (1000 steps, seed 3), 0.94 and 1.27 (128 imagination starts, seeds 0 and 1)
+#     and 1.63 and 1.40 (256 starts, seeds 0 and 3, twice the time); seeds 2 and 3 of the test's settings 1.58 and
+#     1.37 (with 5 random episodes). An open problem (README, "Learning at CPU budgets").
+# At these budgets (8 to 12 episodes a task) the agents improve on random without solving the tasks (one successful
+# evaluation episode in all these runs).
+FAMILY_ENV = ["env.fast_render=true", "env.multisample=false", "train.eval_episodes=5", "train.random_episodes=20",
+              "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false"]
+FAMILY = {"tdmpc2": (["train.steps=800", "train.warmup=200"], 240),
           "newt": (["train.steps=1200", "train.warmup=200"], 380),
           "pwm": (["train.steps=800", "train.warmup=200"], 230)}
 
@@ -106,9 +108,9 @@ FAMILY = {"tdmpc2": (["train.steps=400", "env.action_repeat=4", "env.episode_len
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("agent", [pytest.param(a, marks=pytest.mark.slow(seconds=s)) for a, (_, s) in FAMILY.items()])
 def test_tdmpc_family_beats_random_on_two_metaworld_tasks_from_pixels(agent, seed, tmp_path):
-    """reach-v3 and button-press-topdown-v3 in one multi-task run: the random-normalised score (mean over the
+    """window-close-v3 and button-press-topdown-v3 in one multi-task run: the random-normalised score (mean over the
     tasks of the agent's mean evaluation return over the random policy's) is at least 1.3."""
-    tasks = ["reach-v3", "button-press-topdown-v3"]
+    tasks = ["window-close-v3", "button-press-topdown-v3"]
     cfg = compose_config([f"agent={agent}", "env=metaworld", f"task=[{','.join(tasks)}]", f"seed={seed}",
                           f"results_dir={tmp_path}", *FAMILY_ENV, *FAMILY[agent][0]])
     assert cfg["env"]["image_size"] == 16 and cfg["agent"]["model_size"] == "custom"  # the tiny preset
