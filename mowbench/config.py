@@ -135,6 +135,8 @@ def plan(cfg: dict[str, Any]) -> Plan:
             train_values[key] = proto[key]
     if train_values.get("eval_envs") is None:
         train_values["eval_envs"] = mod.EVAL_ENVS
+    if train_values.get("random_episodes") is None:
+        train_values["random_episodes"] = train_values["eval_episodes"]
     unknown = sorted(set(train_values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(f"unknown train option(s) {unknown}; allowed: "

@@ -154,8 +154,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
                      "evaluation": {"mode": p.train.eval_mode, "episodes": p.train.eval_episodes,
                                     "greedy": p.train.eval_greedy, "parallel_envs": p.train.eval_parallel
                                     if p.train.eval_mode == "reference" else 1,
-                                    "random_episodes": (p.train.random_episodes or p.train.eval_episodes)
-                                    if p.train.random_baseline else 0}})
+                                    "random_episodes": p.train.random_episodes if p.train.random_baseline else 0}})
         R.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
         trainer = Trainer(agent, envs, make_eval_env, p.train, folder, p.device, seed)
         # a failed session leaves the CSVs as of its last checkpoint; finished and preempted ones flush first

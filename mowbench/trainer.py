@@ -65,8 +65,9 @@ class TrainConfig:
     eval_envs: int | None = None
     eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
     random_baseline: bool = True  # also evaluate a uniformly random policy at the end
-    # its episodes per task (None: eval_episodes). A random policy's return varies widely between episodes and its
-    # episodes cost no agent (and no renderer on Meta-World), so a ratio to it is steadier with more of them
+    # its episodes per task (None: eval_episodes, filled by config.plan). A random policy's return varies widely
+    # between episodes and its episodes cost no agent (and no renderer on Meta-World), so a ratio to it is steadier
+    # with more of them
     random_episodes: int | None = None
     checkpoint_every: int = 10_000  # steps between checkpoints (0: none until the end)
     stop_at: int = 0  # leave after checkpointing at this step (simulates preemption; 0: off)
@@ -76,7 +77,7 @@ class TrainConfig:
     keep_checkpoint: bool = False  # keep the full resume checkpoint (with replay) after finishing
 
     def check(self) -> None:
-        """After the protocol filled eval_episodes, eval_greedy and eval_mode (config.plan)."""
+        """After the protocol filled eval_episodes, eval_greedy, eval_mode and random_episodes (config.plan)."""
         for name in ("steps", "replay_capacity", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
@@ -424,7 +425,7 @@ class Trainer:
                                        "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],
                                                                                    c.episodes, strict=True))}
             if cfg.random_baseline:
-                rand = self._episodes(None, 10_000, cfg.random_episodes or cfg.eval_episodes, False)
+                rand = self._episodes(None, 10_000, cfg.random_episodes, False)
                 summary["random_return"] = {task: float(np.mean([r[0] for r in rows])) for task, rows in rand.items()}
             if cfg.keep_checkpoint:
                 self.save()  # the final state, e.g. to continue training with a larger budget
