@@ -179,27 +179,36 @@ def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[s
         return env
 
     episodes = int(opts["eval_episodes"])
-    t = time.perf_counter()
-    rows = evaluate(agent, make, len(tasks), episodes, False, int(opts["eval_steps"]), 0, train.eval_envs)
-    seconds = time.perf_counter() - t
-    steps = sum(length for per_task in rows for _, length, _ in per_task)
-    # the envs' making is timed where it happens (timing one env up front and subtracting it x episodes
-    # over-subtracted when the first env, loading the emulator, was the slowest)
-    return {"eval_env_steps_per_s": steps / max(seconds - sum(made), 1e-9),
-            "s_per_eval_env": sum(made) / len(made), "eval_episodes_timed": episodes * len(tasks)}
+    out: dict[str, float] = {"eval_episodes_timed": episodes * len(tasks)}
+    # the agent's episodes, then the random baseline's (no agent; a Meta-World env then renders no frames)
+    for policy, name in ((agent, "eval"), (None, "random")):
+        made.clear()
+        t = time.perf_counter()
+        rows = evaluate(policy, make, len(tasks), episodes, False, int(opts["eval_steps"]), 0, train.eval_envs)
+        seconds = time.perf_counter() - t
+        steps = sum(length for per_task in rows for _, length, _ in per_task)
+        # the envs' making is timed where it happens (timing one env up front and subtracting it x episodes
+        # over-subtracted when the first env, loading the emulator, was the slowest)
+        out[f"{name}_env_steps_per_s"] = steps / max(seconds - sum(made), 1e-9)
+        out[f"s_per_{name}_env"] = sum(made) / len(made)
+    return out
 
 
 def projection(figures: dict[str, Any], train: Any, n_tasks: int, eval_episode_steps: int) -> dict[str, float]:
     """Hours of the preset's full run on this device: acting (train.steps rounds of every task's env; warm-up
-    acting counted as the agent's, an upper bound), updates (after warm-up, train.updates_per_step per step)
-    and evaluations (periodic and final episodes of every task, eval_episode_steps agent steps each, plus a new
-    env per episode)."""
+    acting counted as the agent's, an upper bound), updates (after warm-up, train.updates_per_step per step),
+    evaluations (periodic and final episodes of every task, eval_episode_steps agent steps each, plus a new
+    env per episode) and the random baseline's episodes at the end (train.random_episodes per task, as long as
+    the agent's, when train.random_baseline)."""
     acting = train.steps * n_tasks / figures["acting_env_steps_per_s"]
     updates = (train.steps - train.warmup) * train.updates_per_step * figures["s_per_train_step"]
     periodic = (train.steps - 1) // train.eval_every if train.eval_every else 0
     episodes = n_tasks * (train.eval_episodes + periodic * train.periodic_eval_episodes)
     evaluation = episodes * (eval_episode_steps / figures["eval_env_steps_per_s"] + figures["s_per_eval_env"])
-    hours = {"acting": acting / 3600, "updates": updates / 3600, "evaluation": evaluation / 3600}
+    random_episodes = n_tasks * train.random_episodes if train.random_baseline else 0
+    random = random_episodes * (eval_episode_steps / figures["random_env_steps_per_s"] + figures["s_per_random_env"])
+    hours = {"acting": acting / 3600, "updates": updates / 3600, "evaluation": evaluation / 3600,
+             "random_baseline": random / 3600}
     return hours | {"total": sum(hours.values()), "eval_episode_steps_assumed": eval_episode_steps,
                     "eval_episodes_per_s": episodes / max(evaluation, 1e-9)}
 

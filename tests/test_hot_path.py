@@ -139,12 +139,15 @@ def test_projected_hours_by_hand():
     from mowbench.trainer import TrainConfig
 
     train = TrainConfig(steps=1000, warmup=100, updates_per_step=1.0, eval_every=500, eval_episodes=10,
-                        periodic_eval_episodes=5)
+                        periodic_eval_episodes=5, random_episodes=20)
     figures = {"acting_env_steps_per_s": 100.0, "s_per_train_step": 0.5, "eval_env_steps_per_s": 100.0,
-               "s_per_eval_env": 0.5}
+               "s_per_eval_env": 0.5, "random_env_steps_per_s": 1000.0, "s_per_random_env": 0.2}
     out = projection(figures, train, n_tasks=2, eval_episode_steps=50)
     # acting 2 x 1000 / 100 = 20 s; updates 900 x 0.5 = 450 s; evaluations 2 x (10 + 5 at step 500) = 30
-    # episodes of 50 / 100 + 0.5 = 1 s each
+    # episodes of 50 / 100 + 0.5 = 1 s each; random baseline 2 x 20 = 40 episodes of 50 / 1000 + 0.2 = 0.25 s
     assert out["acting"] * 3600 == pytest.approx(20) and out["updates"] * 3600 == pytest.approx(450)
-    assert out["evaluation"] * 3600 == pytest.approx(30) and out["total"] * 3600 == pytest.approx(500)
+    assert out["evaluation"] * 3600 == pytest.approx(30) and out["random_baseline"] * 3600 == pytest.approx(10)
+    assert out["total"] * 3600 == pytest.approx(510)
+    train.random_baseline = False
+    assert projection(figures, train, n_tasks=2, eval_episode_steps=50)["total"] * 3600 == pytest.approx(500)
     assert out["eval_episodes_per_s"] == pytest.approx(1.0)

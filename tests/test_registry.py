@@ -66,6 +66,8 @@ def test_every_agent_composes_at_every_preset_updates_once_and_benches(name):
     # evaluation speed net of making envs (a GPU bench once printed 1e12 here: the env-making time it subtracted
     # was larger than the evaluation's); no CPU evaluates a million env steps a second
     assert 0 < figures["eval_env_steps_per_s"] < 1e6 and figures["s_per_eval_env"] > 0
+    assert 0 < figures["random_env_steps_per_s"] < 1e7 and figures["s_per_random_env"] > 0
+    assert figures["projected_hours"]["random_baseline"] > 0
 
 
 @pytest.mark.parametrize(("override", "message"), [
