@@ -116,6 +116,37 @@ def test_mppi_finds_the_best_first_action_of_a_known_value():
     assert context.carry[0, 0] == pytest.approx(0.3, abs=0.05)
 
 
+def test_q_dropout_acts_inside_updates_only_as_upstream():
+    """Upstream TD-MPC2 keeps its model in eval mode except inside `_update`, and its target Qs always in eval mode:
+    Q dropout acts on the predicted Qs and the policy's Q, never while planning or in TD targets. With a large
+    dropout, planning twice from the same stream seeds gives the same action, the global RNG untouched."""
+    cfg = compose_config(["agent=tdmpc2", "env=metaworld", "preset=micro", "agent.q_dropout=0.5"])
+    agent = make_agent("tdmpc2", dict(cfg["agent"]), mw_tasks(["reach-v3"], 16), CPU, "fp32")
+    wm = agent.wm
+    seen = {"qs": [], "target_qs": []}
+    wm.qs.register_forward_hook(lambda m, i, o: seen["qs"].append(m.training))
+    wm.target_qs.register_forward_hook(lambda m, i, o: seen["target_qs"].append(m.training))
+    assert not wm.training
+    obs = [np.full((16, 16, 3), 100, np.uint8)]
+    rng = torch.get_rng_state()
+    first = agent.act_batch([agent.new_context(0, seed=5)], obs, greedy=True)
+    again = agent.act_batch([agent.new_context(0, seed=5)], obs, greedy=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # no dropout mask was drawn while planning
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    assert seen["qs"] and not any(seen["qs"])
+    seen["qs"].clear()
+    infos = mw_tasks(["reach-v3"], 16)
+    replay = Replay(64, infos, CPU, seed=0, fields=agent.replay_fields())
+    for t in range(20):
+        replay.add(0, obs[0], np.zeros(infos[0].action.n, np.float32), 0.5, False, first=float(t == 0))
+    agent.train_step(replay.sample)
+    assert seen["qs"] and all(seen["qs"])  # the predicted Qs and the policy's Q: dropout on
+    assert seen["target_qs"] and not any(seen["target_qs"])  # TD targets: off
+    assert not wm.training and not wm.target_qs.training  # back to eval mode for planning
+    wm.train()
+    assert not wm.target_qs.training
+
+
 def test_frame_stacks_repeat_an_episodes_first_frame():
     obs = torch.arange(6).view(1, 6, 1, 1, 1).expand(1, 6, 1, 1, 3).to(torch.uint8)  # frame t is filled with t
     first = torch.tensor([[0.0, 0, 1, 0, 0, 0]])  # an episode starts at step 2

@@ -127,6 +127,13 @@ class TDMPCWorldModel(nn.Module):
         mask = torch.ones(n_tasks, action_dim, dtype=torch.bool) if action_mask is None else action_mask.bool()
         self.register_buffer("action_mask", mask)  # (K, A): a task's real action dims
 
+    def train(self, mode: bool = True) -> TDMPCWorldModel:
+        """As upstream: the target Qs stay in eval mode (no Q dropout in TD targets) whatever the model's mode."""
+        super().train(mode)
+        if self.target_qs is not None:
+            self.target_qs.train(False)
+        return self
+
     def with_task(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """x (..., D) with e_k appended -> (..., D + E); task (B,) for x (B, ...)."""
         if self.task_embedding is None:
