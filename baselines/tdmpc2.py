@@ -13,8 +13,8 @@ Deviations from upstream, each for a reason:
   evaluation (the chosen elite's first action, no exploration noise); the MT50 protocol's sampled evaluation
   adds the plan's std as noise, as TD-MPC2 does while training.
 - Modes as upstream: the model is in eval mode while planning and train mode only inside an update, and the
-  target Qs are always in eval mode, so Q dropout acts on the predicted Qs and the policy's Q only (until stop 31
-  dropout also acted while planning and in the TD targets).
+  target Qs are always in eval mode, so Q dropout acts on the predicted Qs and the policy's Q only (an earlier
+  version also dropped out while planning and in the TD targets).
 - `paper` = 5M: TD-MPC2's default size and the size of its single-task Meta-World runs; its 48M-317M multi-task
   models were trained offline on 545M transitions, far beyond an online 300k-steps-per-task budget.
 """
