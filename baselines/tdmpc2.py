@@ -12,9 +12,9 @@ Deviations from upstream, each for a reason:
 - Evaluation follows the suite protocol like every agent: `greedy` (train.eval_greedy=true) is upstream's
   evaluation (the chosen elite's first action, no exploration noise); the MT50 protocol's sampled evaluation
   adds the plan's std as noise, as TD-MPC2 does while training.
-- Modes as upstream: the model is in eval mode while planning and train mode only inside an update, and the
-  target Qs are always in eval mode, so Q dropout acts on the predicted Qs and the policy's Q only (an earlier
-  version also dropped out while planning and in the TD targets).
+- Modes as upstream: the model is in eval mode while planning and train mode only inside an update
+  (LatentAgent.step), and the target Qs are always in eval mode (TDMPCWorldModel.train), so Q dropout acts on the
+  predicted Qs and the policy's Q only (an earlier version also dropped out in the TD targets).
 - `paper` = 5M: TD-MPC2's default size and the size of its single-task Meta-World runs; its 48M-317M multi-task
   models were trained offline on 545M transitions, far beyond an online 300k-steps-per-task budget.
 """
@@ -100,7 +100,6 @@ class TDMPC2Agent(LatentAgent):
     def __init__(self, cfg: TDMPC2Config, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
         super().__init__(cfg, tasks, device, precision)
         wm = self.wm
-        wm.eval()  # as upstream: eval mode (no Q dropout) except inside an update (train_step)
         self.discount = torch.tensor([self.task_discount(t) for t in tasks], device=device)  # (K,)
         self.wm_params = [p for n, p in wm.named_parameters() if not n.startswith(("policy.", "target_qs."))]
         self.optim = torch.optim.Adam(self.world_model_groups(self.wm_params), lr=cfg.lr)
@@ -119,15 +118,6 @@ class TDMPC2Agent(LatentAgent):
 
     # ---- learning ----
     def train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
-        """One update in train mode (Q dropout on the predicted Qs and in the policy's Q, as upstream's `_update`);
-        the model goes back to eval mode for planning (upstream plans and takes TD targets without dropout)."""
-        self.wm.train()
-        try:
-            return self._train_step(sample)
-        finally:
-            self.wm.eval()
-
-    def _train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
         cfg, wm = self.cfg, self.wm
         u = self.unroll(sample(self.batch_size(), cfg.batch_length))
         b, h, a = u.action.shape

@@ -88,7 +88,7 @@ def test_tiny_scalezero_beats_random_on_minatar_breakout(seed, tmp_path):
 # and its reach ratio at seeds 1-3 was 0.37, 0.94 and 6.05. Measured on an AVX2-only CPU (runs are deterministic
 # per seed and CPU; score, then the ratios window / button):
 #   tdmpc2, 800 steps per task (~2.9 CPU minutes a run): seed 0 2.38 (0.67 / 4.10), seed 1 1.43 (1.38 / 1.47),
-#     with upstream's modes (Q dropout only inside an update); with dropout also while planning, 1.55 and 1.48.
+#     with upstream's modes (Q dropout only inside an update); with dropout also in the TD targets, 1.55 and 1.48.
 #     At action repeat 4 and 400 steps (its budget on reach-v3) seed 1 fell to 1.13 (button 0.93).
 #   newt, 1200 steps (~4.5 CPU minutes): seed 0 1.78 (1.41 / 2.15), seed 1 1.76 (1.27 / 2.25). At 900 steps
 #     seed 1 gave 1.59 with window 0.88, so the budget stays.

@@ -139,7 +139,7 @@ def test_q_dropout_acts_inside_updates_only_as_upstream():
     replay = Replay(64, infos, CPU, seed=0, fields=agent.replay_fields())
     for t in range(20):
         replay.add(0, obs[0], np.zeros(infos[0].action.n, np.float32), 0.5, False, first=float(t == 0))
-    agent.train_step(replay.sample)
+    agent.update(replay.sample)
     assert seen["qs"] and all(seen["qs"])  # the predicted Qs and the policy's Q: dropout on
     assert seen["target_qs"] and not any(seen["target_qs"])  # TD targets: off
     assert not wm.training and not wm.target_qs.training  # back to eval mode for planning

@@ -145,6 +145,7 @@ class LatentAgent(Agent):
             mask[k, :t.action.n] = True
         self.action_mask = mask.to(device)
         self.wm = self.build_world_model(tasks, mask).to(device)
+        self.set_train(False)  # eval mode except inside an update (step), as upstream TD-MPC2
         self.rho = rho_weights(cfg.horizon, cfg.rho, cfg.rho_normalise).to(device)  # (H,)
         self.updates = 0
 
@@ -209,7 +210,6 @@ class LatentAgent(Agent):
                   ) -> list[np.ndarray]:
         """Encode every stream's frame stack in one pass, let the method choose, and cut each action to its
         task's action dims."""
-        self.set_train(False)
         x, task = self.stacks(contexts, obs)
         with self.autocast():
             z = self.wm.encode(x, task).float()  # (B, L)
@@ -279,12 +279,20 @@ class LatentAgent(Agent):
                 {"params": [p for p in params if id(p) not in encoder], "lr": self.cfg.lr}]
 
     def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
-        self.set_train(True)
         n = self.cfg.seed_updates if self.updates == 0 and self.cfg.seed_updates else 1
         for _ in range(n):  # TD-MPC2: as many updates as seeding steps when seeding ends, then one per call
-            metrics = self.train_step(sample)
+            metrics = self.step(sample)
             self.updates += 1
         return metrics
+
+    def step(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        """One train_step in train mode (TD-MPC2's Q dropout acts there only, as in upstream's `_update`), then
+        eval mode again for acting and planning."""
+        self.set_train(True)
+        try:
+            return self.train_step(sample)
+        finally:
+            self.set_train(False)
 
     def set_train(self, mode: bool) -> None:
         self.wm.train(mode)
@@ -294,7 +302,7 @@ class LatentAgent(Agent):
                 "sequence_length": self.cfg.batch_length}
 
     def bench_phases(self, sample: Callable[[int, int], Batch]) -> dict[str, Callable[[], Any]]:
-        return {"update": lambda: self.train_step(sample)}
+        return {"update": lambda: self.step(sample)}
 
     def parameter_counts(self) -> dict[str, int]:
         wm = self.wm
