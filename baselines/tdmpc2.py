@@ -234,7 +234,7 @@ class TDMPC2Agent(LatentAgent):
                 zt = wm.next(zt, actions[:, :, t], task)
                 disc = disc * gamma
             a_h = wm.pi(zt, task, eps)[0]
-            q = pair_values(wm.value(wm.Q(zt, a_h, task)), pair, "avg")  # (B, N)
+            q = wm.value(wm.Q(zt, a_h, task, heads=pair)).mean(0)  # (B, N): the mean of each stream's two heads
         return total + disc * q
 
     # ---- state ----

@@ -189,6 +189,29 @@ def test_stacked_q_heads_equal_separate_mlps_by_hand():
     heads.train()
     assert not torch.equal(heads(x.expand(3, 7, 6)), out)  # dropout on in training
 
+def test_planning_pays_for_the_two_q_heads_it_averages():
+    """Q(..., heads=(B, 2)) gives each row's two heads of the full ensemble's output (the planner's value, at 2/5
+    of the ensemble's cost), for rows of both tasks, in the (k, B, ...) layout of the full call."""
+    from mowbench.models.tdmpc import TDMPCWorldModel
+
+    torch.manual_seed(0)
+    wm = TDMPCWorldModel(16, 3, 4, 2, latent_dim=16, mlp_dim=32, task_dim=8, channels=8, kernels=(3, 3),
+                         strides=(2, 1)).eval()
+    with torch.no_grad():
+        for p in wm.qs.parameters():
+            p.normal_(0, 0.3)  # the last layer starts at zero: give every head its own output
+    b, n = 3, 8
+    z, a, task = torch.randn(b, n, 16), torch.rand(b, n, 4) * 2 - 1, torch.tensor([0, 1, 1])
+    heads = torch.tensor([[4, 0], [1, 2], [3, 1]])
+    with torch.no_grad():
+        full = wm.Q(z, a, task)  # (5, B, N, bins)
+        two = wm.Q(z, a, task, heads=heads)  # (2, B, N, bins)
+    assert two.shape == (2, b, n, 101)
+    for i in range(b):
+        for j in range(2):
+            torch.testing.assert_close(two[j, i], full[heads[i, j], i])  # bitwise on our CPUs from 4 samples a row
+    assert not torch.allclose(two[0, 0], two[1, 0])  # the heads differ, so a wrong index would show
+
 
 # ---- sizes ----
 

@@ -167,12 +167,21 @@ class TDMPCWorldModel(nn.Module):
         action, log_prob = squashed_gaussian(mu, log_std, eps.float(), mask)
         return action, log_prob, torch.tanh(mu) * mask, log_std * mask
 
-    def Q(self, z: torch.Tensor, a: torch.Tensor, task: torch.Tensor, target: bool = False) -> torch.Tensor:  # noqa: N802
-        """Every Q head's logits: z (B, ..., L), a (B, ..., A) -> (n_q, B, ..., bins)."""
+    def Q(self, z: torch.Tensor, a: torch.Tensor, task: torch.Tensor, target: bool = False,  # noqa: N802
+          heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Every Q head's logits: z (B, ..., L), a (B, ..., A) -> (n_q, B, ..., bins). With heads (B, k), each
+        row's k heads only -> (k, B, ..., bins): planning averages two heads of five, so it pays for two (a test
+        checks the values equal those heads of the full ensemble's; with dropout active the masks would differ)."""
         x = self.with_task(torch.cat([z, a.to(z.dtype)], -1), task)  # (B, ..., D)
-        flat = x.reshape(1, -1, x.shape[-1]).expand(self.n_q, -1, -1)  # (n_q, M, D): one input for every head
-        out = (self.target_qs if target else self.qs)(flat)  # (n_q, M, bins)
-        return out.view(self.n_q, *x.shape[:-1], out.shape[-1])
+        mlp = self.target_qs if target else self.qs
+        if heads is None:
+            flat = x.reshape(1, -1, x.shape[-1]).expand(self.n_q, -1, -1)  # (n_q, M, D): one input for every head
+            out = mlp(flat)  # (n_q, M, bins)
+            return out.view(self.n_q, *x.shape[:-1], out.shape[-1])
+        b, k = heads.shape
+        rows = x.reshape(b, 1, -1, x.shape[-1]).expand(b, k, -1, -1).reshape(b * k, -1, x.shape[-1])  # (B*k, M/B, D)
+        out = mlp(rows, heads.reshape(-1))  # (B*k, M/B, bins): row r's input through head heads[r // k, r % k]
+        return out.view(b, k, *x.shape[1:-1], out.shape[-1]).transpose(0, 1)  # (k, B, ..., bins)
 
     def value(self, logits: torch.Tensor) -> torch.Tensor:
         """Two-hot logits (..., bins) -> real-valued scalars (...,) (symexp of the expected symlog bin)."""
@@ -186,13 +195,8 @@ class TDMPCWorldModel(nn.Module):
 
 
 def pair_values(values: torch.Tensor, pair: torch.Tensor, kind: str) -> torch.Tensor:
-    """Min or mean over two chosen Q heads: values (n_q, B, ...), pair (B, 2) head indices per row (or (2,) for
-    all rows) -> (B, ...)."""
-    if pair.dim() == 1:
-        two = values[pair]  # (2, B, ...)
-    else:
-        index = pair.t().reshape(2, pair.shape[0], *([1] * (values.dim() - 2))).expand(2, *values.shape[1:])
-        two = values.gather(0, index)  # (2, B, ...)
+    """Min or mean over two chosen Q heads: values (n_q, B, ...), pair (2,) head indices -> (B, ...)."""
+    two = values[pair]  # (2, B, ...)
     return two.min(0).values if kind == "min" else two.mean(0)
 
 
