@@ -295,6 +295,47 @@ def test_metaworld_without_observing_renders_nothing_and_changes_nothing_else():
         assert (a.reward, a.success, a.truncated) == (b.reward, b.success, b.truncated)
 
 
+def test_metaworld_env_built_from_the_parsed_model_equals_metaworlds_own():
+    """Our env class copies a model parsed once per process instead of parsing the XML in every constructor:
+    the second env of a task is a model of its own, and it steps and renders exactly as Meta-World's class."""
+    import mujoco
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    from mowbench.envs.metaworld import env_class, goal_variations
+
+    first, ours, theirs = env_class("window-close-v3")(), env_class("window-close-v3")(), \
+        ALL_V3_ENVIRONMENTS["window-close-v3"]()
+    assert isinstance(ours, ALL_V3_ENVIRONMENTS["window-close-v3"]) and ours.task_name == theirs.task_name
+    assert ours.model is not first.model
+    ours.model.cam_pos[0] += 1.0  # an env's edits stay its own (MetaWorldEnv moves its camera)
+    assert not np.array_equal(first.model.cam_pos, ours.model.cam_pos)
+    ours.model.cam_pos[0] -= 1.0
+    for attr in ("nq", "nbody", "ngeom", "nmesh"):
+        assert getattr(ours.model, attr) == getattr(theirs.model, attr)
+    for attr in ("body_pos", "geom_size", "mesh_vert", "cam_pos", "actuator_ctrlrange"):
+        np.testing.assert_array_equal(getattr(ours.model, attr), getattr(theirs.model, attr))
+    assert (ours.model.vis.global_.offwidth, ours.model.vis.global_.offheight) == \
+        (theirs.model.vis.global_.offwidth, theirs.model.vis.global_.offheight)
+    task = goal_variations("window-close-v3", 0)[3]
+    traces, frames = [], []
+    for env in (ours, theirs):
+        env.set_task(task)
+        obs, _ = env.reset(seed=5)
+        rng, trace = np.random.default_rng(0), [obs]
+        for _ in range(5):
+            obs, reward, _, _, info = env.step(rng.uniform(-1, 1, 4).astype(np.float32))
+            trace += [obs, reward, info["success"]]
+        traces.append(trace)
+        with mujoco.Renderer(env.model, 16, 16) as renderer:
+            renderer.update_scene(env.data, camera="corner2")
+            frames.append(renderer.render())
+    for a, b in zip(*traces, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(traces[0][0], traces[0][-3])  # the arm moved
+    np.testing.assert_array_equal(frames[0], frames[1])
+    assert frames[0].any()
+
+
 def test_metaworld_envs_of_a_run_share_each_tasks_goal_set():
     """Training and evaluation envs of one run draw goals from the same 50 variations (MT1 at the run's seed,
     as Meta-World's MT benchmarks), each env in its own order; another run seed gives another set."""
