@@ -103,6 +103,8 @@ class ScaleZeroConfig:
     dirichlet_alpha: float = 0.3  # root noise concentration
     noise_weight: float = 0.25  # root noise mix
     temperature: float = 0.25  # visit-count temperature of sampled actions
+    # the smallest span of a tree's Q values that min-max normalisation divides by (LightZero's value_delta_max)
+    min_span: float = 0.01
     bench_search_batches: tuple[int, ...] = (1, 26, 256)  # trees per search timed by mowbench.bench
 
     def check(self) -> None:
@@ -112,7 +114,7 @@ class ScaleZeroConfig:
                               "dirichlet_alpha"))
         check_non_negative(self, ("dropout", "latent_coef", "reward_coef", "policy_coef", "value_coef",
                                   "entropy_coef", "recon_coef", "reward_clip", "weight_decay", "res_blocks",
-                                  "context_steps", "temperature"))
+                                  "context_steps", "temperature", "min_span"))
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}; allowed: {', '.join(ROUTERS)}")
         if self.latent_dim % self.heads:
@@ -329,7 +331,7 @@ class ScaleZeroAgent(Agent):
         ties = torch.stack([torch.rand((n, a), generator=c.rng) if c.rng is not None else torch.rand((n, a))
                             for c in contexts]).to(self.device)  # each stream's own tie-breaking order per node
         return search(logits[:, 0], legal, expand, simulations, cfg.gamma, dirichlet, cfg.noise_weight, cfg.c1, cfg.c2,
-                      ties)
+                      ties, cfg.min_span)
 
     @torch.no_grad()
     def act_batch(self, contexts: list[ZeroContext], obs: list[np.ndarray], greedy: bool = False) -> list[int]:

@@ -71,6 +71,18 @@ def test_values_steer_visits_with_min_max_normalisation():
     assert search(logits, legal, constant_model([1.0, 0.0]), 15, 1.0).visits.tolist() == [[13.0, 2.0]]
 
 
+def test_min_span_keeps_small_value_differences_from_deciding_the_search():
+    """Values 0.02 below a0 and 0 below a1, as above otherwise. At min_span 0.01 the span 0.02 normalises a0 to
+    1: the visits of values 1 and 0, 11 and 1. At min_span 0.1 (the tiny preset's) a0 normalises to 0.2 and the
+    exploration term keeps a1 in play: with x = 0.625 sqrt(N) (c = 1.25, equal priors), a0 scores 0.2 + x / (1 + n0),
+    a1 x / (1 + n1); a1 wins at N = 4, 7 and 10 (0.617 < 0.625, 0.531 < 0.551, 0.482 < 0.494): 8 and 4."""
+    logits = torch.zeros(1, 2)
+    legal = torch.ones(1, 2, dtype=torch.bool)
+    assert search(logits, legal, constant_model([0.02, 0.0]), 12, 1.0).visits.tolist() == [[11.0, 1.0]]
+    out = search(logits, legal, constant_model([0.02, 0.0]), 12, 1.0, min_span=0.1)
+    assert out.visits.tolist() == [[8.0, 4.0]]
+
+
 def test_unvisited_edges_take_their_nodes_mean_q():
     """LightZero's convention: at the root the mean of the visited edges' Q; below it the parent's mean counts as
     one more edge."""

@@ -70,7 +70,8 @@ def min_max_normalise(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, mi
     """(q - low) / max(high - low, min_span) per tree where high > low, else q. q (B, A), low and high (B,) ->
     (B, A). min_span (LightZero's value_delta_max, 0.01): without it a span of 1e-3 between the near-zero values
     of a fresh model stretches to [0, 1] and outweighs the priors; the tiny agent's first searches then sent 6 of
-    8 simulations to one action on noise, and its policy collapsed onto it."""
+    8 simulations to one action on noise, and its policy collapsed onto it. At 0.01 the same happens a few
+    updates later at the tiny preset's lr (1e-3), which is why that preset divides by at least 0.1."""
     span = (high - low)[:, None]
     return torch.where(span > 0, (q - low[:, None]) / span.clamp(min=min_span), q)
 
@@ -92,14 +93,15 @@ def masked_softmax(logits: torch.Tensor, legal: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simulations: int, gamma: float,
            noise: torch.Tensor | None = None, noise_weight: float = 0.25, c1: float = 1.25,
-           c2: float = 19652.0, ties: torch.Tensor | None = None) -> SearchResult:
+           c2: float = 19652.0, ties: torch.Tensor | None = None, min_span: float = 0.01) -> SearchResult:
     """Run `simulations` MuZero simulations in every tree at once from the roots' prior logits (B, A).
 
     legal (B, A) bool: the actions allowed at every node of a tree (Atari's full set with a per-game mask).
     noise (B, A) or None: Dirichlet draws mixed into the root prior, (1 - noise_weight) P + noise_weight noise
     (training; None at evaluation). The root's own value does not enter its statistics (MuZero).
     ties (B, simulations + 1, A) uniforms or None: scores within 1e-6 of a node's best are a tie, broken by the
-    node's uniforms (a random order per node, as LightZero breaks ties at random); None: the lowest index."""
+    node's uniforms (a random order per node, as LightZero breaks ties at random); None: the lowest index.
+    min_span: the smallest value span min-max normalisation divides by (see min_max_normalise)."""
     b, a = root_logits.shape
     n = simulations + 1
     device = root_logits.device
@@ -125,7 +127,7 @@ def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simul
             q = edge_r[rows, node] + gamma * edge_w[rows, node] / visits.clamp(min=1.0)
             mean = mean_q(q, visits > 0, parent_q)  # (B,): the value of this node's unvisited edges
             q = torch.where(visits > 0, q, mean[:, None])
-            score = puct_scores(prior[rows, node], visits, min_max_normalise(q, low, high), c1, c2)
+            score = puct_scores(prior[rows, node], visits, min_max_normalise(q, low, high, min_span), c1, c2)
             score = score.masked_fill(~legal, float("-inf"))
             if ties is None:
                 action = score.argmax(-1)  # (B,)
