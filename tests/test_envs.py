@@ -298,10 +298,11 @@ def test_metaworld_without_observing_renders_nothing_and_changes_nothing_else():
 def test_metaworld_env_built_from_the_parsed_model_equals_metaworlds_own():
     """Our env class copies a model parsed once per process instead of parsing the XML in every constructor:
     the second env of a task is a model of its own, and it steps and renders exactly as Meta-World's class."""
+    from mowbench.envs.metaworld import choose_gl, env_class, goal_variations
+
+    choose_gl()  # before mujoco is imported: osmesa on a machine without a screen or GPU
     import mujoco
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
-    from mowbench.envs.metaworld import env_class, goal_variations
 
     first, ours, theirs = env_class("window-close-v3")(), env_class("window-close-v3")(), \
         ALL_V3_ENVIRONMENTS["window-close-v3"]()

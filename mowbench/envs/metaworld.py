@@ -115,9 +115,8 @@ def env_class(task: str) -> type:
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
         return model, mujoco.MjData(model)
 
-    # the same name: Meta-World records the class name as the env's task_name
-    return type(base.__name__, (base,), {"_initialize_simulation": _initialize_simulation,
-                                         "__qualname__": base.__qualname__, "__module__": base.__module__})
+    # the same name: Meta-World records the class name as the env's task_name (envs are never pickled here)
+    return type(base.__name__, (base,), {"_initialize_simulation": _initialize_simulation})
 
 
 class MetaWorldEnv(TaskEnv):
