@@ -65,10 +65,11 @@ def test_tiny_scalezero_beats_random_on_minatar_breakout(seed, tmp_path):
     vs random 0.35 (seeds 2 and 3, not run here: 2.90 vs 0.55, 1.30 vs 0.50). The earlier setting (min_span 0.01,
     500 warm-up steps) drew seed 0 at 1.90 on one machine, 0.85 on an AVX2-only CPU and 0.45 on this AVX-512 one
     (other float rounding, other runs): its training returns fell to ~0 after warm-up, a search led by near-equal
-    values collapsed onto one action (tiny preset's comment), and seed 0 recovered late or not. min_span 0.1 alone: seeds 0-3 0.75, 2.15, 1.35, 1.20 (the bar 0.75 met by seed 0
-    exactly); with 300 warm-up steps learning has 200 more updates to climb. 2500 steps instead: 1.90 and 3.10 at
-    +33% time. Cheaper variants failed a seed: 1500 steps 1.65 and 0.65; 4 collect simulations 0.75 at seed 0;
-    epsilon-greedy collection (1 -> 0.05 over 500 or 1000 updates, at min_span 0.01) 0.10 and 0.05 at seed 0."""
+    values collapsed onto one action (tiny preset's comment), and seed 0 recovered late or not. min_span 0.1 alone:
+    seeds 0-3 0.75, 2.15, 1.35, 1.20 (the bar 0.75 met by seed 0 exactly); with 300 warm-up steps learning has 200 more
+    updates to climb. 2500 steps instead: 1.90 and 3.10 at +33% time. Cheaper variants failed a seed: 1500 steps 1.65
+    and 0.65; 4 collect simulations 0.75 at seed 0; epsilon-greedy collection (1 -> 0.05 over 500 or 1000 updates, at
+    min_span 0.01) 0.10 and 0.05 at seed 0."""
     cfg = compose_config(["agent=scalezero", "task=breakout", f"seed={seed}", f"results_dir={tmp_path}",
                           "train.warmup=300", "train.eval_episodes=20", "train.progress=false",
                           "train.tensorboard=false"])
