@@ -62,7 +62,9 @@ def test_tiny_scalezero_beats_random_on_minatar_breakout(seed, tmp_path):
     protocol's). The STORM test's margins.
 
     Measured on an AVX-512 CPU (threads=1, 20 episodes, two runs at once, ~190 s a run): seed 0 1.05, seed 1 3.05
-    vs random 0.35 (seeds 2 and 3, not run here: 2.90 vs 0.55, 1.30 vs 0.50). The earlier setting (min_span 0.01,
+    vs random 0.35 (seeds 2 and 3, not run here: 2.90 vs 0.55, 1.30 vs 0.50); with AVX2 kernels forced on that CPU
+    (ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2, which reproduced an AVX2-only
+    CPU's 0.85 for the earlier setting's seed 0): 1.75 and 2.30. The earlier setting (min_span 0.01,
     500 warm-up steps) drew seed 0 at 1.90 on one machine, 0.85 on an AVX2-only CPU and 0.45 on this AVX-512 one
     (other float rounding, other runs): its training returns fell to ~0 after warm-up, a search led by near-equal
     values collapsed onto one action (tiny preset's comment), and seed 0 recovered late or not. min_span 0.1 alone:
