@@ -189,6 +189,7 @@ def test_stacked_q_heads_equal_separate_mlps_by_hand():
     heads.train()
     assert not torch.equal(heads(x.expand(3, 7, 6)), out)  # dropout on in training
 
+
 def test_planning_pays_for_the_two_q_heads_it_averages():
     """Q(..., heads=(B, 2)) gives each row's two heads of the full ensemble's output (the planner's value, at 2/5
     of the ensemble's cost), for rows of both tasks, in the (k, B, ...) layout of the full call."""
