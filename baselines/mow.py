@@ -209,6 +209,10 @@ class MoWWorldModel(nn.Module):
     task indices (B,)). e_k: L2-normalised task embedding; `assignment` (N,): task -> VAE cluster (all 0
     until the warm-up clustering); `tau`: the router temperature."""
 
+    # Not capturable by CUDA graphs: the per-cluster VAEs and heads run each cluster's rows as one batch, sized by
+    # a host read of the cluster counts (ops.Grouping), and so do the experts with expert_kernel=loop
+    capturable = False
+
     def __init__(self, cfg: MoWConfig, n_tasks: int, image_size: int, action_dim: int) -> None:
         super().__init__()
         self.cfg, self.n_tasks = cfg, n_tasks
@@ -290,12 +294,12 @@ class MoWWorldModel(nn.Module):
         """Task-level: S_k = softmax(MLP(e_k) / tau) -> (B, N_e); token-level: from each token's
         (z_t, a_t, e_k) -> (B, T, N_e). Then TopK."""
         logits = self.routing.logits(self.router, z, action, self.embed(task))
-        return topk_route(logits, float(self.tau), self.cfg.top_k)
+        return topk_route(logits, self.tau, self.cfg.top_k)
 
     def route_tasks(self) -> Routing:
         """Task-level routing of every task (N, N_e) (independent of the batch)."""
         task = torch.arange(self.n_tasks, device=self.assignment.device)
-        return topk_route(self.router(self.embed(task)), float(self.tau), self.cfg.top_k)
+        return topk_route(self.router(self.embed(task)), self.tau, self.cfg.top_k)
 
     def empty_cache(self, task: torch.Tensor, dtype: torch.dtype, offset: torch.Tensor | None = None) -> MoWCache:
         shared = None if self.shared is None else self.shared.empty_cache(task.shape[0], task.device, dtype, offset)
@@ -492,7 +496,8 @@ class MoWAgent(ImaginationAgent):
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:
         """MoW's size beside one STORM per task (mow.md: about half), and its experts at the current routing."""
-        return separate_storm_figures(self, figures) | self.expert_figures(sample, time)
+        return (super().bench_extras(sample, time, figures) | separate_storm_figures(self, figures)
+                | self.expert_figures(sample, time))
 
     def expert_figures(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float]
                        ) -> dict[str, Any]:

@@ -106,6 +106,8 @@ class STORMWorldModel(nn.Module):
     monolithic multi-task baseline) a learnable, L2-normalised task embedding e_k conditions the
     posterior, the decoder and the token stem. MoW's world model offers the same methods."""
 
+    capturable = True  # imagination never waits for the device (fixed shapes, no host reads): CUDA graphs hold it
+
     def __init__(self, cfg: STORMConfig, image_size: int, action_dim: int, n_tasks: int = 1,
                  embed_dim: int = 0) -> None:
         super().__init__()
@@ -234,8 +236,8 @@ class STORMAgent(ImaginationAgent):
         the way the reference code caches (imagine_reference_cache) and the training step with it; at the
         paper's sizes, the reference's world-model parameter count."""
         if self.multi_task:
-            return separate_storm_figures(self, figures)
-        cfg, out = self.cfg, {}
+            return super().bench_extras(sample, time, figures) | separate_storm_figures(self, figures)
+        cfg, out = self.cfg, super().bench_extras(sample, time, figures)
         context = sample(cfg.imag_per_task * len(self.tasks), cfg.imag_context)
         out["s_per_imagination_reference_cache"] = time(lambda: imagine_reference_cache(self, context))
         ref_step = figures["s_per_train_step"] - figures["s_per_imagination"] + out["s_per_imagination_reference_cache"]

@@ -82,11 +82,18 @@ def sample_categorical(probs: torch.Tensor, u: torch.Tensor | None = None) -> to
     return (cdf < u * cdf[..., -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """index (...,) long in [0, n) -> (..., n) one-hot of `dtype`. F.one_hot's values, without its range check,
+    which reads the index's min and max back to the host on CPU (a device sync, which a CUDA graph cannot hold;
+    tests/test_graphs.py finds syncs by running on CPU)."""
+    return (index[..., None] == torch.arange(n, device=index.device)).to(dtype)
+
+
 def sample_onehot_st(logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """One-hot sample of categorical logits (..., C) with straight-through gradients (`u`: see
     sample_categorical)."""
     probs = torch.softmax(logits, dim=-1)
-    onehot = F.one_hot(sample_categorical(probs, u), probs.shape[-1]).to(probs.dtype)
+    onehot = one_hot(sample_categorical(probs, u), probs.shape[-1], probs.dtype)
     return onehot + probs - probs.detach()
 
 
@@ -126,6 +133,35 @@ def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torch
     return torch.stack(out[::-1], dim=1)
 
 
+def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantiles q (Q,) of each group's values: values (R, ...) whose rows carry labels group (R,) in
+    [0, n_groups) -> (quantiles (G, Q), present (G,) bool). torch.quantile's linear interpolation, bitwise, without a
+    Python loop over the groups or a host read: one sort by value, a stable one by label, and each group's ranks
+    q * (n - 1) located from its offset. An absent group's quantiles are 0; a group holding a NaN gets NaN (as
+    torch.quantile)."""
+    per_row = values[0].numel()
+    flat = values.flatten()  # (R * per_row,)
+    label = group.repeat_interleave(per_row, output_size=flat.numel())  # (R * per_row,), row-major like flat
+    by_value, order = flat.sort()
+    by_label, regroup = label[order].sort(stable=True)
+    ordered = by_value[regroup]  # (R * per_row,): group 0's values ascending, then group 1's, ...
+    counts = torch.zeros(n_groups, dtype=torch.long, device=flat.device).index_add_(
+        0, group, torch.full_like(group, per_row))  # (G,)
+    start = counts.cumsum(0) - counts  # (G,)
+    ranks = q[None, :] * (counts - 1).clamp(min=0)[:, None].to(q.dtype)  # (G, Q)
+    below = ranks.long()
+    above = ranks.ceil().long()
+    last = max(flat.numel() - 1, 0)
+    lo = ordered[(start[:, None] + below).clamp(max=last)]
+    hi = ordered[(start[:, None] + above).clamp(max=last)]
+    out = lo.lerp(hi, ranks - below)
+    nan = torch.zeros(n_groups, dtype=torch.bool, device=flat.device).index_put_(
+        (label,), flat.isnan(), accumulate=True)  # (G,)
+    out = out.masked_fill(nan[:, None], float("nan"))
+    return out.masked_fill(counts[:, None] == 0, 0.0), counts > 0
+
+
 def ema_(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
     """In-place EMA of parameters: target = decay * target + (1 - decay) * source."""
     with torch.no_grad():
@@ -145,9 +181,10 @@ class Routing:
     weight: torch.Tensor
 
 
-def topk_route(logits: torch.Tensor, tau: float, k: int) -> Routing:
+def topk_route(logits: torch.Tensor, tau: float | torch.Tensor, k: int) -> Routing:
     """S = softmax(logits / tau); (W, J) = TopK(S, k). W keeps the softmax probabilities (not
-    renormalised), as mow.md writes it, so the router receives gradient through the weights."""
+    renormalised), as mow.md writes it, so the router receives gradient through the weights. tau: a number or a
+    0-dim tensor (MoW's buffer, divided on its device: reading it as a number would wait for the device)."""
     scores = torch.softmax(logits.float() / tau, dim=-1)  # (..., N_e)
     weight, index = scores.topk(k, dim=-1)  # (..., K), sorted descending
     dense = torch.zeros_like(scores).scatter(-1, index, weight)

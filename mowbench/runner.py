@@ -29,12 +29,13 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 # Config keys a rerun may change: where the run is written, how it is shown, when it checkpoints, which tasks
 # the command named (the folder fixes the run's own tasks, compared from metadata.json), and how the same maths is
-# computed (evaluation envs at once, replay placement, compile, expert kernel: equal up to float rounding). They
-# cannot change what the run learns or reports; any other difference from the run's config.yaml is refused.
+# computed (evaluation envs at once, replay placement, compile, CUDA graphs, expert kernel: equal up to float
+# rounding). They cannot change what the run learns or reports; any other difference from the run's config.yaml is
+# refused.
 INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
               "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint",
               "train.eval_envs", "train.replay_on_device",
-              "agent.compile", "agent.expert_kernel")
+              "agent.compile", "agent.cuda_graphs", "agent.expert_kernel")
 
 
 def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The GPU figures of the README (issue 14): paper-preset benches of storm, monolithic and mow in bf16 with and
-# without agent.compile=true, and a few hundred real training steps of each to check bf16 stability and memory.
+# without agent.compile=true, storm and monolithic with imagination replayed from CUDA graphs (agent.cuda_graphs=true;
+# MoW's imagination is not capturable), and a few hundred real training steps of each to check bf16 stability and
+# memory.
 #
-#   bash scripts/gpu_figures.sh STAGE OUT_DIR     STAGE: env | bench | bench-compile | train-storm | train-multi | train-mow | all
+#   bash scripts/gpu_figures.sh STAGE OUT_DIR
+#   STAGE: env | bench | bench-compile | bench-graphs | train-storm | train-storm-graphs | train-multi | train-mow | all
 #
 # Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
 # measurement that fails or runs past its time limit leaves its stderr beside it and the next one still runs.
 set -u
-stage=${1:?STAGE: env | bench | bench-compile | train-storm | train-multi | train-mow | all}
+stages="env, bench, bench-compile, bench-graphs, train-storm, train-storm-graphs, train-multi, train-mow, all"
+stage=${1:?STAGE: one of $stages}
 out=${2:?OUT_DIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -39,6 +43,13 @@ bench() {  # bench COMPILE: the three agents at the paper preset, bf16 (precisio
         # shellcheck disable=SC2086
         item "bench_${agent}_compile-$1.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev \
             agent.compile=$1 $extra
+    done
+}
+
+bench_graphs() {  # storm and monolithic with imagination captured as CUDA graphs (the bench prints cuda_graphs)
+    for agent in storm monolithic; do
+        item "bench_${agent}_graphs.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev \
+            agent.cuda_graphs=true
     done
 }
 
@@ -82,11 +93,13 @@ case $stage in
     env) env_check ;;
     bench) env_check; bench false ;;
     bench-compile) bench true ;;
+    bench-graphs) bench_graphs ;;
     train-storm) train_storm ;;
+    train-storm-graphs) train storm_graphs 1424 agent=storm task=Pong agent.cuda_graphs=true ;;
     train-multi) train_multi ;;
     # MoW alone, 200 updates (what fitted the time left of a lease)
     train-mow) train mow 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 train.eval_episodes=1 \
                    train.eval_max_steps=100 ;;
-    all) env_check; bench false; bench true; train_storm; train_multi ;;
-    *) echo "STAGE=$stage; allowed: env, bench, bench-compile, train-storm, train-multi, train-mow, all" >&2; exit 2 ;;
+    all) env_check; bench false; bench true; bench_graphs; train_storm; train_multi ;;
+    *) echo "STAGE=$stage; allowed: $stages" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ import torch
 from mowbench.ops import (
     categorical_kl,
     free_bits,
+    group_quantiles,
     lambda_returns,
     sample_categorical,
     symexp,
@@ -82,3 +83,28 @@ def test_sample_categorical_frequencies():
     counts = torch.bincount(sample_categorical(probs), minlength=4).float() / 200_000
     assert counts[1] == 0
     assert torch.allclose(counts, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01)
+
+
+def test_group_quantiles_by_hand_and_bitwise_equal_to_torch_quantile():
+    """Linear interpolation at rank q * (n - 1) of each group's sorted values: group 0 holds 0, 1, 2, 3 (q=0.5:
+    rank 1.5 -> 1.5; q=0.9: rank 2.7 -> 2.7), group 1 is absent (zeros, not present), group 2 holds 10, 20 (rank
+    0.5 -> 15; 0.9 -> 19). Then random groups, ties included, against torch.quantile bitwise, and a NaN."""
+    values = torch.tensor([[3.0, 0.0], [20.0, 10.0], [2.0, 1.0]])
+    out, present = group_quantiles(values, torch.tensor([0, 2, 0]), 3, torch.tensor([0.5, 0.9]))
+    assert present.tolist() == [True, False, True]
+    assert torch.allclose(out, torch.tensor([[1.5, 2.7], [0.0, 0.0], [15.0, 19.0]]))
+    g = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.05, 0.95])
+    for trial in range(40):
+        rows, groups = int(torch.randint(1, 50, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        values = torch.randn(rows, 16, generator=g) * 10
+        values = values.round() if trial % 2 else values  # ties
+        label = torch.randint(0, groups, (rows,), generator=g)
+        out, present = group_quantiles(values, label, groups, q)
+        for k in range(groups):
+            assert bool(present[k]) == bool((label == k).any())
+            if present[k]:
+                assert torch.equal(out[k], torch.quantile(values[label == k].flatten(), q)), (trial, k)
+    values[0, 0] = float("nan")
+    out, _ = group_quantiles(values, label, groups, q)
+    assert out[label[0]].isnan().all() and torch.quantile(values[label == label[0]], q).isnan().all()

@@ -10,7 +10,7 @@ from torch import nn
 
 from mowbench.agents.base import adam
 from mowbench.models.heads import MLP, ActionHead
-from mowbench.ops import ema_, lambda_returns, symlog_twohot_loss, twohot_decode, uniform_bins
+from mowbench.ops import ema_, group_quantiles, lambda_returns, symlog_twohot_loss, twohot_decode, uniform_bins
 
 
 @dataclass
@@ -69,10 +69,11 @@ class ActorCriticLearner:
         self.model, self.device = model, device
         self.opt = adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps)
         self.grad_clip, self.gamma, self.lam, self.lambda_value = grad_clip, gamma, lam, lambda_value
-        self.slow_decay, self.norm_decay, self.percentiles = slow_decay, norm_decay, norm_percentiles
+        self.slow_decay, self.norm_decay = slow_decay, norm_decay
         self.entropy_coef, self.autocast = entropy_coef, autocast
         self.bins = uniform_bins(bins).to(device)
         self.return_scale = torch.zeros(norm_groups, device=device)  # S per group, starts at 0 as in STORM
+        self.quantiles = torch.tensor([p / 100 for p in norm_percentiles], device=device)  # (2,)
 
     def update(self, traj: Imagined) -> dict[str, torch.Tensor]:
         feat = traj.feat.detach()
@@ -107,15 +108,15 @@ class ActorCriticLearner:
 
     def update_return_scale(self, ret: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
         """EMA step of S from the returns ret (B, H) of each group present (None: all rows in group 0);
-        -> each row's S (B, 1)."""
-        group = torch.zeros(ret.shape[0], dtype=torch.long, device=ret.device) if group is None else group
-        q = torch.tensor([p / 100 for p in self.percentiles], device=ret.device)
-        scale = self.return_scale.clone()
-        for g in torch.unique(group).tolist():  # once per group present per update (not per token)
-            lo, hi = torch.quantile(ret[group == g].flatten(), q)
-            scale[g] = self.norm_decay * scale[g] + (1 - self.norm_decay) * (hi - lo)
-        self.return_scale = scale
-        return scale[group][:, None]
+        -> each row's S (B, 1). No host read (ops.group_quantiles), so a CUDA graph can hold it."""
+        if group is None or len(self.return_scale) == 1:
+            lo, hi = torch.quantile(ret.flatten(), self.quantiles)
+            self.return_scale = self.norm_decay * self.return_scale + (1 - self.norm_decay) * (hi - lo)
+            return self.return_scale.expand(ret.shape[0])[:, None]
+        quantiles, present = group_quantiles(ret, group, len(self.return_scale), self.quantiles)  # (G, 2), (G,)
+        new = self.norm_decay * self.return_scale + (1 - self.norm_decay) * (quantiles[:, 1] - quantiles[:, 0])
+        self.return_scale = torch.where(present, new, self.return_scale)
+        return self.return_scale[group][:, None]
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "return_scale": self.return_scale}

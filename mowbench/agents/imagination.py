@@ -5,6 +5,7 @@ and a config; a method that does not imagine (planning with MPPI or MCTS) implem
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,13 +13,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
 from mowbench.agents.base import Agent, Metrics, adam, count_parameters
+from mowbench.agents.graphs import GraphedCall
 from mowbench.envs.base import TaskInfo
-from mowbench.ops import sample_onehot_st, twohot_decode, uniform_bins
+from mowbench.ops import one_hot, sample_onehot_st, twohot_decode, uniform_bins
 from mowbench.replay import Batch
 
 
@@ -54,6 +55,10 @@ class WorldModel(Protocol):
 
     def critic_index(self, task: torch.Tensor) -> torch.Tensor | None:
         """Which critic judges rows of these tasks (B,), or None when there is one critic."""
+
+    # True when imagination (encode, sequence, prior, reward, termination, features on fixed shapes) never waits
+    # for the device, so a CUDA graph can hold it (cuda_graphs); tests/test_graphs.py checks the claim on CPU
+    capturable: bool
 
 
 @dataclass
@@ -96,6 +101,10 @@ class ImaginationConfig:
     # torch.compile every network (opt-in; compile_networks): equal results up to float rounding, a graph the
     # compiler cannot handle runs eagerly
     compile: bool = False
+    # replay imagination from CUDA graphs (opt-in, CUDA only; mowbench.agents.graphs.GraphedCall): the same numbers
+    # (a replay is checked bitwise against eager when captured), one launch instead of ~170 kernels a horizon step;
+    # a world model that is not `capturable`, a CPU run, or a failed check runs eagerly
+    cuda_graphs: bool = False
 
     def check(self) -> None:
         """The validation table of these fields (each refused value named, with what is allowed)."""
@@ -244,6 +253,10 @@ class ImaginationAgent(Agent):
         self.bins = uniform_bins(cfg.bins).to(device)
         if cfg.compile:
             compile_networks(self.wm, self.ac)
+        if cfg.cuda_graphs and not self.wm.capturable:
+            warnings.warn(f"cuda_graphs=true: {type(self.wm).__name__}'s imagination waits for the device (not "
+                          "capturable), so it runs eagerly", stacklevel=2)
+        self.rollout = GraphedCall(self.imagine_tensors, "imagination", cfg.cuda_graphs and self.wm.capturable)
 
     # ---- what a method supplies ----
     @abstractmethod
@@ -260,12 +273,14 @@ class ImaginationAgent(Agent):
 
     # ---- helpers ----
     def autocast(self) -> Any:
-        """bf16 autocast on the run's device when the run's precision is bf16, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+        """bf16 autocast on the run's device when the run's precision is bf16, else a no-op context. With CUDA
+        graphs the cast weights are not cached across a context (torch's advice for capture); the same values."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16,
+                              cache_enabled=not self.cfg.cuda_graphs)
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """Env actions (B, T) long or (B, T, A) float -> world-model input (B, T, A) float."""
-        return F.one_hot(action.long(), self.action_dim).float() if self.discrete else action.float()
+        return one_hot(action.long(), self.action_dim) if self.discrete else action.float()
 
     def norm_index(self, task: torch.Tensor) -> torch.Tensor | None:
         """Which return scale S normalises rows of these tasks (config return_norm; None: one S)."""
@@ -285,22 +300,32 @@ class ImaginationAgent(Agent):
 
     @torch.no_grad()
     def imagine(self, batch: Batch) -> Imagined:
-        """Encode `imag_context` real steps into a cache, then roll out `imag_horizon` steps."""
-        cfg, wm, task = self.cfg, self.wm, batch.task
-        wm.eval()
-        legal = batch.legal  # (B, A)
+        """Encode `imag_context` real steps into a cache, then roll out `imag_horizon` steps (`rollout`: replayed
+        from a CUDA graph with cuda_graphs=true)."""
+        self.wm.eval()
+        feat, action, reward, cont = self.rollout(batch.obs, batch.action, batch.task, batch.legal)
+        return Imagined(feat, action, reward, cont, batch.legal, self.wm.critic_index(batch.task),
+                        self.norm_index(batch.task))
+
+    def imagine_tensors(self, obs: torch.Tensor, action: torch.Tensor, task: torch.Tensor, legal: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replayed context obs (B, C, S, S, 3), action (B, C) or (B, C, A), task (B,), legal (B, A) -> imagined
+        features (B, H+1, F), actions (B, H) or (B, H, A), rewards and continuation flags (B, H). Tensors in,
+        tensors out, the same kernels for the same shapes and no host sync in a capturable world model: what a
+        CUDA graph can hold."""
+        cfg, wm = self.cfg, self.wm
         cache = wm.empty_cache(task, torch.bfloat16 if self.autocast_bf16 else torch.float32)
         feats, actions, hs = [], [], []
         with self.autocast():
-            z_ctx = sample_z(wm.encode(batch.obs, task))  # (B, C, V*C)
-            h = wm.sequence(z_ctx, self.action_input(batch.action), task, cache)[:, -1:]  # (B, 1, D)
+            z_ctx = sample_z(wm.encode(obs, task))  # (B, C, V*C)
+            h = wm.sequence(z_ctx, self.action_input(action), task, cache)[:, -1:]  # (B, 1, D)
             z = sample_z(wm.prior(h, task))  # (B, 1, V*C): prediction of the next latent
             for _ in range(cfg.imag_horizon):
                 feat = wm.features(z, h, task)  # (B, 1, F)
-                action = self.ac.actor(feat, legal[:, None]).sample()  # (B, 1) or (B, 1, A)
-                h = wm.sequence(z, self.action_input(action), task, cache)
+                act = self.ac.actor(feat, legal[:, None]).sample()  # (B, 1) or (B, 1, A)
+                h = wm.sequence(z, self.action_input(act), task, cache)
                 feats.append(feat)
-                actions.append(action)
+                actions.append(act)
                 hs.append(h)
                 z = sample_z(wm.prior(h, task))
             feats.append(wm.features(z, h, task))
@@ -309,8 +334,7 @@ class ImaginationAgent(Agent):
             h_all = torch.cat(hs, 1)  # (B, H, D)
             rewards = twohot_decode(wm.reward(h_all, task), self.bins)  # (B, H)
             conts = (wm.termination(h_all, task) <= 0).float()  # (B, H): 1 - predicted termination
-        return Imagined(torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts, legal,
-                        wm.critic_index(task), self.norm_index(task))
+        return torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts
 
     def update_actor_critic(self, traj: Imagined) -> Metrics:
         self.ac.train()
@@ -337,6 +361,11 @@ class ImaginationAgent(Agent):
         return {"world_model_update": lambda: self.update_world_model(wm_batch),
                 "imagination": lambda: self.imagine(context),
                 "agent_update": lambda: self.learner.update(traj)}
+
+    def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
+                     figures: dict[str, Any]) -> dict[str, Any]:
+        """With cuda_graphs=true: how many imagination shapes replay from graphs and how many run eagerly."""
+        return {"cuda_graphs": self.rollout.status()} if self.cfg.cuda_graphs else {}
 
     def new_context(self, task: int, seed: int | None = None) -> ActingContext:
         return ActingContext(task, np.random.default_rng(context_seed() if seed is None else seed))
