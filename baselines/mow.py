@@ -23,9 +23,10 @@ sequences and `imag_per_task` imagination starts (paper preset: 1 and 40; the pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmean
 from mowbench.envs.base import TaskInfo
 from mowbench.figures import heatmap_png
 from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
-from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, padding_ratio
-from mowbench.ops import Grouping, Routing, balance_loss, group_mean, harmonious_loss, topk_route
+from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, auto_kernel, padding_ratio
+from mowbench.ops import Grouping, Routing, balance_loss, counts_of, group_mean, harmonious_loss, topk_route
 from mowbench.replay import Batch
 
 
@@ -209,9 +210,6 @@ class MoWWorldModel(nn.Module):
     task indices (B,)). e_k: L2-normalised task embedding; `assignment` (N,): task -> VAE cluster (all 0
     until the warm-up clustering); `tau`: the router temperature."""
 
-    # Not capturable by CUDA graphs: the per-cluster VAEs and heads run each cluster's rows as one batch, sized by
-    # a host read of the cluster counts (ops.Grouping), and so do the experts with expert_kernel=loop
-    capturable = False
 
     def __init__(self, cfg: MoWConfig, n_tasks: int, image_size: int, action_dim: int) -> None:
         super().__init__()
@@ -237,6 +235,7 @@ class MoWWorldModel(nn.Module):
         self.register_buffer("assignment", torch.zeros(n_tasks, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(float(cfg.tau_start)))
         self._memo: tuple[torch.Tensor, Grouping] | None = None
+        self._sizes: tuple[int, ...] | None = None  # rows per cluster inside host_layout
         self._embed_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     # ---- task embedding, clusters ----
@@ -250,11 +249,32 @@ class MoWWorldModel(nn.Module):
             self._embed_memo = (task, version, F.normalize(self.task_embedding(task), dim=-1))
         return self._embed_memo[2]
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a rollout inside host_layout waits for nothing (WorldModel.capturable): with task-level routing
+        and the grouped expert kernel, whose group offsets stay on the device. The loop kernel reads each
+        layout's group sizes; token-level routing builds key masks with host-made indices."""
+        kernel = self.experts.kernel
+        device = self.assignment.device
+        return self.cfg.routing == "task" and (auto_kernel(device) if kernel == "auto" else kernel) == "grouped"
+
+    @contextlib.contextmanager
+    def host_layout(self, task: torch.Tensor) -> Iterator[tuple[int, ...]]:
+        """Rows of these tasks per VAE cluster, read from the device once, which the groupings made inside (by
+        cluster: the VAEs and heads) take instead of reading their own (WorldModel.host_layout)."""
+        sizes = tuple(counts_of(self.assignment[task], len(self.clusters)).tolist())
+        self._sizes = sizes
+        try:
+            yield sizes
+        finally:
+            self._sizes = None
+
     def by_cluster(self, task: torch.Tensor) -> Grouping:
         """Rows grouped by their task's VAE cluster; reused while the same `task` tensor is passed (one
-        imagination rollout), so the grouping's device sync happens once per rollout."""
+        imagination rollout), so the grouping's device sync happens once per rollout, or never inside
+        host_layout."""
         if self._memo is None or self._memo[0] is not task:
-            self._memo = (task, Grouping(self.assignment[task], len(self.clusters)))
+            self._memo = (task, Grouping(self.assignment[task], len(self.clusters), self._sizes))
         return self._memo[1]
 
     def start_clusters(self, assignment: torch.Tensor) -> None:

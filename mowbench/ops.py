@@ -146,8 +146,7 @@ def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q:
     by_value, order = flat.sort()
     by_label, regroup = label[order].sort(stable=True)
     ordered = by_value[regroup]  # (R * per_row,): group 0's values ascending, then group 1's, ...
-    counts = torch.zeros(n_groups, dtype=torch.long, device=flat.device).index_add_(
-        0, group, torch.full_like(group, per_row))  # (G,)
+    counts = counts_of(group, n_groups) * per_row  # (G,)
     start = counts.cumsum(0) - counts  # (G,)
     ranks = q[None, :] * (counts - 1).clamp(min=0)[:, None].to(q.dtype)  # (G, Q)
     below = ranks.long()
@@ -156,9 +155,8 @@ def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q:
     lo = ordered[(start[:, None] + below).clamp(max=last)]
     hi = ordered[(start[:, None] + above).clamp(max=last)]
     out = lo.lerp(hi, ranks - below)
-    nan = torch.zeros(n_groups, dtype=torch.bool, device=flat.device).index_put_(
-        (label,), flat.isnan(), accumulate=True)  # (G,)
-    out = out.masked_fill(nan[:, None], float("nan"))
+    nan = torch.zeros(n_groups, dtype=torch.long, device=flat.device).index_add_(0, label, flat.isnan().long())  # (G,)
+    out = out.masked_fill(nan[:, None] > 0, float("nan"))
     return out.masked_fill(counts[:, None] == 0, 0.0), counts > 0
 
 
@@ -212,13 +210,19 @@ def harmonious_loss(task_losses: torch.Tensor, log_sigma: torch.Tensor, present:
     return terms.sum() if present is None else torch.where(present, terms, 0.0).sum()
 
 
+def counts_of(label: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Rows per label: label (R,) long in [0, n_groups) -> (n_groups,) long. torch.bincount's values, without its
+    reads of the labels' min and max back to the host on CUDA (two syncs a call)."""
+    return torch.zeros(n_groups, dtype=torch.long, device=label.device).index_add_(0, label, torch.ones_like(label))
+
+
 def group_mean(values: torch.Tensor, label: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of values (R, ...) per label (R,) in [0, n_groups) -> (means (G, ...), present (G,) bool).
 
     Absent groups get mean 0 and present=False; one scatter, no Python loop over groups."""
     sums = torch.zeros(n_groups, *values.shape[1:], device=values.device, dtype=values.dtype)
     sums = sums.index_add(0, label, values)
-    counts = torch.bincount(label, minlength=n_groups).to(values.dtype)
+    counts = counts_of(label, n_groups).to(values.dtype)
     return sums / counts.clamp(min=1).view(-1, *([1] * (values.dim() - 1))), counts > 0
 
 
@@ -226,14 +230,18 @@ class Grouping:
     """Rows grouped by an integer label (e.g. task -> VAE cluster, pair -> expert) so that each group
     runs as one batch through its own module: the Python loop is over groups present, never over rows.
 
-    split(x) gives (group, rows of x) pairs in label order; merge(outputs) restores the row order. The sort runs
-    on the device; the group sizes are read from it (one sync) only when first needed (sizes, slices)."""
+    split(x) gives (group, rows of x) pairs in label order; merge(outputs) restores the row order. The sort and the
+    counts run on the device without waiting for it; the group sizes, which the loop over groups needs, are read
+    from it (one sync) when first needed, unless the caller knows them on the host (`sizes`)."""
 
-    def __init__(self, label: torch.Tensor, n_groups: int) -> None:
+    def __init__(self, label: torch.Tensor, n_groups: int, sizes: tuple[int, ...] | None = None) -> None:
         self.label = label
         self.order = torch.argsort(label, stable=True)  # (R,)
         self.inverse = torch.argsort(self.order)
-        self.counts = torch.bincount(label, minlength=n_groups)  # (n_groups,) on the label's device
+        self.counts = counts_of(label, n_groups)  # (n_groups,) on the label's device
+        if sizes is not None:
+            assert len(sizes) == n_groups and sum(sizes) == len(label), (sizes, n_groups, len(label))
+            self.sizes = list(sizes)
 
     @functools.cached_property
     def sizes(self) -> list[int]:

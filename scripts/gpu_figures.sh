@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The GPU figures of the README (issue 14): paper-preset benches of storm, monolithic and mow in bf16 with and
-# without agent.compile=true, storm and monolithic with imagination replayed from CUDA graphs (agent.cuda_graphs=true;
-# MoW's imagination is not capturable), and a few hundred real training steps of each to check bf16 stability and
-# memory.
+# without agent.compile=true and with imagination replayed from CUDA graphs (agent.cuda_graphs=true), and a few
+# hundred real training steps of each to check bf16 stability and memory.
 #
 #   bash scripts/gpu_figures.sh STAGE OUT_DIR
-#   STAGE: env | bench | bench-compile | bench-graphs | train-storm | train-storm-graphs | train-multi | train-mow | all
+#   STAGE: env | bench | bench-compile | bench-graphs | train-storm | train-storm-graphs | train-multi | train-mow |
+#          train-mow-graphs | all
 #
 # Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
 # measurement that fails or runs past its time limit leaves its stderr beside it and the next one still runs.
 set -u
-stages="env, bench, bench-compile, bench-graphs, train-storm, train-storm-graphs, train-multi, train-mow, all"
+stages="env, bench, bench-compile, bench-graphs, train-storm, train-storm-graphs, train-multi, train-mow,
+train-mow-graphs, all"
 stage=${1:?STAGE: one of $stages}
 out=${2:?OUT_DIR}
 mkdir -p "$out"
@@ -46,10 +47,13 @@ bench() {  # bench COMPILE: the three agents at the paper preset, bf16 (precisio
     done
 }
 
-bench_graphs() {  # storm and monolithic with imagination captured as CUDA graphs (the bench prints cuda_graphs)
-    for agent in storm monolithic; do
+bench_graphs() {  # the three agents with imagination captured as CUDA graphs (the bench prints cuda_graphs)
+    for agent in storm monolithic mow; do
+        local extra=""
+        [ "$agent" = mow ] && extra=$mow_bench
+        # shellcheck disable=SC2086
         item "bench_${agent}_graphs.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev \
-            agent.cuda_graphs=true
+            agent.cuda_graphs=true $extra
     done
 }
 
@@ -96,6 +100,8 @@ case $stage in
     bench-graphs) bench_graphs ;;
     train-storm) train_storm ;;
     train-storm-graphs) train storm_graphs 1424 agent=storm task=Pong agent.cuda_graphs=true ;;
+    train-mow-graphs) train mow_graphs 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 \
+                          agent.cuda_graphs=true train.eval_episodes=1 train.eval_max_steps=100 ;;
     train-multi) train_multi ;;
     # MoW alone, 200 updates (what fitted the time left of a lease)
     train-mow) train mow 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 train.eval_episodes=1 \

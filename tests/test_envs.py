@@ -241,9 +241,9 @@ def test_metaworld_env_makes_its_renderer_at_its_first_frame():
 
 
 def test_metaworld_success_flag_from_info():
+    env = metaworld_env(fast_render=True)  # chooses the GL backend before mujoco is imported (by the policies too)
     from metaworld.policies import SawyerReachV3Policy
 
-    env = metaworld_env(fast_render=True)
     env.reset()
     policy = SawyerReachV3Policy()
     successes = []

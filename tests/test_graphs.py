@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mowbench.agents.base import make_agent
-from mowbench.agents.graphs import GraphedCall
+from mowbench.agents.base import adam, make_agent
+from mowbench.agents.graphs import CudaGraphs, GraphedCall, flat, optimizer_tensors
 from mowbench.config import compose_config
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.ops import one_hot
@@ -99,28 +99,42 @@ def agent_of(name: str, *overrides: str):
 
 
 @pytest.mark.parametrize("name", ["storm", "monolithic", "mow"])
-def test_capturable_says_whether_imagination_waits_for_the_device(name):
-    """STORM's and the monolithic STORM's imagination read nothing back from the device, so a CUDA graph can hold
-    it; MoW's per-cluster groupings read their sizes (`capturable` False). Run after the warm-up update (MoW: its
-    clustering), on a batch of every task, as an update imagines."""
+def test_a_capturable_rollout_never_waits_for_the_device(name):
+    """Inside the world model's host_layout, imagination reads nothing back from the device, so a CUDA graph can
+    hold it: STORM's and the monolithic STORM's whole imagine; MoW's after one read of the rows per VAE cluster (the
+    layout), with the grouped expert kernel padding its token mixer's misfit input width as on CUDA. Run after the
+    warm-up update (MoW: its clustering), on a batch of every task, as an update imagines."""
     agent = agent_of(name)
+    if name == "mow":
+        agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
 
     def sample(n, length):
         return random_batch(agent.tasks, n, length, torch.device("cpu"))
 
     agent.update(sample)
     batch = sample(agent.cfg.imag_per_task * len(agent.tasks), agent.cfg.imag_context)
+    assert agent.wm.capturable
     with host_syncs() as found:
         agent.imagine(batch)
-    assert agent.wm.capturable == (found == []), found
-    if name == "mow":
-        assert any("ops.py" in where for _, where in found)  # ops.Grouping's sizes
+    assert [where.split(":")[0] for _, where in found] == (["mow.py"] if name == "mow" else [])  # the layout
+    with agent.wm.host_layout(batch.task) as layout:
+        assert layout is None if name != "mow" else sum(layout) == len(batch.task)  # rows per cluster
+        with host_syncs() as found:
+            agent.rollout(batch.obs, batch.action, batch.task, batch.legal, key=layout)
+    assert found == []
 
 
-@pytest.mark.parametrize("name", ["storm", "monolithic"])
-def test_a_storm_update_never_waits_for_the_device(name):
-    """A whole update (world model, imagination, actor-critic with per-task return scales) reads nothing back, so
-    the host queues the next kernels while the GPU runs (issue 14's hot path); MoW's groupings still read sizes."""
+def test_mow_is_capturable_only_with_task_routing_and_the_grouped_kernel():
+    assert agent_of("mow", "agent.expert_kernel=grouped").wm.capturable
+    assert not agent_of("mow", "agent.expert_kernel=loop").wm.capturable
+    assert not agent_of("mow", "agent.routing=token").wm.capturable
+
+
+@pytest.mark.parametrize("name", ["storm", "monolithic", "mow"])
+def test_capturable_updates_never_wait_for_the_device(name):
+    """A whole STORM update (world model, imagination, actor-critic with per-task return scales) reads nothing
+    back, so the host queues the next kernels while the GPU runs (issue 14's hot path) and CUDA graphs can hold the
+    updates (`capturable_updates`); MoW's training groupings and per-cluster critics still read sizes."""
     agent = agent_of(name)
 
     def sample(n, length):
@@ -129,19 +143,22 @@ def test_a_storm_update_never_waits_for_the_device(name):
     agent.update(sample)
     with host_syncs() as found:
         agent.update(sample)
-    assert found == []
+    assert agent.capturable_updates == (found == []), found
 
 
-@pytest.mark.parametrize("name", ["storm", "mow"])
+@pytest.mark.parametrize("name", ["storm", "mow", "mow_token"])
 def test_cuda_graphs_option_on_cpu_gives_the_eager_numbers(name):
-    """No CUDA here: `cuda_graphs=true` runs imagination eagerly (MoW: not capturable, with a warning), and two
-    updates and an act equal the default agent's exactly."""
+    """No CUDA here: `cuda_graphs=true` runs imagination and the updates eagerly (MoW's updates and token-routed
+    MoW's imagination: not capturable, with a warning), and two updates and an act equal the default agent's
+    exactly."""
     results = []
+    token = ["agent.routing=token"] if name == "mow_token" else []
     for graphs in (False, True):
-        with pytest.warns(UserWarning, match="not capturable") if graphs and name == "mow" else \
-                contextlib.nullcontext():
-            agent = agent_of(name, f"agent.cuda_graphs={graphs}")
-        assert agent.rollout.enabled == (graphs and name == "storm")
+        mow = name.startswith("mow")
+        with pytest.warns(UserWarning, match="not capturable") if graphs and mow else contextlib.nullcontext():
+            agent = agent_of(name.split("_")[0], f"agent.cuda_graphs={graphs}", *token)
+        assert agent.rollout.enabled == (graphs and not token)
+        assert agent.wm_step.enabled == agent.ac_step.enabled == (graphs and not mow)
 
         def sample(n, length, agent=agent):
             return random_batch(agent.tasks, n, length, torch.device("cpu"))
@@ -151,7 +168,8 @@ def test_cuda_graphs_option_on_cpu_gives_the_eager_numbers(name):
         obs = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy()
         actions = [agent.act(context, obs) for _ in range(3)]
         results.append((metrics, actions, agent.state_dict()["wm"]))
-        assert agent.rollout.status() == {"graphed": 0, "eager": 0}  # nothing captured off CUDA
+        for call in (agent.rollout, agent.wm_step, agent.ac_step):
+            assert call.status() == {"graphed": 0, "eager": 0}  # nothing captured off CUDA
     (m_e, a_e, w_e), (m_g, a_g, w_g) = results
     assert a_e == a_g
     assert all(torch.equal(e[k], g[k]) for e, g in zip(m_e, m_g, strict=True) for k in e)
@@ -169,3 +187,92 @@ def test_graphed_call_runs_eagerly_off_cuda_and_when_disabled():
         out = GraphedCall(fn, "double", enabled)(torch.ones(2))
         assert torch.equal(out[0], torch.full((2,), 2.0))
     assert len(calls) == 2
+
+
+class EagerGraphs(CudaGraphs):
+    """CUDA's part of GraphedCall, stood in for on CPU (no graph can be captured here): a 'capture' runs fn, a
+    'replay' runs it again on the static inputs and writes its outputs into the captured ones (`perturb`: off by
+    one, as a graph that computes something else; `fail`: a capture that raises, as one hitting a host sync)."""
+
+    def __init__(self, perturb: bool = False, fail: bool = False) -> None:
+        self.perturb, self.fail = perturb, fail
+
+    def available(self, device):
+        return True
+
+    def get_rng_state(self, device):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, device):
+        torch.set_rng_state(state)
+
+    def warm_up(self, fn, device, times=2):
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn):
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        outputs, backend = fn(), self
+
+        class Graph:
+            def replay(self):
+                for old, new in zip(flat(outputs)[0], flat(fn())[0], strict=True):
+                    old.copy_(new + 1 if backend.perturb else new)
+
+        return Graph(), outputs
+
+    def synchronize(self, device):
+        pass
+
+
+def training_step():
+    """A step with randomness (dropout), an optimizer and in-place state: what GraphedCall captures for updates."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = adam(model.parameters(), lr=1e-2)
+
+    def step(x, y):
+        loss = (torch.nn.functional.dropout(model(x), 0.5) - y).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach(), "draw": torch.rand(2)}
+
+    return model, opt, step
+
+
+@pytest.mark.parametrize("backend", ["eager", "graphs", "perturbed", "failing"])
+def test_graphed_call_takes_the_steps_eager_takes(backend):
+    """Five training steps through GraphedCall (captured at the second call, warm-ups and check undone) give the
+    outputs, parameters, optimizer state and RNG state of five eager steps, bitwise; a replay that differs or a
+    capture that fails leaves that signature eager, with a warning."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)) for _ in range(5)]
+    model, opt, step = training_step()
+    expected = [step(x, y) for x, y in data]
+    expected_state = [*model.parameters(), *optimizer_tensors(opt), torch.get_rng_state()]
+    model, opt, step = training_step()
+    if backend == "eager":
+        call = GraphedCall(step, "step", enabled=False)
+    else:
+        call = GraphedCall(step, "step", state=lambda: [*model.parameters(), *optimizer_tensors(opt)],
+                           backend=EagerGraphs(perturb=backend == "perturbed", fail=backend == "failing"))
+    with pytest.warns(UserWarning, match="step runs eagerly") if backend in ("perturbed", "failing") else \
+            contextlib.nullcontext():
+        got = [call(x, y) for x, y in data]
+    assert call.status() == {"eager": {"eager": 0, "graphs": 0}.get(backend, 1),
+                             "graphed": int(backend == "graphs")}
+    for a, b in zip(expected, got, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(expected_state, [*model.parameters(), *optimizer_tensors(opt), torch.get_rng_state()],
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_graphed_call_captures_one_graph_per_signature_and_key():
+    calls = GraphedCall(lambda x: (x * 2, x.sum()), "double", backend=EagerGraphs())
+    for x, key in ((torch.ones(2), None), (torch.ones(3), None), (torch.full((2,), 3.0), None), (torch.ones(2), 7)):
+        out = calls(x, key=key)
+        assert torch.equal(out[0], x * 2) and torch.equal(out[1], x.sum())
+    assert calls.status() == {"graphed": 3, "eager": 0}  # shapes (2,) and (3,), and (2,) with key 7

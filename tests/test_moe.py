@@ -73,6 +73,33 @@ def test_the_two_kernels_give_equal_outputs_and_gradients():
     assert grads_g[0][4].abs().sum() == 0 and grads_g[0][1].abs().sum() > 0  # the unused expert gets nothing
 
 
+def test_grouped_kernel_pads_a_misfit_input_width_and_equals_the_loop_without_reading_sizes():
+    """An input width of 33 floats (132 bytes) does not fit F.grouped_mm's 16-byte rows: the loop handles it on CPU;
+    with pad_inputs (CUDA's default) the grouped kernel takes it padded with zero columns, and outputs and gradients
+    equal the loop's, the layout's group sizes never read on the host."""
+    from tests.test_graphs import host_syncs
+
+    g = torch.Generator().manual_seed(1)
+    z, action, e = torch.randn(4, 5, LATENT, generator=g), torch.randn(4, 5, ACTION + 1, generator=g), torch.randn(
+        4, EMBED, generator=g)
+    results = []
+    for kernel, pad in (("grouped", True), ("loop", False)):
+        torch.manual_seed(0)
+        experts = ExpertBank(N_E, LATENT, ACTION + 1, EMBED, WIDTH, DEPTH, HEADS, FFN, dropout=0.0, max_len=MAX_LEN,
+                             kernel=kernel).eval()
+        experts.pad_inputs = pad
+        with host_syncs() as found:
+            out = experts(z, action, e, PAIR_ROW, PAIR_EXPERT)
+        assert (found == []) == pad, found
+        out.sum().backward()
+        results.append((out.detach(), [p.grad for p in experts.parameters()]))
+    (out_g, grads_g), (out_l, grads_l) = results
+    torch.testing.assert_close(out_g, out_l, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_g, grads_l, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kernel", ["grouped", "loop"])
 def test_token_by_token_with_the_cache_equals_the_full_pass(kernel):
     experts = bank(kernel)

@@ -65,9 +65,9 @@ class ActorCriticLearner:
                  grad_clip: float = 100.0, gamma: float = 0.985, lam: float = 0.95,
                  lambda_value: str = "next", slow_decay: float = 0.98, norm_decay: float = 0.99,
                  norm_percentiles: tuple[float, float] = (5.0, 95.0), entropy_coef: float = 3e-4,
-                 bins: int = 255, autocast: bool = False, norm_groups: int = 1) -> None:
-        self.model, self.device = model, device
-        self.opt = adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps)
+                 bins: int = 255, autocast: bool = False, norm_groups: int = 1, capturable: bool = False) -> None:
+        self.model, self.device, self.capturable = model, device, capturable
+        self.opt = adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps, capturable=capturable)
         self.grad_clip, self.gamma, self.lam, self.lambda_value = grad_clip, gamma, lam, lambda_value
         self.slow_decay, self.norm_decay = slow_decay, norm_decay
         self.entropy_coef, self.autocast = entropy_coef, autocast
@@ -77,7 +77,8 @@ class ActorCriticLearner:
 
     def update(self, traj: Imagined) -> dict[str, torch.Tensor]:
         feat = traj.feat.detach()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast,
+                            cache_enabled=not self.capturable):  # a CUDA graph keeps no cast cache (same values)
             dist = self.model.actor(feat[:, :-1], traj.legal[:, None])
             value_logits = self.model.critic_logits(feat, traj.critic).float()  # (B, H+1, bins)
             with torch.no_grad():
@@ -109,13 +110,14 @@ class ActorCriticLearner:
     def update_return_scale(self, ret: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
         """EMA step of S from the returns ret (B, H) of each group present (None: all rows in group 0);
         -> each row's S (B, 1). No host read (ops.group_quantiles), so a CUDA graph can hold it."""
+        # S is updated in place: a CUDA graph of the update reads and writes this tensor
         if group is None or len(self.return_scale) == 1:
             lo, hi = torch.quantile(ret.flatten(), self.quantiles)
-            self.return_scale = self.norm_decay * self.return_scale + (1 - self.norm_decay) * (hi - lo)
+            self.return_scale.copy_(self.norm_decay * self.return_scale + (1 - self.norm_decay) * (hi - lo))
             return self.return_scale.expand(ret.shape[0])[:, None]
         quantiles, present = group_quantiles(ret, group, len(self.return_scale), self.quantiles)  # (G, 2), (G,)
         new = self.norm_decay * self.return_scale + (1 - self.norm_decay) * (quantiles[:, 1] - quantiles[:, 0])
-        self.return_scale = torch.where(present, new, self.return_scale)
+        self.return_scale.copy_(torch.where(present, new, self.return_scale))
         return self.return_scale[group][:, None]
 
     def state_dict(self) -> dict:
@@ -124,4 +126,4 @@ class ActorCriticLearner:
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
         # a checkpoint from before per-group scales holds one scalar S: it broadcasts to every group
-        self.return_scale = state["return_scale"].to(self.device).reshape(-1).expand_as(self.return_scale).clone()
+        self.return_scale.copy_(state["return_scale"].reshape(-1).expand_as(self.return_scale))

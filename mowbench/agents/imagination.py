@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
 from mowbench.agents.base import Agent, Metrics, adam, count_parameters
-from mowbench.agents.graphs import GraphedCall
+from mowbench.agents.graphs import GraphedCall, optimizer_tensors
 from mowbench.envs.base import TaskInfo
 from mowbench.ops import one_hot, sample_onehot_st, twohot_decode, uniform_bins
 from mowbench.replay import Batch
@@ -56,8 +57,14 @@ class WorldModel(Protocol):
     def critic_index(self, task: torch.Tensor) -> torch.Tensor | None:
         """Which critic judges rows of these tasks (B,), or None when there is one critic."""
 
-    # True when imagination (encode, sequence, prior, reward, termination, features on fixed shapes) never waits
-    # for the device, so a CUDA graph can hold it (cuda_graphs); tests/test_graphs.py checks the claim on CPU
+    def host_layout(self, task: torch.Tensor) -> AbstractContextManager[Hashable]:
+        """A context, around one rollout over rows of these tasks, in which the model's computation needs nothing
+        more from the device than the host facts it yields (MoW: rows per VAE cluster, read once here for all of
+        its groupings); it yields None when there are none (STORM). A CUDA graph is captured per yielded value."""
+
+    # True when imagination (encode, sequence, prior, reward, termination, features on fixed shapes, inside
+    # host_layout) never waits for the device, so a CUDA graph can hold it (cuda_graphs); tests/test_graphs.py
+    # checks the claim on CPU
     capturable: bool
 
 
@@ -224,6 +231,10 @@ class ImaginationAgent(Agent):
 
     cfg: ImaginationConfig
     wm: nn.Module  # and a WorldModel
+    # True when both updates never wait for the device and keep no state outside tensors changed in place
+    # (parameters, buffers, optimizer moments, return scales), so CUDA graphs can hold them (cuda_graphs);
+    # tests/test_graphs.py checks the first half on CPU
+    capturable_updates = False
 
     def __init__(self, cfg: ImaginationConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
         if len(tasks) != 1 and not self.multi_task:
@@ -244,19 +255,32 @@ class ImaginationAgent(Agent):
         n_critics = self.wm.n_critics
         self.ac = ActorCritic(self.wm.feature_dim, self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth,
                               cfg.bins, n_critics=n_critics).to(device)
-        self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr)
+        graph_updates = cfg.cuda_graphs and self.capturable_updates
+        capturable = graph_updates and device.type == "cuda"  # optimizers a CUDA graph can hold
+        self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr, capturable=capturable)
         self.learner = ActorCriticLearner(
             self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
             cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins,
             autocast=self.autocast_bf16,
-            norm_groups={"task": len(tasks), "critic": n_critics, "global": 1}[cfg.return_norm])
+            norm_groups={"task": len(tasks), "critic": n_critics, "global": 1}[cfg.return_norm], capturable=capturable)
         self.bins = uniform_bins(cfg.bins).to(device)
         if cfg.compile:
             compile_networks(self.wm, self.ac)
-        if cfg.cuda_graphs and not self.wm.capturable:
-            warnings.warn(f"cuda_graphs=true: {type(self.wm).__name__}'s imagination waits for the device (not "
-                          "capturable), so it runs eagerly", stacklevel=2)
+        if cfg.cuda_graphs and not (self.wm.capturable and self.capturable_updates):
+            warnings.warn(f"cuda_graphs=true: {type(self).__name__}'s "
+                          f"{'updates wait' if self.wm.capturable else 'imagination and updates wait'} for the "
+                          "device (not capturable), so they run eagerly", stacklevel=2)
+        # CUDA graphs (cuda_graphs=true; agents.graphs): imagination, and the two updates with the tensors they
+        # change in place, so that a graph's warm-up and check can be undone
         self.rollout = GraphedCall(self.imagine_tensors, "imagination", cfg.cuda_graphs and self.wm.capturable)
+        self.wm_step = GraphedCall(
+            lambda *t: self.world_model_step(Batch(*t[:6], extras=dict(zip(self.replay_fields(), t[6:], strict=True)))),
+            "world-model update", graph_updates,
+            state=lambda: [*self.world_model_parameters(), *self.wm.buffers(), *optimizer_tensors(self.wm_opt)])
+        self.ac_step = GraphedCall(
+            lambda *t: self.learner.update(Imagined(*t)), "actor-critic update", graph_updates,
+            state=lambda: [*self.ac.parameters(), *self.ac.buffers(), *optimizer_tensors(self.learner.opt),
+                           self.learner.return_scale])
 
     # ---- what a method supplies ----
     @abstractmethod
@@ -291,6 +315,12 @@ class ImaginationAgent(Agent):
     # ---- the three phases of an update ----
     def update_world_model(self, batch: Batch) -> Metrics:
         self.wm.train()
+        return self.wm_step(batch.obs, batch.action, batch.reward, batch.terminal, batch.task, batch.legal,
+                            *(batch.extras[name] for name in self.replay_fields()))
+
+    def world_model_step(self, batch: Batch) -> Metrics:
+        """One optimizer step of the world model on a replayed batch (`wm_step`: replayed from a CUDA graph with
+        cuda_graphs=true where the updates are capturable)."""
         loss, metrics = self.world_model_loss(batch)
         self.wm_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -303,7 +333,8 @@ class ImaginationAgent(Agent):
         """Encode `imag_context` real steps into a cache, then roll out `imag_horizon` steps (`rollout`: replayed
         from a CUDA graph with cuda_graphs=true)."""
         self.wm.eval()
-        feat, action, reward, cont = self.rollout(batch.obs, batch.action, batch.task, batch.legal)
+        with self.wm.host_layout(batch.task) as layout:
+            feat, action, reward, cont = self.rollout(batch.obs, batch.action, batch.task, batch.legal, key=layout)
         return Imagined(feat, action, reward, cont, batch.legal, self.wm.critic_index(batch.task),
                         self.norm_index(batch.task))
 
@@ -338,7 +369,7 @@ class ImaginationAgent(Agent):
 
     def update_actor_critic(self, traj: Imagined) -> Metrics:
         self.ac.train()
-        return self.learner.update(traj)
+        return self.ac_step(traj.feat, traj.action, traj.reward, traj.cont, traj.legal, traj.critic, traj.norm)
 
     # ---- Agent interface ----
     def per_task_batch(self) -> dict[str, int]:
@@ -360,7 +391,7 @@ class ImaginationAgent(Agent):
         traj = self.imagine(context)
         return {"world_model_update": lambda: self.update_world_model(wm_batch),
                 "imagination": lambda: self.imagine(context),
-                "agent_update": lambda: self.learner.update(traj)}
+                "agent_update": lambda: self.update_actor_critic(traj)}
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:

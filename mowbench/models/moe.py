@@ -6,7 +6,10 @@ by expert (PairLayout) so that each expert's pairs are one contiguous slice, and
 expert's weights on its own slice only: the work is that of the real pairs (B x TopK for task-level routing),
 with no padding of small groups to the largest one. Two kernels do this, with equal results (tests):
 - `grouped`: one grouped matmul (torch's F.grouped_mm) per projection; no host synchronisation at all. Used
-  where the call fits the kernel (rows of 16-byte multiples; on CPU in any precision, on CUDA in bf16).
+  where the call fits the kernel (rows of 16-byte multiples; on CPU in any precision, on CUDA in bf16). An input
+  width that does not fit (the token mixer's z + a + e_k: 1106 at the paper preset on Atari) is padded with zero
+  columns on CUDA (`pad_inputs`), so that no projection falls back to the loop and its host read; equal up to
+  float rounding. On CPU, where a host read costs nothing, such a projection takes the loop (exact).
 - `loop`: a Python loop over the experts present, one matmul per slice (the slice sizes are read from the
   device once per layout: a rollout or a training batch).
 `expert_kernel=auto` takes `grouped` on CPU, where it was measured fastest (forward and backward at the paper
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mowbench.models.transformer import KVCache, attend, layer_mask, positions
-from mowbench.ops import Grouping
+from mowbench.ops import Grouping, counts_of
 
 KERNELS = ("auto", "grouped", "loop")
 
@@ -39,12 +42,16 @@ class PairLayout:
     expert: torch.Tensor
     ends: torch.Tensor
     kernel: str
+    pad_inputs: bool = False  # grouped: pad input widths that do not fit F.grouped_mm instead of looping
 
     @classmethod
-    def of(cls, pair_expert: torch.Tensor, n_experts: int, kernel: str) -> PairLayout:
+    def of(cls, pair_expert: torch.Tensor, n_experts: int, kernel: str, pad_inputs: bool | None = None
+           ) -> PairLayout:
+        """pad_inputs None: on CUDA only (module docstring)."""
         grouping = Grouping(pair_expert, n_experts)
         kernel = auto_kernel(pair_expert.device) if kernel == "auto" else kernel
-        return cls(grouping, pair_expert[grouping.order], grouping.counts.cumsum(0).to(torch.int32), kernel)
+        pad = pair_expert.device.type == "cuda" if pad_inputs is None else pad_inputs
+        return cls(grouping, pair_expert[grouping.order], grouping.counts.cumsum(0).to(torch.int32), kernel, pad)
 
     @property
     def order(self) -> torch.Tensor:
@@ -83,6 +90,13 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     return y
 
 
+def pad_inner(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, in) and weight (N_e, in, out) with `in` grown by zero columns / rows to a multiple of 16 bytes: the
+    same products (the added terms are 0 x 0), in a shape F.grouped_mm takes."""
+    pad = -x.shape[-1] % (16 // x.element_size())
+    return F.pad(x, (0, pad)), F.pad(weight, (0, 0, 0, pad))
+
+
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     """x (P, T, in) in slot order @ each slot's expert's weight (N_e, in, out) -> (P, T, out)."""
     p, t, _ = x.shape
@@ -90,6 +104,8 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, layout: PairLayout) -> 
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     flat = x.reshape(p * t, x.shape[-1])
+    if layout.kernel == "grouped" and layout.pad_inputs and not fits_grouped_mm(flat, weight):
+        flat, weight = pad_inner(flat, weight)
     if layout.kernel == "grouped" and fits_grouped_mm(flat, weight):
         y = grouped_matmul(flat, weight, layout.ends * t)
     else:
@@ -182,6 +198,7 @@ class ExpertBank(nn.Module):
         assert kernel in KERNELS, f"kernel={kernel!r}; allowed: {', '.join(KERNELS)}"
         n = self.n_experts = n_experts
         self.depth, self.heads, self.width, self.max_len, self.kernel = depth, heads, width, max_len, kernel
+        self.pad_inputs: bool | None = None  # PairLayout.pad_inputs (None: on CUDA)
         self.mix_in = StackedLinear(n, latent_dim + action_dim + embed_dim, width, bias=False)
         self.mix_norm1 = StackedNorm(n, width)
         self.mix_out = StackedLinear(n, width, width, bias=False)
@@ -205,7 +222,7 @@ class ExpertBank(nn.Module):
         if cache is not None and cache.layout is not None:
             layout = cache.layout
         else:
-            layout = PairLayout.of(pair_expert, self.n_experts, self.kernel)
+            layout = PairLayout.of(pair_expert, self.n_experts, self.kernel, self.pad_inputs)
             if cache is not None:
                 cache.layout = layout
         rows = pair_row[layout.order]  # (P,) the sequence of each slot
@@ -238,5 +255,5 @@ class ExpertBank(nn.Module):
 def padding_ratio(pair_expert: torch.Tensor, n_experts: int) -> float:
     """The work of running the experts present on groups padded to the largest one, over the real pairs:
     G x max group / P (what this bank did before its pairs were sorted; 1.0 means no padding)."""
-    counts = torch.bincount(pair_expert, minlength=n_experts)
+    counts = counts_of(pair_expert, n_experts)
     return float((counts > 0).sum() * counts.max()) / len(pair_expert)
