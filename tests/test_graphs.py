@@ -270,9 +270,13 @@ def test_graphed_call_takes_the_steps_eager_takes(backend):
         assert torch.equal(a, b)
 
 
-def test_graphed_call_captures_one_graph_per_signature_and_key():
-    calls = GraphedCall(lambda x: (x * 2, x.sum()), "double", backend=EagerGraphs())
+def test_graphed_call_captures_one_graph_per_signature_and_key_and_keeps_the_newest():
+    calls = GraphedCall(lambda x: (x * 2, x.sum()), "double", backend=EagerGraphs(), max_graphs=2)
     for x, key in ((torch.ones(2), None), (torch.ones(3), None), (torch.full((2,), 3.0), None), (torch.ones(2), 7)):
         out = calls(x, key=key)
         assert torch.equal(out[0], x * 2) and torch.equal(out[1], x.sum())
-    assert calls.status() == {"graphed": 3, "eager": 0}  # shapes (2,) and (3,), and (2,) with key 7
+    # shapes (2,) and (3,), then (2,) with key 7, which evicts the oldest graph
+    assert calls.status() == {"graphed": 2, "eager": 0}
+    assert [sig[0][0][0] for sig in calls.captured] == [(3,), (2,)] and list(calls.captured)[-1][1] == 7
+    calls.reset()
+    assert calls.status() == {"graphed": 0, "eager": 0}

@@ -95,9 +95,16 @@ class GraphedCall:
     signature run eagerly from then on, after one warning naming why."""
 
     def __init__(self, fn: Callable[..., Outputs], name: str, enabled: bool = True,
-                 state: Callable[[], list[torch.Tensor]] | None = None, backend: CudaGraphs | None = None) -> None:
+                 state: Callable[[], list[torch.Tensor]] | None = None, backend: CudaGraphs | None = None,
+                 max_graphs: int = 2) -> None:
         self.fn, self.name, self.enabled, self.state = fn, name, enabled, state
         self.backend = CudaGraphs() if backend is None else backend
+        self.max_graphs = max_graphs  # graphs kept (each holds its memory pool); the oldest goes first
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every graph: after the tensors fn changes in place were replaced rather than updated (an
+        optimizer's load_state_dict makes new moments), a graph would read the old ones."""
         self.captured: dict[tuple, Captured | None] = {}  # None: this signature runs eagerly
         self.refused: dict[tuple, str] = {}  # why a signature runs eagerly
         self.seen: set[tuple] = set()  # signatures called once (with `state`: captured at the second call)
@@ -114,6 +121,9 @@ class GraphedCall:
             return self.fn(*inputs)
         first = sig not in self.captured
         if first:  # the capture's checking replay is this call's result
+            graphs = [k for k, v in self.captured.items() if v is not None]
+            for old in graphs[:max(0, len(graphs) - self.max_graphs + 1)]:  # e.g. MoW's layout before clustering
+                del self.captured[old]
             self.captured[sig] = self.capture(inputs, sig, device)
         entry = self.captured[sig]
         if entry is None:

@@ -108,9 +108,10 @@ class ImaginationConfig:
     # torch.compile every network (opt-in; compile_networks): equal results up to float rounding, a graph the
     # compiler cannot handle runs eagerly
     compile: bool = False
-    # replay imagination from CUDA graphs (opt-in, CUDA only; mowbench.agents.graphs.GraphedCall): the same numbers
-    # (a replay is checked bitwise against eager when captured), one launch instead of ~170 kernels a horizon step;
-    # a world model that is not `capturable`, a CPU run, or a failed check runs eagerly
+    # replay imagination, and the updates where `capturable_updates`, from CUDA graphs (opt-in, CUDA only;
+    # mowbench.agents.graphs.GraphedCall): the same numbers (a replay is checked bitwise against eager when
+    # captured), one launch instead of ~170 kernels a horizon step; what is not capturable, a CPU run, or a failed
+    # check runs eagerly
     cuda_graphs: bool = False
 
     def check(self) -> None:
@@ -515,6 +516,8 @@ class ImaginationAgent(Agent):
         self.ac.load_state_dict(state["ac"])
         self.wm_opt.load_state_dict(state["wm_opt"])
         self.learner.load_state_dict(state["learner"])
+        for call in (self.rollout, self.wm_step, self.ac_step):  # the optimizers' moments are new tensors
+            call.reset()
 
     def parameter_counts(self) -> dict[str, int]:
         return {"world_model": count_parameters(self.wm.parameters()),
