@@ -83,9 +83,9 @@ def sample_categorical(probs: torch.Tensor, u: torch.Tensor | None = None) -> to
 
 
 def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """index (...,) long in [0, n) -> (..., n) one-hot of `dtype`. F.one_hot's values, without its range check,
-    which reads the index's min and max back to the host on CPU (a device sync, which a CUDA graph cannot hold;
-    tests/test_graphs.py finds syncs by running on CPU)."""
+    """index (...,) long in [0, n) -> (..., n) one-hot of `dtype`. F.one_hot's values; F.one_hot checks the range
+    by reading the index's min and max on CPU (not on CUDA), and this form reads nothing, so the host-read recorder
+    of tests/test_graphs.py, which runs on CPU, sees only the reads a GPU would wait for."""
     return (index[..., None] == torch.arange(n, device=index.device)).to(dtype)
 
 
@@ -144,7 +144,7 @@ def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q:
     flat = values.flatten()  # (R * per_row,)
     label = group.repeat_interleave(per_row, output_size=flat.numel())  # (R * per_row,), row-major like flat
     by_value, order = flat.sort()
-    by_label, regroup = label[order].sort(stable=True)
+    _, regroup = label[order].sort(stable=True)
     ordered = by_value[regroup]  # (R * per_row,): group 0's values ascending, then group 1's, ...
     counts = counts_of(group, n_groups) * per_row  # (G,)
     start = counts.cumsum(0) - counts  # (G,)
