@@ -56,8 +56,9 @@ class CudaGraphs:
     def set_rng_state(self, state: torch.Tensor, device: torch.device) -> None:
         torch.cuda.set_rng_state(state, device)
 
-    def warm_up(self, fn: Callable[[], Outputs], device: torch.device, times: int = 2) -> None:
-        """fn() `times` times on a side stream (lazy library set-up stays out of the graph), then joined."""
+    def warm_up(self, fn: Callable[[], Outputs], device: torch.device, times: int = 3) -> None:
+        """fn() `times` times on a side stream (lazy library set-up stays out of the graph; torch's whole-network
+        example warms up 3 times), then joined."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
