@@ -396,8 +396,11 @@ class ImaginationAgent(Agent):
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:
-        """With cuda_graphs=true: how many imagination shapes replay from graphs and how many run eagerly."""
-        return {"cuda_graphs": self.rollout.status()} if self.cfg.cuda_graphs else {}
+        """With cuda_graphs=true: per phase, how many input shapes replay from graphs and how many run eagerly."""
+        if not self.cfg.cuda_graphs:
+            return {}
+        calls = {"world_model_update": self.wm_step, "imagination": self.rollout, "agent_update": self.ac_step}
+        return {"cuda_graphs": {name: call.status() for name, call in calls.items()}}
 
     def new_context(self, task: int, seed: int | None = None) -> ActingContext:
         return ActingContext(task, np.random.default_rng(context_seed() if seed is None else seed))
