@@ -44,7 +44,7 @@ from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmean
 from mowbench.envs.base import TaskInfo
 from mowbench.figures import heatmap_png
 from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
-from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, auto_kernel, padding_ratio
+from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, padding_ratio, resolve_kernel
 from mowbench.ops import Grouping, Routing, balance_loss, counts_of, group_mean, harmonious_loss, topk_route
 from mowbench.replay import Batch
 
@@ -254,9 +254,7 @@ class MoWWorldModel(nn.Module):
         """Whether a rollout inside host_layout waits for nothing (WorldModel.capturable): with task-level routing
         and the grouped expert kernel, whose group offsets stay on the device. The loop kernel reads each
         layout's group sizes; token-level routing builds key masks with host-made indices."""
-        kernel = self.experts.kernel
-        device = self.assignment.device
-        return self.cfg.routing == "task" and (auto_kernel(device) if kernel == "auto" else kernel) == "grouped"
+        return self.cfg.routing == "task" and resolve_kernel(self.experts.kernel, self.assignment.device) == "grouped"
 
     @contextlib.contextmanager
     def host_layout(self, task: torch.Tensor) -> Iterator[tuple[int, ...]]:

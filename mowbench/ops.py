@@ -155,8 +155,8 @@ def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q:
     lo = ordered[(start[:, None] + below).clamp(max=last)]
     hi = ordered[(start[:, None] + above).clamp(max=last)]
     out = lo.lerp(hi, ranks - below)
-    nan = torch.zeros(n_groups, dtype=torch.long, device=flat.device).index_add_(0, label, flat.isnan().long())  # (G,)
-    out = out.masked_fill(nan[:, None] > 0, float("nan"))
+    nan = counts_of(label, n_groups, flat.isnan()) > 0  # (G,)
+    out = out.masked_fill(nan[:, None], float("nan"))
     return out.masked_fill(counts[:, None] == 0, 0.0), counts > 0
 
 
@@ -210,10 +210,12 @@ def harmonious_loss(task_losses: torch.Tensor, log_sigma: torch.Tensor, present:
     return terms.sum() if present is None else torch.where(present, terms, 0.0).sum()
 
 
-def counts_of(label: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Rows per label: label (R,) long in [0, n_groups) -> (n_groups,) long. torch.bincount's values, without its
-    reads of the labels' min and max back to the host on CUDA (two syncs a call)."""
-    return torch.zeros(n_groups, dtype=torch.long, device=label.device).index_add_(0, label, torch.ones_like(label))
+def counts_of(label: torch.Tensor, n_groups: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows per label: label (R,) long in [0, n_groups) -> (n_groups,) long; with integer `weights` (R,), their sums
+    per label. torch.bincount's values, without its reads of the labels' min and max back to the host on CUDA (two
+    syncs a call)."""
+    ones = torch.ones_like(label) if weights is None else weights.long()
+    return torch.zeros(n_groups, dtype=torch.long, device=label.device).index_add_(0, label, ones)
 
 
 def group_mean(values: torch.Tensor, label: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

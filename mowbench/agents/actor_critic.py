@@ -110,12 +110,9 @@ class ActorCriticLearner:
     def update_return_scale(self, ret: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
         """EMA step of S from the returns ret (B, H) of each group present (None: all rows in group 0);
         -> each row's S (B, 1). No host read (ops.group_quantiles), so a CUDA graph can hold it."""
-        # S is updated in place: a CUDA graph of the update reads and writes this tensor
-        if group is None or len(self.return_scale) == 1:
-            lo, hi = torch.quantile(ret.flatten(), self.quantiles)
-            self.return_scale.copy_(self.norm_decay * self.return_scale + (1 - self.norm_decay) * (hi - lo))
-            return self.return_scale.expand(ret.shape[0])[:, None]
+        group = torch.zeros(ret.shape[0], dtype=torch.long, device=ret.device) if group is None else group
         quantiles, present = group_quantiles(ret, group, len(self.return_scale), self.quantiles)  # (G, 2), (G,)
+        # S is updated in place: a CUDA graph of the update reads and writes this tensor
         new = self.norm_decay * self.return_scale + (1 - self.norm_decay) * (quantiles[:, 1] - quantiles[:, 0])
         self.return_scale.copy_(torch.where(present, new, self.return_scale))
         return self.return_scale[group][:, None]

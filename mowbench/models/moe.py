@@ -49,7 +49,7 @@ class PairLayout:
            ) -> PairLayout:
         """pad_inputs None: on CUDA only (module docstring)."""
         grouping = Grouping(pair_expert, n_experts)
-        kernel = auto_kernel(pair_expert.device) if kernel == "auto" else kernel
+        kernel = resolve_kernel(kernel, pair_expert.device)
         pad = pair_expert.device.type == "cuda" if pad_inputs is None else pad_inputs
         return cls(grouping, pair_expert[grouping.order], grouping.counts.cumsum(0).to(torch.int32), kernel, pad)
 
@@ -73,6 +73,11 @@ def auto_kernel(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         return "loop"
     return "grouped"
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel `kernel` (one of KERNELS) runs on `device`: 'auto' becomes auto_kernel's choice."""
+    return auto_kernel(device) if kernel == "auto" else kernel
 
 
 def fits_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
