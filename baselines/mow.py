@@ -241,7 +241,8 @@ class MoWWorldModel(nn.Module):
     # ---- task embedding, clusters ----
     def embed(self, task: torch.Tensor) -> torch.Tensor:
         """task (B,) -> e_k (B, E), ||e_k|| = 1. Without autograd (imagination, acting) it is reused while
-        the same `task` tensor comes back and the embedding is unchanged: a rollout asks for it ~5 times a step."""
+        the same `task` tensor comes back and the embedding is unchanged: a rollout asks for it ~5 times a step
+        (a CUDA graph's capture gets a `task` of its own: agents/graphs.py)."""
         if torch.is_grad_enabled():
             return F.normalize(self.task_embedding(task), dim=-1)
         version = self.task_embedding.weight._version
@@ -269,8 +270,8 @@ class MoWWorldModel(nn.Module):
 
     def by_cluster(self, task: torch.Tensor) -> Grouping:
         """Rows grouped by their task's VAE cluster; reused while the same `task` tensor is passed (one
-        imagination rollout), so the grouping's device sync happens once per rollout, or never inside
-        host_layout."""
+        imagination rollout; a CUDA graph's capture gets a `task` of its own: agents/graphs.py), so the grouping's
+        device sync happens once per rollout, or never inside host_layout."""
         if self._memo is None or self._memo[0] is not task:
             self._memo = (task, Grouping(self.assignment[task], len(self.clusters), self._sizes))
         return self._memo[1]
@@ -389,6 +390,12 @@ class MoWAgent(ImaginationAgent):
         self.token_routing = torch.zeros(self.n_tasks, cfg.n_experts, device=device)  # token routing: per task
         self.cluster_report: dict[str, Any] | None = None  # set by the warm-up
 
+    @property
+    def capturable_updates(self) -> bool:
+        """The updates wait for nothing inside the world model's host_layout (its groupings by cluster and the
+        per-cluster critics take the layout's sizes) wherever imagination does: task routing, grouped kernel."""
+        return self.wm.capturable
+
     def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
         return MoWWorldModel(self.cfg, len(tasks), tasks[0].image_size, self.action_dim)
 
@@ -500,7 +507,9 @@ class MoWAgent(ImaginationAgent):
         for critics in (self.ac.critics, self.ac.slow_critics):
             for critic in critics[1:]:
                 critic.load_state_dict(critics[0].state_dict())
-        self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr)  # fresh moments for the separate clusters
+        # fresh moments for the separate clusters (a graph of the update would hold the old optimizer's)
+        self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr, capturable=self.capturable_optimizers)
+        self.forget_graphs()
         self.cluster_report = {
             "clustering": cfg.clustering, "n_clusters": cfg.n_clusters, "assignment": labels.tolist(),
             "gradient_similarity": similarity, "warmup_updates": cfg.cluster_warmup_updates,

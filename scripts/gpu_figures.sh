@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of the README (issue 14): paper-preset benches of storm, monolithic and mow in bf16 with and
-# without agent.compile=true and with imagination replayed from CUDA graphs (agent.cuda_graphs=true), and a few
-# hundred real training steps of each to check bf16 stability and memory.
+# without agent.compile=true and with imagination and the updates replayed from CUDA graphs
+# (agent.cuda_graphs=true), and a few hundred real training steps of each to check bf16 stability and memory.
 #
 #   bash scripts/gpu_figures.sh STAGE OUT_DIR
 #   STAGE: env | bench | bench-compile | bench-graphs | train-storm | train-storm-graphs | train-multi | train-mow |
@@ -47,7 +47,7 @@ bench() {  # bench COMPILE: the three agents at the paper preset, bf16 (precisio
     done
 }
 
-bench_graphs() {  # the three agents with imagination captured as CUDA graphs (the bench prints cuda_graphs)
+bench_graphs() {  # the three agents with imagination and the updates as CUDA graphs (the bench prints cuda_graphs)
     for agent in storm monolithic mow; do
         local extra=""
         [ "$agent" = mow ] && extra=$mow_bench

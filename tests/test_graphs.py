@@ -130,35 +130,51 @@ def test_mow_is_capturable_only_with_task_routing_and_the_grouped_kernel():
     assert not agent_of("mow", "agent.routing=token").wm.capturable
 
 
-@pytest.mark.parametrize("name", ["storm", "monolithic", "mow"])
+@pytest.mark.parametrize("name", ["storm", "monolithic", "mow", "mow_token"])
 def test_capturable_updates_never_wait_for_the_device(name):
-    """A whole STORM update (world model, imagination, actor-critic with per-task return scales) reads nothing
-    back, so the host queues the next kernels while the GPU runs (issue 14's hot path) and CUDA graphs can hold the
-    updates (`capturable_updates`); MoW's training groupings and per-cluster critics still read sizes."""
-    agent = agent_of(name)
+    """A whole update (world model, imagination, actor-critic with per-task return scales) reads nothing back
+    inside the world model's host_layout, so the host queues the next kernels while the GPU runs (issue 14's hot
+    path) and CUDA graphs can hold the updates (`capturable_updates`). MoW reads one layout (rows per VAE
+    cluster, which are also its critics' rows) for each of its two phases that group rows by cluster, outside
+    what a graph holds; token-routed MoW is not capturable and reads inside."""
+    agent = agent_of(name.split("_")[0], *(["agent.routing=token"] if name == "mow_token" else []))
+    if name.startswith("mow"):
+        agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
 
     def sample(n, length):
         return random_batch(agent.tasks, n, length, torch.device("cpu"))
 
     agent.update(sample)
+    inside, real = [], agent.wm.host_layout
+
+    @contextlib.contextmanager
+    def spy(task):  # the reads made inside each host_layout, after its own read
+        with real(task) as layout:
+            start = len(found)
+            yield layout
+            inside.extend(found[start:])
+
+    agent.wm.host_layout = spy
     with host_syncs() as found:
         agent.update(sample)
-    assert agent.capturable_updates == (found == []), found
+    assert agent.capturable_updates == (name != "mow_token")
+    if name == "mow_token":
+        assert inside, "token routing was expected to read inside host_layout"
+        return
+    assert inside == [], inside
+    assert [where.split(":")[0] for _, where in found] == (["mow.py"] * 2 if name == "mow" else []), found
 
 
 @pytest.mark.parametrize("name", ["storm", "mow", "mow_token"])
 def test_cuda_graphs_option_on_cpu_gives_the_eager_numbers(name):
-    """No CUDA here: `cuda_graphs=true` runs imagination and the updates eagerly (MoW's updates and token-routed
-    MoW's imagination: not capturable, with a warning), and two updates and an act equal the default agent's
-    exactly."""
+    """No CUDA here: `cuda_graphs=true` runs imagination and the updates eagerly (token-routed MoW's: not
+    capturable, with a warning), and two updates and an act equal the default agent's exactly."""
     results = []
     token = ["agent.routing=token"] if name == "mow_token" else []
     for graphs in (False, True):
-        mow = name.startswith("mow")
-        with pytest.warns(UserWarning, match="not capturable") if graphs and mow else contextlib.nullcontext():
+        with pytest.warns(UserWarning, match="not capturable") if graphs and token else contextlib.nullcontext():
             agent = agent_of(name.split("_")[0], f"agent.cuda_graphs={graphs}", *token)
-        assert agent.rollout.enabled == (graphs and not token)
-        assert agent.wm_step.enabled == agent.ac_step.enabled == (graphs and not mow)
+        assert agent.rollout.enabled == agent.wm_step.enabled == agent.ac_step.enabled == (graphs and not token)
 
         def sample(n, length, agent=agent):
             return random_batch(agent.tasks, n, length, torch.device("cpu"))
@@ -196,7 +212,7 @@ def test_graphed_call_runs_eagerly_off_cuda_and_when_disabled():
 
 class EagerGraphs(CudaGraphs):
     """CUDA's part of GraphedCall, stood in for on CPU (no graph can be captured here): a 'capture' runs fn, a
-    'replay' runs it again on the static inputs and writes its outputs into the captured ones (`perturb`: off by
+    'replay' runs it again on the static inputs' values and writes its outputs into the captured ones (`perturb`: off by
     one, as a graph that computes something else; `fail`: a capture that raises, as one hitting a host sync)."""
 
     def __init__(self, perturb: bool = False, fail: bool = False) -> None:
@@ -215,14 +231,15 @@ class EagerGraphs(CudaGraphs):
         for _ in range(times):
             fn()
 
-    def capture(self, fn):
+    def capture(self, fn, inputs):
         if self.fail:
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-        outputs, backend = fn(), self
+        outputs, backend = fn(*inputs), self
 
         class Graph:
-            def replay(self):
-                for old, new in zip(flat(outputs)[0], flat(fn())[0], strict=True):
+            def replay(self):  # on copies of the static inputs: a replay finds no memo fn made in Python
+                fresh = [None if x is None else x.clone() for x in inputs]
+                for old, new in zip(flat(outputs)[0], flat(fn(*fresh))[0], strict=True):
                     old.copy_(new + 1 if backend.perturb else new)
 
         return Graph(), outputs
@@ -273,6 +290,69 @@ def test_graphed_call_takes_the_steps_eager_takes(backend):
     for a, b in zip(expected_state, [*model.parameters(), *optimizer_tensors(opt), torch.get_rng_state()],
                     strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["storm", "mow"])
+def test_graphed_agent_takes_the_updates_eager_takes(name):
+    """A whole agent with cuda_graphs=true, its three calls on the CPU stand-in for CUDA's graphs: six updates
+    (MoW: its warm-up, the clustering that makes a new world-model optimizer and forgets the graphs, then layouts
+    of two clusters) and an act give the eager agent's metrics, weights, optimizer moments, return scales and RNG
+    bitwise, so each update's `state` names every tensor it changes in place; every call ends up graphed."""
+    results = []
+    for graphs in (False, True):
+        agent = agent_of(name, f"agent.cuda_graphs={graphs}")
+        if name == "mow":
+            agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
+        calls = (agent.rollout, agent.wm_step, agent.ac_step)
+        for call in calls:
+            call.backend = EagerGraphs()
+        g = torch.Generator().manual_seed(5)
+
+        def sample(n, length, agent=agent, g=g):
+            with torch.random.fork_rng():
+                torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+                return random_batch(agent.tasks, n, length, torch.device("cpu"))
+
+        metrics = [agent.update(sample) for _ in range(6)]
+        action = agent.act(agent.new_context(0, seed=3), torch.zeros(16, 16, 3, dtype=torch.uint8).numpy())
+        state = agent.state_dict()
+        results.append((metrics, action, state, torch.get_rng_state()))
+        if graphs:
+            assert [call.status() for call in calls] == [{"graphed": 1, "eager": 0}] * 3
+    (m_e, a_e, s_e, r_e), (m_g, a_g, s_g, r_g) = results
+    assert all(e.keys() == g.keys() and all(torch.equal(e[k], g[k]) for k in e) for e, g in zip(m_e, m_g, strict=True))
+    assert a_e == a_g and torch.equal(r_e, r_g)
+    for part in ("wm", "ac", "wm_opt", "learner"):  # the optimizers' moments and steps, the return scales
+        t_e, t_g = tensors_in(s_e[part]), tensors_in(s_g[part])
+        assert len(t_e) == len(t_g) > 0 and all(torch.equal(e, g) for e, g in zip(t_e, t_g, strict=True)), part
+
+
+def tensors_in(obj) -> list[torch.Tensor]:
+    """Every tensor in nested dicts, lists and tuples, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_in(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in tensors_in(v)]
+    return []
+
+
+def test_graphed_call_gives_every_run_of_fn_input_tensors_of_its_own():
+    """Warm-ups, the capture and the check each get new input tensors: a memo keyed on an input's identity (MoW's
+    grouping and task embedding within a rollout) filled by a warm-up would be found by the capture, which would
+    then record no kernels for it, and every replay would read the warm-up's values."""
+    seen = []
+
+    def fn(x):
+        seen.append(x)
+        return (x * 2,)
+
+    call, x = GraphedCall(fn, "double", backend=EagerGraphs()), torch.ones(2)
+    for _ in range(3):
+        assert torch.equal(call(x)[0], x * 2)
+    assert call.status() == {"graphed": 1, "eager": 0} and len(seen) >= 4  # 2 warm-ups, capture, check (+ replays)
+    assert len({id(t) for t in seen}) == len(seen) and all(t is not x for t in seen)
 
 
 def test_graphed_call_captures_one_graph_per_signature_and_key_and_keeps_the_newest():

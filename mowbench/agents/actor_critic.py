@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,14 +12,24 @@ from torch import nn
 
 from mowbench.agents.base import adam
 from mowbench.models.heads import MLP, ActionHead
-from mowbench.ops import ema_, group_quantiles, lambda_returns, symlog_twohot_loss, twohot_decode, uniform_bins
+from mowbench.ops import (
+    Grouping,
+    ema_,
+    group_quantiles,
+    lambda_returns,
+    symlog_twohot_loss,
+    twohot_decode,
+    uniform_bins,
+)
 
 
 @dataclass
 class Imagined:
     """An imagined rollout. feat (B, H+1, F) = [z, h]; action (B, H) or (B, H, A); reward,
     cont (B, H); legal (B, A) bool; critic (B,) long: which critic judges each row (MoW: cluster);
-    norm (B,) long: which return scale S normalises each row's advantages (None: one S for all)."""
+    norm (B,) long: which return scale S normalises each row's advantages (None: one S for all);
+    critic_sizes: the rows of each critic, known on the host (the world model's host_layout; None: read from
+    `critic` when several critics need them)."""
 
     feat: torch.Tensor
     action: torch.Tensor
@@ -26,6 +38,7 @@ class Imagined:
     legal: torch.Tensor
     critic: torch.Tensor | None = None
     norm: torch.Tensor | None = None
+    critic_sizes: tuple[int, ...] | None = None
 
 
 class ActorCritic(nn.Module):
@@ -37,17 +50,28 @@ class ActorCritic(nn.Module):
         self.actor = ActionHead(feat_dim, width, depth, n_actions, discrete)
         self.critics = nn.ModuleList(MLP(feat_dim, width, depth, bins) for _ in range(n_critics))
         self.slow_critics = copy.deepcopy(self.critics).requires_grad_(False)
+        self._sizes: tuple[int, ...] | None = None  # rows per critic inside critic_layout
+
+    @contextlib.contextmanager
+    def critic_layout(self, sizes: tuple[int, ...] | None) -> Iterator[None]:
+        """Inside, critic_logits takes `sizes` as the rows of each critic instead of reading them from the
+        device, so an update with several critics waits for nothing (a CUDA graph can hold it)."""
+        self._sizes = sizes
+        try:
+            yield
+        finally:
+            self._sizes = None
 
     def critic_logits(self, feat: torch.Tensor, index: torch.Tensor | None, slow: bool = False) -> torch.Tensor:
+        """feat (B, T, F), index (B,) long: each row's critic -> logits (B, T, bins). Several critics: the rows
+        sorted by critic, one pass per critic present over its contiguous rows (in their original order, as a
+        boolean mask would select them: the same values), then put back in order."""
         critics = self.slow_critics if slow else self.critics
         if len(critics) == 1:
             return critics[0](feat)
         assert index is not None, "several critics need a per-row critic index"
-        out = torch.zeros(*feat.shape[:-1], critics[0].net[-1].out_features, device=feat.device, dtype=feat.dtype)
-        for i in torch.unique(index).tolist():  # one pass per critic present, rows grouped
-            rows = index == i
-            out[rows] = critics[i](feat[rows]).to(out.dtype)
-        return out
+        grouping = Grouping(index, len(critics), self._sizes)
+        return grouping.apply(lambda i, parts: critics[i](parts[0]), feat)
 
 
 class ActorCriticLearner:

@@ -66,11 +66,11 @@ class CudaGraphs:
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
 
-    def capture(self, fn: Callable[[], Outputs]) -> tuple[Any, Outputs]:
-        """A graph of fn() (its kernels recorded, not run) and the static outputs its replays write."""
+    def capture(self, fn: Callable[..., Outputs], inputs: Inputs) -> tuple[Any, Outputs]:
+        """A graph of fn(*inputs) (its kernels recorded, not run) and the static outputs its replays write."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls are theirs
-            outputs = fn()
+            outputs = fn(*inputs)
         return graph, outputs
 
     def synchronize(self, device: torch.device) -> None:
@@ -85,7 +85,10 @@ class GraphedCall:
     host-to-device copies, the same kernels for the same input shapes and key, and no state kept between calls
     other than tensors updated in place (parameters, buffers, optimizer moments; an optimizer needs
     capturable=True). Random draws come from the device's default generator, which a replay advances as eager
-    calls do.
+    calls do. fn may memoize on its inputs' identity within one call (MoW reuses a grouping and the task
+    embedding across a rollout's steps): each call GraphedCall makes of fn gets input tensors of its own, so a
+    memo filled by a warm-up is never found by the capture, which would then record no kernels for it and
+    replay its stale values.
 
     A signature's graph is captured at its first call, or, with `state` (the tensors fn changes in place: a
     training step), at its second, after an eager call has made lazily created state (an optimizer's moments).
@@ -151,13 +154,16 @@ class GraphedCall:
             for t, s in zip(state, saved, strict=True):
                 t.copy_(s)
 
+        def fresh() -> Inputs:  # new tensor objects with the static inputs' values (see the class's docstring)
+            return tuple(None if x is None else x.clone() for x in static)
+
         try:
-            backend.warm_up(lambda: self.fn(*static), device)
+            backend.warm_up(lambda: self.fn(*fresh()), device)
             rewind()
-            graph, captured = backend.capture(lambda: self.fn(*static))
+            graph, captured = backend.capture(self.fn, static)
             outputs, keys = flat(captured)
             rewind()  # a capture runs nothing; its stand-in in tests does
-            expected, _ = flat(self.fn(*static))
+            expected, _ = flat(self.fn(*fresh()))
             expected_state = [t.detach().clone() for t in state]
             rewind()
             graph.replay()

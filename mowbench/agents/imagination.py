@@ -58,9 +58,11 @@ class WorldModel(Protocol):
         """Which critic judges rows of these tasks (B,), or None when there is one critic."""
 
     def host_layout(self, task: torch.Tensor) -> AbstractContextManager[Hashable]:
-        """A context, around one rollout over rows of these tasks, in which the model's computation needs nothing
-        more from the device than the host facts it yields (MoW: rows per VAE cluster, read once here for all of
-        its groupings); it yields None when there are none (STORM). A CUDA graph is captured per yielded value."""
+        """A context, around one rollout or world-model update over rows of these tasks, in which the model's
+        computation needs nothing more from the device than the host facts it yields (MoW: rows per VAE cluster,
+        read once here for all of its groupings); it yields None when there are none (STORM). A CUDA graph is
+        captured per yielded value. With several critics it yields the rows of each critic (critic_index's
+        counts), which the actor-critic update's grouping then takes instead of reading them."""
 
     # True when imagination (encode, sequence, prior, reward, termination, features on fixed shapes, inside
     # host_layout) never waits for the device, so a CUDA graph can hold it (cuda_graphs); tests/test_graphs.py
@@ -257,7 +259,8 @@ class ImaginationAgent(Agent):
         self.ac = ActorCritic(self.wm.feature_dim, self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth,
                               cfg.bins, n_critics=n_critics).to(device)
         graph_updates = cfg.cuda_graphs and self.capturable_updates
-        capturable = graph_updates and device.type == "cuda"  # optimizers a CUDA graph can hold
+        # optimizers a CUDA graph can hold (MoW makes its world model's anew after the clustering)
+        self.capturable_optimizers = capturable = graph_updates and device.type == "cuda"
         self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr, capturable=capturable)
         self.learner = ActorCriticLearner(
             self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
@@ -316,8 +319,9 @@ class ImaginationAgent(Agent):
     # ---- the three phases of an update ----
     def update_world_model(self, batch: Batch) -> Metrics:
         self.wm.train()
-        return self.wm_step(batch.obs, batch.action, batch.reward, batch.terminal, batch.task, batch.legal,
-                            *(batch.extras[name] for name in self.replay_fields()))
+        with self.wm.host_layout(batch.task) as layout:
+            return self.wm_step(batch.obs, batch.action, batch.reward, batch.terminal, batch.task, batch.legal,
+                                *(batch.extras[name] for name in self.replay_fields()), key=layout)
 
     def world_model_step(self, batch: Batch) -> Metrics:
         """One optimizer step of the world model on a replayed batch (`wm_step`: replayed from a CUDA graph with
@@ -337,7 +341,7 @@ class ImaginationAgent(Agent):
         with self.wm.host_layout(batch.task) as layout:
             feat, action, reward, cont = self.rollout(batch.obs, batch.action, batch.task, batch.legal, key=layout)
         return Imagined(feat, action, reward, cont, batch.legal, self.wm.critic_index(batch.task),
-                        self.norm_index(batch.task))
+                        self.norm_index(batch.task), layout if self.wm.n_critics > 1 else None)
 
     def imagine_tensors(self, obs: torch.Tensor, action: torch.Tensor, task: torch.Tensor, legal: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -370,7 +374,9 @@ class ImaginationAgent(Agent):
 
     def update_actor_critic(self, traj: Imagined) -> Metrics:
         self.ac.train()
-        return self.ac_step(traj.feat, traj.action, traj.reward, traj.cont, traj.legal, traj.critic, traj.norm)
+        with self.ac.critic_layout(traj.critic_sizes):
+            return self.ac_step(traj.feat, traj.action, traj.reward, traj.cont, traj.legal, traj.critic, traj.norm,
+                                key=traj.critic_sizes)
 
     # ---- Agent interface ----
     def per_task_batch(self) -> dict[str, int]:
@@ -519,7 +525,12 @@ class ImaginationAgent(Agent):
         self.ac.load_state_dict(state["ac"])
         self.wm_opt.load_state_dict(state["wm_opt"])
         self.learner.load_state_dict(state["learner"])
-        for call in (self.rollout, self.wm_step, self.ac_step):  # the optimizers' moments are new tensors
+        self.forget_graphs()  # the optimizers' moments are new tensors
+
+    def forget_graphs(self) -> None:
+        """Drop every CUDA graph: after tensors a graph reads were replaced rather than updated in place (an
+        optimizer made anew or loaded)."""
+        for call in (self.rollout, self.wm_step, self.ac_step):
             call.reset()
 
     def parameter_counts(self) -> dict[str, int]:
