@@ -214,7 +214,7 @@ class MoWWorldModel(nn.Module):
     def __init__(self, cfg: MoWConfig, n_tasks: int, image_size: int, action_dim: int) -> None:
         super().__init__()
         self.cfg, self.n_tasks = cfg, n_tasks
-        self.latent_dim = cfg.n_vars * cfg.n_classes
+        self.latent_vars, self.latent_dim = cfg.n_vars, cfg.n_vars * cfg.n_classes
         e = cfg.embed_dim
         self.feature_dim = self.latent_dim + cfg.width + e  # [z, h, sg(e_k)]
         self.n_critics = cfg.n_clusters  # one critic per VAE cluster

@@ -113,7 +113,7 @@ class STORMWorldModel(nn.Module):
                  embed_dim: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.latent_dim = cfg.n_vars * cfg.n_classes
+        self.latent_vars, self.latent_dim = cfg.n_vars, cfg.n_vars * cfg.n_classes
         self.embed_dim = embed_dim
         self.feature_dim = self.latent_dim + cfg.width  # [z, h]
         self.n_critics = 1

@@ -147,7 +147,8 @@ EVAL_EPISODE_STEPS = {"atari100k": 2000, "metaworld": 100, "minatar": 500}
 
 def acting_figures(agent: Any, envs: list[Any], act_steps: int) -> dict[str, float]:
     """Env steps per second of training-time acting: one stream per task (a multi-task agent: all its tasks)
-    acting in one batch per round, env steps included, after a full acting window (e.g. STORM's 16 frames)."""
+    acting in one batch per round, env steps included, after a full acting window (e.g. STORM's 16 frames) and a
+    few rounds more."""
     contexts, obs = [agent.new_context(i) for i in range(len(envs))], [e.reset() for e in envs]
 
     def one_round() -> None:
@@ -155,7 +156,7 @@ def acting_figures(agent: Any, envs: list[Any], act_steps: int) -> dict[str, flo
             step = env.step(action)
             obs[i] = env.reset() if step.done else step.obs
 
-    for _ in range(16):
+    for _ in range(24):  # a full acting window (STORM: 16 frames) and a few rounds more (cuda_graphs: the capture)
         one_round()
     rounds = max(1, -(-act_steps // len(envs)))
     t = time.perf_counter()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -124,6 +125,26 @@ def test_a_capturable_rollout_never_waits_for_the_device(name):
     assert found == []
 
 
+@pytest.mark.parametrize("name", ["storm", "monolithic", "mow"])
+def test_capturable_acting_never_waits_for_the_device(name):
+    """Acting on streams with full contexts (act_tensors, what a CUDA graph holds) reads nothing back inside
+    host_layout; the actions' read for the envs comes after it."""
+    agent = agent_of(name)
+    if name == "mow":
+        agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
+    contexts = [agent.new_context(i, seed=i) for i in range(len(agent.tasks))]
+    obs = [torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy() for _ in contexts]
+    for _ in range(agent.cfg.act_context):
+        agent.act_batch(contexts, obs)
+    task = torch.arange(len(contexts))
+    z, a = torch.stack([c.z for c in contexts]), torch.stack([c.action for c in contexts])
+    u = torch.rand(len(contexts), 2 * agent.wm.latent_vars + 1)
+    obs_t = torch.as_tensor(np.stack(obs))[:, None]
+    with agent.wm.host_layout(task) as layout, host_syncs() as found:
+        actions, z_obs = agent.act_steps[False](obs_t, z, a, task, u, key=layout)
+    assert found == [] and actions.shape == (len(contexts),) and z_obs.shape == z[:, 0].shape
+
+
 def test_mow_is_capturable_only_with_task_routing_and_the_grouped_kernel():
     assert agent_of("mow", "agent.expert_kernel=grouped").wm.capturable
     assert not agent_of("mow", "agent.expert_kernel=loop").wm.capturable
@@ -174,7 +195,8 @@ def test_cuda_graphs_option_on_cpu_gives_the_eager_numbers(name):
     for graphs in (False, True):
         with pytest.warns(UserWarning, match="not capturable") if graphs and token else contextlib.nullcontext():
             agent = agent_of(name.split("_")[0], f"agent.cuda_graphs={graphs}", *token)
-        assert agent.rollout.enabled == agent.wm_step.enabled == agent.ac_step.enabled == (graphs and not token)
+        calls = (agent.rollout, agent.wm_step, agent.ac_step, *agent.act_steps.values())
+        assert all(call.enabled == (graphs and not token) for call in calls)
 
         def sample(n, length, agent=agent):
             return random_batch(agent.tasks, n, length, torch.device("cpu"))
@@ -188,7 +210,7 @@ def test_cuda_graphs_option_on_cpu_gives_the_eager_numbers(name):
                                                              "s_per_train_step": 1.0, "s_per_imagination": 1.0})
         if graphs:  # the bench's report: nothing captured off CUDA
             assert extras["cuda_graphs"] == dict.fromkeys(
-                ("world_model_update", "imagination", "agent_update"), {"graphed": 0, "eager": 0})
+                ("world_model_update", "imagination", "agent_update", "acting"), {"graphed": 0, "eager": 0})
         else:
             assert "cuda_graphs" not in extras
     (m_e, a_e, w_e), (m_g, a_g, w_g) = results
@@ -294,16 +316,17 @@ def test_graphed_call_takes_the_steps_eager_takes(backend):
 
 @pytest.mark.parametrize("name", ["storm", "mow"])
 def test_graphed_agent_takes_the_updates_eager_takes(name):
-    """A whole agent with cuda_graphs=true, its three calls on the CPU stand-in for CUDA's graphs: six updates
-    (MoW: its warm-up, the clustering that makes a new world-model optimizer and forgets the graphs, then layouts
-    of two clusters) and an act give the eager agent's metrics, weights, optimizer moments, return scales and RNG
-    bitwise, so each update's `state` names every tensor it changes in place; every call ends up graphed."""
+    """A whole agent with cuda_graphs=true, its calls on the CPU stand-in for CUDA's graphs: six updates (MoW: its
+    warm-up, the clustering that makes a new world-model optimizer and forgets the graphs, then layouts of two
+    clusters) and acting (streams whose contexts fill up, sampled and greedy) give the eager agent's metrics,
+    actions, weights, optimizer moments, return scales and RNG bitwise, so each update's `state` names every
+    tensor it changes in place; every call ends up graphed."""
     results = []
     for graphs in (False, True):
         agent = agent_of(name, f"agent.cuda_graphs={graphs}")
         if name == "mow":
             agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
-        calls = (agent.rollout, agent.wm_step, agent.ac_step)
+        calls = (agent.rollout, agent.wm_step, agent.ac_step, *agent.act_steps.values())
         for call in calls:
             call.backend = EagerGraphs()
         g = torch.Generator().manual_seed(5)
@@ -314,17 +337,30 @@ def test_graphed_agent_takes_the_updates_eager_takes(name):
                 return random_batch(agent.tasks, n, length, torch.device("cpu"))
 
         metrics = [agent.update(sample) for _ in range(6)]
-        action = agent.act(agent.new_context(0, seed=3), torch.zeros(16, 16, 3, dtype=torch.uint8).numpy())
+        actions = acting(agent)
         state = agent.state_dict()
-        results.append((metrics, action, state, torch.get_rng_state()))
+        results.append((metrics, actions, state, torch.get_rng_state()))
         if graphs:
-            assert [call.status() for call in calls] == [{"graphed": 1, "eager": 0}] * 3
+            assert [call.status() for call in calls] == [{"graphed": 1, "eager": 0}] * 5
     (m_e, a_e, s_e, r_e), (m_g, a_g, s_g, r_g) = results
     assert all(e.keys() == g.keys() and all(torch.equal(e[k], g[k]) for k in e) for e, g in zip(m_e, m_g, strict=True))
+    assert len(set(map(str, a_e))) > 1  # the streams' actions vary
     assert a_e == a_g and torch.equal(r_e, r_g)
     for part in ("wm", "ac", "wm_opt", "learner"):  # the optimizers' moments and steps, the return scales
         t_e, t_g = tensors_in(s_e[part]), tensors_in(s_g[part])
         assert len(t_e) == len(t_g) > 0 and all(torch.equal(e, g) for e, g in zip(t_e, t_g, strict=True)), part
+
+
+def acting(agent) -> list:
+    """Actions of a stream per task over act_context + 4 rounds, every third round greedy: the contexts are of one
+    length from the second round on (act_tensors), full from round act_context on."""
+    contexts = [agent.new_context(i, seed=3 + i) for i in range(len(agent.tasks))]
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for step in range(agent.cfg.act_context + 4):
+        obs = [torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8, generator=g).numpy() for _ in contexts]
+        out += agent.act_batch(contexts, obs, greedy=step % 3 == 2)
+    return out
 
 
 def tensors_in(obj) -> list[torch.Tensor]:

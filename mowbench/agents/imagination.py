@@ -5,6 +5,7 @@ and a config; a method that does not imagine (planning with MPPI or MCTS) implem
 
 from __future__ import annotations
 
+import functools
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Hashable
@@ -30,6 +31,7 @@ class WorldModel(Protocol):
     single-task model ignores. z: (B, T, V*C) one-hot latents; h: (B, T, D) sequence features."""
 
     feature_dim: int  # size of the actor/critic input `features` builds
+    latent_vars: int  # V, the categorical variables of z (acting draws V uniforms for each sample of z)
     n_critics: int  # critics the agent keeps (MoW: one per VAE cluster)
 
     def encode(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
@@ -277,6 +279,11 @@ class ImaginationAgent(Agent):
         # CUDA graphs (cuda_graphs=true; agents.graphs): imagination, and the two updates with the tensors they
         # change in place, so that a graph's warm-up and check can be undone
         self.rollout = GraphedCall(self.imagine_tensors, "imagination", cfg.cuda_graphs and self.wm.capturable)
+        # acting when every stream's context is full (act_refresh=1: training's acting after its first act_context
+        # steps; evaluation's streams, which start at different times, mostly act eagerly); sampled and greedy
+        # acting are two functions, so two calls
+        self.act_steps = {greedy: GraphedCall(functools.partial(self.act_tensors, greedy=greedy), "acting",
+                                              cfg.cuda_graphs and self.wm.capturable) for greedy in (False, True)}
         self.wm_step = GraphedCall(
             lambda *t: self.world_model_step(Batch(*t[:6], extras=dict(zip(self.replay_fields(), t[6:], strict=True)))),
             "world-model update", graph_updates,
@@ -405,8 +412,10 @@ class ImaginationAgent(Agent):
         """With cuda_graphs=true: per phase, how many input shapes replay from graphs and how many run eagerly."""
         if not self.cfg.cuda_graphs:
             return {}
-        calls = {"world_model_update": self.wm_step, "imagination": self.rollout, "agent_update": self.ac_step}
-        return {"cuda_graphs": {name: call.status() for name, call in calls.items()}}
+        calls = {"world_model_update": [self.wm_step], "imagination": [self.rollout], "agent_update": [self.ac_step],
+                 "acting": list(self.act_steps.values())}
+        return {"cuda_graphs": {name: {k: sum(call.status()[k] for call in group) for k in ("graphed", "eager")}
+                                for name, group in calls.items()}}
 
     def new_context(self, task: int, seed: int | None = None) -> ActingContext:
         return ActingContext(task, np.random.default_rng(context_seed() if seed is None else seed))
@@ -426,8 +435,10 @@ class ImaginationAgent(Agent):
 
         All streams are encoded, and all that have a context act, in one pass each. Each stream draws its
         random numbers from its own generator, in a fixed order (prior sample, action, encoding), so its
-        actions do not depend on the streams beside it. h comes from `context_h` (act_refresh 1: exact) or
-        `cached_h` (act_refresh > 1)."""
+        actions do not depend on the streams beside it. When every stream has a context of the same length
+        (act_refresh 1), one pure call does it all (`act_tensors`; with full contexts replayed from a CUDA graph
+        with cuda_graphs=true); otherwise h comes from `context_h` (act_refresh 1: exact) or `cached_h`
+        (act_refresh > 1) and streams without a context act uniformly at random."""
         if self.wm.training:  # a full eval() walks every module: only after an update
             self.wm.eval()
         if self.ac.training:
@@ -435,34 +446,24 @@ class ImaginationAgent(Agent):
         n = len(contexts)
         task = torch.tensor([c.task for c in contexts], device=self.device)  # (n,)
         obs_t = torch.as_tensor(np.stack(obs), device=self.device)[:, None]  # (n, 1, S, S, 3)
-        with self.autocast():
-            enc = self.wm.encode(obs_t, task)  # (n, 1, V, C)
-        v, width = enc.shape[-2], 1 if self.discrete else self.action_dim
+        v, width = self.wm.latent_vars, 1 if self.discrete else self.action_dim
         for c in contexts:
             if c.rng is None:
                 c.rng = np.random.default_rng(context_seed())
         # per stream: V uniforms for the prior sample, V for the encoding, `width` for the action
         u = torch.as_tensor(np.stack([c.rng.random(2 * v + width, dtype=np.float32) for c in contexts]),
                             device=self.device)  # (n, 2V + width)
-        u_prior, u_enc, u_act = u[:, :v, None], u[:, v:2 * v, None], u[:, 2 * v:]
-        legal = self.legal[task]  # (n, A)
-        if self.discrete:
-            actions = random_legal(legal, u_act[:, 0])  # (n,): streams without a context keep these, as STORM
-        else:
-            actions = u_act * 2 - 1  # (n, A) uniform in [-1, 1]
         lengths = [0 if c.z is None else len(c.z) for c in contexts]
-        rows = [i for i in range(n) if lengths[i]]  # streams with a context
-        with self.autocast():
-            if rows:
-                h = (self.context_h if self.cfg.act_refresh == 1 else self.cached_h)(contexts, lengths, task)
-                idx = torch.tensor(rows, device=self.device)
-                h = h[idx]  # (r, 1, D)
-                z_next = sample_z(self.wm.prior(h, task[idx]), u_prior[idx, None])  # (r, 1, V*C)
-                dist = self.ac.actor(self.wm.features(z_next, h, task[idx]), legal[idx, None])
-                chosen = dist.mode() if greedy else dist.sample(u_act[idx, None, :1] if self.discrete
-                                                                else u_act[idx, None])  # (r, 1) or (r, 1, A)
-                actions[idx] = chosen[:, 0].to(actions.dtype)
-            z_obs = sample_z(enc, u_enc[:, None]).float()[:, 0]  # (n, V*C)
+        if self.cfg.act_refresh == 1 and lengths[0] and lengths.count(lengths[0]) == n:
+            z = torch.stack([c.z for c in contexts])  # (n, L, V*C)
+            a = torch.stack([c.action for c in contexts])  # (n, L) or (n, L, A)
+            if lengths[0] == self.cfg.act_context:  # training's steady state: one graph (shorter contexts are eager)
+                with self.wm.host_layout(task) as layout:
+                    actions, z_obs = self.act_steps[greedy](obs_t, z, a, task, u, key=layout)
+            else:
+                actions, z_obs = self.act_tensors(obs_t, z, a, task, u, greedy)
+        else:
+            actions, z_obs = self.act_streams(contexts, lengths, obs_t, task, u, greedy)
         keep = self.cfg.act_context - 1
         for i, c in enumerate(contexts):
             if c.z is None:
@@ -470,10 +471,54 @@ class ImaginationAgent(Agent):
             else:
                 c.z = torch.cat([c.z[-keep:] if keep else c.z[:0], z_obs[i:i + 1]])
                 c.action = torch.cat([c.action[-keep:] if keep else c.action[:0], actions[i:i + 1]])
-        if rows and self.cfg.act_refresh > 1:  # the session (cached_h) now holds the histories as they are
+        if self.cfg.act_refresh > 1 and any(lengths):  # the session (cached_h) now holds the histories as they are
             contexts[0].session.z = [c.z for c in contexts]
         out = actions.cpu().numpy()
         return [int(a) for a in out] if self.discrete else [a.astype(np.float32) for a in out]
+
+    def act_tensors(self, obs: torch.Tensor, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor,
+                    u: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streams that all have a context of one length: obs (n, 1, S, S, 3), their contexts z (n, L, V*C) and
+        action (n, L) or (n, L, A), task (n,), uniforms u (n, 2V + width) -> actions (n,) long or (n, A), and the
+        frame's latent sample (n, V*C). Tensors in, tensors out, no host read in a capturable world model: what
+        a CUDA graph can hold. The same values as act_streams (one pass over the whole window)."""
+        v = self.wm.latent_vars
+        with self.autocast():
+            enc = self.wm.encode(obs, task)  # (n, 1, V, C)
+            h = self.wm.sequence(z, self.action_input(action), task)[:, -1:]  # (n, 1, D)
+            chosen = self.policy(h, task, u, greedy)
+            z_obs = sample_z(enc, u[:, v:2 * v, None][:, None]).float()[:, 0]  # (n, V*C)
+        return chosen.to(torch.long if self.discrete else torch.float32), z_obs
+
+    def policy(self, h: torch.Tensor, task: torch.Tensor, u: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """The action of each row from h (r, 1, D) after its context: the actor on [prior sample of z, h], with
+        the row's uniforms u (r, 2V + width) -> (r,) or (r, A)."""
+        v = self.wm.latent_vars
+        z_next = sample_z(self.wm.prior(h, task), u[:, None, :v, None])  # (r, 1, V*C)
+        dist = self.ac.actor(self.wm.features(z_next, h, task), self.legal[task][:, None])
+        u_act = u[:, None, 2 * v:]  # (r, 1, width)
+        chosen = dist.mode() if greedy else dist.sample(u_act[..., :1] if self.discrete else u_act)
+        return chosen[:, 0]  # (r,) or (r, A)
+
+    def act_streams(self, contexts: list[ActingContext], lengths: list[int], obs: torch.Tensor, task: torch.Tensor,
+                    u: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """act_tensors' outputs for streams with contexts of several lengths, some without (they act uniformly at
+        random among legal actions, as STORM's first steps), or with act_refresh > 1."""
+        n, v = len(contexts), self.wm.latent_vars
+        u_act = u[:, 2 * v:]
+        if self.discrete:
+            actions = random_legal(self.legal[task], u_act[:, 0])  # (n,)
+        else:
+            actions = u_act * 2 - 1  # (n, A) uniform in [-1, 1]
+        rows = [i for i in range(n) if lengths[i]]  # streams with a context
+        with self.autocast():
+            enc = self.wm.encode(obs, task)  # (n, 1, V, C)
+            if rows:
+                h = (self.context_h if self.cfg.act_refresh == 1 else self.cached_h)(contexts, lengths, task)
+                idx = torch.tensor(rows, device=self.device)
+                actions[idx] = self.policy(h[idx], task[idx], u[idx], greedy).to(actions.dtype)
+            z_obs = sample_z(enc, u[:, v:2 * v, None][:, None]).float()[:, 0]  # (n, V*C)
+        return actions, z_obs
 
     def context_h(self, contexts: list[ActingContext], lengths: list[int], task: torch.Tensor) -> torch.Tensor:
         """h (n, 1, D) after each stream's whole context, recomputed (exact): streams with the same context length
