@@ -236,6 +236,7 @@ class MoWWorldModel(nn.Module):
         self.register_buffer("tau", torch.tensor(float(cfg.tau_start)))
         self._memo: tuple[torch.Tensor, Grouping] | None = None
         self._sizes: tuple[int, ...] | None = None  # rows per cluster inside host_layout
+        self._host_assignment: tuple[torch.Tensor, int, tuple[int, ...]] | None = None  # host_assignment's memo
         self._embed_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     # ---- task embedding, clusters ----
@@ -258,15 +259,31 @@ class MoWWorldModel(nn.Module):
         return self.cfg.routing == "task" and resolve_kernel(self.experts.kernel, self.assignment.device) == "grouped"
 
     @contextlib.contextmanager
-    def host_layout(self, task: torch.Tensor) -> Iterator[tuple[int, ...]]:
-        """Rows of these tasks per VAE cluster, read from the device once, which the groupings made inside (by
-        cluster: the VAEs and heads) take instead of reading their own (WorldModel.host_layout)."""
-        sizes = tuple(counts_of(self.assignment[task], len(self.clusters)).tolist())
+    def host_layout(self, task: torch.Tensor, task_counts: tuple[int, ...] | None = None
+                    ) -> Iterator[tuple[int, ...]]:
+        """Rows of these tasks per VAE cluster, which the groupings made inside (by cluster: the VAEs and heads)
+        take instead of reading their own (WorldModel.host_layout): from the rows per task where the host knows
+        them (a replay batch, acting streams), else read from the device once."""
+        if task_counts is None:
+            sizes = tuple(counts_of(self.assignment[task], len(self.clusters)).tolist())
+        else:
+            assert len(task_counts) == self.n_tasks and sum(task_counts) == len(task), (task_counts, len(task))
+            cluster, per = self.host_assignment(), [0] * len(self.clusters)
+            for k, rows in enumerate(task_counts):
+                per[cluster[k]] += rows
+            sizes = tuple(per)
         self._sizes = sizes
         try:
             yield sizes
         finally:
             self._sizes = None
+
+    def host_assignment(self) -> tuple[int, ...]:
+        """`assignment` on the host, read from the device once each time it changes (the clustering, a load)."""
+        memo = self._host_assignment
+        if memo is None or memo[0] is not self.assignment or memo[1] != self.assignment._version:
+            memo = self._host_assignment = (self.assignment, self.assignment._version, tuple(self.assignment.tolist()))
+        return memo[2]
 
     def by_cluster(self, task: torch.Tensor) -> Grouping:
         """Rows grouped by their task's VAE cluster; reused while the same `task` tensor is passed (one

@@ -128,7 +128,8 @@ class STORMWorldModel(nn.Module):
         self.reward_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, cfg.bins)
         self.termination_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, 1)
 
-    def host_layout(self, task: torch.Tensor) -> contextlib.nullcontext[None]:
+    def host_layout(self, task: torch.Tensor, task_counts: tuple[int, ...] | None = None
+                    ) -> contextlib.nullcontext[None]:
         """Nothing of the batch is read on the host (WorldModel.host_layout)."""
         return contextlib.nullcontext()
 

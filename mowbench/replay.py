@@ -3,7 +3,6 @@ stratified by task for multi-task agents."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,8 @@ class StepField:
 class Batch:
     """Sequences from replay. obs (B, T, S, S, 3) uint8; action (B, T) long or (B, T, A) float;
     reward, terminal (B, T) float; task (B,) long; legal (B, A) bool; extras: the optional per-step fields
-    the agent declared, name -> (B, T, *shape)."""
+    the agent declared, name -> (B, T, *shape); task_counts: the rows of each task, known on the host where
+    the batch was drawn (so a world model need not read them back from the device; None: not known)."""
 
     obs: torch.Tensor
     action: torch.Tensor
@@ -36,6 +36,11 @@ class Batch:
     task: torch.Tensor
     legal: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_counts: tuple[int, ...] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """obs, action, reward, terminal, task and legal, in that order."""
+        return [self.obs, self.action, self.reward, self.terminal, self.task, self.legal]
 
     def to(self, device: torch.device) -> Batch:
         """The batch on `device`. From CPU to CUDA through pinned (page-locked) memory with non-blocking copies:
@@ -47,13 +52,12 @@ class Batch:
         def move(x: torch.Tensor) -> torch.Tensor:
             return (x.pin_memory() if pin else x).to(device, non_blocking=pin)
 
-        return Batch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extras"),
-                     extras={k: move(v) for k, v in self.extras.items()})
+        return Batch(*map(move, self.tensors()), extras={k: move(v) for k, v in self.extras.items()},
+                     task_counts=self.task_counts)
 
     def rows(self, index: torch.Tensor) -> Batch:
-        """The sequences at `index` (R,) as a smaller Batch."""
-        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self) if f.name != "extras"),
-                     extras={k: v[index] for k, v in self.extras.items()})
+        """The sequences at `index` (R,) as a smaller Batch (its task counts unknown on the host)."""
+        return Batch(*(x[index] for x in self.tensors()), extras={k: v[index] for k, v in self.extras.items()})
 
 
 def random_batch(tasks: list[TaskInfo], n: int, length: int, device: torch.device,
@@ -61,6 +65,7 @@ def random_batch(tasks: list[TaskInfo], n: int, length: int, device: torch.devic
     """n random sequences of `length` steps over `tasks`, stratified like Replay.sample (rows of task k: k,
     k + N, ...): uniform pixels, legal random actions, normal rewards, 1% terminals. For benchmarks and tests."""
     task = torch.arange(n, device=device) % len(tasks)
+    counts = tuple(n // len(tasks) + (k < n % len(tasks)) for k in range(len(tasks)))
     space, size = tasks[0].action, tasks[0].image_size
     legal = torch.as_tensor(np.stack([t.action.legal_mask() for t in tasks]), device=device)
     if space.discrete:  # a uniform choice among each row's legal actions
@@ -72,7 +77,7 @@ def random_batch(tasks: list[TaskInfo], n: int, length: int, device: torch.devic
     return Batch(obs=torch.randint(0, 256, (n, length, size, size, 3), dtype=torch.uint8, device=device),
                  action=action, reward=torch.randn(n, length, device=device),
                  terminal=(torch.rand(n, length, device=device) < 0.01).float(), task=task, legal=legal[task],
-                 extras=extras)
+                 extras=extras, task_counts=counts)
 
 
 class TaskReplay:
@@ -205,8 +210,8 @@ class Replay:
         return Batch(obs=cat([b.obs[i] for _, i, b in parts]), action=cat([b.action[i] for _, i, b in parts]),
                      reward=cat([b.reward[i] for _, i, b in parts]), terminal=cat([b.terminal[i] for _, i, b in parts]),
                      task=task, legal=self.legal[task],
-                     extras={name: cat([b.extras[name][i] for _, i, b in parts]) for name in self.fields}
-                     ).to(self.train_device)
+                     extras={name: cat([b.extras[name][i] for _, i, b in parts]) for name in self.fields},
+                     task_counts=tuple(int(c) for c in counts)).to(self.train_device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffers": [b.state_dict() for b in self.buffers], "rng": self.rng.bit_generator.state}

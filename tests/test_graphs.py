@@ -5,6 +5,7 @@ graph can hold; `capturable`), found by recording every op that reads a device v
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import traceback
 
 import numpy as np
@@ -17,7 +18,7 @@ from mowbench.agents.graphs import CudaGraphs, GraphedCall, flat, optimizer_tens
 from mowbench.config import compose_config
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.ops import one_hot
-from mowbench.replay import random_batch
+from mowbench.replay import Replay, random_batch
 from tests.conftest import MICRO
 
 TASKS = [TaskInfo("minatar", f"t{k}", k, 16, ActionSpace(True, 6)) for k in range(3)]
@@ -102,9 +103,10 @@ def agent_of(name: str, *overrides: str):
 @pytest.mark.parametrize("name", ["storm", "monolithic", "mow"])
 def test_a_capturable_rollout_never_waits_for_the_device(name):
     """Inside the world model's host_layout, imagination reads nothing back from the device, so a CUDA graph can
-    hold it: STORM's and the monolithic STORM's whole imagine; MoW's after one read of the rows per VAE cluster (the
-    layout), with the grouped expert kernel padding its token mixer's misfit input width as on CUDA. Run after the
-    warm-up update (MoW: its clustering), on a batch of every task, as an update imagines."""
+    hold it, with the grouped expert kernel padding MoW's token mixer's misfit input width as on CUDA; MoW's
+    layout (rows per VAE cluster) comes from the batch's rows per task, or, where the host does not know them,
+    from one read. Run after the warm-up update (MoW: its clustering), on a batch of every task, as an update
+    imagines."""
     agent = agent_of(name)
     if name == "mow":
         agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
@@ -116,8 +118,11 @@ def test_a_capturable_rollout_never_waits_for_the_device(name):
     batch = sample(agent.cfg.imag_per_task * len(agent.tasks), agent.cfg.imag_context)
     assert agent.wm.capturable
     with host_syncs() as found:
-        agent.imagine(batch)
-    assert [where.split(":")[0] for _, where in found] == (["mow.py"] if name == "mow" else [])  # the layout
+        agent.imagine(batch)  # the layout from the batch's rows per task, known on the host
+    assert found == []
+    with host_syncs() as found:
+        agent.imagine(dataclasses.replace(batch, task_counts=None))
+    assert [where.split(":")[0] for _, where in found] == (["mow.py"] if name == "mow" else [])  # the layout's read
     with agent.wm.host_layout(batch.task) as layout:
         assert layout is None if name != "mow" else sum(layout) == len(batch.task)  # rows per cluster
         with host_syncs() as found:
@@ -145,6 +150,32 @@ def test_capturable_acting_never_waits_for_the_device(name):
     assert found == [] and actions.shape == (len(contexts),) and z_obs.shape == z[:, 0].shape
 
 
+def test_mow_layout_from_the_hosts_rows_per_task_equals_the_devices():
+    """MoW's layout (rows per VAE cluster) computed on the host from a batch's rows per task equals the one read from
+    the device: for replay batches whose stratified counts vary (7 rows over 3 tasks), random batches, before and
+    after the clustering changes the assignment; a subset of rows (Batch.rows) has no host counts."""
+    agent = agent_of("mow")
+    replay = Replay(40, agent.tasks, torch.device("cpu"), seed=0)
+    for k in range(len(agent.tasks)):
+        for _ in range(12):
+            replay.add(k, np.zeros((16, 16, 3), np.uint8), 1, 0.0, False)
+
+    def layouts(batch):
+        with agent.wm.host_layout(batch.task, batch.task_counts) as host, agent.wm.host_layout(batch.task) as read:
+            return host, read
+
+    for clustered in (False, True):
+        if clustered:
+            agent.update(lambda n, length: random_batch(agent.tasks, n, length, torch.device("cpu")))
+        batches = [replay.sample(7, 4) for _ in range(5)] + [random_batch(agent.tasks, 7, 4, torch.device("cpu"))]
+        assert len({b.task_counts for b in batches}) > 1  # the remainder row goes to different tasks
+        for batch in batches:
+            host, read = layouts(batch)
+            assert host == read and sum(host) == 7, (host, read)
+        assert len(set(agent.wm.host_assignment())) == (2 if clustered else 1)
+    assert batches[0].rows(torch.tensor([0, 1])).task_counts is None
+
+
 def test_mow_is_capturable_only_with_task_routing_and_the_grouped_kernel():
     assert agent_of("mow", "agent.expert_kernel=grouped").wm.capturable
     assert not agent_of("mow", "agent.expert_kernel=loop").wm.capturable
@@ -155,9 +186,9 @@ def test_mow_is_capturable_only_with_task_routing_and_the_grouped_kernel():
 def test_capturable_updates_never_wait_for_the_device(name):
     """A whole update (world model, imagination, actor-critic with per-task return scales) reads nothing back
     inside the world model's host_layout, so the host queues the next kernels while the GPU runs (issue 14's hot
-    path) and CUDA graphs can hold the updates (`capturable_updates`). MoW reads one layout (rows per VAE
-    cluster, which are also its critics' rows) for each of its two phases that group rows by cluster, outside
-    what a graph holds; token-routed MoW is not capturable and reads inside."""
+    path) and CUDA graphs can hold the updates (`capturable_updates`). MoW's layout (rows per VAE cluster, which
+    are also its critics' rows) comes from the batches' rows per task (a replay knows them), or is read once per
+    phase outside what a graph holds; token-routed MoW is not capturable and reads inside."""
     agent = agent_of(name.split("_")[0], *(["agent.routing=token"] if name == "mow_token" else []))
     if name.startswith("mow"):
         agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
@@ -169,8 +200,8 @@ def test_capturable_updates_never_wait_for_the_device(name):
     inside, real = [], agent.wm.host_layout
 
     @contextlib.contextmanager
-    def spy(task):  # the reads made inside each host_layout, after its own read
-        with real(task) as layout:
+    def spy(task, task_counts=None):  # the reads made inside each host_layout, after its own read
+        with real(task, task_counts) as layout:
             start = len(found)
             yield layout
             inside.extend(found[start:])
@@ -182,7 +213,14 @@ def test_capturable_updates_never_wait_for_the_device(name):
     if name == "mow_token":
         assert inside, "token routing was expected to read inside host_layout"
         return
-    assert inside == [], inside
+    assert inside == found == [], found
+
+    def sample_unknown(n, length):  # a batch whose rows per task the host does not know
+        return dataclasses.replace(sample(n, length), task_counts=None)
+
+    with host_syncs() as found:
+        agent.update(sample_unknown)
+    assert inside == [], inside  # MoW: its two layouts, each read once outside what a graph holds
     assert [where.split(":")[0] for _, where in found] == (["mow.py"] * 2 if name == "mow" else []), found
 
 

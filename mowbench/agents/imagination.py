@@ -59,12 +59,14 @@ class WorldModel(Protocol):
     def critic_index(self, task: torch.Tensor) -> torch.Tensor | None:
         """Which critic judges rows of these tasks (B,), or None when there is one critic."""
 
-    def host_layout(self, task: torch.Tensor) -> AbstractContextManager[Hashable]:
-        """A context, around one rollout or world-model update over rows of these tasks, in which the model's
+    def host_layout(self, task: torch.Tensor, task_counts: tuple[int, ...] | None = None
+                    ) -> AbstractContextManager[Hashable]:
+        """A context, around one rollout, world-model update or act over rows of these tasks, in which the model's
         computation needs nothing more from the device than the host facts it yields (MoW: rows per VAE cluster,
-        read once here for all of its groupings); it yields None when there are none (STORM). A CUDA graph is
-        captured per yielded value. With several critics it yields the rows of each critic (critic_index's
-        counts), which the actor-critic update's grouping then takes instead of reading them."""
+        for all of its groupings, from `task_counts`, the rows of each task where the host knows them, else read
+        from the device once); it yields None when there are none (STORM). A CUDA graph is captured per yielded
+        value. With several critics it yields the rows of each critic (critic_index's counts), which the
+        actor-critic update's grouping then takes instead of reading them."""
 
     # True when imagination (encode, sequence, prior, reward, termination, features on fixed shapes, inside
     # host_layout) never waits for the device, so a CUDA graph can hold it (cuda_graphs); tests/test_graphs.py
@@ -326,7 +328,7 @@ class ImaginationAgent(Agent):
     # ---- the three phases of an update ----
     def update_world_model(self, batch: Batch) -> Metrics:
         self.wm.train()
-        with self.wm.host_layout(batch.task) as layout:
+        with self.wm.host_layout(batch.task, batch.task_counts) as layout:
             return self.wm_step(batch.obs, batch.action, batch.reward, batch.terminal, batch.task, batch.legal,
                                 *(batch.extras[name] for name in self.replay_fields()), key=layout)
 
@@ -345,7 +347,7 @@ class ImaginationAgent(Agent):
         """Encode `imag_context` real steps into a cache, then roll out `imag_horizon` steps (`rollout`: replayed
         from a CUDA graph with cuda_graphs=true)."""
         self.wm.eval()
-        with self.wm.host_layout(batch.task) as layout:
+        with self.wm.host_layout(batch.task, batch.task_counts) as layout:
             feat, action, reward, cont = self.rollout(batch.obs, batch.action, batch.task, batch.legal, key=layout)
         return Imagined(feat, action, reward, cont, batch.legal, self.wm.critic_index(batch.task),
                         self.norm_index(batch.task), layout if self.wm.n_critics > 1 else None)
@@ -458,7 +460,8 @@ class ImaginationAgent(Agent):
             z = torch.stack([c.z for c in contexts])  # (n, L, V*C)
             a = torch.stack([c.action for c in contexts])  # (n, L) or (n, L, A)
             if lengths[0] == self.cfg.act_context:  # training's steady state: one graph (shorter contexts are eager)
-                with self.wm.host_layout(task) as layout:
+                counts = tuple(np.bincount([c.task for c in contexts], minlength=len(self.tasks)).tolist())
+                with self.wm.host_layout(task, counts) as layout:
                     actions, z_obs = self.act_steps[greedy](obs_t, z, a, task, u, key=layout)
             else:
                 actions, z_obs = self.act_tensors(obs_t, z, a, task, u, greedy)
