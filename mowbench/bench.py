@@ -42,10 +42,11 @@ from mowbench.results import peak_memory_gib
 # flops: count each phase's matmul/conv FLOPs (one untimed pass) and measure the device's dense matmul
 # rate in the run's precision, giving a lower bound on the step time (what no implementation of the same
 # maths can beat on this device)
-# eval_episodes, eval_steps: evaluation episodes per task timed and their cap in agent steps; eval_episode_steps:
-# the episode length the projection assumes (0: the suite's, EVAL_EPISODE_STEPS)
+# eval_episodes, eval_steps: evaluation episodes per task timed and their cap in agent steps (past a full acting
+# context, so that most steps act as a long episode's do); eval_episode_steps: the episode length the
+# projection assumes (0: the suite's, EVAL_EPISODE_STEPS)
 BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True,
-                  "flops": True, "eval_episodes": 2, "eval_steps": 20, "eval_episode_steps": 0}
+                  "flops": True, "eval_episodes": 2, "eval_steps": 40, "eval_episode_steps": 0}
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -130,7 +131,7 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
         out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
     out |= acting_figures(agent, envs, int(opts["act_steps"]))
-    out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts)
+    out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts, device)
     out["projected_hours"] = projection(out, p.train, len(envs), int(opts["eval_episode_steps"] or
                                                                      EVAL_EPISODE_STEPS[suite]))
     out["peak_memory_gib"] = peak_memory_gib(device)
@@ -165,32 +166,64 @@ def acting_figures(agent: Any, envs: list[Any], act_steps: int) -> dict[str, flo
     return {"acting_streams": len(envs), "acting_env_steps_per_s": rounds * len(envs) / (time.perf_counter() - t)}
 
 
-def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[str, Any], train: Any,
-                       opts: dict[str, Any]) -> dict[str, float]:
-    """The trainer's evaluation (full mode, as many episodes at once as train.eval_envs allows), episodes
-    capped at bench.eval_steps: env steps per second net of making the envs, and seconds per env made."""
-    from mowbench.trainer import evaluate
+class CountedEnv:
+    """An env whose steps are counted into `counter` (a one-element list); everything else is the env's."""
 
-    made = []  # seconds of each env made (and later closed) inside the evaluation
+    def __init__(self, env: Any, counter: list[int]) -> None:
+        self.env, self.counter = env, counter
+
+    def step(self, action: Any) -> Any:
+        self.counter[0] += 1
+        return self.env.step(action)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("env", "counter"):
+            object.__setattr__(self, name, value)
+        else:  # e.g. the evaluation's `observe`
+            setattr(self.env, name, value)
+
+
+def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[str, Any], train: Any,
+                       opts: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The trainer's evaluation in the run's mode (train.eval_mode: full, as many episodes at once as
+    train.eval_envs allows; reference, train.eval_parallel envs per task in lockstep), episodes capped at
+    bench.eval_steps: env steps per second net of making the envs, and seconds per env made. On CUDA one untimed
+    evaluation first (CUDA graphs' captures, kernel autotuning), so that the timed one runs as a run's would."""
+    from mowbench.trainer import evaluate, evaluate_reference
+
+    made, stepped = [], [0]  # seconds of each env made (and later closed) inside the evaluation; env steps
 
     def make(copy: int, task: int) -> Any:
         t = time.perf_counter()
         env = make_env(suite, tasks, task, env_cfg, 1000 + copy, evaluation=True)
         made.append(time.perf_counter() - t)
-        return env
+        return CountedEnv(env, stepped)
 
-    episodes = int(opts["eval_episodes"])
-    out: dict[str, float] = {"eval_episodes_timed": episodes * len(tasks)}
+    episodes, cap = int(opts["eval_episodes"]), int(opts["eval_steps"])
+
+    def run(policy: Any) -> None:
+        if train.eval_mode == "reference":
+            evaluate_reference(policy, make, len(tasks), episodes, False, cap, 0, train.eval_parallel)
+        else:
+            evaluate(policy, make, len(tasks), episodes, False, cap, 0, train.eval_envs)
+
+    out: dict[str, Any] = {"eval_mode": train.eval_mode, "eval_episodes_timed": episodes * len(tasks)}
     # the agent's episodes, then the random baseline's (no agent; a Meta-World env then renders no frames)
     for policy, name in ((agent, "eval"), (None, "random")):
+        if device.type == "cuda" and policy is not None:
+            run(policy)
         made.clear()
+        stepped[0] = 0
         t = time.perf_counter()
-        rows = evaluate(policy, make, len(tasks), episodes, False, int(opts["eval_steps"]), 0, train.eval_envs)
+        run(policy)
         seconds = time.perf_counter() - t
-        steps = sum(length for per_task in rows for _, length, _ in per_task)
         # the envs' making is timed where it happens (timing one env up front and subtracting it x episodes
         # over-subtracted when the first env, loading the emulator, was the slowest)
-        out[f"{name}_env_steps_per_s"] = steps / max(seconds - sum(made), 1e-9)
+        out[f"{name}_env_steps_timed"] = stepped[0]
+        out[f"{name}_env_steps_per_s"] = stepped[0] / max(seconds - sum(made), 1e-9)
         out[f"s_per_{name}_env"] = sum(made) / len(made)
     return out
 
@@ -198,16 +231,24 @@ def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[s
 def projection(figures: dict[str, Any], train: Any, n_tasks: int, eval_episode_steps: int) -> dict[str, float]:
     """Hours of the preset's full run on this device: acting (train.steps rounds of every task's env; warm-up
     acting counted as the agent's, an upper bound), updates (after warm-up, train.updates_per_step per step),
-    evaluations (periodic and final episodes of every task, eval_episode_steps agent steps each, plus a new
-    env per episode) and the random baseline's episodes at the end (train.random_episodes per task, as long as
-    the agent's, when train.random_baseline)."""
+    evaluations (periodic and final episodes of every task, eval_episode_steps agent steps each, plus the envs
+    made: a new one per episode in full mode, train.eval_parallel per task per evaluation in reference mode) and
+    the random baseline's episodes at the end (train.random_episodes per task, as long as the agent's, when
+    train.random_baseline)."""
     acting = train.steps * n_tasks / figures["acting_env_steps_per_s"]
     updates = (train.steps - train.warmup) * train.updates_per_step * figures["s_per_train_step"]
     periodic = (train.steps - 1) // train.eval_every if train.eval_every else 0
     episodes = n_tasks * (train.eval_episodes + periodic * train.periodic_eval_episodes)
-    evaluation = episodes * (eval_episode_steps / figures["eval_env_steps_per_s"] + figures["s_per_eval_env"])
+    reference = train.eval_mode == "reference"
+
+    def envs_made(evaluations: int, episodes: int) -> int:
+        return evaluations * n_tasks * train.eval_parallel if reference else episodes
+
+    evaluation = (episodes * eval_episode_steps / figures["eval_env_steps_per_s"]
+                  + envs_made(1 + periodic, episodes) * figures["s_per_eval_env"])
     random_episodes = n_tasks * train.random_episodes if train.random_baseline else 0
-    random = random_episodes * (eval_episode_steps / figures["random_env_steps_per_s"] + figures["s_per_random_env"])
+    random = (random_episodes * eval_episode_steps / figures["random_env_steps_per_s"]
+              + envs_made(int(train.random_baseline), random_episodes) * figures["s_per_random_env"])
     hours = {"acting": acting / 3600, "updates": updates / 3600, "evaluation": evaluation / 3600,
              "random_baseline": random / 3600}
     return hours | {"total": sum(hours.values()), "eval_episode_steps_assumed": eval_episode_steps,

@@ -134,6 +134,24 @@ def test_compile_true_gives_the_results_of_eager(name):
         torch.testing.assert_close(a, b, atol=bound, rtol=1e-3)
 
 
+def test_bench_times_the_evaluation_in_the_runs_mode():
+    """Atari's storm protocol evaluates as STORM's reference code did (5 envs per task in lockstep, no env per
+    episode): the bench times that mode and counts every env step: 5 streams x 20 capped steps, where full mode's 2
+    episodes would step 40 times."""
+    from mowbench.bench import bench
+
+    cfg = compose_config(["agent=storm", "preset=micro", "env=atari100k", "task=Pong"])
+    figures = bench({**cfg, "bench": {**BENCH_FAST, "eval_steps": 20}})
+    assert figures["eval_mode"] == "reference"
+    assert figures["eval_env_steps_timed"] == figures["random_env_steps_timed"] == 5 * 20
+    figures = bench({**compose_config(["agent=storm", "preset=micro", "env=atari100k", "task=Pong",
+                                       "train.eval_mode=full"]), "bench": {**BENCH_FAST, "eval_steps": 20}})
+    assert figures["eval_mode"] == "full" and figures["eval_env_steps_timed"] == 2 * 20
+
+
+BENCH_FAST = {"repeats": 1, "act_steps": 5, "flops": False, "reference": False}
+
+
 def test_projected_hours_by_hand():
     from mowbench.bench import projection
     from mowbench.trainer import TrainConfig
@@ -148,6 +166,11 @@ def test_projected_hours_by_hand():
     assert out["acting"] * 3600 == pytest.approx(20) and out["updates"] * 3600 == pytest.approx(450)
     assert out["evaluation"] * 3600 == pytest.approx(30) and out["random_baseline"] * 3600 == pytest.approx(10)
     assert out["total"] * 3600 == pytest.approx(510)
-    train.random_baseline = False
-    assert projection(figures, train, n_tasks=2, eval_episode_steps=50)["total"] * 3600 == pytest.approx(500)
     assert out["eval_episodes_per_s"] == pytest.approx(1.0)
+    # reference mode: no env per episode, eval_parallel per task per evaluation: 2 evaluations x 2 tasks x 3 envs
+    # x 0.5 s + 30 x 50 / 100 = 21 s; random baseline 2 x 3 envs x 0.2 + 40 x 50 / 1000 = 3.2 s
+    train.eval_mode, train.eval_parallel = "reference", 3
+    out = projection(figures, train, n_tasks=2, eval_episode_steps=50)
+    assert out["evaluation"] * 3600 == pytest.approx(21) and out["random_baseline"] * 3600 == pytest.approx(3.2)
+    train.random_baseline = False
+    assert projection(figures, train, n_tasks=2, eval_episode_steps=50)["total"] * 3600 == pytest.approx(491)
