@@ -253,7 +253,7 @@ class MoWWorldModel(nn.Module):
 
     @property
     def capturable(self) -> bool:
-        """Whether a rollout inside host_layout waits for nothing (WorldModel.capturable): with task-level routing
+        """Whether a rollout or an act inside host_layout waits for nothing (WorldModel.capturable): with task routing
         and the grouped expert kernel, whose group offsets stay on the device. The loop kernel reads each
         layout's group sizes; token-level routing builds key masks with host-made indices."""
         return self.cfg.routing == "task" and resolve_kernel(self.experts.kernel, self.assignment.device) == "grouped"

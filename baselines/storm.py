@@ -107,7 +107,7 @@ class STORMWorldModel(nn.Module):
     monolithic multi-task baseline) a learnable, L2-normalised task embedding e_k conditions the
     posterior, the decoder and the token stem. MoW's world model offers the same methods."""
 
-    capturable = True  # imagination never waits for the device (fixed shapes, no host reads): CUDA graphs hold it
+    capturable = True  # imagination and acting never wait for the device (fixed shapes, no host reads)
 
     def __init__(self, cfg: STORMConfig, image_size: int, action_dim: int, n_tasks: int = 1,
                  embed_dim: int = 0) -> None:

@@ -68,9 +68,9 @@ class WorldModel(Protocol):
         value. With several critics it yields the rows of each critic (critic_index's counts), which the
         actor-critic update's grouping then takes instead of reading them."""
 
-    # True when imagination (encode, sequence, prior, reward, termination, features on fixed shapes, inside
-    # host_layout) never waits for the device, so a CUDA graph can hold it (cuda_graphs); tests/test_graphs.py
-    # checks the claim on CPU
+    # True when imagination and acting (encode, sequence, prior, reward, termination, features on fixed shapes,
+    # inside host_layout) never wait for the device, so CUDA graphs can hold them (cuda_graphs);
+    # tests/test_graphs.py checks the claim on CPU
     capturable: bool
 
 
@@ -114,10 +114,10 @@ class ImaginationConfig:
     # torch.compile every network (opt-in; compile_networks): equal results up to float rounding, a graph the
     # compiler cannot handle runs eagerly
     compile: bool = False
-    # replay imagination, and the updates where `capturable_updates`, from CUDA graphs (opt-in, CUDA only;
-    # mowbench.agents.graphs.GraphedCall): the same numbers (a replay is checked bitwise against eager when
-    # captured), one launch instead of ~170 kernels a horizon step; what is not capturable, a CPU run, or a failed
-    # check runs eagerly
+    # replay imagination, acting on full contexts, and the updates where `capturable_updates`, from CUDA graphs
+    # (opt-in, CUDA only; mowbench.agents.graphs.GraphedCall): the same numbers (a replay is checked bitwise
+    # against eager when captured), one launch instead of ~170 kernels a horizon step; what is not capturable, a
+    # CPU run, or a failed check runs eagerly
     cuda_graphs: bool = False
 
     def check(self) -> None:
@@ -278,8 +278,8 @@ class ImaginationAgent(Agent):
             warnings.warn(f"cuda_graphs=true: {type(self).__name__}'s "
                           f"{'updates wait' if self.wm.capturable else 'imagination and updates wait'} for the "
                           "device (not capturable), so they run eagerly", stacklevel=2)
-        # CUDA graphs (cuda_graphs=true; agents.graphs): imagination, and the two updates with the tensors they
-        # change in place, so that a graph's warm-up and check can be undone
+        # CUDA graphs (cuda_graphs=true; agents.graphs): imagination, acting, and the two updates with the tensors
+        # they change in place, so that a graph's warm-up and check can be undone
         self.rollout = GraphedCall(self.imagine_tensors, "imagination", cfg.cuda_graphs and self.wm.capturable)
         # acting when every stream's context is full (act_refresh=1: training's acting after its first act_context
         # steps; evaluation's streams, which start at different times, mostly act eagerly); sampled and greedy
