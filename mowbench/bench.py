@@ -19,6 +19,7 @@ without changing what is timed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -192,7 +193,7 @@ def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[s
     train.eval_envs allows; reference, train.eval_parallel envs per task in lockstep), episodes capped at
     bench.eval_steps: env steps per second net of making the envs, and seconds per env made. On CUDA one untimed
     evaluation first (CUDA graphs' captures, kernel autotuning), so that the timed one runs as a run's would."""
-    from mowbench.trainer import evaluate, evaluate_reference
+    from mowbench.trainer import evaluate_in_mode
 
     made, stepped = [], [0]  # seconds of each env made (and later closed) inside the evaluation; env steps
 
@@ -202,13 +203,10 @@ def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[s
         made.append(time.perf_counter() - t)
         return CountedEnv(env, stepped)
 
-    episodes, cap = int(opts["eval_episodes"]), int(opts["eval_steps"])
+    episodes, capped = int(opts["eval_episodes"]), dataclasses.replace(train, eval_max_steps=int(opts["eval_steps"]))
 
     def run(policy: Any) -> None:
-        if train.eval_mode == "reference":
-            evaluate_reference(policy, make, len(tasks), episodes, False, cap, 0, train.eval_parallel)
-        else:
-            evaluate(policy, make, len(tasks), episodes, False, cap, 0, train.eval_envs)
+        evaluate_in_mode(capped, policy, make, len(tasks), episodes, False, 0)
 
     out: dict[str, Any] = {"eval_mode": train.eval_mode, "eval_episodes_timed": episodes * len(tasks)}
     # the agent's episodes, then the random baseline's (no agent; a Meta-World env then renders no frames)

@@ -237,6 +237,15 @@ def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, ep
     return results
 
 
+def evaluate_in_mode(cfg: TrainConfig, agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int,
+                     greedy: bool, seed: int) -> list[list[tuple[float, int, float | None]]]:
+    """`episodes` per task in cfg.eval_mode (full: evaluate, cfg.eval_envs at once; reference: evaluate_reference,
+    cfg.eval_parallel envs per task), episodes capped at cfg.eval_max_steps."""
+    if cfg.eval_mode == "full":
+        return evaluate(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_envs)
+    return evaluate_reference(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_parallel)
+
+
 class Trainer:
     def __init__(self, agent: Agent, envs: list[TaskEnv], make_eval_env: Callable[[int, int, int], TaskEnv],
                  cfg: TrainConfig, folder: Path, device: torch.device, seed: int) -> None:
@@ -345,12 +354,7 @@ class Trainer:
         def make_env(copy: int, task: int) -> TaskEnv:
             return self.make_eval_env(key, copy, task)
 
-        if cfg.eval_mode == "full":
-            results = evaluate(agent, make_env, n, episodes, greedy, cfg.eval_max_steps, stream_seed(self.seed, key),
-                               cfg.eval_envs)
-        else:
-            results = evaluate_reference(agent, make_env, n, episodes, greedy, cfg.eval_max_steps,
-                                         stream_seed(self.seed, key), cfg.eval_parallel)
+        results = evaluate_in_mode(cfg, agent, make_env, n, episodes, greedy, stream_seed(self.seed, key))
         return {info.name: rows for info, rows in zip(self.tasks, results, strict=True)}
 
     def _evaluate(self, episodes: int) -> dict[str, float]:

@@ -50,11 +50,11 @@ class ActorCritic(nn.Module):
         self.actor = ActionHead(feat_dim, width, depth, n_actions, discrete)
         self.critics = nn.ModuleList(MLP(feat_dim, width, depth, bins) for _ in range(n_critics))
         self.slow_critics = copy.deepcopy(self.critics).requires_grad_(False)
-        self._sizes: tuple[int, ...] | None = None  # rows per critic inside critic_layout
+        self._sizes: tuple[int, ...] | None = None  # rows per critic inside critic_layout (critic_rows)
 
     @contextlib.contextmanager
     def critic_layout(self, sizes: tuple[int, ...] | None) -> Iterator[None]:
-        """Inside, critic_logits takes `sizes` as the rows of each critic instead of reading them from the
+        """Inside, critic_rows takes `sizes` as the rows of each critic instead of reading them from the
         device, so an update with several critics waits for nothing (a CUDA graph can hold it)."""
         self._sizes = sizes
         try:
@@ -62,16 +62,22 @@ class ActorCritic(nn.Module):
         finally:
             self._sizes = None
 
-    def critic_logits(self, feat: torch.Tensor, index: torch.Tensor | None, slow: bool = False) -> torch.Tensor:
-        """feat (B, T, F), index (B,) long: each row's critic -> logits (B, T, bins). Several critics: the rows
-        sorted by critic, one pass per critic present over its contiguous rows (in their original order, as a
-        boolean mask would select them: the same values), then put back in order."""
-        critics = self.slow_critics if slow else self.critics
-        if len(critics) == 1:
-            return critics[0](feat)
+    def critic_rows(self, index: torch.Tensor | None) -> Grouping | None:
+        """Rows grouped by their critic, index (B,) long (None with one critic): made once per update for the
+        critics and their slow copies, with the rows per critic from critic_layout where given, else read."""
+        if len(self.critics) == 1:
+            return None
         assert index is not None, "several critics need a per-row critic index"
-        grouping = Grouping(index, len(critics), self._sizes)
-        return grouping.apply(lambda i, parts: critics[i](parts[0]), feat)
+        return Grouping(index, len(self.critics), self._sizes)
+
+    def critic_logits(self, feat: torch.Tensor, rows: Grouping | None, slow: bool = False) -> torch.Tensor:
+        """feat (B, T, F), rows: critic_rows' grouping -> logits (B, T, bins). Several critics: one pass per critic
+        present over its rows, sorted by critic (in their original order, as a boolean mask would select them:
+        the same values), then put back in order."""
+        critics = self.slow_critics if slow else self.critics
+        if rows is None:
+            return critics[0](feat)
+        return rows.apply(lambda i, parts: critics[i](parts[0]), feat)
 
 
 class ActorCriticLearner:
@@ -104,9 +110,10 @@ class ActorCriticLearner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast,
                             cache_enabled=not self.capturable):  # a CUDA graph keeps no cast cache (same values)
             dist = self.model.actor(feat[:, :-1], traj.legal[:, None])
-            value_logits = self.model.critic_logits(feat, traj.critic).float()  # (B, H+1, bins)
+            rows = self.model.critic_rows(traj.critic)
+            value_logits = self.model.critic_logits(feat, rows).float()  # (B, H+1, bins)
             with torch.no_grad():
-                slow_logits = self.model.critic_logits(feat, traj.critic, slow=True).float()
+                slow_logits = self.model.critic_logits(feat, rows, slow=True).float()
         value = twohot_decode(value_logits, self.bins)  # (B, H+1)
         slow_value = twohot_decode(slow_logits, self.bins)
         ret = lambda_returns(traj.reward, value.detach(), traj.cont, self.gamma, self.lam, self.lambda_value)

@@ -414,10 +414,13 @@ class ImaginationAgent(Agent):
         """With cuda_graphs=true: per phase, how many input shapes replay from graphs and how many run eagerly."""
         if not self.cfg.cuda_graphs:
             return {}
-        calls = {"world_model_update": [self.wm_step], "imagination": [self.rollout], "agent_update": [self.ac_step],
-                 "acting": list(self.act_steps.values())}
-        return {"cuda_graphs": {name: {k: sum(call.status()[k] for call in group) for k in ("graphed", "eager")}
-                                for name, group in calls.items()}}
+        return {"cuda_graphs": {name: {k: sum(call.status()[k] for call in calls) for k in ("graphed", "eager")}
+                                for name, calls in self.graph_calls().items()}}
+
+    def graph_calls(self) -> dict[str, list[GraphedCall]]:
+        """The calls CUDA graphs may hold, by phase (the bench's names)."""
+        return {"world_model_update": [self.wm_step], "imagination": [self.rollout], "agent_update": [self.ac_step],
+                "acting": list(self.act_steps.values())}
 
     def new_context(self, task: int, seed: int | None = None) -> ActingContext:
         return ActingContext(task, np.random.default_rng(context_seed() if seed is None else seed))
@@ -578,8 +581,9 @@ class ImaginationAgent(Agent):
     def forget_graphs(self) -> None:
         """Drop every CUDA graph: after tensors a graph reads were replaced rather than updated in place (an
         optimizer made anew or loaded)."""
-        for call in (self.rollout, self.wm_step, self.ac_step):
-            call.reset()
+        for calls in self.graph_calls().values():
+            for call in calls:
+                call.reset()
 
     def parameter_counts(self) -> dict[str, int]:
         return {"world_model": count_parameters(self.wm.parameters()),
