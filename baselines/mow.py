@@ -342,8 +342,10 @@ class MoWWorldModel(nn.Module):
         return MoWCache(ExpertCache(dtype, offset=offset), shared)
 
     def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor,
-                 cache: MoWCache | None = None) -> torch.Tensor:
-        """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, appends after cached steps.
+                 cache: MoWCache | None = None, last: bool = False) -> torch.Tensor:
+        """z (B, T, V*C), action (B, T, A) -> h (B, T, D), or (B, 1, D) of the last step with `last`; with a cache,
+        appends after cached steps. The experts run on every step either way (the shared Transformer attends to
+        all of their outputs); `last` saves the shared Transformer's final block all but the last step's query.
 
         The chosen experts' outputs, weighted by their routing weights (so the router gets gradient),
         are concatenated in rank order with e_k, projected to D and fed to the shared Transformer."""
@@ -352,7 +354,9 @@ class MoWWorldModel(nn.Module):
         chosen = self.routing.chosen(self.experts, z, action, e, self.route(z, action, task),
                                      None if cache is None else cache.experts)  # (B, T, K, D)
         x = self.mix(torch.cat([chosen.flatten(2), e[:, None].expand(b, t, -1).to(chosen.dtype)], dim=-1))
-        return x if self.shared is None else self.shared(x, None if cache is None else cache.shared)  # (B, T, D)
+        if self.shared is None:
+            return x[:, -1:] if last else x  # (B, 1 or T, D)
+        return self.shared(x, None if cache is None else cache.shared, last=last)  # (B, 1 or T, D)
 
     # ---- what the actor-critic sees ----
     def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:

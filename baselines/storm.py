@@ -157,10 +157,12 @@ class STORMWorldModel(nn.Module):
     def empty_cache(self, task: torch.Tensor, dtype: torch.dtype, offset: torch.Tensor | None = None) -> KVCache:
         return self.transformer.empty_cache(task.shape[0], task.device, dtype, offset)
 
-    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, appends after cached steps."""
+    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None,
+                 last: bool = False) -> torch.Tensor:
+        """z (B, T, V*C), action (B, T, A) -> h (B, T, D), or (B, 1, D) of the last step with `last`; with a cache,
+        appends after cached steps."""
         e = self.embed(task)
-        return self.transformer(self.stem(z, action, None if e is None else e[:, None]), cache)
+        return self.transformer(self.stem(z, action, None if e is None else e[:, None]), cache, last=last)
 
     def prior(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """h (B, T, D) -> logits (B, T, V, C) of the next step's latent."""

@@ -40,6 +40,35 @@ def test_kv_cache_matches_full_forward(chunks):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_last_token_pass_equals_the_full_passs_last_row(depth):
+    """`last` computes only the last token's output in the final block: the full pass's last row, without a
+    cache (its one query attends to every key, not causally to the first), appending to a cache (the cache then
+    holds the keys and values of every token, so later steps equal the full pass's), and with left-padded rows
+    (batched acting's offsets)."""
+    torch.manual_seed(0)
+    model = CausalTransformer(width=64, depth=depth, heads=4, ffn=128, dropout=0.1, max_len=16).eval()
+    tokens = torch.randn(3, 12, 64)
+    with torch.no_grad():
+        full = model(tokens)  # (3, 12, 64)
+        last = model(tokens[:, :9], last=True)
+        assert last.shape == (3, 1, 64)
+        torch.testing.assert_close(last, model(tokens[:, :9])[:, -1:], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(last, full[:, :1], atol=1e-3)  # not the first row (is_causal with one query)
+        cache = model.empty_cache(3, torch.device("cpu"))
+        torch.testing.assert_close(model(tokens[:, :5], cache, last=True), full[:, 4:5], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(tokens[:, 5:8], cache, last=True), full[:, 7:8], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(tokens[:, 8:], cache), full[:, 8:], atol=1e-5, rtol=1e-5)
+        # rows of 6, 4 and 2 real tokens, left-padded with garbage that no query may see
+        padded = torch.randn(3, 6, 64)
+        for i, n in enumerate((6, 4, 2)):
+            padded[i, 6 - n:] = tokens[i, :n]
+        cache = model.empty_cache(3, torch.device("cpu"), offset=torch.tensor([0, 2, 4]))
+        h = model(padded, cache, last=True)  # (3, 1, 64)
+        for i, n in enumerate((6, 4, 2)):
+            torch.testing.assert_close(h[i], full[i, n - 1:n], atol=1e-5, rtol=1e-5)
+
+
 def test_transformer_is_causal():
     model = CausalTransformer(width=32, depth=2, heads=4, ffn=64, dropout=0.0, max_len=8).eval()
     x = torch.randn(1, 8, 32)

@@ -273,6 +273,24 @@ def test_kv_cache_matches_full_sequence_for_both_routings():
         torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_last_step_sequence_equals_the_full_sequences_last_step(shared):
+    """`sequence(..., last=True)` (acting, imagination's context pass): h of the last step only, the full pass's
+    up to rounding, with and without the shared Transformer, and then a cache that continues as the full pass."""
+    agent = make_mow(n_tasks=3, shared_transformer=shared)
+    wm = agent.wm.eval()
+    task = torch.tensor([0, 1, 2, 1])
+    z = torch.nn.functional.one_hot(torch.randint(0, 4, (4, 6, 4)), 4).float().flatten(-2)
+    a = torch.nn.functional.one_hot(torch.randint(0, 6, (4, 6)), 6).float()
+    with torch.no_grad():
+        full = wm.sequence(z, a, task)  # (4, 6, D)
+        torch.testing.assert_close(wm.sequence(z, a, task, last=True), full[:, -1:], atol=1e-5, rtol=1e-5)
+        cache = wm.empty_cache(task, torch.float32)
+        torch.testing.assert_close(wm.sequence(z[:, :4], a[:, :4], task, cache, last=True), full[:, 3:4],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(wm.sequence(z[:, 4:], a[:, 4:], task, cache), full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
 # ---- switches ----
 @pytest.mark.parametrize("switch,part", [
     ({"expert_transformers": False}, "wm/experts"), ({"shared_transformer": False}, "wm/shared_transformer"),

@@ -41,8 +41,11 @@ class WorldModel(Protocol):
         """An empty inference cache for len(task) sequences, which `sequence` appends to; offset (B,): each
         sequence's left padding (sequences of different lengths in one cache; see models.transformer.KVCache)."""
 
-    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, continues after the cached steps."""
+    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None,
+                 last: bool = False) -> torch.Tensor:
+        """z (B, T, V*C), action (B, T, A) -> h (B, T, D); with a cache, continues after the cached steps (whose
+        keys and values it adds to the cache). last: only h (B, 1, D) of the last step, the same values up to
+        float rounding (what acting and imagination's context pass read), which may cost less."""
 
     def prior(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """h (B, T, D) -> logits (B, T, V, C) of the next step's latent."""
@@ -363,7 +366,7 @@ class ImaginationAgent(Agent):
         feats, actions, hs = [], [], []
         with self.autocast():
             z_ctx = sample_z(wm.encode(obs, task))  # (B, C, V*C)
-            h = wm.sequence(z_ctx, self.action_input(action), task, cache)[:, -1:]  # (B, 1, D)
+            h = wm.sequence(z_ctx, self.action_input(action), task, cache, last=True)  # (B, 1, D)
             z = sample_z(wm.prior(h, task))  # (B, 1, V*C): prediction of the next latent
             for _ in range(cfg.imag_horizon):
                 feat = wm.features(z, h, task)  # (B, 1, F)
@@ -491,7 +494,7 @@ class ImaginationAgent(Agent):
         v = self.wm.latent_vars
         with self.autocast():
             enc = self.wm.encode(obs, task)  # (n, 1, V, C)
-            h = self.wm.sequence(z, self.action_input(action), task)[:, -1:]  # (n, 1, D)
+            h = self.wm.sequence(z, self.action_input(action), task, last=True)  # (n, 1, D)
             chosen = self.policy(h, task, u, greedy)
             z_obs = sample_z(enc, u[:, v:2 * v, None][:, None]).float()[:, 0]  # (n, V*C)
         return chosen.to(torch.long if self.discrete else torch.float32), z_obs
@@ -535,7 +538,7 @@ class ImaginationAgent(Agent):
             idx = torch.tensor(rows, device=self.device)
             z = torch.stack([contexts[i].z for i in rows])  # (g, L, V*C)
             a = torch.stack([contexts[i].action for i in rows])  # (g, L) or (g, L, A)
-            h = self.wm.sequence(z, self.action_input(a), task[idx])[:, -1]  # (g, D)
+            h = self.wm.sequence(z, self.action_input(a), task[idx], last=True)[:, 0]  # (g, D)
             out = h.new_zeros(len(contexts), h.shape[-1]) if out is None else out
             out[idx] = h
         assert out is not None, "called without a stream that has a context"
@@ -565,7 +568,7 @@ class ImaginationAgent(Agent):
         session = ActingSession(list(contexts), [c.z for c in contexts], cache, [m - f for f in fill], m)
         for c in contexts:
             c.session = session
-        return self.wm.sequence(z, self.action_input(a), task, cache)[:, -1:]  # (n, 1, D)
+        return self.wm.sequence(z, self.action_input(a), task, cache, last=True)  # (n, 1, D)
 
     def state_dict(self) -> dict[str, Any]:
         return {"wm": self.wm.state_dict(), "ac": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(),

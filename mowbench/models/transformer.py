@@ -79,14 +79,15 @@ def attention_mask(new: int, start: int, key_mask: torch.Tensor | None, device: 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
            mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention of q, k, v (B, H, T, d) -> (B, H, T, d). With a cache, k and v are
-    written after the cached tokens and the queries attend to all of them. mask from attention_mask()
-    ((T, S) or (B, T, S)); None: plain causal. `dropout`: on the attention probabilities (training only;
-    the caller passes 0 in eval mode)."""
+    """Scaled dot-product attention of q (B, H, Tq, d), k, v (B, H, T, d) -> (B, H, Tq, d): Tq = T, or 1 (the last
+    token's query, which attends to every key). With a cache, k and v are written after the cached tokens and
+    the queries attend to all of them. mask from attention_mask() ((Tq, S) or (B, Tq, S)); None: plain causal.
+    `dropout`: on the attention probabilities (training only; the caller passes 0 in eval mode)."""
     mask = None if mask is None else (mask if mask.dim() == 2 else mask[:, None])  # broadcast over heads
     if cache is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
-    start, new = cache.length, q.shape[2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              dropout_p=dropout)
+    start, new = cache.length, k.shape[2]  # new keys; with `last` a single query
     cache.k[layer, :, :, start:start + new] = k.to(cache.k.dtype)
     cache.v[layer, :, :, start:start + new] = v.to(cache.v.dtype)
     keys = cache.k[layer, :, :, :start + new].to(q.dtype)
@@ -135,10 +136,21 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D); mask from attention_mask() ((T, S) or (B, T, S)), None: plain causal."""
+                mask: torch.Tensor | None = None, last: bool = False) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); mask from attention_mask() ((T, S) or (B, T, S)), None: plain causal.
+
+        last: only the last token's output (B, 1, D). Every token's key and value is still computed (and cached),
+        the query, attention, projections and FFN only for the last token, which attends to all the others:
+        the same maths as the full pass's last row, for about a sixth of a block's work at T = 16."""
         b, t, width = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, d)
+        heads = (self.heads, width // self.heads)
+        if last:  # K, V of every token (B, H, T, d); Q of the last (B, H, 1, d), which attends to all of them
+            k, v = F.linear(x, self.qkv.weight[width:]).view(b, t, 2, *heads).permute(2, 0, 3, 1, 4)
+            x, t = x[:, -1:], 1  # the residual stream goes on for the last token only
+            q = F.linear(x, self.qkv.weight[:width]).view(b, 1, *heads).transpose(1, 2)
+            mask = None if mask is None else mask[..., -1:, :]
+        else:
+            q, k, v = self.qkv(x).view(b, t, 3, *heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, d)
         attn = attend(q, k, v, cache, layer, mask, self.attn_dropout if self.training else 0.0)
         x = self.norm1(x + self.drop(self.out(attn.transpose(1, 2).reshape(b, t, width))))
         return self.norm2(x + self.drop(self.ffn(x)))
@@ -161,15 +173,17 @@ class CausalTransformer(nn.Module):
                              offset)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Full causal pass (cache=None) or append tokens after the cached ones and return their h.
+                key_mask: torch.Tensor | None = None, last: bool = False) -> torch.Tensor:
+        """Full causal pass (cache=None) or append tokens after the cached ones and return their h (B, T, D).
 
-        key_mask (B, T) bool: tokens later queries may attend to (None: all); see attention_mask()."""
+        key_mask (B, T) bool: tokens later queries may attend to (None: all); see attention_mask().
+        last: h of the last token only (B, 1, D), which is all acting and imagination's context pass need; the
+        final block then computes only the keys and values of the others (see Block)."""
         length = tokens.shape[1]
         mask = layer_mask(cache, key_mask, length, self.max_len, tokens.device)
         x = self.norm(tokens + self.position(positions(cache, length, tokens.device)))
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, mask)
+            x = block(x, cache, i, mask, last and i == self.depth - 1)
         if cache is not None:
             cache.length += length
         return x  # (B, T, D)
