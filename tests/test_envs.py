@@ -363,3 +363,37 @@ def test_metaworld_envs_of_a_run_share_each_tasks_goal_set():
     assert first[0] != first[1]
     with pytest.raises(ValueError, match="goal_seed='x'; allowed: an integer, or null for the run's seed"):
         make_envs("metaworld", ["reach-v3"], {"goal_seed": "x"}, seed=0)
+
+
+def test_atari_env_runs_the_emulator_gymnasiums_atarienv_ran_for_the_26_games():
+    """The env drives the ALE directly (one ROM load; gymnasium's AtariEnv loads it when made and again when
+    seeded). For every game and two seeds, its emulator has the settings and random seed that gym.make("ALE/..-v5")
+    plus reset(seed=...) gave, and runs the same frames (screen and RAM) under the same actions, game overs and
+    resets included."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    for game in atari_mod.TASKS:
+        for seed in (0, 12345):
+            ours = atari_mod.AtariEnv(game, 0, {"protocol": "storm"}, seed)
+            ref = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False, repeat_action_probability=0.0,
+                           max_num_frames_per_episode=108_000)
+            ref.reset(seed=seed)
+            a, b = ours.ale, ref.unwrapped.ale
+            for key in ("random_seed", "max_num_frames_per_episode", "frame_skip"):
+                assert a.getInt(key) == b.getInt(key), (game, key)
+            assert a.getFloat("repeat_action_probability") == b.getFloat("repeat_action_probability") == 0.0
+            assert a.getMinimalActionSet() == b.getMinimalActionSet()
+            actions = a.getMinimalActionSet()
+            rng = np.random.default_rng(seed)
+            for frame in range(400):
+                action = actions[int(rng.integers(len(actions)))]
+                assert a.act(action) == b.act(action)
+                if frame % 50 == 0 or a.game_over():
+                    assert np.array_equal(a.getScreenRGB(), b.getScreenRGB()), (game, seed, frame)
+                    assert np.array_equal(a.getRAM(), b.getRAM()), (game, seed, frame)
+                if a.game_over() or frame == 200:  # a reset mid-episode too
+                    assert b.game_over() == a.game_over()
+                    a.reset_game()
+                    b.reset_game()

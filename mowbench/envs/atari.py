@@ -46,6 +46,22 @@ def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"eval_episodes": p["eval_episodes"], "eval_greedy": p["eval_greedy"], "eval_mode": p["eval_mode"]}
 
 
+def rom_name(game: str) -> str:
+    """The ALE's name of a game's ROM, as gymnasium's ALE/<game>-v5 registers it ('MsPacman' -> 'ms_pacman')."""
+    import ale_py  # lazy: only this suite needs the ALE
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    return gym.spec(f"ALE/{game}-v5").kwargs["game"]
+
+
+def ale_seed(seed: int) -> int:
+    """The ALE's random_seed for an env seeded `seed`: the one gymnasium's AtariEnv.reset(seed=seed) sets (the
+    second word of SeedSequence(seed), as int32), so the emulators run as they did when envs were made through
+    gymnasium (tests/test_envs.py compares them)."""
+    return int(np.random.SeedSequence(seed).generate_state(2)[1:].astype(np.int32)[0])
+
+
 def check(cfg: dict[str, Any]) -> None:
     protocol(cfg)
     if cfg.get("action_set", "minimal") not in ("minimal", "full"):
@@ -53,22 +69,25 @@ def check(cfg: dict[str, Any]) -> None:
 
 
 class AtariEnv(TaskEnv):
-    """ALE v5 at frameskip 1; this wrapper repeats each action `frame_skip` times, returns the max of the
-    last `max_pool_frames` RGB screens resized to S x S (INTER_AREA), sums rewards, reports life loss
-    (episode continues) and truncates at `max_episode_steps` agent steps."""
+    """The ALE (ale_py.ALEInterface, as ALE v5 configures it) at frameskip 1; this wrapper repeats each action
+    `frame_skip` times, returns the max of the last `max_pool_frames` RGB screens resized to S x S (INTER_AREA),
+    sums rewards, reports life loss (episode continues) and truncates at `max_episode_steps` agent steps.
+
+    The ALE is driven directly rather than through gymnasium's AtariEnv, which loads the ROM when made and again
+    when seeded (~0.09 s each, paid by every evaluation env); the settings and seed are AtariEnv's."""
 
     def __init__(self, game: str, index: int, cfg: dict[str, Any], seed: int) -> None:
         import ale_py  # lazy: only this suite needs the ALE
-        import gymnasium as gym
 
-        gym.register_envs(ale_py)
         self.p = protocol(cfg)
         self.size = int(cfg.get("image_size", 64))
-        self.gym_env = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
-                                repeat_action_probability=0.0,  # sticky actions are ours: see step()
-                                max_num_frames_per_episode=self.p["max_episode_steps"] * self.p["frame_skip"])
-        self.ale = self.gym_env.unwrapped.ale
-        self.gym_env.reset(seed=seed)
+        self.ale = ale_py.ALEInterface()
+        self.ale.setLoggerMode(ale_py.LoggerMode.Error)
+        self.ale.setFloat("repeat_action_probability", 0.0)  # sticky actions are ours: see step()
+        self.ale.setInt("max_num_frames_per_episode", self.p["max_episode_steps"] * self.p["frame_skip"])
+        self.ale.setInt("random_seed", ale_seed(seed))
+        self.ale.loadROM(str(ale_py.roms.get_rom_path(rom_name(game))))
+        self.ale.reset_game()
         self.rng = np.random.default_rng(seed)
         minimal = [int(a.value) for a in self.ale.getMinimalActionSet()]
         if cfg.get("action_set", "minimal") == "full":
@@ -100,12 +119,12 @@ class AtariEnv(TaskEnv):
 
     def reset(self) -> np.ndarray:
         if self._started:
-            self.gym_env.reset()
+            self.ale.reset_game()
         self._started = True
         for _ in range(int(self.rng.integers(1, self.p["noop_max"] + 1)) if self.p["noop_max"] else 0):
             self.ale.act(0)  # no-op starts at the frame level, as gymnasium's AtariPreprocessing does
             if self.ale.game_over():
-                self.gym_env.reset()
+                self.ale.reset_game()
         self.t = 0
         self.lives = self.ale.lives()
         self.last_action = self._noop  # as the ALE's own sticky actions start every episode
@@ -148,9 +167,6 @@ class AtariEnv(TaskEnv):
         self.t, self.lives, self._started = state["t"], state["lives"], state["started"]
         self.rng.bit_generator.state = state["rng"]
         self.last_action = type(self._noop)(state.get("last_action", 0))  # checkpoints before it held none: NOOP
-
-    def close(self) -> None:
-        self.gym_env.close()
 
 
 def make(task: str, index: int, cfg: dict[str, Any], seed: int, evaluation: bool = False,
