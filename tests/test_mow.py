@@ -258,13 +258,19 @@ def test_token_level_routing_varies_per_token():
     assert uses[chosen].all()
 
 
+def sequence_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tasks (4,) of 3, one-hot latents z (4, 6, 16) and actions (4, 6, 6) for a small MoW's sequence model."""
+    task = torch.tensor([0, 1, 2, 1])
+    z = torch.nn.functional.one_hot(torch.randint(0, 4, (4, 6, 4)), 4).float().flatten(-2)
+    a = torch.nn.functional.one_hot(torch.randint(0, 6, (4, 6)), 6).float()
+    return task, z, a
+
+
 def test_kv_cache_matches_full_sequence_for_both_routings():
     for routing in ("task", "token"):
         agent = make_mow(n_tasks=3, routing=routing)
         wm = agent.wm.eval()
-        task = torch.tensor([0, 1, 2, 1])
-        z = torch.nn.functional.one_hot(torch.randint(0, 4, (4, 6, 4)), 4).float().flatten(-2)
-        a = torch.nn.functional.one_hot(torch.randint(0, 6, (4, 6)), 6).float()
+        task, z, a = sequence_inputs()
         with torch.no_grad():
             full = wm.sequence(z, a, task)
             cache = wm.empty_cache(task, torch.float32)
@@ -279,9 +285,7 @@ def test_last_step_sequence_equals_the_full_sequences_last_step(shared):
     up to rounding, with and without the shared Transformer, and then a cache that continues as the full pass."""
     agent = make_mow(n_tasks=3, shared_transformer=shared)
     wm = agent.wm.eval()
-    task = torch.tensor([0, 1, 2, 1])
-    z = torch.nn.functional.one_hot(torch.randint(0, 4, (4, 6, 4)), 4).float().flatten(-2)
-    a = torch.nn.functional.one_hot(torch.randint(0, 6, (4, 6)), 6).float()
+    task, z, a = sequence_inputs()
     with torch.no_grad():
         full = wm.sequence(z, a, task)  # (4, 6, D)
         torch.testing.assert_close(wm.sequence(z, a, task, last=True), full[:, -1:], atol=1e-5, rtol=1e-5)
