@@ -353,9 +353,11 @@ class MoWWorldModel(nn.Module):
         e = self.embed(task)  # (B, E)
         chosen = self.routing.chosen(self.experts, z, action, e, self.route(z, action, task),
                                      None if cache is None else cache.experts)  # (B, T, K, D)
+        if last and self.shared is None:  # nothing attends to the earlier steps: mix the last one only
+            chosen, t = chosen[:, -1:], 1
         x = self.mix(torch.cat([chosen.flatten(2), e[:, None].expand(b, t, -1).to(chosen.dtype)], dim=-1))
         if self.shared is None:
-            return x[:, -1:] if last else x  # (B, 1 or T, D)
+            return x  # (B, 1 or T, D)
         return self.shared(x, None if cache is None else cache.shared, last=last)  # (B, 1 or T, D)
 
     # ---- what the actor-critic sees ----

@@ -97,10 +97,8 @@ class AtariEnv(TaskEnv):
         else:
             self.actions = minimal
             space = ActionSpace(True, len(minimal))
-        import ale_py as _ale
-
-        self._ale_actions = [_ale.Action(a) for a in self.actions]
-        self._noop = _ale.Action.NOOP
+        self._ale_actions = [ale_py.Action(a) for a in self.actions]
+        self._noop = ale_py.Action.NOOP
         self.last_action = self._noop  # the action the emulator executed last (sticky actions repeat it)
         self.life_loss_terminal = bool(self.p["life_loss_terminal"])
         self.info = TaskInfo("atari100k", game, index, self.size, space,
