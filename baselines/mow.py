@@ -44,6 +44,7 @@ from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmean
 from mowbench.envs.base import TaskInfo
 from mowbench.figures import heatmap_png
 from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
+from mowbench.models.linear import Linear
 from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, padding_ratio, resolve_kernel
 from mowbench.ops import Grouping, Routing, balance_loss, counts_of, group_mean, harmonious_loss, topk_route
 from mowbench.replay import Batch
@@ -228,7 +229,7 @@ class MoWWorldModel(nn.Module):
             depth=cfg.expert_depth, heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout, max_len=cfg.max_len,
             transformer=cfg.expert_transformers, attn_dropout=cfg.attn_dropout, ln_eps=cfg.block_ln_eps,
             kernel=cfg.expert_kernel)
-        self.mix = nn.Sequential(nn.Linear(cfg.top_k * cfg.width + e, cfg.width, bias=False), nn.LayerNorm(cfg.width))
+        self.mix = nn.Sequential(Linear(cfg.top_k * cfg.width + e, cfg.width, bias=False), nn.LayerNorm(cfg.width))
         self.shared = (CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len,
                                          cfg.attn_dropout, cfg.block_ln_eps) if cfg.shared_transformer else None)
         self.task_head = MLP(cfg.width, cfg.head_width, 1, n_tasks) if cfg.task_loss else None

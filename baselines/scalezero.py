@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mowbench.agents.base import Agent, Metrics, PicklesGenerator, count_parameters, register_agent
+from mowbench.agents.base import Agent, Metrics, PicklesGenerator, bumps_versions, count_parameters, register_agent
 from mowbench.agents.imagination import check_non_negative, check_positive
 from mowbench.agents.mcts import SearchResult, search, visit_policy
 from mowbench.envs.base import TaskInfo
@@ -224,8 +224,8 @@ class ScaleZeroAgent(Agent):
                                     decoder=cfg.recon_coef > 0).to(device)
         self.target = copy.deepcopy(self.wm).requires_grad_(False).eval()
         self.bins = support_bins(cfg.bins).to(device)
-        self.optim = torch.optim.AdamW(self.wm.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                       weight_decay=cfg.weight_decay, fused=True)
+        self.optim = bumps_versions(torch.optim.AdamW(self.wm.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                                      weight_decay=cfg.weight_decay, fused=True))
         self.updates = 0
 
     def autocast(self) -> Any:

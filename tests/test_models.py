@@ -1,13 +1,16 @@
 """Component shapes, sizes errors, and KV-cache equivalence with the full-sequence forward."""
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mowbench.agents.base import build_config, get_agent, read_metrics
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models import CausalTransformer, ConvDecoder, ConvEncoder, TokenStem
+from mowbench.models.linear import ONEDNN, Linear
 
 
 def test_encoder_decoder_shapes_storm_sizes():
@@ -18,6 +21,68 @@ def test_encoder_decoder_shapes_storm_sizes():
     assert dec(torch.rand(2, 1024)).shape == (2, 3, 64, 64)
     # STORM encoder: convs 3*32*16 + 32*64*16 + 64*128*16 + 128*256*16, BN 2*(32+64+128+256)
     assert sum(p.numel() for p in enc.parameters()) == 16 * (96 + 2048 + 8192 + 32768) + 2 * 480
+
+
+def test_conv_weights_are_channels_last_and_give_the_contiguous_weights_numbers():
+    """The encoder's and decoder's 4-d weights are stored channels-last, the layout of the frames they convolve
+    (oneDNN otherwise reorders each weight at every call), through a move to a device and an optimizer step; the
+    outputs and gradients are bitwise those of contiguous weights."""
+    torch.manual_seed(0)
+    for module, x in ((ConvEncoder(64, (32, 64, 128, 256)), torch.rand(4, 64, 64, 3).permute(0, 3, 1, 2)),
+                      (ConvDecoder(64, (32, 64, 128, 256), 1024), torch.rand(4, 1024))):
+        plain = copy.deepcopy(module)
+        for m in plain.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.weight.data = m.weight.data.contiguous()
+        module.to(torch.device("cpu"))
+        out, ref = module(x), plain(x)
+        assert torch.equal(out, ref)
+        out.square().mean().backward()
+        ref.square().mean().backward()
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(module.parameters(), plain.parameters(), strict=True))
+        torch.optim.Adam(module.parameters(), fused=True).step()
+        weights = [p for p in module.parameters() if p.dim() == 4]
+        assert len(weights) == 4 and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+
+
+def test_linear_packs_its_weight_for_inference_and_repacks_it_after_every_change():
+    """Without gradients on CPU, Linear uses a oneDNN-packed weight: F.linear's values up to rounding, the same
+    bits on every call, rows() equal to forward's columns. After each in-place change (fused Adam through
+    agents.base.adam, an EMA's lerp_, load_state_dict) it equals a Linear built from the new weight, bitwise: no
+    stale packed copy. Training passes are F.linear's exactly; copies start without packed weights."""
+    from mowbench.agents.base import adam
+    from mowbench.ops import ema_
+
+    assert ONEDNN, "torch's CPU build has oneDNN; without it Linear is F.linear everywhere"
+    torch.manual_seed(0)
+    lin = Linear(40, 24)
+    x = torch.randn(5, 3, 40)
+
+    def fresh(module):  # a Linear with the module's current parameters, packed now
+        new = Linear(40, 24)
+        new.load_state_dict(module.state_dict())
+        return new(x)
+
+    with torch.no_grad():
+        out = lin(x)
+        assert out.shape == (5, 3, 24) and set(lin.packed) == {(0, 24)}
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+        assert torch.equal(lin(x), out)
+        torch.testing.assert_close(lin.rows(x, 8, 24), out[..., 8:], rtol=1e-5, atol=1e-6)
+        assert torch.equal(lin(x[0, 0]), lin(x[:1, :1])[0, 0])  # a vector as one row
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # with gradients: F.linear
+    optimizer = adam(lin.parameters(), lr=0.1)
+    lin(x).square().sum().backward()
+    optimizer.step()
+    target = copy.deepcopy(lin)
+    assert target.packed == {}
+    with torch.no_grad():
+        assert not torch.equal(lin(x), out) and torch.equal(lin(x), fresh(lin))
+        before = target(x)
+        ema_(target, Linear(40, 24), 0.5)
+        assert not torch.equal(target(x), before) and torch.equal(target(x), fresh(target))
+        lin.load_state_dict(target.state_dict())
+        assert torch.equal(lin(x), fresh(target))
 
 
 def test_encoder_rejects_bad_image_size():

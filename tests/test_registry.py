@@ -3,6 +3,7 @@ every global preset, composes and validates at `preset=micro` and `preset=paper`
 MinAtar tasks (Meta-World for continuous-only agents), and benches through the generic interface. A new
 baseline is covered with no test edits."""
 
+import copy
 import math
 import re
 import subprocess
@@ -15,6 +16,7 @@ from mowbench.agents.base import make_agent, registered_agents
 from mowbench.bench import bench
 from mowbench.config import check_agent_preset, compose_config, plan, presets
 from mowbench.envs import make_envs
+from mowbench.models.linear import Linear
 from mowbench.replay import random_batch
 from tests.conftest import continuous_only
 
@@ -26,6 +28,29 @@ def suites_of(name):
     """(suite of the paper check, suite of the micro run): Atari and MinAtar, or Meta-World for an agent whose
     config refuses discrete actions (the TD-MPC2 family)."""
     return ("metaworld", "metaworld") if continuous_only(name) else ("atari100k", "minatar")
+
+
+def linears_of(obj, seen=None):
+    """Every Linear an agent holds: in its modules and in the modules of the objects it holds (its learners)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or not hasattr(obj, "__dict__") or isinstance(obj, (torch.Tensor, type)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        return [m for m in obj.modules() if isinstance(m, Linear)]
+    return [m for value in vars(obj).values() for item in (value if isinstance(value, (list, dict)) else [value])
+            for m in linears_of(item.values() if isinstance(item, dict) else item, seen)]
+
+
+def assert_packed_weights_are_fresh(linears):
+    """Each Linear's packed inference weight is the one a Linear with its current parameters packs (bitwise):
+    whatever changed a weight bumped its version counter, so no stale copy serves acting or imagination."""
+    with torch.no_grad():
+        for lin in linears:
+            x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0))
+            new = Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+            new.load_state_dict(lin.state_dict())
+            assert torch.equal(lin(x), new(x)), lin
 
 
 def test_the_builtin_agents_are_registered_and_every_preset_is_listed():
@@ -53,8 +78,17 @@ def test_every_agent_composes_at_every_preset_updates_once_and_benches(name):
     torch.manual_seed(0)
     agent = make_agent(name, dict(cfg["agent"]), infos, torch.device("cpu"), "fp32")
     fields = agent.replay_fields()
+    linears = linears_of(agent)
+    assert linears
+    with torch.no_grad():
+        for lin in linears:  # pack every weight before the update changes it
+            lin(torch.zeros(1, lin.in_features))
+    state = copy.deepcopy(agent.state_dict())
     metrics = agent.update(lambda n, length: random_batch(infos, n, length, torch.device("cpu"), fields))
     assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics
+    assert_packed_weights_are_fresh(linears)
+    agent.load_state_dict(state)
+    assert_packed_weights_are_fresh(linears)
     for e in envs:
         e.close()
     figures = bench({**cfg, "task": tasks, "bench": {"repeats": 1, "act_steps": 5, "flops": False}})

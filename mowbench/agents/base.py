@@ -21,7 +21,18 @@ def adam(params: Any, lr: float, eps: float = 1e-8, capturable: bool = False) ->
     kernel for all parameters (about 4x faster on CPU for the tiny models' ~200 tensors). capturable (CUDA): its
     step can be captured in a CUDA graph (agents.graphs); the fused kernel reads its step count from the device
     either way."""
-    return torch.optim.Adam(params, lr=lr, eps=eps, fused=True, capturable=capturable)
+    return bumps_versions(torch.optim.Adam(params, lr=lr, eps=eps, fused=True, capturable=capturable))
+
+
+def bumps_versions(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer, bumping its parameters' autograd version counters after every step. Fused kernels change the
+    parameters without bumping them, and packed inference weights (mowbench.models.linear) are kept while the
+    counter is unchanged."""
+    def bump(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        torch.autograd.graph.increment_version([p for group in opt.param_groups for p in group["params"]])
+
+    optimizer.register_step_post_hook(bump)
+    return optimizer
 
 
 class PicklesGenerator:

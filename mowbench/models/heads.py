@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from mowbench.models.linear import Linear
 from mowbench.ops import sample_categorical
 
 
@@ -17,9 +18,9 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         prev = in_dim
         for _ in range(depth):
-            layers += [nn.Linear(prev, width, bias=False), nn.LayerNorm(width), nn.ReLU()]
+            layers += [Linear(prev, width, bias=False), nn.LayerNorm(width), nn.ReLU()]
             prev = width
-        layers.append(nn.Linear(prev, out_dim))
+        layers.append(Linear(prev, out_dim))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import copy
 import torch
 from torch import nn
 
+from mowbench.models.linear import Linear
 from mowbench.ops import log_std_range, simnorm, squashed_gaussian, twohot_decode
 
 # TD-MPC2's model sizes (nicklashansen/tdmpc2, config sizes; spec baselines.md): encoder width (state inputs
@@ -28,9 +29,9 @@ class NormedMLP(nn.Module):
         layers: list[nn.Module] = []
         prev = in_dim
         for width in hidden:
-            layers += [nn.Linear(prev, width), nn.LayerNorm(width), nn.Mish()]
+            layers += [Linear(prev, width), nn.LayerNorm(width), nn.Mish()]
             prev = width
-        self.last = nn.Linear(prev, out_dim)
+        self.last = Linear(prev, out_dim)
         if zero_last:
             nn.init.zeros_(self.last.weight)
             nn.init.zeros_(self.last.bias)
@@ -114,7 +115,7 @@ class TDMPCWorldModel(nn.Module):
         self.task_embedding = TaskEmbedding(n_tasks, task_dim, task_vectors) if task_dim else None
         e = task_dim
         self.trunk = PixelEncoder(image_size, frames, channels, kernels, strides)
-        self.project = nn.Linear(self.trunk.out_dim + e, latent_dim) if e or self.trunk.out_dim != latent_dim else None
+        self.project = Linear(self.trunk.out_dim + e, latent_dim) if e or self.trunk.out_dim != latent_dim else None
         self.simnorm_group = simnorm_group
         hidden = (mlp_dim, mlp_dim)
         self.dynamics = NormedMLP(latent_dim + action_dim + e, hidden, latent_dim, simnorm_group=simnorm_group)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mowbench.models.linear import Linear
+
 
 class TokenStem(nn.Module):
     """concat(z_t, a_t [, cond]) -> width-D token: Linear(no bias) -> LN -> ReLU -> Linear(no bias) -> LN.
@@ -19,8 +21,8 @@ class TokenStem(nn.Module):
         super().__init__()
         self.in_dim = latent_dim + action_dim + cond_dim
         self.net = nn.Sequential(
-            nn.Linear(self.in_dim, width, bias=False), nn.LayerNorm(width), nn.ReLU(),
-            nn.Linear(width, width, bias=False), nn.LayerNorm(width))
+            Linear(self.in_dim, width, bias=False), nn.LayerNorm(width), nn.ReLU(),
+            Linear(width, width, bias=False), nn.LayerNorm(width))
 
     def forward(self, z: torch.Tensor, action: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         parts = [z, action] if cond is None else [z, action, cond.expand(*z.shape[:-1], cond.shape[-1])]
@@ -128,10 +130,10 @@ class Block(nn.Module):
         super().__init__()
         assert width % heads == 0, f"width={width} not divisible by heads={heads}"
         self.heads, self.attn_dropout = heads, attn_dropout
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.out = nn.Linear(width, width, bias=False)
+        self.qkv = Linear(width, 3 * width, bias=False)
+        self.out = Linear(width, width, bias=False)
         self.norm1 = nn.LayerNorm(width, eps=ln_eps)
-        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.ReLU(), nn.Linear(ffn, width))
+        self.ffn = nn.Sequential(Linear(width, ffn), nn.ReLU(), Linear(ffn, width))
         self.norm2 = nn.LayerNorm(width, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
 
@@ -145,9 +147,9 @@ class Block(nn.Module):
         b, t, width = x.shape
         heads = (self.heads, width // self.heads)
         if last:  # K, V of every token (B, H, T, d); Q of the last (B, H, 1, d), which attends to all of them
-            k, v = F.linear(x, self.qkv.weight[width:]).view(b, t, 2, *heads).permute(2, 0, 3, 1, 4)
+            k, v = self.qkv.rows(x, width, 3 * width).view(b, t, 2, *heads).permute(2, 0, 3, 1, 4)
             x, t = x[:, -1:], 1  # the residual stream goes on for the last token only
-            q = F.linear(x, self.qkv.weight[:width]).view(b, 1, *heads).transpose(1, 2)
+            q = self.qkv.rows(x, 0, width).view(b, 1, *heads).transpose(1, 2)
             mask = None if mask is None else mask[..., -1:, :]
         else:
             q, k, v = self.qkv(x).view(b, t, 3, *heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, d)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mowbench.models.linear import Linear
 from mowbench.models.moe import PairLayout, StackedLinear, StackedNorm
 from mowbench.models.transformer import KVCache, attend, layer_mask, positions
 from mowbench.models.vae import ConvDecoder
@@ -59,7 +60,7 @@ class ResNetEncoder(nn.Module):
         layers += [ResidualBlock(c_in) for _ in range(blocks)]
         self.trunk = nn.Sequential(*layers)
         side = resnet_out(image_size, strides)
-        self.project = nn.Linear(c_in * side * side, latent_dim)
+        self.project = Linear(c_in * side * side, latent_dim)
         self.norm = nn.LayerNorm(latent_dim, elementwise_affine=False)  # as the predicted latents' (no affine)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -81,11 +82,11 @@ class MoEFeedForward(nn.Module):
         if router not in ROUTERS:
             raise ValueError(f"router={router!r}; allowed: {', '.join(ROUTERS)}")
         self.n_experts, self.router_kind = n_experts, router
-        self.router = nn.Linear(width, n_experts)
+        self.router = Linear(width, n_experts)
         self.gate = StackedLinear(n_experts, width, hidden, bias=False)
         self.up = StackedLinear(n_experts, width, hidden, bias=False)
         self.down = StackedLinear(n_experts, hidden, width, bias=False)
-        self.shared = nn.Sequential(nn.Linear(width, shared_hidden), nn.GELU(), nn.Linear(shared_hidden, width))
+        self.shared = nn.Sequential(Linear(width, shared_hidden), nn.GELU(), Linear(shared_hidden, width))
         self.last_counts: torch.Tensor | None = None  # tokens per expert of the last call (on the device)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +117,7 @@ class DenseFeedForward(nn.Module):
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.net = nn.Sequential(Linear(width, hidden), nn.GELU(), Linear(hidden, width))
         self.last_counts = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,8 +132,8 @@ class PreLNBlock(nn.Module):
         assert width % heads == 0, f"width={width} not divisible by heads={heads}"
         self.heads, self.dropout = heads, dropout
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.out = Linear(width, width)
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)
 
