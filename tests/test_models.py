@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mowbench.agents.base import build_config, get_agent, read_metrics
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models import CausalTransformer, ConvDecoder, ConvEncoder, TokenStem
-from mowbench.models.linear import ONEDNN, Linear
+from mowbench.models.linear import ONEDNN, PACK_MIN_ELEMENTS, Linear
 
 
 def test_encoder_decoder_shapes_storm_sizes():
@@ -46,30 +46,34 @@ def test_conv_weights_are_channels_last_and_give_the_contiguous_weights_numbers(
 
 
 def test_linear_packs_its_weight_for_inference_and_repacks_it_after_every_change():
-    """Without gradients on CPU, Linear uses a oneDNN-packed weight: F.linear's values up to rounding, the same
-    bits on every call, rows() equal to forward's columns. After each in-place change (fused Adam through
-    agents.base.adam, an EMA's lerp_, load_state_dict) it equals a Linear built from the new weight, bitwise: no
-    stale packed copy. Training passes are F.linear's exactly; copies start without packed weights."""
+    """Without gradients on CPU, a Linear of PACK_MIN_ELEMENTS weights or more uses a oneDNN-packed weight:
+    F.linear's values up to rounding, the same bits on every call, rows() equal to forward's columns. After each
+    in-place change (fused Adam through agents.base.adam, an EMA's lerp_, load_state_dict) it equals a Linear built
+    from the new weight, bitwise: no stale packed copy. Training passes and smaller weights are F.linear's exactly;
+    copies start without packed weights."""
     from mowbench.agents.base import adam
     from mowbench.ops import ema_
 
     assert ONEDNN, "torch's CPU build has oneDNN; without it Linear is F.linear everywhere"
+    assert 512 * 512 >= PACK_MIN_ELEMENTS > 8 * 512
     torch.manual_seed(0)
-    lin = Linear(40, 24)
-    x = torch.randn(5, 3, 40)
+    lin = Linear(512, 640)
+    x = torch.randn(5, 3, 512)
 
     def fresh(module):  # a Linear with the module's current parameters, packed now
-        new = Linear(40, 24)
+        new = Linear(512, 640)
         new.load_state_dict(module.state_dict())
         return new(x)
 
     with torch.no_grad():
         out = lin(x)
-        assert out.shape == (5, 3, 24) and set(lin.packed) == {(0, 24)}
+        assert out.shape == (5, 3, 640) and set(lin.packed) == {(0, 640)}
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
         assert torch.equal(lin(x), out)
-        torch.testing.assert_close(lin.rows(x, 8, 24), out[..., 8:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lin.rows(x, 128, 640), out[..., 128:], rtol=1e-5, atol=1e-6)
         assert torch.equal(lin(x[0, 0]), lin(x[:1, :1])[0, 0])  # a vector as one row
+        small = Linear(512, 8)
+        assert torch.equal(small(x), F.linear(x, small.weight, small.bias)) and small.packed == {}
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # with gradients: F.linear
     optimizer = adam(lin.parameters(), lr=0.1)
     lin(x).square().sum().backward()
@@ -79,7 +83,7 @@ def test_linear_packs_its_weight_for_inference_and_repacks_it_after_every_change
     with torch.no_grad():
         assert not torch.equal(lin(x), out) and torch.equal(lin(x), fresh(lin))
         before = target(x)
-        ema_(target, Linear(40, 24), 0.5)
+        ema_(target, Linear(512, 640), 0.5)
         assert not torch.equal(target(x), before) and torch.equal(target(x), fresh(target))
         lin.load_state_dict(target.state_dict())
         assert torch.equal(lin(x), fresh(target))

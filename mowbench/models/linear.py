@@ -12,16 +12,23 @@ from torch import nn
 # and MKL's kernels on AMD CPUs cost more than the product (STORM's 16-row qkv: 0.23 ms with F.linear, 0.13 ms
 # packed, on 2 EPYC cores). oneDNN's linear takes a weight packed once (torch's inductor does the same on CPU).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Weights of fewer elements stay with F.linear: oneDNN's ~15 us a call outweighs what packing saves below ~2^17-2^18
+# (F.linear vs packed at 1 / 16 / 1024 rows on 2 EPYC cores: 256 x 256: 7 / 22 / 685 us vs 19 / 27 / 647 us;
+# 512 x 512: 27 / 79 / 2744 us vs 25 / 58 / 2444 us). The tiny preset's networks are below it, the paper's
+# Transformer, encoder, heads and actor-critic above.
+PACK_MIN_ELEMENTS = 1 << 18
 # The packing's row-count hint. oneDNN picks its kernel from it for one-row inputs, so it is a constant: a run's
 # numbers must not depend on which call packed first.
 PACK_ROWS = 16
 
 
 def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The packed path serves calls without gradients on CPU in fp32, outside torch.compile and CPU autocast."""
-    return (ONEDNN and not torch.is_grad_enabled() and x.numel() > 0 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+    """The packed path serves weights of PACK_MIN_ELEMENTS or more, called without gradients on CPU in fp32, outside
+    torch.compile and CPU autocast."""
+    return (ONEDNN and weight.numel() >= PACK_MIN_ELEMENTS and not torch.is_grad_enabled() and x.numel() > 0
+            and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 class Linear(nn.Linear):
