@@ -44,8 +44,8 @@ from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmean
 from mowbench.envs.base import TaskInfo
 from mowbench.figures import heatmap_png
 from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
-from mowbench.models.linear import Linear
 from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, padding_ratio, resolve_kernel
+from mowbench.models.packed import Linear
 from mowbench.ops import Grouping, Routing, balance_loss, counts_of, group_mean, harmonious_loss, topk_route
 from mowbench.replay import Batch
 

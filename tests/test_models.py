@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mowbench.agents.base import build_config, get_agent, read_metrics
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models import CausalTransformer, ConvDecoder, ConvEncoder, TokenStem
-from mowbench.models.linear import ONEDNN, PACK_MIN_ELEMENTS, Linear
+from mowbench.models.packed import ONEDNN, PACK_MIN_ELEMENTS, Conv2d, Linear
 
 
 def test_encoder_decoder_shapes_storm_sizes():
@@ -67,7 +67,7 @@ def test_linear_packs_its_weight_for_inference_and_repacks_it_after_every_change
 
     with torch.no_grad():
         out = lin(x)
-        assert out.shape == (5, 3, 640) and set(lin.packed) == {(0, 640)}
+        assert out.shape == (5, 3, 640) and set(lin.packed) == {"0:640"}
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
         assert torch.equal(lin(x), out)
         torch.testing.assert_close(lin.rows(x, 128, 640), out[..., 128:], rtol=1e-5, atol=1e-6)
@@ -87,6 +87,29 @@ def test_linear_packs_its_weight_for_inference_and_repacks_it_after_every_change
         assert not torch.equal(target(x), before) and torch.equal(target(x), fresh(target))
         lin.load_state_dict(target.state_dict())
         assert torch.equal(lin(x), fresh(target))
+
+
+def test_packed_conv_gives_nn_conv2ds_bits_and_repacks_after_a_change():
+    """Conv2d without gradients on CPU convolves with a weight reordered once for oneDNN: bitwise the output of an
+    nn.Conv2d with the same (channels-last) weight, for channels-last and contiguous inputs and any batch size,
+    and after an optimizer step the new weight's."""
+    from mowbench.agents.base import adam
+
+    torch.manual_seed(0)
+    conv = Conv2d(32, 64, 4, 2, 1, bias=False).to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(32, 64, 4, 2, 1, bias=False).to(memory_format=torch.channels_last)
+    plain.load_state_dict(conv.state_dict())
+    frames = torch.rand(5, 16, 16, 32).permute(0, 3, 1, 2)  # (B, C, S, S) channels-last, as encode_frames gives
+    with torch.no_grad():
+        for x in (frames, frames[:1], frames.contiguous()):
+            assert torch.equal(conv(x), plain(x))
+        assert set(conv.packed) == {"weight"}
+    optimizer = adam(conv.parameters(), lr=0.1)
+    conv(frames).square().sum().backward()
+    optimizer.step()
+    plain.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        assert torch.equal(conv(frames), plain(frames))
 
 
 def test_encoder_rejects_bad_image_size():

@@ -16,7 +16,7 @@ from mowbench.agents.base import make_agent, registered_agents
 from mowbench.bench import bench
 from mowbench.config import check_agent_preset, compose_config, plan, presets
 from mowbench.envs import make_envs
-from mowbench.models.linear import Linear
+from mowbench.models.packed import Conv2d, Linear
 from mowbench.replay import random_batch
 from tests.conftest import continuous_only
 
@@ -30,27 +30,34 @@ def suites_of(name):
     return ("metaworld", "metaworld") if continuous_only(name) else ("atari100k", "minatar")
 
 
-def linears_of(obj, seen=None):
-    """Every Linear an agent holds: in its modules and in the modules of the objects it holds (its learners)."""
+def packed_modules_of(obj, seen=None):
+    """Every Linear and Conv2d with packed inference weights that an agent holds: in its modules and in the modules
+    of the objects it holds (its learners)."""
     seen = set() if seen is None else seen
     if id(obj) in seen or not hasattr(obj, "__dict__") or isinstance(obj, (torch.Tensor, type)):
         return []
     seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
-        return [m for m in obj.modules() if isinstance(m, Linear)]
+        return [m for m in obj.modules() if isinstance(m, (Linear, Conv2d))]
     return [m for value in vars(obj).values() for item in (value if isinstance(value, (list, dict)) else [value])
-            for m in linears_of(item.values() if isinstance(item, dict) else item, seen)]
+            for m in packed_modules_of(item.values() if isinstance(item, dict) else item, seen)]
 
 
-def assert_packed_weights_are_fresh(linears):
-    """Each Linear's packed inference weight is the one a Linear with its current parameters packs (bitwise):
+def module_input(module):
+    """A fixed input for a Linear (3, in) or a Conv2d (2, C, 16, 16), channels-last as frames are."""
+    g = torch.Generator().manual_seed(0)
+    if isinstance(module, Linear):
+        return torch.randn(3, module.in_features, generator=g)
+    return torch.randn(2, 16, 16, module.in_channels, generator=g).permute(0, 3, 1, 2)
+
+
+def assert_packed_weights_are_fresh(modules):
+    """Each module's packed inference weight is the one a copy with its current parameters packs (bitwise):
     whatever changed a weight bumped its version counter, so no stale copy serves acting or imagination."""
     with torch.no_grad():
-        for lin in linears:
-            x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0))
-            new = Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
-            new.load_state_dict(lin.state_dict())
-            assert torch.equal(lin(x), new(x)), lin
+        for module in modules:
+            x = module_input(module)
+            assert torch.equal(module(x), copy.deepcopy(module)(x)), module
 
 
 def test_the_builtin_agents_are_registered_and_every_preset_is_listed():
@@ -78,18 +85,19 @@ def test_every_agent_composes_at_every_preset_updates_once_and_benches(name, mon
     torch.manual_seed(0)
     agent = make_agent(name, dict(cfg["agent"]), infos, torch.device("cpu"), "fp32")
     fields = agent.replay_fields()
-    linears = linears_of(agent)
-    assert linears
-    monkeypatch.setattr("mowbench.models.linear.PACK_MIN_ELEMENTS", 0)  # micro's weights are below the threshold
+    packed = packed_modules_of(agent)
+    assert any(isinstance(m, Linear) for m in packed)
+    monkeypatch.setattr("mowbench.models.packed.PACK_MIN_ELEMENTS", 0)  # micro's weights are below the threshold
     with torch.no_grad():
-        for lin in linears:  # pack every weight before the update changes it
-            lin(torch.zeros(1, lin.in_features))
+        for module in packed:  # pack every weight before the update changes it
+            module(module_input(module))
+            assert module.packed
     state = copy.deepcopy(agent.state_dict())
     metrics = agent.update(lambda n, length: random_batch(infos, n, length, torch.device("cpu"), fields))
     assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics
-    assert_packed_weights_are_fresh(linears)
+    assert_packed_weights_are_fresh(packed)
     agent.load_state_dict(state)
-    assert_packed_weights_are_fresh(linears)
+    assert_packed_weights_are_fresh(packed)
     for e in envs:
         e.close()
     figures = bench({**cfg, "task": tasks, "bench": {"repeats": 1, "act_steps": 5, "flops": False}})

@@ -26,7 +26,7 @@ def adam(params: Any, lr: float, eps: float = 1e-8, capturable: bool = False) ->
 
 def bumps_versions(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer, bumping its parameters' autograd version counters after every step. Fused kernels change the
-    parameters without bumping them, and packed inference weights (mowbench.models.linear) are kept while the
+    parameters without bumping them, and packed inference weights (mowbench.models.packed) are kept while the
     counter is unchanged."""
     def bump(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         torch.autograd.graph.increment_version([p for group in opt.param_groups for p in group["params"]])

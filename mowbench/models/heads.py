@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
-from mowbench.models.linear import Linear
+from mowbench.models.packed import Linear
 from mowbench.ops import sample_categorical
 
 

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from mowbench.models.linear import Linear
+from mowbench.models.packed import Linear
 from mowbench.ops import log_std_range, simnorm, squashed_gaussian, twohot_decode
 
 # TD-MPC2's model sizes (nicklashansen/tdmpc2, config sizes; spec baselines.md): encoder width (state inputs

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mowbench.models.linear import Linear
+from mowbench.models.packed import Linear
 
 
 class TokenStem(nn.Module):

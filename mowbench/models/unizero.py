@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mowbench.models.linear import Linear
 from mowbench.models.moe import PairLayout, StackedLinear, StackedNorm
+from mowbench.models.packed import Linear
 from mowbench.models.transformer import KVCache, attend, layer_mask, positions
 from mowbench.models.vae import ConvDecoder
 

@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mowbench.models.linear import Linear
+from mowbench.models.packed import Conv2d, Linear
 from mowbench.ops import unimix_logits
 
 
@@ -41,7 +41,7 @@ class ConvEncoder(nn.Module):
         layers: list[nn.Module] = []
         prev = in_channels
         for ch in channels:
-            layers += [nn.Conv2d(prev, ch, 4, 2, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU()]
+            layers += [Conv2d(prev, ch, 4, 2, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU()]
             prev = ch
         self.net = nn.Sequential(*layers)
         self.out_dim = prev * self.final_size ** 2
