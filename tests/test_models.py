@@ -26,7 +26,7 @@ def test_encoder_decoder_shapes_storm_sizes():
 def test_conv_weights_are_channels_last_and_give_the_contiguous_weights_numbers():
     """The encoder's and decoder's 4-d weights are stored channels-last, the layout of the frames they convolve
     (oneDNN otherwise reorders each weight at every call), through a move to a device and an optimizer step; the
-    outputs and gradients are bitwise those of contiguous weights."""
+    outputs and gradients at these sizes are bitwise those of contiguous weights."""
     torch.manual_seed(0)
     for module, x in ((ConvEncoder(64, (32, 64, 128, 256)), torch.rand(4, 64, 64, 3).permute(0, 3, 1, 2)),
                       (ConvDecoder(64, (32, 64, 128, 256), 1024), torch.rand(4, 1024))):

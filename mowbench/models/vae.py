@@ -22,10 +22,12 @@ def conv_stages(image_size: int, n_stages: int) -> int:
 
 def channels_last_weights(module: nn.Module) -> None:
     """Store the module's 4-d weights channels-last, the layout of the images it convolves (frames stay in their
-    stored (S, S, 3) layout; the decoder asks for it). With contiguous weights, oneDNN reorders each weight to
-    the input's layout at every call: batch-1 acting spent a quarter of its time there (STORM on CPU at the
-    paper preset, 100 -> 140 env-steps/s). Moving the module to a device keeps the layout (`to` preserves
-    strides); optimizer states and gradients follow the parameters' layout."""
+    stored (S, S, 3) layout; the decoder asks for it). With contiguous weights, every convolution first copies
+    its weight to the input's layout: STORM's batch-1 act on CPU at the paper preset took 8.2 ms instead of 10.7
+    before any update (in one process; after updates, whose large buffers change how memory is reused, the
+    copies cost less). The forward values are the same bits; gradients are too at STORM's sizes, and differ in
+    the last bits (~1e-8) for some shapes (MoW's micro-preset update). Moving the module to a device keeps the
+    layout (`to` preserves strides); optimizer states and gradients follow the parameters' layout."""
     module.to(memory_format=torch.channels_last)
 
 
