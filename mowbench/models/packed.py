@@ -38,9 +38,10 @@ class PackedWeights(dict):
 
     The key is the weight's storage and autograd version counter, which every in-place change bumps: optimizer
     steps (mowbench.agents.base.adam bumps it after fused Adam, whose kernel does not), EMA's lerp_,
-    load_state_dict's copy_. A write that bypasses the counter (`weight.data.copy_(...)`) would leave the copy
-    stale; tests/test_registry.py checks that every registered agent's update and restore bump it. Copies of the
-    module (deepcopy, pickle) start empty: their weights are new tensors."""
+    load_state_dict's copy_. A write that bypasses the counter (`weight.data.copy_(...)`, or assigning `.data`
+    twice after packing, which can reuse the first storage under the same version) would leave the copy stale;
+    tests/test_registry.py checks that every registered agent's update and restore bump it. Copies of the module
+    (deepcopy, pickle) start empty: their weights are new tensors."""
 
     def get_packed(self, name: str, weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         key = (weight.data_ptr(), weight._version)
