@@ -67,7 +67,7 @@ def test_linear_packs_its_weight_for_inference_and_repacks_it_after_every_change
 
     with torch.no_grad():
         out = lin(x)
-        assert out.shape == (5, 3, 640) and set(lin.packed) == {"0:640"}
+        assert out.shape == (5, 3, 640) and set(lin.packed) == {(0, 640)}
         torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
         assert torch.equal(lin(x), out)
         torch.testing.assert_close(lin.rows(x, 128, 640), out[..., 128:], rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -43,7 +43,8 @@ class PackedWeights(dict):
     tests/test_registry.py checks that every registered agent's update and restore bump it. Copies of the module
     (deepcopy, pickle) start empty: their weights are new tensors."""
 
-    def get_packed(self, name: str, weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def get_packed(self, name: Hashable, weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
         key = (weight.data_ptr(), weight._version)
         entry = self.get(name)
         if entry is None or entry[0] != key:
@@ -66,7 +67,7 @@ class Linear(nn.Linear):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.packed = PackedWeights()  # "first:last" output rows -> packed weight
+        self.packed = PackedWeights()  # (first, last) output rows -> packed weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rows(x, 0, self.out_features)
@@ -79,7 +80,7 @@ class Linear(nn.Linear):
         bias = None if self.bias is None else self.bias if whole else self.bias[first:last]
         if weight.numel() < PACK_MIN_ELEMENTS or not packable(x, weight):
             return F.linear(x, weight, bias)
-        packed = self.packed.get_packed(f"{first}:{last}", weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(
+        packed = self.packed.get_packed((first, last), weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(
             w.contiguous(), PACK_ROWS))
         flat = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
         return torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "").view(*x.shape[:-1], -1)
@@ -94,11 +95,12 @@ class Conv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         assert self.padding_mode == "zeros" and not isinstance(self.padding, str), "packed convs pad with zeros"
         self.packed = PackedWeights()
+        # padding, stride, dilation, groups: as oneDNN's packing and convolution take them
+        self.geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not packable(x, self.weight) or x.dim() != 4:
             return super().forward(x)
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         packed = self.packed.get_packed("weight", self.weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-            w, *args, [1, *x.shape[1:]]))
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [], "")
+            w, *self.geometry, [1, *x.shape[1:]]))
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *self.geometry, "none", [], "")
