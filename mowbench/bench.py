@@ -38,8 +38,9 @@ from mowbench.replay import random_batch
 from mowbench.results import peak_memory_gib
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
-# reference: also the agent's own extras (STORM: its reference-style cache); act_steps: env steps timed for
-# acting; warm_up: one untimed agent.update() first (MoW: its warm-up clustering; see cluster_warmup_updates);
+# reference: also the agent's own extras (STORM: its reference-style cache); act_steps: env steps per timed block
+# of acting (`repeats` blocks, median); warm_up: one untimed agent.update() first (MoW: its warm-up clustering;
+# see cluster_warmup_updates);
 # flops: count each phase's matmul/conv FLOPs (one untimed pass) and measure the device's dense matmul
 # rate in the run's precision, giving a lower bound on the step time (what no implementation of the same
 # maths can beat on this device)
@@ -131,7 +132,7 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         out["gflop"] = counts
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
         out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
-    out |= acting_figures(agent, envs, int(opts["act_steps"]))
+    out |= acting_figures(agent, envs, int(opts["act_steps"]), reps)
     out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts, device)
     out["projected_hours"] = projection(out, p.train, len(envs), int(opts["eval_episode_steps"] or
                                                                      EVAL_EPISODE_STEPS[suite]))
@@ -147,10 +148,11 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
 EVAL_EPISODE_STEPS = {"atari100k": 2000, "metaworld": 100, "minatar": 500}
 
 
-def acting_figures(agent: Any, envs: list[Any], act_steps: int) -> dict[str, float]:
+def acting_figures(agent: Any, envs: list[Any], act_steps: int, repeats: int = 1) -> dict[str, Any]:
     """Env steps per second of training-time acting: one stream per task (a multi-task agent: all its tasks)
     acting in one batch per round, env steps included, after a full acting window (e.g. STORM's 16 frames) and a
-    few rounds more."""
+    few rounds more. `repeats` blocks of about act_steps env steps each are timed; the figure is their median
+    (one block's rate varies by +-15% on a shared CPU), the blocks' rates are listed beside it."""
     contexts, obs = [agent.new_context(i) for i in range(len(envs))], [e.reset() for e in envs]
 
     def one_round() -> None:
@@ -161,10 +163,14 @@ def acting_figures(agent: Any, envs: list[Any], act_steps: int) -> dict[str, flo
     for _ in range(24):  # a full acting window (STORM: 16 frames) and a few rounds more (cuda_graphs: the capture)
         one_round()
     rounds = max(1, -(-act_steps // len(envs)))
-    t = time.perf_counter()
-    for _ in range(rounds):
-        one_round()
-    return {"acting_streams": len(envs), "acting_env_steps_per_s": rounds * len(envs) / (time.perf_counter() - t)}
+    rates = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        for _ in range(rounds):
+            one_round()
+        rates.append(rounds * len(envs) / (time.perf_counter() - t))
+    return {"acting_streams": len(envs), "acting_env_steps_per_s": float(np.median(rates)),
+            "acting_env_steps_per_s_blocks": [round(r, 1) for r in rates]}
 
 
 class CountedEnv:
