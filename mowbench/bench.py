@@ -4,7 +4,8 @@
 Prints one JSON object: parameter counts, seconds per phase of a training step as the agent names them
 (`Agent.bench_phases`; STORM-style agents: world-model update, imagination, agent update) and their sum,
 acting env-steps/s on the real env (Pong by default), the FLOPs of each phase with the device's matmul
-rate (the step time no implementation of the same maths can beat here), and whatever the agent adds
+rate (the step time no implementation of the same maths can beat here), the ops each phase dispatches (eager on a
+GPU, about one kernel launch each), and whatever the agent adds
 (`Agent.bench_extras`; STORM: the same imagination done the way its reference implementation caches, so
 the speed-up is measured on the same machine, and the reference's parameter count). It knows no baseline.
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import get_agent, make_agent
@@ -41,9 +43,9 @@ from mowbench.results import peak_memory_gib
 # reference: also the agent's own extras (STORM: its reference-style cache); act_steps: env steps per timed block
 # of acting (`repeats` blocks, median); warm_up: one untimed agent.update() first (MoW: its warm-up clustering;
 # see cluster_warmup_updates);
-# flops: count each phase's matmul/conv FLOPs (one untimed pass) and measure the device's dense matmul
-# rate in the run's precision, giving a lower bound on the step time (what no implementation of the same
-# maths can beat on this device)
+# flops: count each phase's matmul/conv FLOPs and its dispatched ops (one untimed pass) and measure the device's
+# dense matmul rate in the run's precision, giving a lower bound on the step time (what no implementation of the
+# same maths can beat on this device)
 # eval_episodes, eval_steps: evaluation episodes per task timed and their cap in agent steps (past a full acting
 # context, so that most steps act as a long episode's do); eval_episode_steps: the episode length the
 # projection assumes (0: the suite's, EVAL_EPISODE_STEPS)
@@ -66,12 +68,26 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
     return float(np.median(times))
 
 
-def gflop(fn: Callable[[], Any]) -> float:
-    """GFLOP of the matmuls, convolutions and attention `fn` runs (forward and backward; elementwise ops
-    are not counted), from torch's FlopCounterMode."""
-    with FlopCounterMode(display=False) as counter:
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach a kernel (views and other aliasing ops, which compute nothing, apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def phase_counts(fn: Callable[[], Any]) -> tuple[float, int]:
+    """One untimed call of `fn` -> (GFLOP of its matmuls, convolutions and attention, forward and backward, from
+    torch's FlopCounterMode (elementwise ops are not counted); the non-view aten ops it dispatches). Eager on a GPU
+    each of those ops is about one kernel launch, and a step of many small ones is bound by launches, not
+    arithmetic (see README "GPU figures"); a CUDA-graph replay dispatches none."""
+    with FlopCounterMode(display=False) as flops, OpCounter() as ops:
         fn()
-    return counter.get_total_flops() / 1e9
+    return flops.get_total_flops() / 1e9, ops.kernels
 
 
 def matmul_gflop_per_s(device: torch.device, precision: str, n: int = 4096, repeats: int = 3) -> float:
@@ -128,8 +144,9 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     if opts["reference"]:
         out |= agent.bench_extras(sample, lambda fn: timed(fn, reps, device), out)
     if opts["flops"]:
-        counts = {name: gflop(fn) for name, fn in phases.items()}
-        out["gflop"] = counts
+        phase = {name: phase_counts(fn) for name, fn in phases.items()}
+        counts = out["gflop"] = {name: c[0] for name, c in phase.items()}
+        out["dispatched_ops"] = {name: c[1] for name, c in phase.items()}
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
         out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
     out |= acting_figures(agent, envs, int(opts["act_steps"]), reps)

@@ -23,6 +23,30 @@ def test_encoder_decoder_shapes_storm_sizes():
     assert sum(p.numel() for p in enc.parameters()) == 16 * (96 + 2048 + 8192 + 32768) + 2 * 480
 
 
+def test_frames_are_encoded_in_chunks_on_cpu_only_with_the_same_numbers():
+    """Without gradients a CPU encodes `chunk` frames at a time (activations stay in cache) and gives the numbers
+    of one pass; any other device (here `meta`, standing for a GPU, where chunks only multiply kernel launches)
+    encodes them in one pass, as does any pass with gradients."""
+    from mowbench.models import encode_frames
+    from mowbench.models.vae import CategoricalHead
+
+    torch.manual_seed(0)
+    encoder, head = ConvEncoder(16, (8, 16)).eval(), CategoricalHead(16 * 4 * 4, 4, 4).eval()
+    calls = []
+    encoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    frames = torch.randint(0, 256, (10, 16, 16, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        chunked = encode_frames(encoder, head, frames, chunk=4)
+        assert calls == [4, 4, 2]
+        assert torch.allclose(chunked, encode_frames(encoder, head, frames, chunk=0), atol=1e-6)
+        calls.clear()
+        encode_frames(copy.deepcopy(encoder).to("meta"), copy.deepcopy(head).to("meta"), frames.to("meta"), chunk=4)
+        assert calls == [10]
+    calls.clear()
+    encode_frames(encoder, head, frames, chunk=4)
+    assert calls == [10]
+
+
 def test_conv_weights_are_channels_last_and_give_the_contiguous_weights_numbers():
     """The encoder's and decoder's 4-d weights are stored channels-last, the layout of the frames they convolve
     (oneDNN otherwise reorders each weight at every call), through a move to a device and an optimizer step; the

@@ -79,13 +79,18 @@ def test_bench_prints_one_json_object():
         assert result[key] > 0, key
     assert set(result["parameters"]) == {"world_model", "actor_critic", "slow_critic"}
     assert min(result["gflop"].values()) > 0 and result["matmul_gflop_per_s"] > 0
+    assert result["dispatched_ops"].keys() == result["gflop"].keys() and min(result["dispatched_ops"].values()) > 0
     assert result["s_per_train_step_at_matmul_rate"] < result["s_per_train_step"]  # a floor, below the real step
 
 
-def test_bench_flop_count_of_a_matmul_and_a_linear_backward():
-    from mowbench.bench import gflop
+def test_bench_flop_and_op_counts_of_a_matmul_and_a_linear_backward():
+    from mowbench.bench import phase_counts
 
-    assert gflop(lambda: torch.ones(8, 16) @ torch.ones(16, 4)) == 2 * 8 * 16 * 4 / 1e9
+    a, b = torch.ones(8, 16), torch.ones(16, 4)
+    assert phase_counts(lambda: a @ b) == (2 * 8 * 16 * 4 / 1e9, 1)
+    # views (view, t) reach no kernel and are not counted: mm, relu, sum
+    assert phase_counts(lambda: (a @ b).view(-1).t().relu().sum())[1] == 3
     layer = torch.nn.Linear(16, 4, bias=False)
     # forward 2*B*in*out, backward twice that (input and weight gradients)
-    assert gflop(lambda: layer(torch.ones(8, 16, requires_grad=True)).sum().backward()) == 3 * 2 * 8 * 16 * 4 / 1e9
+    x = torch.ones(8, 16, requires_grad=True)
+    assert phase_counts(lambda: layer(x).sum().backward())[0] == 3 * 2 * 8 * 16 * 4 / 1e9
