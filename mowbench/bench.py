@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, plan, resolve_device, resolve_precision
 from mowbench.envs import make_env, make_envs, resolve_tasks
+from mowbench.models.packed import unpacked
 from mowbench.replay import random_batch
 from mowbench.results import peak_memory_gib
 
@@ -48,9 +49,10 @@ from mowbench.results import peak_memory_gib
 # same maths can beat on this device)
 # eval_episodes, eval_steps: evaluation episodes per task timed and their cap in agent steps (past a full acting
 # context, so that most steps act as a long episode's do); eval_episode_steps: the episode length the
-# projection assumes (0: the suite's, EVAL_EPISODE_STEPS)
+# projection assumes (0: the suite's, EVAL_EPISODE_STEPS); profile: N > 0 adds each phase's N ops of most self time
+# under torch.profiler (on CUDA: device time, and the host's calls, where waits on the device show), one untimed call
 BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True,
-                  "flops": True, "eval_episodes": 2, "eval_steps": 40, "eval_episode_steps": 0}
+                  "flops": True, "eval_episodes": 2, "eval_steps": 40, "eval_episode_steps": 0, "profile": 0}
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -85,9 +87,40 @@ def phase_counts(fn: Callable[[], Any]) -> tuple[float, int]:
     torch's FlopCounterMode (elementwise ops are not counted); the non-view aten ops it dispatches). Eager on a GPU
     each of those ops is about one kernel launch, and a step of many small ones is bound by launches, not
     arithmetic (see README "GPU figures"); a CUDA-graph replay dispatches none."""
-    with FlopCounterMode(display=False) as flops, OpCounter() as ops:
+    with unpacked(), FlopCounterMode(display=False) as flops, OpCounter() as ops:  # CPU: aten's ops, which it counts
         fn()
     return flops.get_total_flops() / 1e9, ops.kernels
+
+
+def profile_phase(fn: Callable[[], Any], device: torch.device, top: int) -> dict[str, Any]:
+    """One call of `fn` (after a warm-up call) under torch.profiler: the call's wall ms under the profiler and the
+    `top` ops of most self time, [name, ms, calls]: on CUDA by device time ("device_top", the kernels and copies
+    behind the aten ops) and by host time ("host_top": launches, and synchronisations, cudaStreamSynchronize or
+    DtoH memcpy, where the host waits for the device); on CPU by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+
+    def ranked(attr: str) -> list[list[Any]]:
+        best = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+        return [[e.key, round(getattr(e, attr) / 1e3, 3), e.count] for e in best if getattr(e, attr) > 0]
+
+    out: dict[str, Any] = {"profiled_wall_ms": round(wall * 1e3, 3), "host_top": ranked("self_cpu_time_total")}
+    if cuda:
+        out["device_ms"] = round(sum(e.self_device_time_total for e in events) / 1e3, 3)
+        out["device_top"] = ranked("self_device_time_total")
+    return out
 
 
 def matmul_gflop_per_s(device: torch.device, precision: str, n: int = 4096, repeats: int = 3) -> float:
@@ -149,6 +182,8 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         out["dispatched_ops"] = {name: c[1] for name, c in phase.items()}
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
         out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
+    if int(opts["profile"]) > 0:
+        out["profile"] = {name: profile_phase(fn, device, int(opts["profile"])) for name, fn in phases.items()}
     out |= acting_figures(agent, envs, int(opts["act_steps"]), reps)
     out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts, device)
     out["projected_hours"] = projection(out, p.train, len(envs), int(opts["eval_episode_steps"] or

@@ -4,14 +4,14 @@
 # (agent.cuda_graphs=true), and a few hundred real training steps of each to check bf16 stability and memory.
 #
 #   bash scripts/gpu_figures.sh STAGE OUT_DIR
-#   STAGE: env | bench | bench-compile | bench-graphs | train-storm | train-storm-graphs | train-multi | train-mow |
-#          train-mow-graphs | all
+#   STAGE: env | bench | bench-compile | bench-graphs | profile | train-storm | train-storm-graphs | train-multi |
+#          train-mow | train-mow-graphs | all
 #
 # Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
 # measurement that fails or runs past its time limit leaves its stderr beside it and the next one still runs.
 set -u
-stages="env, bench, bench-compile, bench-graphs, train-storm, train-storm-graphs, train-multi, train-mow,
+stages="env, bench, bench-compile, bench-graphs, profile, train-storm, train-storm-graphs, train-multi, train-mow,
 train-mow-graphs, all"
 stage=${1:?STAGE: one of $stages}
 out=${2:?OUT_DIR}
@@ -57,6 +57,16 @@ bench_graphs() {  # the three agents with imagination and the updates as CUDA gr
     done
 }
 
+profile() {  # where an eager step's time goes: each phase's 15 kernels and host calls of most self time
+    for agent in storm mow; do
+        local extra=""
+        [ "$agent" = mow ] && extra=$mow_bench
+        # shellcheck disable=SC2086
+        item "profile_${agent}.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev bench.profile=15 \
+            bench.reference=false bench.repeats=1 $extra
+    done
+}
+
 train() {  # train NAME STEPS OVERRIDES...: a paper-preset run of STEPS agent steps per task, then its figures
     local name=$1 steps=$2; shift 2
     local dir=/tmp/gpu_figures_runs/$name
@@ -98,6 +108,7 @@ case $stage in
     bench) env_check; bench false ;;
     bench-compile) bench true ;;
     bench-graphs) bench_graphs ;;
+    profile) profile ;;
     train-storm) train_storm ;;
     train-storm-graphs) train storm_graphs 1424 agent=storm task=Pong agent.cuda_graphs=true ;;
     train-mow-graphs) train mow_graphs 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 \

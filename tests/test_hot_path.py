@@ -152,6 +152,17 @@ def test_bench_times_the_evaluation_in_the_runs_mode():
 BENCH_FAST = {"repeats": 1, "act_steps": 5, "flops": False, "reference": False}
 
 
+def test_bench_profile_names_the_ops_of_most_self_time():
+    """bench.profile=N: a phase's N ops of most self time with their call counts (on CPU, host time)."""
+    from mowbench.bench import profile_phase
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    out = profile_phase(lambda: [(a @ b).sin() for _ in range(5)], torch.device("cpu"), top=2)
+    assert [row[0] for row in out["host_top"]] == ["aten::mm", "aten::sin"]
+    assert [row[2] for row in out["host_top"]] == [5, 5] and out["host_top"][0][1] >= out["host_top"][1][1] > 0
+    assert out["profiled_wall_ms"] > 0 and "device_top" not in out
+
+
 def test_acting_figure_is_the_median_of_timed_blocks(monkeypatch):
     """The bench times `repeats` blocks of acting and reports their median rate (one block's rate is noisy on a
     shared CPU): with a clock that makes the blocks last 1, 4 and 2 s, 10 env steps each, the figure is 5/s."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import contextlib
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -31,6 +32,18 @@ def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (ONEDNN and not torch.is_grad_enabled() and x.numel() > 0 and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+
+
+@contextlib.contextmanager
+def unpacked() -> Iterator[None]:
+    """Calls inside run torch's own ops, never the packed path: the same maths, in ops that FLOP counters
+    (torch.utils.flop_counter, the bench's) know; oneDNN's packed ops count as nothing there."""
+    global ONEDNN
+    saved, ONEDNN = ONEDNN, False
+    try:
+        yield
+    finally:
+        ONEDNN = saved
 
 
 class PackedWeights(dict):
