@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import get_agent, make_agent
-from mowbench.config import compose_config, plan, resolve_device, resolve_precision
+from mowbench.config import compose_config, deterministic_kernels, plan, resolve_device, resolve_precision
 from mowbench.envs import make_env, make_envs, resolve_tasks
 from mowbench.models.packed import unpacked
 from mowbench.replay import random_batch
@@ -144,6 +144,7 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     elif not multi_task:  # one task; a multi-task agent gets the suite's task list (Atari: 26 games)
         cfg["task"] = "Pong" if suite == "atari100k" else resolve_tasks(suite, None)[0]
     p = plan(cfg)  # validates and resolves the env config (e.g. the shared Atari action set)
+    deterministic_kernels(device, p.deterministic)  # as a run of this config would
     env_cfg = {**p.cfg["env"], "run_seed": 0}  # as a run of seed 0 (the runner adds its seed)
     envs = make_envs(suite, p.tasks, env_cfg, seed=0)
     env = envs[0]

@@ -5,6 +5,7 @@ mowbench.run is the command line."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def usage() -> str:
     lines = ["Config groups (group=option):"] + [f"  {g:<9} {', '.join(options)}" for g, options in groups.items()]
     lines += ["Most used keys (key=value; every agent.<field> of the agent's config dataclass works):",
               "  seed=0 task=breakout|[Pong,Breakout]|MT10|null device=auto|cpu|cuda precision=auto|fp32|bf16",
-              "  threads=0 results_dir=results method=<results folder name>",
+              "  threads=0 results_dir=results method=<results folder name> deterministic=true|false",
               "  train.steps train.warmup train.updates_per_step train.eval_every train.eval_episodes",
               "  train.checkpoint_every train.replay_capacity train.progress train.tensorboard",
               "  agent.width agent.batch_per_task agent.imag_per_task agent.wm_lr agent.ac_lr (MoW: agent.n_clusters,",
@@ -95,6 +96,22 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def deterministic_kernels(device: torch.device, on: bool) -> bool:
+    """Whether a seed gives the same numbers on one CUDA device: on, torch's deterministic algorithms (warning,
+    not failing, where an op has none), cuDNN's deterministic convolutions without autotuning and a fixed cuBLAS
+    workspace (set before cuBLAS starts); off, torch's fastest kernels (atomics in index and attention backward
+    passes, cuDNN's choice), so reruns may differ in the last bits and then diverge. CPU kernels here are
+    deterministic already: nothing is changed off CUDA. Returns whether deterministic kernels are on."""
+    if device.type != "cuda":
+        return False
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    return on
+
+
 @dataclasses.dataclass
 class Plan:
     """A fully validated run request: what to train, where, on what."""
@@ -108,6 +125,7 @@ class Plan:
     train: TrainConfig
     device: torch.device
     precision: str
+    deterministic: bool = True
 
 
 def plan(cfg: dict[str, Any]) -> Plan:
@@ -161,12 +179,15 @@ def plan(cfg: dict[str, Any]) -> Plan:
     precision = resolve_precision(str(cfg.get("precision", "auto")), device)
     if precision == "bf16" and device.type == "cpu":
         raise ValueError("precision=bf16 on cpu is not supported (CPU runs in fp32); allowed: auto, fp32")
+    deterministic = cfg.get("deterministic", True)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic={deterministic!r}; allowed: true, false")
     method = cfg.get("method") or entry.name
     if entry.multi_task:
         runs = [(tasks[0] if len(tasks) == 1 else f"all{len(tasks)}", tasks)]
     else:
         runs = [(t, [t]) for t in tasks]
-    return Plan(cfg, suite, entry.name, method, tasks, runs, train, device, precision)
+    return Plan(cfg, suite, entry.name, method, tasks, runs, train, device, precision, deterministic)
 
 
 def config_values(cfg: DictConfig, choices: Any) -> dict[str, Any]:

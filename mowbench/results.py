@@ -149,6 +149,7 @@ def device_description(device: Any) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["deterministic_kernels"] = torch.are_deterministic_algorithms_enabled()  # config `deterministic`
     return info
 
 

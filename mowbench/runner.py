@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from mowbench import results as R
 from mowbench.agents.base import make_agent
-from mowbench.config import Plan, plan
+from mowbench.config import Plan, deterministic_kernels, plan
 from mowbench.envs import make_env, make_envs
 from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
 
@@ -35,7 +35,7 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
               "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint",
               "train.eval_envs", "train.replay_on_device",
-              "agent.compile", "agent.cuda_graphs", "agent.expert_kernel")
+              "agent.compile", "agent.cuda_graphs", "agent.expert_kernel", "deterministic")
 
 
 def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -132,6 +132,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+    deterministic_kernels(p.device, p.deterministic)
     env_cfg = {**cfg["env"], "run_seed": seed}  # randomness a suite shares across the run's envs (Meta-World goals)
     with ExitStack() as opened:  # envs and logs are closed on every path: finished, preempted, failed
         envs = make_envs(p.suite, tasks, env_cfg, seed)

@@ -4,14 +4,14 @@
 # (agent.cuda_graphs=true), and a few hundred real training steps of each to check bf16 stability and memory.
 #
 #   bash scripts/gpu_figures.sh STAGE OUT_DIR
-#   STAGE: env | bench | bench-compile | bench-graphs | profile | train-storm | train-storm-graphs | train-multi |
-#          train-mow | train-mow-graphs | all
+#   STAGE: env | bench | bench-compile | bench-graphs | profile | determinism | train-storm | train-storm-graphs |
+#          train-multi | train-mow | train-mow-graphs | all
 #
 # Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
 # measurement that fails or runs past its time limit leaves its stderr beside it and the next one still runs.
 set -u
-stages="env, bench, bench-compile, bench-graphs, profile, train-storm, train-storm-graphs, train-multi, train-mow,
+stages="env, bench, bench-compile, bench-graphs, profile, determinism, train-storm, train-storm-graphs, train-multi, train-mow,
 train-mow-graphs, all"
 stage=${1:?STAGE: one of $stages}
 out=${2:?OUT_DIR}
@@ -95,6 +95,23 @@ EOF
     echo "[gpu_figures] train_$name.json written"
 }
 
+determinism() {  # the same seed twice on one GPU (DET_STEPS agent steps, 100 updates): are the logged losses the same?
+    local setting
+    for setting in eager:deterministic=true graphs:agent.cuda_graphs=true fast:deterministic=false; do
+        local name=${setting%%:*} override=${setting#*:}
+        train "det_a_$name" "${DET_STEPS:-1124}" agent=storm task=Pong "$override"
+        train "det_b_$name" "${DET_STEPS:-1124}" agent=storm task=Pong "$override"
+        $py - "$out/train_det_a_$name.json" "$out/train_det_b_$name.json" >"$out/determinism_$name.txt" <<'PY'
+import json, sys
+
+a, b = (json.load(open(p))["first_last"] for p in sys.argv[1:])
+same = {k: a[k] == b.get(k) for k in a if not k.startswith("perf/")}  # losses, not speed
+print(json.dumps({"same_losses": all(same.values()), "differ": [k for k, v in same.items() if not v], "a": a, "b": b}))
+PY
+        echo "[gpu_figures] determinism_$name.txt: $(head -c 120 "$out/determinism_$name.txt")"
+    done
+}
+
 # 400 updates after STORM's 1024 warm-up steps
 train_storm() { train storm 1424 agent=storm task=Pong; }
 # 300 updates over the 26 games after 100 warm-up rounds; MoW's warm-up clustering shortened to 100 updates
@@ -109,6 +126,7 @@ case $stage in
     bench-compile) bench true ;;
     bench-graphs) bench_graphs ;;
     profile) profile ;;
+    determinism) determinism ;;
     train-storm) train_storm ;;
     train-storm-graphs) train storm_graphs 1424 agent=storm task=Pong agent.cuda_graphs=true ;;
     train-mow-graphs) train mow_graphs 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 \

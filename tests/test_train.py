@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -98,11 +99,35 @@ def test_checkpoint_stop_resume_is_exact(micro_cfg, tmp_path, agent, tasks):
                             "allowed: multiples of 4"),
     (["device=tpu"], "device='tpu'; allowed: auto, cpu, cuda, cuda:N"),
     (["seed=-1"], "seed=-1; allowed: a non-negative integer"),
+    (["deterministic=yes"], "deterministic='yes'; allowed: true, false"),
 ])
 def test_bad_input_is_refused_before_heavy_work(micro_cfg, override, message):
     with pytest.raises(ValueError) as err:
         plan(micro_cfg(*override))
     assert message in str(err.value)
+
+
+def test_deterministic_kernels_are_set_on_cuda_only(monkeypatch):
+    """deterministic=true: on a CUDA device torch's deterministic algorithms (warning where an op has none), cuDNN's
+    deterministic convolutions without autotuning and a fixed cuBLAS workspace; on CPU nothing changes (its kernels
+    are deterministic already). Only torch's switches are set, so this runs without a GPU."""
+    from mowbench.config import deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert deterministic_kernels(torch.device("cpu"), True) is False
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    try:
+        assert deterministic_kernels(torch.device("cuda"), True) is True
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert deterministic_kernels(torch.device("cuda"), False) is False
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
 
 
 @pytest.mark.parametrize("args,message", [
