@@ -10,6 +10,8 @@
 # Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
 # measurement that fails or runs past its time limit leaves its stderr beside it and the next one still runs.
+# `DETERMINISTIC=false bash scripts/gpu_figures.sh bench-graphs OUT_DIR`: the graphs with torch's fastest kernels
+# (see README on `deterministic`).
 set -u
 stages="env, bench, bench-compile, bench-graphs, profile, determinism, train-storm, train-storm-graphs, train-multi, train-mow,
 train-mow-graphs, all"
@@ -48,12 +50,15 @@ bench() {  # bench COMPILE: the three agents at the paper preset, bf16 (precisio
 }
 
 bench_graphs() {  # the three agents with imagination and the updates as CUDA graphs (the bench prints cuda_graphs)
+    # DETERMINISTIC: the run's `deterministic` setting (default true; false: torch's fastest kernels)
+    local det=${DETERMINISTIC:-true} suffix=""
+    [ "$det" = true ] || suffix="_deterministic-$det"
     for agent in storm monolithic mow; do
         local extra=""
         [ "$agent" = mow ] && extra=$mow_bench
         # shellcheck disable=SC2086
-        item "bench_${agent}_graphs.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev \
-            agent.cuda_graphs=true $extra
+        item "bench_${agent}_graphs$suffix.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev \
+            agent.cuda_graphs=true deterministic="$det" $extra
     done
 }
 
