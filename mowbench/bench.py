@@ -93,14 +93,14 @@ def phase_counts(fn: Callable[[], Any]) -> tuple[float, int]:
 
 
 def profile_phase(fn: Callable[[], Any], device: torch.device, top: int) -> dict[str, Any]:
-    """One call of `fn` (after a warm-up call) under torch.profiler: the call's wall ms under the profiler and the
-    `top` ops of most self time, [name, ms, calls]: on CUDA by device time ("device_top", the kernels and copies
-    behind the aten ops) and by host time ("host_top": launches, and synchronisations, cudaStreamSynchronize or
-    DtoH memcpy, where the host waits for the device); on CPU by host time."""
+    """One call of `fn` under torch.profiler (the bench's phases are warm: timed() called them first): its wall ms
+    under the profiler and the `top` ops of most self time, [name, ms, calls]: on CUDA by device time
+    ("device_top", the kernels and copies behind the aten ops) and by host time ("host_top": launches, and
+    synchronisations, cudaStreamSynchronize or DtoH memcpy, where the host waits for the device); on CPU by host
+    time."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if cuda:
         torch.cuda.synchronize(device)

@@ -13,8 +13,8 @@
 # `DETERMINISTIC=false bash scripts/gpu_figures.sh bench-graphs OUT_DIR`: the graphs with torch's fastest kernels
 # (see README on `deterministic`).
 set -u
-stages="env, bench, bench-compile, bench-graphs, profile, determinism, train-storm, train-storm-graphs, train-multi, train-mow,
-train-mow-graphs, all"
+stages="env, bench, bench-compile, bench-graphs, profile, determinism, train-storm, train-storm-graphs, train-multi,
+train-mow, train-mow-graphs, all"
 stage=${1:?STAGE: one of $stages}
 out=${2:?OUT_DIR}
 mkdir -p "$out"
