@@ -273,6 +273,31 @@ def test_metaworld_without_multisampling_changes_only_the_edges():
     assert np.abs(full.astype(int) - aliased.astype(int)).mean() < 10
 
 
+@pytest.mark.parametrize("fast_render", [False, True])
+def test_metaworld_renderer_buffers_fit_the_frames_and_change_no_pixel(fast_render):
+    """The renderer's context is made with an offscreen buffer of the image's size (not Meta-World's 640 x 480)
+    and, when shadows are off, no shadow map: the frames are the bits a renderer with Meta-World's own buffers
+    draws, at reset and after steps, and the model keeps Meta-World's sizes."""
+    env = metaworld_env(fast_render=fast_render)  # chooses the GL backend before mujoco is imported
+    import mujoco
+
+    vis = env.env.model.vis
+    frames = [env.reset()]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        frames.append(env.step(rng.uniform(-1, 1, 4)).obs)
+        with mujoco.Renderer(env.env.model, 64, 64) as full:  # Meta-World's buffers, the same scene flags
+            assert (full._mjr_context.offWidth, full._mjr_context.shadowSize) == (640, 4096)
+            full.scene.flags[:] = env.renderer.scene.flags
+            full.update_scene(env.env.data, camera=env.cam)
+            np.testing.assert_array_equal(frames[-1], full.render()[::-1])
+    context = env.renderer._mjr_context
+    assert (context.offWidth, context.offHeight) == (64, 64)
+    assert context.shadowSize == (0 if fast_render else 4096)  # shadows drawn: their map stays as it is
+    assert (vis.global_.offwidth, vis.global_.offheight, vis.quality.shadowsize) == (640, 480, 4096)
+    assert not np.array_equal(frames[0], frames[-1])  # the arm moved
+
+
 def test_missing_optional_dependency_breaks_only_its_suite(monkeypatch):
     import sys
 
