@@ -269,3 +269,24 @@ def test_bench_reference_cache_imagination_equals_ours():
     reference = imagine_reference_cache(agent, batch)
     assert reference.shape == ours.shape == (6, 6, 16 + 16)
     torch.testing.assert_close(reference, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_position_embedding_slices_the_table_as_a_lookup_would():
+    """Rows that all start at one position take a slice of the table (no gather kernel, no index scatter in the
+    backward): the values and the table's gradient are those of the lookup, bitwise; rows with offsets gather."""
+    from mowbench.models.transformer import KVCache, position_embedding
+
+    table = torch.randn(32, 8, requires_grad=True)
+    cache = KVCache.empty(1, 3, 2, 32, 4, torch.device("cpu"), torch.float32)
+    cache.length = 5
+    upstream = torch.randn(3, 6, 8)
+    for c, start in ((None, 0), (cache, 5)):
+        sliced = position_embedding(table, c, 6)
+        assert sliced.shape == (6, 8) and sliced.data_ptr() == table[start].data_ptr()  # a view
+        looked_up = F.embedding(torch.arange(start, start + 6), table)
+        assert torch.equal(sliced, looked_up)
+        grads = [torch.autograd.grad((upstream * pos).sum(), table)[0] for pos in (sliced, looked_up)]
+        assert torch.equal(*grads) and grads[0][start:start + 6].abs().sum() > 0
+    cache.offset = torch.tensor([0, 2, 4])  # left padding: row i's tokens start at slot offset[i]
+    rows = position_embedding(table, cache, 2)  # slots 5, 6 -> positions 5 - offset, 6 - offset
+    assert torch.equal(rows, table[torch.tensor([[5, 6], [3, 4], [1, 2]])])

@@ -64,6 +64,16 @@ def positions(cache: KVCache | None, length: int, device: torch.device) -> torch
     return (pos - cache.offset[:, None]).clamp(min=0)
 
 
+def position_embedding(table: torch.Tensor, cache: KVCache | None, length: int) -> torch.Tensor:
+    """Learned positions of `length` new tokens from table (max_len, D): (T, D), a slice of the table when every
+    row starts at one position (the same values as a lookup, without its gather kernel and the index scatter of
+    its backward: one kernel fewer each way at every call), or (B, T, D) with per-row offsets (see positions)."""
+    if cache is None or cache.offset is None:
+        start = 0 if cache is None else cache.length
+        return table[start:start + length]
+    return F.embedding(positions(cache, length, table.device), table)
+
+
 def attention_mask(new: int, start: int, key_mask: torch.Tensor | None, device: torch.device
                    ) -> torch.Tensor | None:
     """Boolean mask (True = attend) for `new` queries at positions start.. over start+new keys.
@@ -183,7 +193,7 @@ class CausalTransformer(nn.Module):
         final block then computes only the keys and values of the others (see Block)."""
         length = tokens.shape[1]
         mask = layer_mask(cache, key_mask, length, self.max_len, tokens.device)
-        x = self.norm(tokens + self.position(positions(cache, length, tokens.device)))
+        x = self.norm(tokens + position_embedding(self.position.weight, cache, length))  # layer_mask checked T
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, mask, last and i == self.depth - 1)
         if cache is not None:

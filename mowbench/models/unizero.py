@@ -12,7 +12,7 @@ from torch import nn
 
 from mowbench.models.moe import PairLayout, StackedLinear, StackedNorm
 from mowbench.models.packed import Linear
-from mowbench.models.transformer import KVCache, attend, layer_mask, positions
+from mowbench.models.transformer import KVCache, attend, layer_mask, position_embedding
 from mowbench.models.vae import ConvDecoder
 
 ROUTERS = ("learned", "upstream")
@@ -173,7 +173,7 @@ class UniZeroTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         length = tokens.shape[1]
         mask = layer_mask(cache, None, length, self.max_tokens, tokens.device)
-        x = self.drop(tokens + self.position(positions(cache, length, tokens.device)))
+        x = self.drop(tokens + position_embedding(self.position.weight, cache, length))  # layer_mask checked T
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, mask)
         if cache is not None:
