@@ -333,7 +333,7 @@ class ScaleZeroAgent(Agent):
         return search(logits[:, 0], legal, expand, simulations, cfg.gamma, dirichlet, cfg.noise_weight, cfg.c1, cfg.c2,
                       ties, cfg.min_span)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # acting: no autograd bookkeeping (see ImaginationAgent.act_batch)
     def act_batch(self, contexts: list[ZeroContext], obs: list[np.ndarray], greedy: bool = False) -> list[int]:
         evaluation = all(c.rng is not None for c in contexts)
         sims = self.cfg.eval_simulations if evaluation else self.cfg.simulations

@@ -205,7 +205,7 @@ class LatentAgent(Agent):
         task = torch.tensor([c.task for c in contexts], device=self.device)
         return torch.as_tensor(x, device=self.device), task
 
-    @torch.no_grad()
+    @torch.inference_mode()  # acting: no autograd bookkeeping (see ImaginationAgent.act_batch)
     def act_batch(self, contexts: list[FrameContext], obs: list[np.ndarray], greedy: bool = False
                   ) -> list[np.ndarray]:
         """Encode every stream's frame stack in one pass, let the method choose, and cut each action to its
