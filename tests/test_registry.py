@@ -176,3 +176,61 @@ def test_help_lists_the_groups_and_the_most_used_keys(module):
     assert "train.steps" in out.stdout and "seed=0" in out.stdout
     assert {"bench": "Bench options (bench.<key>=value): repeats=3", "grid": "Grids (grid=name): ablate_clusters",
             "run": "python -m mowbench.run grid=NAME"}[module] in out.stdout
+
+
+@pytest.mark.parametrize("name", AGENT_NAMES)
+def test_no_agent_reads_memory_it_never_wrote(name):
+    """`deterministic=true` on CUDA turns torch's deterministic algorithms on, and with them every new uninitialized
+    tensor (torch.empty and its kin) is filled with NaN (torch.utils.deterministic.fill_uninitialized_memory): an
+    update or an act that read memory it never wrote would give NaN there (and garbage without the switch). On
+    CPU the switch fills the same way, so two updates and a few acting rounds of every registered agent (a new
+    baseline included) at the micro preset must give the same bits with it as without."""
+    import numpy as np
+    import torch.utils.deterministic
+
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    _, suite = suites_of(name)
+    entry = registered_agents()[name]
+    tasks = TASKS[suite][:2] if entry.multi_task else TASKS[suite][:1]
+    fast = ["env.fast_render=true", "env.multisample=false"] if suite == "metaworld" else []
+    cfg = compose_config([f"agent={name}", "preset=micro", f"env={suite}", f"task=[{','.join(tasks)}]", *fast])
+
+    def run(fill):
+        torch.use_deterministic_algorithms(fill, warn_only=True)
+        envs = make_envs(suite, plan(cfg).tasks, dict(plan(cfg).cfg["env"]), seed=0)  # each run from the same start
+        infos = [e.info for e in envs]
+        try:
+            torch.manual_seed(0)
+            agent = make_agent(name, dict(cfg["agent"]), infos, torch.device("cpu"), "fp32")
+            fields = agent.replay_fields()
+            metrics = [agent.update(lambda n, length: random_batch(infos, n, length, torch.device("cpu"), fields))
+                       for _ in range(2)]
+            contexts, obs = [agent.new_context(i) for i in range(len(envs))], [e.reset() for e in envs]
+            actions = []
+            for _ in range(3):
+                actions.append([np.asarray(a).tolist() for a in agent.act_batch(contexts, obs)])
+                obs = [e.step(a).obs for e, a in zip(envs, agent.act_batch(contexts, obs), strict=True)]
+            return copy.deepcopy(agent.state_dict()), [{k: float(v) for k, v in m.items()} for m in metrics], actions
+        finally:
+            torch.use_deterministic_algorithms(False)
+            for e in envs:
+                e.close()
+
+    (state, metrics, actions), (state_filled, metrics_filled, actions_filled) = run(False), run(True)
+    assert all(math.isfinite(v) for m in metrics_filled for v in m.values()), metrics_filled
+    assert metrics_filled == metrics and actions_filled == actions
+
+    def leaves(tree, path=""):
+        if isinstance(tree, torch.Tensor):
+            yield path, tree
+        elif isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from leaves(v, f"{path}/{k}")
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                yield from leaves(v, f"{path}/{i}")
+
+    a, b = dict(leaves(state)), dict(leaves(state_filled))
+    assert a.keys() == b.keys() and len(a) > 10
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, differ[:5]
