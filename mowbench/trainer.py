@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mowbench.agents.base import Agent, Metrics, read_metrics
 from mowbench.envs.base import Step, TaskEnv
 from mowbench.logger import RunLog
-from mowbench.replay import Replay, replay_bytes, replay_device
+from mowbench.replay import Replay, check_host_memory, host_memory_available, replay_bytes, replay_device
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
@@ -61,7 +61,7 @@ class TrainConfig:
     eval_parallel: int = 5  # reference mode: envs per task run in parallel (STORM's reference: 5)
     # full mode: episodes (of all tasks) played at once, each with its own env and seed, so the results do not
     # depend on it; None: the suite's EVAL_ENVS (what fits in memory: an Atari env takes ~3 MiB, a Meta-World
-    # env with its renderer ~190 MiB)
+    # env with its renderer ~160 MiB)
     eval_envs: int | None = None
     eval_max_steps: int = 0  # cap per evaluation episode in agent steps (0: the env's own cap)
     random_baseline: bool = True  # also evaluate a uniformly random policy at the end
@@ -256,6 +256,9 @@ class Trainer:
         fields = agent.replay_fields()
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         store = replay_device(cfg.replay_on_device, device, replay_bytes(cfg.replay_capacity, self.tasks, fields), free)
+        if store.type == "cpu":  # a GPU's replay is reserved at once (an out-of-memory error now, not hours later)
+            check_host_memory(cfg.replay_capacity, min(cfg.replay_capacity, cfg.steps),  # never more than its steps
+                              replay_bytes(1, self.tasks, fields), len(self.tasks), host_memory_available())
         self.replay = Replay(cfg.replay_capacity, self.tasks, store, seed, fields, train_device=device)
         self.streams = [Stream(env, agent.new_context(env.info.index)) for env in envs]
         self.counters = Counters(episodes=[0] * len(envs))

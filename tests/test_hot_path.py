@@ -12,7 +12,7 @@ from mowbench.agents.base import make_agent, read_metrics
 from mowbench.config import compose_config
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.ops import harmonious_loss
-from mowbench.replay import random_batch, replay_bytes, replay_device
+from mowbench.replay import host_memory_available, random_batch, replay_bytes, replay_device
 from tests.conftest import MICRO
 from tests.test_mow import make_mow
 
@@ -81,6 +81,39 @@ def test_replay_placement():
     assert replay_device(None, gpu, paper_atari, 22 * GIB) == cpu  # a 24 GiB card: pinned CPU memory
     assert replay_device(True, gpu, paper_atari, 22 * GIB) == gpu and replay_device(False, gpu, 1, 79 * GIB) == cpu
     assert replay_device(None, cpu, 1, None) == cpu and replay_device(True, cpu, 1, None) == cpu
+
+
+def test_host_memory_available_reads_memavailable_and_the_tightest_cgroup_limit(tmp_path):
+    """MemAvailable, or a memory cgroup's limit less its usage where that is smaller: cgroup v2 (SLURM's --mem on
+    a current node) and v1, a limit set on a parent of the process's cgroup, none (v2 'max', v1's huge number),
+    and a container that sees its own cgroup as the mount's root."""
+    def tree(meminfo_gib, cgroup_line, files):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        (root / "proc" / "self").mkdir(parents=True)
+        (root / "proc" / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {meminfo_gib * 2**20} kB\n")
+        (root / "proc" / "self" / "cgroup").write_text(cgroup_line + "\n")
+        for rel, text in files.items():
+            (root / "cg" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / "cg" / rel).write_text(text)
+        return host_memory_available(root / "proc", root / "cg")
+
+    job = "/slurm/uid_0/job_7/step_0"
+    v2 = {f"{job[1:]}/memory.max": str(8 * GIB), f"{job[1:]}/memory.current": str(GIB)}
+    assert tree(16, f"0::{job}", v2) == (7 * GIB, f"the memory limit of cgroup {tmp_path}/0/cg{job}")
+    assert tree(4, f"0::{job}", v2) == (4 * GIB, "MemAvailable")  # the node has less free than the job may take
+    no_limit = {f"{job[1:]}/memory.max": "max", f"{job[1:]}/memory.current": str(GIB)}
+    assert tree(16, f"0::{job}", no_limit) == (16 * GIB, "MemAvailable")
+    parent = {"slurm/uid_0/job_7/memory.limit_in_bytes": str(6 * GIB),
+              "slurm/uid_0/job_7/memory.usage_in_bytes": str(2 * GIB),
+              f"{job[1:]}/memory.limit_in_bytes": "9223372036854771712",
+              f"{job[1:]}/memory.usage_in_bytes": str(2 * GIB)}
+    v1 = {f"memory/{k}": v for k, v in parent.items()}
+    assert tree(16, f"4:memory:{job}", v1)[0] == 4 * GIB  # v1, the job's limit above the step's cgroup
+    container = {"memory/memory.limit_in_bytes": str(3 * GIB), "memory/memory.usage_in_bytes": str(GIB)}
+    assert tree(16, "4:memory:/docker/abc", container)[0] == 2 * GIB  # its cgroup folder is the mount's root
+    assert host_memory_available(tmp_path / "none", tmp_path / "none") is None
+    here = host_memory_available()  # this machine: Linux, so at least MemAvailable
+    assert here is not None and 0 < here[0] < 2**50
 
 
 def test_batch_to_its_own_device_is_the_same_batch():

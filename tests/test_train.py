@@ -370,3 +370,21 @@ def test_tensorboard_keeps_every_scalar_across_a_resume(micro_cfg, tmp_path):
     assert a.keys() == b.keys() and len(a) >= 10
     assert a == b
     assert [s for s, _ in a["wm/loss"]] == [30, 40, 50, 60]
+
+
+def test_a_replay_larger_than_the_host_memory_is_one_line_before_any_step(micro_cfg, tmp_path, monkeypatch):
+    """A replay in host memory is reserved lazily, so one that cannot fit would kill the run for memory hours
+    later, as it fills (and again after each resubmission): the trainer refuses it before the first step, naming
+    how many steps per task fit. Here 500 steps of one 16x16 MinAtar task take 500 x (768 + 8 + 8) bytes."""
+    step = 16 * 16 * 3 + 8 + 8  # frame, action, reward and terminal of one step (the micro agent adds no field)
+    monkeypatch.setattr("mowbench.trainer.host_memory_available",
+                        lambda: (100 * step + 5, "the memory limit of cgroup /slurm/job_7"))
+    with pytest.raises(ValueError, match=r"^train\.replay_capacity=500: the replay of 1 task\(s\) takes 0\.1 MiB of "
+                                         r"host memory when it holds 200 steps per task, and 0\.1 MiB is available "
+                                         r"here \(the memory limit of cgroup /slurm/job_7\); allowed: at most 100 "
+                                         r"steps per task, or more memory for the job \(e\.g\. SLURM's --mem\)$"):
+        execute(micro_cfg("train.steps=200"))  # 200 steps: 200 of the 500 slots are ever filled
+    assert not list(tmp_path.rglob("metrics.csv")) and not list(tmp_path.rglob(CHECKPOINT))
+    monkeypatch.setattr("mowbench.trainer.host_memory_available", lambda: (200 * step, "MemAvailable"))
+    [(_, summary)] = execute(micro_cfg("train.steps=200"))  # fits exactly; the refused attempt left no lock
+    assert summary["step"] == 200
