@@ -170,6 +170,9 @@ def replay_device(setting: bool | None, device: torch.device, nbytes: int, free_
         return torch.device("cpu")
     if setting is None:
         setting = free_bytes is not None and nbytes <= share * free_bytes
+    elif setting and free_bytes is not None and nbytes > free_bytes:  # reserved at once: CUDA's out-of-memory error
+        raise ValueError(f"train.replay_on_device=true: the replay takes {nbytes / 2**30:.1f} GiB and the GPU has "
+                         f"{free_bytes / 2**30:.1f} GiB free; allowed: false (host memory) or null (by size)")
     return device if setting else torch.device("cpu")
 
 

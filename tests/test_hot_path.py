@@ -79,7 +79,10 @@ def test_replay_placement():
     assert paper_atari / GIB == pytest.approx(29.8, abs=0.05)
     assert replay_device(None, gpu, paper_atari, 79 * GIB) == gpu  # an H100's free memory: on the GPU
     assert replay_device(None, gpu, paper_atari, 22 * GIB) == cpu  # a 24 GiB card: pinned CPU memory
-    assert replay_device(True, gpu, paper_atari, 22 * GIB) == gpu and replay_device(False, gpu, 1, 79 * GIB) == cpu
+    assert replay_device(True, gpu, paper_atari, 31 * GIB) == gpu and replay_device(False, gpu, 1, 79 * GIB) == cpu
+    with pytest.raises(ValueError, match=r"^train\.replay_on_device=true: the replay takes 29\.8 GiB and the GPU "
+                                         r"has 22\.0 GiB free; allowed: false \(host memory\) or null \(by size\)$"):
+        replay_device(True, gpu, paper_atari, 22 * GIB)  # forced, it would not fit: one line, not CUDA's error
     assert replay_device(None, cpu, 1, None) == cpu and replay_device(True, cpu, 1, None) == cpu
 
 
