@@ -9,8 +9,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.utils.deterministic
 
 from mowbench.agents.base import make_agent, registered_agents
 from mowbench.bench import bench
@@ -185,19 +187,17 @@ def test_no_agent_reads_memory_it_never_wrote(name):
     update or an act that read memory it never wrote would give NaN there (and garbage without the switch). On
     CPU the switch fills the same way, so two updates and a few acting rounds of every registered agent (a new
     baseline included) at the micro preset must give the same bits with it as without."""
-    import numpy as np
-    import torch.utils.deterministic
-
     assert torch.utils.deterministic.fill_uninitialized_memory
     _, suite = suites_of(name)
     entry = registered_agents()[name]
     tasks = TASKS[suite][:2] if entry.multi_task else TASKS[suite][:1]
     fast = ["env.fast_render=true", "env.multisample=false"] if suite == "metaworld" else []
     cfg = compose_config([f"agent={name}", "preset=micro", f"env={suite}", f"task=[{','.join(tasks)}]", *fast])
+    micro = plan(cfg)
 
     def run(fill):
         torch.use_deterministic_algorithms(fill, warn_only=True)
-        envs = make_envs(suite, plan(cfg).tasks, dict(plan(cfg).cfg["env"]), seed=0)  # each run from the same start
+        envs = make_envs(suite, micro.tasks, dict(micro.cfg["env"]), seed=0)  # each run from the same start
         infos = [e.info for e in envs]
         try:
             torch.manual_seed(0)
@@ -208,8 +208,9 @@ def test_no_agent_reads_memory_it_never_wrote(name):
             contexts, obs = [agent.new_context(i) for i in range(len(envs))], [e.reset() for e in envs]
             actions = []
             for _ in range(3):
-                actions.append([np.asarray(a).tolist() for a in agent.act_batch(contexts, obs)])
-                obs = [e.step(a).obs for e, a in zip(envs, agent.act_batch(contexts, obs), strict=True)]
+                chosen = agent.act_batch(contexts, obs)
+                actions.append([np.asarray(a).tolist() for a in chosen])
+                obs = [e.step(a).obs for e, a in zip(envs, chosen, strict=True)]
             return copy.deepcopy(agent.state_dict()), [{k: float(v) for k, v in m.items()} for m in metrics], actions
         finally:
             torch.use_deterministic_algorithms(False)
