@@ -207,9 +207,8 @@ def host_memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys
         else:
             continue
         folder = root / path.lstrip("/")
-        folders = [folder, *folder.parents] if folder.is_dir() else [root]
-        for f in folders:
-            if not str(f).startswith(str(root)):
+        for f in [folder, *folder.parents] if folder.is_dir() else [root]:
+            if not f.is_relative_to(root):  # above the mount
                 break
             try:
                 limit, usage = ((f / name).read_text().strip() for name in files)

@@ -255,10 +255,11 @@ class Trainer:
         self.tasks = [e.info for e in envs]
         fields = agent.replay_fields()
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        store = replay_device(cfg.replay_on_device, device, replay_bytes(cfg.replay_capacity, self.tasks, fields), free)
+        step_bytes = replay_bytes(1, self.tasks, fields)  # one step of every task
+        store = replay_device(cfg.replay_on_device, device, cfg.replay_capacity * step_bytes, free)
         if store.type == "cpu":  # a GPU's replay is reserved at once (an out-of-memory error now, not hours later)
             check_host_memory(cfg.replay_capacity, min(cfg.replay_capacity, cfg.steps),  # never more than its steps
-                              replay_bytes(1, self.tasks, fields), len(self.tasks), host_memory_available())
+                              step_bytes, len(self.tasks), host_memory_available())
         self.replay = Replay(cfg.replay_capacity, self.tasks, store, seed, fields, train_device=device)
         self.streams = [Stream(env, agent.new_context(env.info.index)) for env in envs]
         self.counters = Counters(episodes=[0] * len(envs))
