@@ -98,10 +98,17 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def deterministic_kernels(device: torch.device, on: bool) -> bool:
     """Whether a seed gives the same numbers on one CUDA device: on, torch's deterministic algorithms (warning,
-    not failing, where an op has none), cuDNN's deterministic convolutions without autotuning and a fixed cuBLAS
-    workspace (set before cuBLAS starts); off, torch's fastest kernels (atomics in index and attention backward
-    passes, cuDNN's choice), so reruns may differ in the last bits and then diverge. CPU kernels here are
-    deterministic already: nothing is changed off CUDA. Returns whether deterministic kernels are on."""
+    not failing, where an op has none), cuDNN's deterministic convolutions without autotuning, a fixed cuBLAS
+    workspace (set before cuBLAS starts) and attention by the math backend; off, torch's fastest kernels (atomics
+    in index and attention backward passes, cuDNN's choice), so reruns may differ in the last bits and then
+    diverge. CPU kernels here are deterministic already: nothing is changed off CUDA. Returns whether
+    deterministic kernels are on.
+
+    Why attention by math: the fused backends' backward passes (cuDNN, flash, memory-efficient) accumulate with
+    atomics unless torch's deterministic mode is strict (warn_only=False), and strict mode would also stop a run
+    at any op without a deterministic kernel. On an H100 (torch 2.11) SDPA picked cuDNN and warned that its
+    backward is not deterministic; no other op warned. The math backend (matmul, softmax, matmul) is
+    deterministic, and at these sequence lengths (at most 64 tokens) its score matrices are small."""
     if device.type != "cuda":
         return False
     if on:
@@ -109,6 +116,9 @@ def deterministic_kernels(device: torch.device, on: bool) -> bool:
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = False
+    for enable_fused in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                         torch.backends.cuda.enable_cudnn_sdp):
+        enable_fused(not on)
     return on
 
 

@@ -109,25 +109,36 @@ def test_bad_input_is_refused_before_heavy_work(micro_cfg, override, message):
 
 def test_deterministic_kernels_are_set_on_cuda_only(monkeypatch):
     """deterministic=true: on a CUDA device torch's deterministic algorithms (warning where an op has none), cuDNN's
-    deterministic convolutions without autotuning and a fixed cuBLAS workspace; on CPU nothing changes (its kernels
-    are deterministic already). Only torch's switches are set, so this runs without a GPU."""
+    deterministic convolutions without autotuning, a fixed cuBLAS workspace and attention by the math backend (the
+    fused backends' backward passes use atomics); on CPU nothing changes (its kernels are deterministic already).
+    Only torch's switches are set, so this runs without a GPU."""
     from mowbench.config import deterministic_kernels
+
+    def fused_attention():
+        b = torch.backends.cuda
+        return [b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled()]
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert not torch.are_deterministic_algorithms_enabled()
     assert deterministic_kernels(torch.device("cpu"), True) is False
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert fused_attention() == [True, True, True]
     try:
         assert deterministic_kernels(torch.device("cuda"), True) is True
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert fused_attention() == [False, False, False] and torch.backends.cuda.math_sdp_enabled()
         assert deterministic_kernels(torch.device("cuda"), False) is False
         assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert fused_attention() == [True, True, True]
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                       torch.backends.cuda.enable_cudnn_sdp):
+            enable(True)
 
 
 @pytest.mark.parametrize("args,message", [
