@@ -187,6 +187,7 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         out["profile"] = {name: profile_phase(fn, device, int(opts["profile"])) for name, fn in phases.items()}
     out |= acting_figures(agent, envs, int(opts["act_steps"]), reps)
     out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts, device)
+    out |= agent.bench_status()
     out["projected_hours"] = projection(out, p.train, len(envs), int(opts["eval_episode_steps"] or
                                                                      EVAL_EPISODE_STEPS[suite]))
     out["peak_memory_gib"] = peak_memory_gib(device)

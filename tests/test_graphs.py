@@ -244,8 +244,7 @@ def test_cuda_graphs_option_on_cpu_gives_the_eager_numbers(name):
         obs = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy()
         actions = [agent.act(context, obs) for _ in range(3)]
         results.append((metrics, actions, agent.state_dict()["wm"]))
-        extras = agent.bench_extras(sample, lambda fn: 1.0, {"parameters": agent.parameter_counts(),
-                                                             "s_per_train_step": 1.0, "s_per_imagination": 1.0})
+        extras = agent.bench_status()
         if graphs:  # the bench's report: nothing captured off CUDA
             assert extras["cuda_graphs"] == dict.fromkeys(
                 ("world_model_update", "imagination", "agent_update", "acting"), {"graphed": 0, "eager": 0})

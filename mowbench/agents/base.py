@@ -124,6 +124,11 @@ class Agent(ABC):
         `time(fn)` gives seconds per call, `figures` what the bench measured so far. Default: none."""
         return {}
 
+    def bench_status(self) -> dict[str, Any]:
+        """Figures of the agent's own that the bench reads last, after acting and evaluation ran (e.g. which calls
+        CUDA graphs hold). Default: none."""
+        return {}
+
     def write_artifacts(self, folder: Path, final: bool) -> None:  # noqa: B027 - optional hook
         """Save agent-specific files (figures, data) under `folder`; the trainer calls it at every log
         interval and once at the end (final=True). Must be cheap when there is nothing new."""

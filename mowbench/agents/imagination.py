@@ -412,9 +412,9 @@ class ImaginationAgent(Agent):
                 "imagination": lambda: self.imagine(context),
                 "agent_update": lambda: self.update_actor_critic(traj)}
 
-    def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
-                     figures: dict[str, Any]) -> dict[str, Any]:
-        """With cuda_graphs=true: per phase, how many input shapes replay from graphs and how many run eagerly."""
+    def bench_status(self) -> dict[str, Any]:
+        """With cuda_graphs=true: per phase, how many input shapes replay from graphs and how many run eagerly
+        (read after the bench's acting, so acting's graphs count)."""
         if not self.cfg.cuda_graphs:
             return {}
         return {"cuda_graphs": {name: {k: sum(call.status()[k] for call in calls) for k in ("graphed", "eager")}
