@@ -179,10 +179,12 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         out |= agent.bench_extras(sample, lambda fn: timed(fn, reps, device), out)
     if opts["flops"]:
         phase = {name: phase_counts(fn) for name, fn in phases.items()}
-        counts = out["gflop"] = {name: c[0] for name, c in phase.items()}
+        # None: the phase replayed from a CUDA graph, whose kernels the counter does not see (not 0 FLOPs)
+        counts = out["gflop"] = {name: c[0] or None for name, c in phase.items()}
         out["dispatched_ops"] = {name: c[1] for name, c in phase.items()}
         rate = out["matmul_gflop_per_s"] = matmul_gflop_per_s(device, precision)
-        out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate  # the floor of this device
+        seen = None not in counts.values()
+        out["s_per_train_step_at_matmul_rate"] = sum(counts.values()) / rate if seen else None  # the device's floor
     if int(opts["profile"]) > 0:
         out["profile"] = {name: profile_phase(fn, device, int(opts["profile"])) for name, fn in phases.items()}
     out |= acting_figures(agent, envs, int(opts["act_steps"]), reps)
