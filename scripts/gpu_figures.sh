@@ -39,13 +39,13 @@ torch.cuda.get_device_name(), 'grouped_mm' if hasattr(F, 'grouped_mm') else 'no 
     cat "$out/gpu.txt"
 }
 
-bench() {  # bench COMPILE: the three agents at the paper preset, bf16 (precision=auto on CUDA)
+bench() {  # bench COMPILE: the three agents at the paper preset, bf16 (precision=auto on CUDA), without CUDA graphs
     for agent in storm monolithic mow; do
         local extra=""
         [ "$agent" = mow ] && extra=$mow_bench
         # shellcheck disable=SC2086
         item "bench_${agent}_compile-$1.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev \
-            agent.compile=$1 $extra
+            agent.compile=$1 agent.cuda_graphs=false $extra
     done
 }
 
@@ -68,7 +68,7 @@ profile() {  # where an eager step's time goes: each phase's 15 kernels and host
         [ "$agent" = mow ] && extra=$mow_bench
         # shellcheck disable=SC2086
         item "profile_${agent}.json" $py -m mowbench.bench agent=$agent preset=$preset device=$dev bench.profile=15 \
-            bench.reference=false bench.repeats=1 $extra
+            bench.reference=false bench.repeats=1 agent.cuda_graphs=false $extra
     done
 }
 
@@ -102,7 +102,9 @@ EOF
 
 determinism() {  # the same seed twice on one GPU (DET_STEPS agent steps, 100 updates): are the logged losses the same?
     local setting
-    for setting in eager:deterministic=true graphs:agent.cuda_graphs=true fast:deterministic=false; do
+    # eager: deterministic kernels without graphs; graphs: with them; fast: graphs (the default on CUDA) with torch's
+    # fastest kernels
+    for setting in eager:agent.cuda_graphs=false graphs:agent.cuda_graphs=true fast:deterministic=false; do
         local name=${setting%%:*} override=${setting#*:}
         train "det_a_$name" "${DET_STEPS:-1124}" agent=storm task=Pong "$override"
         train "det_b_$name" "${DET_STEPS:-1124}" agent=storm task=Pong "$override"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import traceback
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mowbench.agents.base import adam, make_agent
-from mowbench.agents.graphs import CudaGraphs, GraphedCall, flat, optimizer_tensors
+from mowbench.agents.graphs import CudaGraphs, GraphedCall, flat, graphs_wanted, optimizer_tensors
+from mowbench.agents.imagination import ImaginationConfig
 from mowbench.config import compose_config
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.ops import one_hot
@@ -254,6 +256,23 @@ def test_cuda_graphs_option_on_cpu_gives_the_eager_numbers(name):
     assert a_e == a_g
     assert all(torch.equal(e[k], g[k]) for e, g in zip(m_e, m_g, strict=True) for k in e)
     assert all(torch.equal(w_e[k], w_g[k]) for k in w_e)
+
+
+def test_cuda_graphs_default_auto_is_on_cuda_only_and_silent():
+    """cuda_graphs=auto (the default) tries graphs on a CUDA device only (true everywhere, false nowhere); on CPU
+    an auto agent's calls are plain eager calls, and token-routed MoW (not capturable) does not warn under auto as
+    it does under true. A value outside auto/true/false is a one-line error."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name: no GPU needed
+    assert [graphs_wanted(s, d) for s in ("auto", True, False) for d in (cpu, cuda)] == [
+        False, True, True, True, False, False]
+    assert ImaginationConfig().cuda_graphs == "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not capturable" warning
+        agent = agent_of("mow", "agent.routing=token")
+    assert not agent.graphs and agent.bench_status() == {}
+    assert not any(call.enabled for call in (agent.rollout, agent.wm_step, agent.ac_step, *agent.act_steps.values()))
+    with pytest.raises(ValueError, match=r"^agent\.cuda_graphs='yes'; allowed: auto, true, false$"):
+        agent_of("storm", "agent.cuda_graphs=yes")
 
 
 def test_graphed_call_runs_eagerly_off_cuda_and_when_disabled():

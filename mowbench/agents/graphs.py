@@ -37,6 +37,12 @@ def flat(outputs: Outputs) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | 
     return tuple(outputs), None
 
 
+def graphs_wanted(setting: bool | str, device: torch.device) -> bool:
+    """An agent's `cuda_graphs` setting -> whether its calls try CUDA graphs: true always (off CUDA they run
+    eagerly anyway), auto on a CUDA device, false never."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The tensors an optimizer's step changes in place (moments, step counts), for GraphedCall's `state`."""
     return [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]

@@ -19,7 +19,7 @@ from torch import nn
 
 from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
 from mowbench.agents.base import Agent, Metrics, adam, count_parameters
-from mowbench.agents.graphs import GraphedCall, optimizer_tensors
+from mowbench.agents.graphs import GraphedCall, graphs_wanted, optimizer_tensors
 from mowbench.envs.base import TaskInfo
 from mowbench.ops import one_hot, sample_onehot_st, twohot_decode, uniform_bins
 from mowbench.replay import Batch
@@ -118,10 +118,12 @@ class ImaginationConfig:
     # compiler cannot handle runs eagerly
     compile: bool = False
     # replay imagination, acting on full contexts, and the updates where `capturable_updates`, from CUDA graphs
-    # (opt-in, CUDA only; mowbench.agents.graphs.GraphedCall): the same numbers (a replay is checked bitwise
-    # against eager when captured), one launch instead of ~170 kernels a horizon step; what is not capturable, a
-    # CPU run, or a failed check runs eagerly
-    cuda_graphs: bool = False
+    # (mowbench.agents.graphs.GraphedCall): the same numbers (a replay is checked bitwise against eager when
+    # captured), one launch instead of ~170 kernels a horizon step (on an H100: a STORM step 2.9x, a MoW step
+    # 4.6x faster). auto: on a CUDA device, what is capturable; true: the same, warning about what is not
+    # (token routing, the expert loop); false: never. What is not capturable, a CPU run, or a failed check runs
+    # eagerly
+    cuda_graphs: bool | str = "auto"
 
     def check(self) -> None:
         """The validation table of these fields (each refused value named, with what is allowed)."""
@@ -135,6 +137,8 @@ class ImaginationConfig:
         check_non_negative(self, ("ac_depth", "entropy_coef"))
         if self.act_refresh > self.act_context:
             raise ValueError(f"act_refresh={self.act_refresh}; allowed: 1..act_context={self.act_context}")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r}; allowed: auto, true, false")
         if self.bins < 2:
             raise ValueError(f"bins={self.bins}; allowed: an integer >= 2 (two-hot needs two bins)")
         if not 0.0 < self.gamma <= 1.0:
@@ -265,7 +269,8 @@ class ImaginationAgent(Agent):
         n_critics = self.wm.n_critics
         self.ac = ActorCritic(self.wm.feature_dim, self.action_dim, self.discrete, cfg.ac_width, cfg.ac_depth,
                               cfg.bins, n_critics=n_critics).to(device)
-        graph_updates = cfg.cuda_graphs and self.capturable_updates
+        self.graphs = graphs_wanted(cfg.cuda_graphs, device)
+        graph_updates = self.graphs and self.capturable_updates
         # optimizers a CUDA graph can hold (MoW makes its world model's anew after the clustering)
         self.capturable_optimizers = capturable = graph_updates and device.type == "cuda"
         self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr, capturable=capturable)
@@ -277,18 +282,18 @@ class ImaginationAgent(Agent):
         self.bins = uniform_bins(cfg.bins).to(device)
         if cfg.compile:
             compile_networks(self.wm, self.ac)
-        if cfg.cuda_graphs and not (self.wm.capturable and self.capturable_updates):
+        if cfg.cuda_graphs is True and not (self.wm.capturable and self.capturable_updates):  # auto: silently
             warnings.warn(f"cuda_graphs=true: {type(self).__name__}'s "
                           f"{'updates wait' if self.wm.capturable else 'imagination and updates wait'} for the "
                           "device (not capturable), so they run eagerly", stacklevel=2)
         # CUDA graphs (cuda_graphs=true; agents.graphs): imagination, acting, and the two updates with the tensors
         # they change in place, so that a graph's warm-up and check can be undone
-        self.rollout = GraphedCall(self.imagine_tensors, "imagination", cfg.cuda_graphs and self.wm.capturable)
+        self.rollout = GraphedCall(self.imagine_tensors, "imagination", self.graphs and self.wm.capturable)
         # acting when every stream's context is full (act_refresh=1: training's acting after its first act_context
         # steps; evaluation's streams, which start at different times, mostly act eagerly); sampled and greedy
         # acting are two functions, so two calls
         self.act_steps = {greedy: GraphedCall(functools.partial(self.act_tensors, greedy=greedy), "acting",
-                                              cfg.cuda_graphs and self.wm.capturable) for greedy in (False, True)}
+                                              self.graphs and self.wm.capturable) for greedy in (False, True)}
         self.wm_step = GraphedCall(
             lambda *t: self.world_model_step(Batch(*t[:6], extras=dict(zip(self.replay_fields(), t[6:], strict=True)))),
             "world-model update", graph_updates,
@@ -316,7 +321,7 @@ class ImaginationAgent(Agent):
         """bf16 autocast on the run's device when the run's precision is bf16, else a no-op context. With CUDA
         graphs the cast weights are not cached across a context (torch's advice for capture); the same values."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16,
-                              cache_enabled=not self.cfg.cuda_graphs)
+                              cache_enabled=not self.graphs)
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """Env actions (B, T) long or (B, T, A) float -> world-model input (B, T, A) float."""
@@ -415,7 +420,7 @@ class ImaginationAgent(Agent):
     def bench_status(self) -> dict[str, Any]:
         """With cuda_graphs=true: per phase, how many input shapes replay from graphs and how many run eagerly
         (read after the bench's acting, so acting's graphs count)."""
-        if not self.cfg.cuda_graphs:
+        if not self.graphs:
             return {}
         return {"cuda_graphs": {name: {k: sum(call.status()[k] for call in calls) for k in ("graphed", "eager")}
                                 for name, calls in self.graph_calls().items()}}
