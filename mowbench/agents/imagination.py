@@ -286,8 +286,8 @@ class ImaginationAgent(Agent):
             warnings.warn(f"cuda_graphs=true: {type(self).__name__}'s "
                           f"{'updates wait' if self.wm.capturable else 'imagination and updates wait'} for the "
                           "device (not capturable), so they run eagerly", stacklevel=2)
-        # CUDA graphs (cuda_graphs=true; agents.graphs): imagination, acting, and the two updates with the tensors
-        # they change in place, so that a graph's warm-up and check can be undone
+        # CUDA graphs (`self.graphs`; agents.graphs): imagination, acting, and the two updates with the tensors they
+        # change in place, so that a graph's warm-up and check can be undone
         self.rollout = GraphedCall(self.imagine_tensors, "imagination", self.graphs and self.wm.capturable)
         # acting when every stream's context is full (act_refresh=1: training's acting after its first act_context
         # steps; evaluation's streams, which start at different times, mostly act eagerly); sampled and greedy
@@ -341,8 +341,8 @@ class ImaginationAgent(Agent):
                                 *(batch.extras[name] for name in self.replay_fields()), key=layout)
 
     def world_model_step(self, batch: Batch) -> Metrics:
-        """One optimizer step of the world model on a replayed batch (`wm_step`: replayed from a CUDA graph with
-        cuda_graphs=true where the updates are capturable)."""
+        """One optimizer step of the world model on a replayed batch (`wm_step`: replayed from a CUDA graph
+        when CUDA graphs are in use and the updates are capturable)."""
         loss, metrics = self.world_model_loss(batch)
         self.wm_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -353,7 +353,7 @@ class ImaginationAgent(Agent):
     @torch.no_grad()
     def imagine(self, batch: Batch) -> Imagined:
         """Encode `imag_context` real steps into a cache, then roll out `imag_horizon` steps (`rollout`: replayed
-        from a CUDA graph with cuda_graphs=true)."""
+        from a CUDA graph when CUDA graphs are in use)."""
         self.wm.eval()
         with self.wm.host_layout(batch.task, batch.task_counts) as layout:
             feat, action, reward, cont = self.rollout(batch.obs, batch.action, batch.task, batch.legal, key=layout)
@@ -418,8 +418,8 @@ class ImaginationAgent(Agent):
                 "agent_update": lambda: self.update_actor_critic(traj)}
 
     def bench_status(self) -> dict[str, Any]:
-        """With cuda_graphs=true: per phase, how many input shapes replay from graphs and how many run eagerly
-        (read after the bench's acting, so acting's graphs count)."""
+        """With CUDA graphs in use (cuda_graphs true, or auto on CUDA): per phase, how many input shapes replay
+        from graphs and how many run eagerly (read after the bench's acting, so acting's graphs count)."""
         if not self.graphs:
             return {}
         return {"cuda_graphs": {name: {k: sum(call.status()[k] for call in calls) for k in ("graphed", "eager")}
@@ -450,7 +450,7 @@ class ImaginationAgent(Agent):
         random numbers from its own generator, in a fixed order (prior sample, action, encoding), so its
         actions do not depend on the streams beside it. When every stream has a context of the same length
         (act_refresh 1), one pure call does it all (`act_tensors`; with full contexts replayed from a CUDA graph
-        with cuda_graphs=true); otherwise h comes from `context_h` (act_refresh 1: exact) or `cached_h`
+        when CUDA graphs are in use); otherwise h comes from `context_h` (act_refresh 1: exact) or `cached_h`
         (act_refresh > 1) and streams without a context act uniformly at random."""
         if self.wm.training:  # a full eval() walks every module: only after an update
             self.wm.eval()
