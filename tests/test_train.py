@@ -133,12 +133,8 @@ def test_deterministic_kernels_are_set_on_cuda_only(monkeypatch):
         assert deterministic_kernels(torch.device("cuda"), False) is False
         assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
         assert fused_attention() == [True, True, True]
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
-        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-                       torch.backends.cuda.enable_cudnn_sdp):
-            enable(True)
+    finally:  # torch's defaults back for the tests after this one (off sets every switch; it runs without a GPU)
+        deterministic_kernels(torch.device("cuda"), False)
 
 
 @pytest.mark.parametrize("args,message", [
