@@ -21,8 +21,36 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 DONE = "DONE.json"
+# a run that went wrong in a way a rerun would repeat (diverged): {"reason", "step", "last_checkpoint", ...}
+FAILED = "FAILED.json"
 PACKAGES = ["torch", "numpy", "gymnasium", "ale-py", "metaworld", "mujoco", "minatar", "hydra-core",
             "submitit", "opencv-python-headless", "rliable", "pandas"]
+
+
+# Config keys a rerun may change: where the run is written, how it is shown, when it checkpoints, which tasks
+# the command named (the folder fixes the run's own tasks, compared from metadata.json), and how the same maths is
+# computed (evaluation envs at once, replay placement, compile, CUDA graphs, expert kernel: equal up to float
+# rounding). They cannot change what the run learns or reports; any other difference from the run's config.yaml is
+# refused. The analysis groups runs by the same rule.
+INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
+              "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint",
+              "train.eval_envs", "train.replay_on_device",
+              "agent.compile", "agent.cuda_graphs", "agent.expert_kernel", "deterministic")
+
+
+def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys -> leaf values (lists stay values)."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in flat_items(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every result-relevant key whose value differs (INERT_KEYS ignored). A key only
+    one side has (a field a later mowbench added or removed, at its default) is not a difference."""
+    a, b = flat_items(old), flat_items(new)
+    keys = sorted(k for k in set(a) & set(b) if k not in INERT_KEYS and a[k] != b[k])
+    return [f"{k}: {a[k]} -> {b[k]}" for k in keys]
 
 
 def remove_partial_writes(folder: Path) -> None:

@@ -27,32 +27,6 @@ from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
 # OS errors of writing the run's files that are the machine's state, not a bug: reported in one line
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
-# Config keys a rerun may change: where the run is written, how it is shown, when it checkpoints, which tasks
-# the command named (the folder fixes the run's own tasks, compared from metadata.json), and how the same maths is
-# computed (evaluation envs at once, replay placement, compile, CUDA graphs, expert kernel: equal up to float
-# rounding). They cannot change what the run learns or reports; any other difference from the run's config.yaml is
-# refused.
-INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
-              "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint",
-              "train.eval_envs", "train.replay_on_device",
-              "agent.compile", "agent.cuda_graphs", "agent.expert_kernel", "deterministic")
-
-
-def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys -> leaf values (lists stay values)."""
-    if isinstance(node, dict):
-        return {k: v for key, sub in node.items() for k, v in flat_items(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
-
-
-def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every result-relevant key whose value differs (INERT_KEYS ignored). A key only
-    one side has (a field a later mowbench added or removed, at its default) is not a difference."""
-    a, b = flat_items(old), flat_items(new)
-    keys = sorted(k for k in set(a) & set(b) if k not in INERT_KEYS and a[k] != b[k])
-    return [f"{k}: {a[k]} -> {b[k]}" for k in keys]
-
-
 def check_results_dir(root: Path) -> None:
     """Before any work: the results root is a folder this process can create and write in."""
     if root.exists() and not root.is_dir():
@@ -81,7 +55,7 @@ def check_unchanged(p: Plan) -> None:
         except Exception as err:  # noqa: BLE001 - any parse failure: the file is named, not a traceback
             raise ValueError(f"{path} is unreadable ({type(err).__name__}); restore it or delete the run folder "
                              f"{folder} to start the run again") from None
-        diff = changed_settings(old, p.cfg)
+        diff = R.changed_settings(old, p.cfg)
         meta_path = folder / "metadata.json"
         if meta_path.exists():
             run_tasks = R.read_json(meta_path, "restore it, or delete the run folder to start again").get("tasks")

@@ -207,7 +207,7 @@ def test_a_missing_agent_preset_is_an_error_not_a_full_size_run(tmp_path):
 
 def test_a_rerun_with_other_settings_is_refused_before_any_work(micro_cfg, tmp_path):
     """A finished or started run rerun with result-relevant settings changed is a one-line error naming the
-    keys; settings that cannot change results (INERT_KEYS: progress bar, logging, checkpointing) may change."""
+    keys; settings that cannot change results (results.INERT_KEYS: progress bar, logging, checkpointing) may change."""
     [(_, done)] = execute(micro_cfg())
     with pytest.raises(ValueError, match=r"was finished with other settings \(agent.wm_lr: 0.001 -> 0.5; "
                                          r"train.steps: 60 -> 100\); to run these settings use another results_dir"):
