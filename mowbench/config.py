@@ -15,10 +15,11 @@ from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mowbench import results as R
 from mowbench.agents.base import build_config, get_agent, registered_agents
-from mowbench.envs import resolve_tasks, suite_module
+from mowbench.envs import TASK_SEED_STRIDE, resolve_tasks, suite_module
 from mowbench.gridspec import ablation_dir
-from mowbench.trainer import TrainConfig
+from mowbench.trainer import SEED_LIMIT, TrainConfig, largest_derived_seed
 
 CONF = Path(__file__).parent / "conf"
 GROUPS = ("env", "agent", "preset", "ablation")
@@ -180,6 +181,10 @@ def plan(cfg: dict[str, Any]) -> Plan:
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed={seed!r}; allowed: a non-negative integer")
+    offset = largest_derived_seed(0, train, len(tasks), TASK_SEED_STRIDE)
+    if seed + offset > SEED_LIMIT:
+        raise ValueError(f"seed={seed}; allowed: 0 to {SEED_LIMIT - offset} here (the run seeds envs up to seed + "
+                         f"{offset}, and numpy takes seeds up to 2**32-1)")
     threads = cfg.get("threads", 0)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ValueError(f"threads={threads!r}; allowed: a non-negative integer (0: torch's default)")
@@ -192,7 +197,7 @@ def plan(cfg: dict[str, Any]) -> Plan:
     deterministic = cfg.get("deterministic", True)
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic={deterministic!r}; allowed: true, false")
-    method = cfg.get("method") or entry.name
+    method = R.check_name("method", cfg.get("method") or entry.name)
     if entry.multi_task:
         runs = [(tasks[0] if len(tasks) == 1 else f"all{len(tasks)}", tasks)]
     else:
@@ -208,6 +213,17 @@ def config_values(cfg: DictConfig, choices: Any) -> dict[str, Any]:
     return values
 
 
+def quoted_override(arg: str) -> str:
+    key, _, value = arg.partition("=")
+    return f"{key}='{value.strip(chr(39))}'"
+
+
+def quote_hint(arg: str, err: Exception) -> str:
+    """The one-line error for a value Hydra cannot read unquoted (non-ASCII letters, brackets, commas)."""
+    return (f"{arg}: Hydra reads this value only in quotes ({str(err).splitlines()[0][:80]}); quote it, e.g. in the "
+            f"shell: \"{quoted_override(arg)}\"")
+
+
 def compose_config(overrides: list[str]) -> dict[str, Any]:
     """The configuration the CLI would run for `overrides`, without starting Hydra's app (bench, tests)."""
     from hydra.errors import HydraException
@@ -220,6 +236,10 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:  # e.g. an unknown key: one line, no traceback
         text = f"{err}\n{err.__cause__ or ''}"
+        if "LexerNoViableAlt" in text or "token recognition error" in text:  # e.g. an unquoted non-ASCII path
+            bad = next((o for o in overrides if o in text), None) or next(
+                (o for o in overrides if not o.isascii()), overrides[-1] if overrides else "")
+            raise ValueError(quote_hint(bad, err)) from None
         lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
         cause = str(err.__cause__ or "")
         if "full_key:" in cause and "object_type=" in cause and "not in" not in cause:

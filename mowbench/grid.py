@@ -14,7 +14,9 @@ queued or running.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,15 +28,18 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mowbench import results as R
-from mowbench.config import compose_config, plan
+from mowbench.config import compose_config, plan, quote_hint, quoted_override
 from mowbench.gridspec import cell_method, cells, grid_names, load_grid
-from mowbench.runner import execute
+from mowbench.runner import execute, read_failure, settings_diff
 
 LAUNCHERS = ("auto", "slurm", "local", "debug")
 SLURM_KEYS = {"partition", "account", "qos", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
               "signal_delay_s", "max_requeues", "array_parallelism", "setup", "additional"}
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED"}
-STATES = ("done", "running", "pending", "failed", "missing")
+# preempted: checkpointed and left (SIGTERM, or a signal with nothing to requeue it), to be resubmitted; mismatch:
+# the folder holds a run of other settings than the cell's (never submitted over)
+STATES = ("done", "running", "pending", "preempted", "failed", "mismatch", "missing")
+RESUBMIT = ("missing", "failed", "preempted")
 ACTIVE = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 
@@ -52,6 +57,7 @@ class Unit:
     cell: str  # method/seed label of its cell
     overrides: list[str]
     folder: Path
+    mismatch: list[str] = dataclasses.field(default_factory=list)  # settings in which the folder's run differs
 
 
 @dataclasses.dataclass
@@ -63,6 +69,7 @@ class Request:
     slurm: dict[str, Any]
     wait: bool
     results_dir: Path
+    argv: list[str] = dataclasses.field(default_factory=list)  # the grid's arguments, as given
 
 
 # ---- parsing ----
@@ -107,7 +114,7 @@ def parse_args(argv: list[str]) -> Request:
             overrides.append(arg)
     if grid is None:
         raise ValueError(f"no grid given; allowed: grid=<{'|'.join(grid_names())}>")
-    spec = load_grid(grid)
+    spec = load_grid(R.check_name("grid", grid))
     if seeds is not None:
         spec["seeds"] = seeds
     swept = spec.get("axes") or {}
@@ -116,9 +123,39 @@ def parse_args(argv: list[str]) -> Request:
             parsed = _parse(value)
             spec["axes"][key] = parsed if isinstance(parsed, list) else [parsed]
             overrides.remove(f"{key}={value}")
-    given = [o.partition("=")[2] for o in [*spec.get("overrides", []), *overrides] if o.startswith("results_dir=")]
-    results_dir = Path(given[-1] if given else compose_config([])["results_dir"]).resolve()
-    return Request(grid, spec, overrides, launcher, load_slurm(slurm_choice, slurm_fields), wait, results_dir)
+    given = [o for o in [*spec.get("overrides", []), *overrides] if o.startswith("results_dir=")]
+    results_dir = Path(override_value(given[-1]) if given else compose_config([])["results_dir"]).resolve()
+    overrides = [o for o in overrides if not o.startswith("results_dir=")]  # each cell gets it, quoted
+    return Request(grid, spec, overrides, launcher, load_slurm(slurm_choice, slurm_fields), wait, results_dir,
+                   list(argv))
+
+
+def override_value(arg: str) -> str:
+    """The value of a key=value override as Hydra reads it (quotes removed: results_dir='my runs' is my runs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except Exception as err:  # noqa: BLE001 - Hydra's grammar errors: one line with the fix
+        raise ValueError(quote_hint(arg, err)) from None
+    if not isinstance(value, str):
+        raise ValueError(f"{arg}: not one path (Hydra reads {value!r}); quote it: \"{quoted_override(arg)}\"")
+    return value
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as a quoted Hydra override value that reads back as exactly `value` (spaces, non-ASCII, commas)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    quoted = "'" + value.replace("'", "\\'") + "'"
+    try:
+        back = OverridesParser.create().parse_override(f"v={quoted}").value()
+    except Exception:  # noqa: BLE001
+        back = None
+    if back != value:
+        raise ValueError(f"results_dir={value!r} cannot be passed through Hydra intact (a backslash before a quote); "
+                         "allowed: a path without backslashes")
+    return quoted
 
 
 def _parse(value: str) -> Any:
@@ -146,21 +183,35 @@ def expand(req: Request) -> list[Unit]:
             base = [*spec.get("overrides", []), *req.overrides, *defining]
             try:
                 agent, method = cell_method(spec, req.overrides, point, variant, defining)
-                cell = [*spec.get("overrides", []), *(spec.get("agent_overrides") or {}).get(agent, []),
-                        *req.overrides, *defining, f"seed={seed}", f"method='{method}'",
-                        f"results_dir={req.results_dir}"]
+                cell = [*[o for o in spec.get("overrides", []) if not o.startswith("results_dir=")],
+                        *(spec.get("agent_overrides") or {}).get(agent, []), *req.overrides, *defining,
+                        f"seed={seed}", f"method='{R.check_name('method', method)}'",
+                        f"results_dir={hydra_quote(str(req.results_dir))}"]
                 p = plan(compose_config(cell))
+                for name, tasks in p.runs:
+                    folder = R.run_dir(req.results_dir, p.suite, p.method, name, seed)
+                    extra = [f"task={tasks[0]}"] if len(p.runs) > 1 else []
+                    units.append(Unit(str(folder.relative_to(req.results_dir)), f"{p.method}/seed_{seed}",
+                                      cell + extra, folder, settings_diff(p.cfg, folder, tasks)))
             except Exception as err:  # noqa: BLE001 - every bad cell is reported, then nothing submitted
                 errors.append(f"{' '.join(base)} seed={seed}: {err}")
                 continue
-            for name, tasks in p.runs:
-                folder = R.run_dir(req.results_dir, p.suite, p.method, name, seed)
-                extra = [f"task={tasks[0]}"] if len(p.runs) > 1 else []
-                units.append(Unit(str(folder.relative_to(req.results_dir)), f"{p.method}/seed_{seed}",
-                                  cell + extra, folder))
     if errors:
         raise ValueError(f"grid {req.grid}: {len(errors)} invalid cell(s), nothing submitted; first: {errors[0]}")
-    return units
+    return unique_units(units)
+
+
+def unique_units(units: list[Unit]) -> list[Unit]:
+    """One unit per run folder (seeds=[0,0], or two cells that compose the same run, would train one folder
+    twice at once); two cells that land in one folder with different settings are an error."""
+    seen: dict[Path, Unit] = {}
+    for u in units:
+        first = seen.setdefault(u.folder, u)
+        if first is not u and first.overrides != u.overrides:
+            raise ValueError(f"two cells of the grid write the same run folder {u.key} with different overrides "
+                             f"({' '.join(first.overrides)} | {' '.join(u.overrides)}); allowed: cells with "
+                             "distinct method names (a variant or swept value that changes the name)")
+    return list(seen.values())
 
 
 # ---- state ----
@@ -208,8 +259,13 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
     rows = []
     for u in units:
         job = jobs.get(u.key)
-        state = "missing"
-        if R.is_done(u.folder):
+        state, reason = "missing", None
+        failure = failure_reason(u.folder)
+        if u.mismatch:
+            state, reason = "mismatch", "other settings: " + "; ".join(u.mismatch)
+        elif failure:
+            state, reason = "failed", failure
+        elif R.is_done(u.folder):
             state = "done"
         elif R.lock_owner(u.folder / R.LOCK) is not None:
             state = "running"
@@ -219,10 +275,32 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
                 state = "pending" if q in QUEUED else "running" if q in ACTIVE else "failed"
             else:
                 state = "running" if R.pid_alive(job.get("pid")) else "failed"
+            preempted = last_preemption(u.folder) if state == "failed" else None
+            if preempted:
+                state, reason = "preempted", f"checkpointed on {preempted}; resubmit the grid to resume it"
         step, score = progress(u.folder)
-        rows.append({"unit": u.key, "state": state, "step": step, "eval": score,
+        rows.append({"unit": u.key, "state": state, "step": step, "eval": score, "reason": reason,
                      "job": job["job_id"] if job else None, "log": job.get("stderr") if job else None})
     return rows
+
+
+def failure_reason(folder: Path) -> str | None:
+    """Why the run in `folder` failed (its results.FAILED record: it diverged), or None."""
+    try:
+        failure = read_failure(folder)
+    except ValueError as err:
+        return str(err)
+    return None if failure is None else str(failure.get("reason"))
+
+
+def last_preemption(folder: Path) -> str | None:
+    """What preempted the run's last session (a signal, or train.stop_at), if it ended by checkpointing and
+    leaving; None if it ended otherwise (crashed, killed) or never started."""
+    try:
+        sessions = R.read_json(folder / "metadata.json").get("sessions") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sessions[-1].get("preempted") if sessions else None
 
 
 def progress(folder: Path) -> tuple[int | None, float | None]:
@@ -274,17 +352,19 @@ class GridJob:
 
 
 def check_partition(settings: dict[str, Any]) -> None:
-    """Refuse GPUs on a partition whose nodes have none (sinfo's GRES column), before submitting."""
-    gpus = int(settings.get("gpus_per_node") or 0)
-    if gpus <= 0 or shutil.which("sinfo") is None:
+    """Before submitting: the partition exists (sinfo knows it), and has GPUs if GPUs are asked for (its GRES)."""
+    if shutil.which("sinfo") is None:
         return
-    cmd = ["sinfo", "-h", "-o", "%P %G"] + (["-p", settings["partition"]] if settings.get("partition") else [])
+    part = settings.get("partition")
+    cmd = ["sinfo", "-h", "-o", "%P %G"] + (["-p", part] if part else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.split()
     if not out:
-        raise ValueError(f"slurm partition={settings.get('partition')!r} not found by sinfo")
+        known = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60).stdout.split()
+        raise ValueError(f"slurm partition={part!r} not found by sinfo; allowed: {', '.join(known) or 'none listed'}")
+    gpus = int(settings.get("gpus_per_node") or 0)
     gres = " ".join(out[1::2])
-    if "gpu" not in gres:
-        raise ValueError(f"slurm gpus_per_node={gpus} but partition {settings.get('partition') or out[0]} has no "
+    if gpus > 0 and "gpu" not in gres:
+        raise ValueError(f"slurm gpus_per_node={gpus} but partition {part or out[0]} has no "
                          f"GPUs (GRES: {gres or 'none'}); allowed there: gpus_per_node=0")
 
 
@@ -310,17 +390,37 @@ def make_executor(req: Request, logs: Path) -> Any:
 
 
 def submit(req: Request) -> dict[str, Any]:
-    """Submit every unit that is missing or failed; skip done, running and pending ones. Returns counts."""
+    """Submit every unit that is missing, failed (its job died) or preempted; skip done, running and pending ones,
+    and those that failed in a way a rerun repeats (diverged). A unit whose folder holds a run of other settings
+    refuses the whole submission. One submission of a grid at a time (a lock on its record). Returns counts."""
     units = expand(req)
+    mismatched = [u for u in units if u.mismatch]
+    if mismatched:
+        u = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ValueError(f"grid {req.grid}: cell {u.key}{more} holds a run of other settings ({'; '.join(u.mismatch)})"
+                         "; nothing submitted: use another results_dir for these settings, or delete "
+                         "those folders to train them again")
+    record_dir = jobs_path(req).parent
+    record_dir.mkdir(parents=True, exist_ok=True)
+    with R.exclusive(record_dir / ".submit.lock"):  # a second submission waits, then sees this one's jobs
+        out = _submit(req, units)
+    if out["submitted"] and req.wait:
+        watch(req, units)
+    return out
+
+
+def _submit(req: Request, units: list[Unit]) -> dict[str, Any]:
     states = unit_states(req, units)
-    todo = [u for u, s in zip(units, states, strict=True) if s["state"] in ("missing", "failed")]
+    todo = [u for u, s in zip(units, states, strict=True) if s["state"] in RESUBMIT and not failure_reason(u.folder)]
+    diverged = [s["unit"] for s in states if s["state"] == "failed" and s["reason"]]
     counts = count_states(states)
     logs = req.results_dir / "grids" / req.grid / "logs"
     if todo:
         executor = make_executor(req, logs)
         if executor.cluster == "slurm":
             check_partition(req.slurm)
-        jobs = executor.map_array(GridJob(), [u.overrides for u in todo])
+        jobs = submit_array(executor, [u.overrides for u in todo], logs)
         record = read_jobs(req)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         for u, job in zip(todo, jobs, strict=True):
@@ -332,14 +432,39 @@ def submit(req: Request) -> dict[str, Any]:
         print(f"[mowbench] grid {req.grid}: submitted {len(todo)} run(s) as job(s) {', '.join(ids)} "
               f"({executor.cluster}); skipped {counts['done']} done, {counts['running']} running, "
               f"{counts['pending']} pending")
-        if req.wait:
-            watch(req, units)
     else:
         print(f"[mowbench] grid {req.grid}: nothing to submit ({counts['done']} done, {counts['running']} running, "
               f"{counts['pending']} pending of {len(units)})")
-    print(f"[mowbench] logs: {logs}; status: python -m mowbench.grid status grid={req.grid}")
+    if diverged:
+        print(f"[mowbench] grid {req.grid}: {len(diverged)} failed run(s) not resubmitted (they diverged, and would "
+              f"again; see status): {', '.join(diverged[:3])}{' ...' if len(diverged) > 3 else ''}")
+    print(f"[mowbench] logs: {logs}; status: {status_command(req)}")
     return {"submitted": len(todo), **{f"skipped_{k}": counts[k] for k in ("done", "running", "pending")},
             "units": len(units)}
+
+
+def submit_array(executor: Any, overrides: list[list[str]], logs: Path) -> list[Any]:
+    """executor.map_array, with a refusal by SLURM (sbatch's error) as one line and the submission files it left
+    (a script and pickles in the logs folder) removed."""
+    before = set(logs.rglob("*")) if logs.exists() else set()
+    try:
+        return executor.map_array(GridJob(), overrides)
+    except Exception as err:  # noqa: BLE001 - submitit wraps sbatch's failure in several exception types
+        for path in sorted(set(logs.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else type(err).__name__)
+        raise ValueError(f"SLURM refused the submission ({reason}); nothing submitted") from None
+
+
+def status_command(req: Request) -> str:
+    """The command that shows this grid's status: every argument that finds its runs, results_dir absolute."""
+    args = [a for a in req.argv if a.partition("=")[0] not in ("wait", "results_dir")]
+    return shlex.join(["python", "-m", "mowbench.grid", "status", *args, f"results_dir={req.results_dir}"])
 
 
 def count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -360,7 +485,7 @@ def watch(req: Request, units: list[Unit], interval: float = 10.0) -> None:
         counts = count_states(rows)
         line = " ".join(f"{k} {v}" for k, v in counts.items() if k != "missing")
         print(f"\r[mowbench] {req.grid}: {line} of {len(units)}", end="", flush=True)
-        if counts["done"] + counts["failed"] == len(units):
+        if counts["done"] + counts["failed"] + counts["preempted"] + counts["mismatch"] == len(units):
             print()
             return
         time.sleep(delay)
@@ -370,12 +495,12 @@ def watch(req: Request, units: list[Unit], interval: float = 10.0) -> None:
 def print_status(req: Request) -> list[dict[str, Any]]:
     rows = unit_states(req, expand(req))
     width = max([len(r["unit"]) for r in rows] + [4])
-    print(f"{'run':<{width}}  {'state':<8} {'step':>8} {'eval':>9}  job / log")
+    print(f"{'run':<{width}}  {'state':<9} {'step':>8} {'eval':>9}  job / log / reason")
     for r in rows:
         step = "" if r["step"] is None else str(r["step"])
         score = "" if r["eval"] is None else f"{r['eval']:.2f}"
-        where = (r["log"] if r["state"] == "failed" else r["job"]) or ""
-        print(f"{r['unit']:<{width}}  {r['state']:<8} {step:>8} {score:>9}  {where}")
+        where = r["reason"] or (r["log"] if r["state"] == "failed" else r["job"]) or ""
+        print(f"{r['unit']:<{width}}  {r['state']:<9} {step:>8} {score:>9}  {where}")
     counts = count_states(rows)
     print(" ".join(f"{k}: {v}" for k, v in counts.items()))
     return rows

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import threading
@@ -62,6 +63,20 @@ def remove_partial_writes(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+# A method, task or grid name becomes one folder of the results layout: letters, digits and _ . = + , - only, not
+# starting with '.' or '-', so that no name can climb out of results_dir ('..'), point elsewhere (an absolute
+# path), nest a level the analysis does not read ('x/y') or hide (a leading dot)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+,-]{0,199}")
+NAME_RULE = "one folder name of letters, digits and _ . = + , - (not starting with . or -, at most 200 characters)"
+
+
+def check_name(kind: str, name: Any) -> str:
+    """`name` if it is one safe path component, else a ValueError naming it and what is allowed."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{kind}={name!r}; allowed: {NAME_RULE}")
+    return name
+
+
 def run_dir(root: str | Path, suite: str, method: str, task: str, seed: int) -> Path:
     """Where a run lives. Multi-task runs use the task-set name (e.g. 'all5') as `task`."""
     return Path(root) / suite / method / task / f"seed_{seed}"
@@ -74,7 +89,7 @@ def is_done(path: Path) -> bool:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -84,6 +99,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         raise _named(err, path) from None
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A temporary file beside `path` for an atomic write, with the mode a plain open() would give the file
+    (0666 less the umask): mkstemp makes it 0600, and renamed into place it would hide results, reports and
+    checkpoints from colleagues on a shared cluster."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    except OSError:  # a filesystem without modes (some network mounts): its own default
+        pass
+    return fd, tmp
 
 
 def _named(err: BaseException, path: Path) -> BaseException:
@@ -113,7 +153,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     import torch  # here, not at the top: the analysis reads results without importing torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(path)
     writer = None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -304,7 +344,7 @@ class RunLock:
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(self.path.with_name(f".{self.path.name}.guard")):
+        with exclusive(self.path.with_name(f".{self.path.name}.guard")):
             if not self._create():
                 self.owner = lock_owner(self.path)
                 if self.owner is not None:
@@ -321,7 +361,7 @@ class RunLock:
     def _create(self) -> bool:
         """Create the lock file with its content in one step; False if it exists."""
         content = json.dumps({"pid": os.getpid(), "host": platform.node()})
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, tmp = _temporary(self.path)  # readable by others as the umask allows: a status reader sees the owner
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(content)
@@ -353,7 +393,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def _exclusive(guard: Path) -> Any:
+def exclusive(guard: Path) -> Any:
     """An exclusive flock on `guard` (created if needed) for the block; a filesystem without flock support
     runs the block unguarded (the lock's atomic creation still keeps two fresh acquirers apart)."""
     fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import tempfile
 import time
 from contextlib import ExitStack
@@ -22,7 +23,7 @@ from mowbench import results as R
 from mowbench.agents.base import make_agent
 from mowbench.config import Plan, deterministic_kernels, plan
 from mowbench.envs import make_env, make_envs
-from mowbench.trainer import CHECKPOINT, TrainConfig, Trainer
+from mowbench.trainer import CHECKPOINT, Diverged, TrainConfig, Trainer, eval_env_seed
 
 # OS errors of writing the run's files that are the machine's state, not a bug: reported in one line
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -41,30 +42,52 @@ def check_results_dir(root: Path) -> None:
                          f" at {err.filename or root}); allowed: a writable folder") from None
 
 
+def settings_diff(cfg: dict[str, Any], folder: Path, tasks: list[str]) -> list[str]:
+    """'key: old -> new' for each result-changing setting (results.INERT_KEYS aside) in which `cfg` differs from
+    the run in `folder` (its config.yaml; its tasks from metadata.json); [] for no difference or no run there.
+    The one rule by which a rerun, a grid submission and grid status judge an existing run folder."""
+    path = folder / "config.yaml"
+    if not path.exists():
+        return []
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:  # noqa: BLE001 - any parse failure: the file is named, not a traceback
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}); restore it or delete the run folder "
+                         f"{folder} to start the run again") from None
+    diff = R.changed_settings(old, cfg)
+    meta_path = folder / "metadata.json"
+    if meta_path.exists():
+        run_tasks = R.read_json(meta_path, "restore it, or delete the run folder to start again").get("tasks")
+        if run_tasks is not None and list(run_tasks) != list(tasks):
+            diff.insert(0, f"tasks: {run_tasks} -> {tasks}")
+    return diff
+
+
 def check_unchanged(p: Plan) -> None:
     """Before any work: refuse to continue (or report) an existing run with other settings than it was
     started with. A resumed run would otherwise mix the two, and a finished one would print its old result
-    as the new settings'."""
+    as the new settings'. A run marked failed (diverged) is refused too: the same settings fail the same way."""
     for name, tasks in p.runs:
         folder = R.run_dir(p.cfg["results_dir"], p.suite, p.method, name, int(p.cfg["seed"]))
-        path = folder / "config.yaml"
-        if not path.exists():
-            continue
-        try:
-            old = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        except Exception as err:  # noqa: BLE001 - any parse failure: the file is named, not a traceback
-            raise ValueError(f"{path} is unreadable ({type(err).__name__}); restore it or delete the run folder "
-                             f"{folder} to start the run again") from None
-        diff = R.changed_settings(old, p.cfg)
-        meta_path = folder / "metadata.json"
-        if meta_path.exists():
-            run_tasks = R.read_json(meta_path, "restore it, or delete the run folder to start again").get("tasks")
-            if run_tasks is not None and list(run_tasks) != list(tasks):
-                diff.insert(0, f"tasks: {run_tasks} -> {tasks}")
+        diff = settings_diff(p.cfg, folder, tasks)
         if diff:
             state = "finished" if R.is_done(folder) else "started"
             raise ValueError(f"{folder} was {state} with other settings ({'; '.join(diff)}); to run these settings "
                              f"use another results_dir or method=<name>, or delete that folder to start it again")
+        failure = read_failure(folder)
+        if failure is not None:
+            raise ValueError(f"{folder} failed ({failure.get('reason')}); the same settings and seed fail the same "
+                             "way: change them under another method=<name> or results_dir (e.g. lower "
+                             "agent learning rates), try another seed, or delete that folder to run it again")
+
+
+def read_failure(folder: Path) -> dict[str, Any] | None:
+    """The run's failure record (results.FAILED), or None if it has none."""
+    path = folder / R.FAILED
+    if not path.exists():
+        return None
+    failure = R.read_json(path, "delete it to let the run resume from its last checkpoint")
+    return failure if isinstance(failure, dict) else {"reason": "unreadable failure record"}
 
 
 @dataclass
@@ -90,6 +113,9 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | 
     try:
         R.remove_partial_writes(folder)
         return _train_run(p, folder, tasks)
+    except Diverged as err:  # a failed run, never a finished one: marked, and named in one line
+        raise ValueError(f"{folder}: {err}; {err.last_checkpoint}; marked failed in {R.FAILED} (lower the "
+                         "learning rates or try another seed: see the docs' 'When a run fails')") from None
     except OSError as err:  # full disk, read-only or no permission: one line naming the file and what to do
         if err.errno in WRITE_ERRNOS:
             raise ValueError(f"{os.strerror(err.errno).lower()} while writing {Path(err.filename or folder).name} in "
@@ -114,7 +140,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         agent = make_agent(p.agent, dict(cfg["agent"]), [e.info for e in envs], p.device, p.precision)
 
         def make_eval_env(k: int, copy: int, index: int) -> Any:  # evaluation k's env `copy` of task `index`
-            return make_env(p.suite, tasks, index, env_cfg, seed + 7919 * (k + 1) + 104_729 * copy, evaluation=True)
+            return make_env(p.suite, tasks, index, env_cfg, eval_env_seed(seed, k, copy), evaluation=True)
 
         folder.mkdir(parents=True, exist_ok=True)
         resuming = (folder / CHECKPOINT).exists()
@@ -143,9 +169,24 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         def end_session(step: int) -> None:  # also called by the trainer before it hands a signal on
             meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": step,
                                       "peak_memory_gib": R.peak_memory_gib(p.device)})
+            if trainer.preempted:  # checkpointed and left, to be resumed: grid status shows it as preempted
+                meta["sessions"][-1]["preempted"] = signal_name(trainer.signalled) or "train.stop_at"
             R.atomic_write_json(meta_path, meta)
 
-        summary = trainer.train(on_preempt=end_session)
+        try:
+            summary = trainer.train(on_preempt=end_session)
+        except Diverged as err:
+            where = (f"last good checkpoint: {folder / CHECKPOINT} (step {trainer.checkpointed})"
+                     if trainer.checkpointed is not None else "no checkpoint was written before it")
+            err.last_checkpoint = where
+            trainer.log.flush()  # the metrics that show the divergence
+            meta["sessions"][-1]["failed"] = str(err)
+            end_session(trainer.counters.step)
+            R.atomic_write_json(folder / R.FAILED, {
+                "reason": str(err), "kind": "diverged", "step": err.step, "detected_at": trainer.counters.step,
+                "metrics": err.names, "last_checkpoint": trainer.checkpointed, "failed": _now(),
+                "schema_version": R.SCHEMA_VERSION})
+            raise
         if summary["preempted"]:
             print(f"[mowbench] {folder}: checkpointed at step {summary['step']}; rerun the same command to resume")
             return None
@@ -160,6 +201,10 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         if not p.train.keep_checkpoint:
             (folder / CHECKPOINT).unlink(missing_ok=True)
         return summary
+
+
+def signal_name(signum: int) -> str | None:
+    return signal.Signals(signum).name if signum else None
 
 
 def per_task_signal(batch: dict[str, int], train: TrainConfig) -> dict[str, float]:

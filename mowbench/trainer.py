@@ -119,6 +119,57 @@ class Counters:
     evals: int = 0
 
 
+class Diverged(ValueError):
+    """Training produced a non-finite loss or gradient norm: the run is failed, not finished (a rerun with the
+    same settings and seed diverges again)."""
+
+    def __init__(self, message: str, step: int, names: list[str]) -> None:
+        super().__init__(message)
+        self.step, self.names = step, names
+        self.last_checkpoint = ""  # where the run can be resumed from (filled by the runner)
+
+
+class DivergenceGuard:
+    """Watches every update's metrics (losses, gradient norms) for NaN or inf without a device sync per update:
+    each update adds a few device ops that keep the first non-finite update's step on the device; the host reads
+    it only where it syncs anyway (log intervals) and before anything is saved (checkpoints, the final
+    evaluation), so no checkpoint ever holds diverged weights."""
+
+    def __init__(self) -> None:
+        self.first_bad: dict[torch.device, torch.Tensor] = {}  # per device: the first bad update's step, or -1
+        self.host_bad: tuple[int, list[str]] | None = None  # a non-tensor metric that was not finite
+
+    def observe(self, metrics: Metrics, step: int) -> None:
+        tensors: dict[torch.device, list[torch.Tensor]] = {}
+        for name, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(value.device, []).append(value.detach().float().reshape(1))
+            elif self.host_bad is None and not np.isfinite(value):
+                self.host_bad = (step, [name])
+        for device, values in tensors.items():
+            first = self.first_bad.get(device)
+            if first is None:
+                first = self.first_bad[device] = torch.full((), -1, dtype=torch.int64, device=device)
+            finite = torch.isfinite(torch.cat(values)).all()
+            first.copy_(torch.where(finite | (first >= 0), first, step))  # in place: a CUDA graph may hold it
+
+    def check(self, metrics: Metrics, now: int) -> None:
+        """Raise Diverged if any update so far had a non-finite metric (one sync per device)."""
+        steps = [int(first) for first in self.first_bad.values()]
+        bad = [s for s in steps if s >= 0] + ([self.host_bad[0]] if self.host_bad else [])
+        if not bad:
+            return
+        step = min(bad)
+        values = read_metrics(metrics)
+        names = [k for k, v in values.items() if not np.isfinite(v)] or (self.host_bad[1] if self.host_bad else [])
+        names.sort(key=lambda k: ("loss" not in k, "grad_norm" not in k))  # losses first, then gradient norms
+        shown = ", ".join(f"{k}={values.get(k, float('nan'))}" for k in names[:3])
+        what = ((shown + (f" and {len(names) - 3} more metrics" if len(names) > 3 else "")) if names else
+                f"a loss or gradient norm (finite again by step {now})")
+        raise Diverged(f"training diverged: {what} (first non-finite update at step {step}, detected at step {now})",
+                       step, names)
+
+
 def rng_state() -> dict[str, Any]:
     """Global RNG states as plain data (numpy's key as a tensor), loadable with weights_only=True."""
     numpy_state = np.random.get_state(legacy=False)
@@ -142,6 +193,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 EnvMaker = Callable[[int, int], TaskEnv]  # (copy, task index) -> a new evaluation env of that task
+RANDOM_EVAL_KEY = 10_000  # the random policy's evaluation key (the agent's evaluations are 0, 1, 2, ...)
+SEED_LIMIT = 2**32 - 1  # numpy's legacy seeding (np.random.seed, MinAtar, Meta-World) takes seeds up to this
+
+
+def eval_env_seed(seed: int, evaluation: int, copy: int) -> int:
+    """The seed of evaluation `evaluation`'s env `copy` (episode or parallel copy) in a run seeded `seed`: apart
+    from every other evaluation's and from the training envs' (seed + 1000 * task index)."""
+    return seed + 7919 * (evaluation + 1) + 104_729 * copy
+
+
+def largest_derived_seed(seed: int, cfg: TrainConfig, n_tasks: int, task_stride: int) -> int:
+    """The largest env seed a run derives from `seed` (training and every evaluation, random policy included), so
+    that a seed too large for numpy is refused before any work instead of failing at the final evaluation."""
+    evaluations = (cfg.steps // cfg.eval_every if cfg.eval_every else 0) + 1
+    key = max(evaluations - 1, RANDOM_EVAL_KEY if cfg.random_baseline else 0)
+    copies = max(cfg.eval_episodes, cfg.periodic_eval_episodes, cfg.random_episodes or 1, cfg.eval_parallel)
+    return eval_env_seed(seed, key, copies - 1) + task_stride * (n_tasks - 1)
 
 
 def stream_seed(*keys: int) -> int:
@@ -186,16 +254,29 @@ def advance(s: Stream, action: Any, max_steps: int = 0) -> tuple[Step, bool]:
     return step, bool(step.done or (max_steps and s.length >= max_steps))
 
 
+class EvaluationInterrupted(Exception):
+    """An evaluation stopped by a preemption signal before its episodes finished (its envs closed)."""
+
+
+def _check_stop(stop: Callable[[], bool] | None, streams: list[EvalStream]) -> None:
+    if stop is not None and stop():
+        for s in streams:
+            s.env.close()
+        raise EvaluationInterrupted
+
+
 def evaluate(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int, greedy: bool, max_steps: int,
-             seed: int, max_envs: int = 64) -> list[list[tuple[float, int, float | None]]]:
+             seed: int, max_envs: int = 64, stop: Callable[[], bool] | None = None
+             ) -> list[list[tuple[float, int, float | None]]]:
     """Per task, `episodes` x (return, length, success) of complete episodes. agent=None: uniformly random
     legal actions. Up to `max_envs` episodes of all tasks run at once, the agent acting on all of them in one
     batch; episode i of task t has its own env make_env(i, t) and its own acting seed, so the results do not
-    depend on max_envs or on which episodes run beside it."""
+    depend on max_envs or on which episodes run beside it. `stop()` true before a round: EvaluationInterrupted."""
     pending = deque((t, i) for i in range(episodes) for t in range(n_tasks))  # every task's first episode first
     results: list[list[Any]] = [[None] * episodes for _ in range(n_tasks)]
     live: list[EvalStream] = []
     while pending or live:
+        _check_stop(stop, live)
         while pending and len(live) < max_envs:
             t, i = pending.popleft()
             live.append(open_stream(agent, make_env(i, t), t, i, stream_seed(seed, t, i)))
@@ -211,7 +292,8 @@ def evaluate(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: in
 
 
 def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int, greedy: bool,
-                       max_steps: int, seed: int, parallel: int = 5) -> list[list[tuple[float, int, float | None]]]:
+                       max_steps: int, seed: int, parallel: int = 5, stop: Callable[[], bool] | None = None
+                       ) -> list[list[tuple[float, int, float | None]]]:
     """STORM's reference evaluation (the one behind the published STORM and MoW numbers): per task, `parallel`
     envs (make_env(copy, task)) step in lockstep, each episode's return is summed *without its last step's
     reward*, and the first `episodes` episodes to finish are kept (ties within a round in env order), so
@@ -222,6 +304,7 @@ def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, ep
     results: list[list[tuple[float, int, float | None]]] = [[] for _ in range(n_tasks)]
     live = streams
     while live:
+        _check_stop(stop, streams)
         for s, action in zip(live, act_round(agent, live, greedy), strict=True):
             step, over = advance(s, action, max_steps)
             if over:
@@ -238,12 +321,14 @@ def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, ep
 
 
 def evaluate_in_mode(cfg: TrainConfig, agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int,
-                     greedy: bool, seed: int) -> list[list[tuple[float, int, float | None]]]:
+                     greedy: bool, seed: int, stop: Callable[[], bool] | None = None
+                     ) -> list[list[tuple[float, int, float | None]]]:
     """`episodes` per task in cfg.eval_mode (full: evaluate, cfg.eval_envs at once; reference: evaluate_reference,
     cfg.eval_parallel envs per task), episodes capped at cfg.eval_max_steps."""
     if cfg.eval_mode == "full":
-        return evaluate(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_envs)
-    return evaluate_reference(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_parallel)
+        return evaluate(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_envs, stop)
+    return evaluate_reference(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_parallel,
+                              stop)
 
 
 class Trainer:
@@ -265,6 +350,8 @@ class Trainer:
         self.counters = Counters(episodes=[0] * len(envs))
         self.rng = np.random.default_rng(seed + 1)  # warm-up actions
         self.last_metrics: Metrics = {}  # the latest update's, read from the device at log intervals only
+        self.guard = DivergenceGuard()
+        self.checkpointed: int | None = None  # the step of the last checkpoint on disk (all of them are finite)
         self.preempted = False
         self.resumed_from: int | None = None
         self.env_restore_failed: list[str] = []
@@ -290,7 +377,10 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """Checkpoint, after checking that no update so far diverged (Diverged): a checkpoint is always good."""
+        self.guard.check(self.last_metrics, self.counters.step)
         atomic_torch_save(self.folder / CHECKPOINT, self.state_dict())
+        self.checkpointed = self.counters.step
         self.log.flush()
 
     def load(self, path: Path) -> None:
@@ -315,7 +405,7 @@ class Trainer:
             stream.context, stream.last_return = o["context"], s["last_return"]
         self._loaded_log = state["log"]
         self.last_metrics = state["last_metrics"]
-        self.resumed_from = self.counters.step
+        self.resumed_from = self.checkpointed = self.counters.step
 
     def _read_checkpoint(self, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The checkpoint's plain state and its streams' pickled objects (env state, acting context)."""
@@ -358,7 +448,8 @@ class Trainer:
         def make_env(copy: int, task: int) -> TaskEnv:
             return self.make_eval_env(key, copy, task)
 
-        results = evaluate_in_mode(cfg, agent, make_env, n, episodes, greedy, stream_seed(self.seed, key))
+        results = evaluate_in_mode(cfg, agent, make_env, n, episodes, greedy, stream_seed(self.seed, key),
+                                   stop=lambda: self.preempted)
         return {info.name: rows for info, rows in zip(self.tasks, results, strict=True)}
 
     def _evaluate(self, episodes: int) -> dict[str, float]:
@@ -400,6 +491,7 @@ class Trainer:
                     c.update_credit += cfg.updates_per_step
                     while c.update_credit >= 1.0:
                         self.last_metrics = self.agent.update(self.replay.sample)
+                        self.guard.observe(self.last_metrics, c.step)
                         c.updates += 1
                         c.update_credit -= 1.0
                 if c.step % cfg.log_every == 0:
@@ -407,6 +499,7 @@ class Trainer:
                     sps = (c.step - last_log[1]) / max(now - last_log[0], 1e-9)  # over the last interval
                     last_log = (now, c.step)
                     self.log.scalars(c.step, {**read_metrics(self.last_metrics), "perf/steps_per_s": sps})
+                    self.guard.check(self.last_metrics, c.step)  # after logging them: the log shows the NaN
                     last = [s.last_return for s in self.streams if s.last_return is not None]
                     bar.set_postfix(sps=f"{sps:.1f}", ret=f"{np.mean(last):.2f}" if last else "-")
                     self.agent.write_artifacts(self.folder / ARTIFACTS, final=False)
@@ -427,13 +520,24 @@ class Trainer:
                             self._hand_on(old, c.step)
                         return {"preempted": True, "step": c.step}
             c.wall_time += time.time() - start
+            if self.checkpointed != c.step:
+                # training is over: the final evaluation starts from a checkpoint, so a signal during it (handled
+                # below) or a kill loses no training, and the evaluation is redone exactly from here
+                self.save()
             self.agent.write_artifacts(self.folder / ARTIFACTS, final=True)
-            final = self._evaluate(cfg.eval_episodes)
+            try:
+                final = self._evaluate(cfg.eval_episodes)
+                rand = (self._episodes(None, RANDOM_EVAL_KEY, cfg.random_episodes, False)
+                        if cfg.random_baseline else None)
+            except EvaluationInterrupted:
+                if on_preempt is not None:
+                    on_preempt(c.step)
+                self._hand_on(old, c.step)
+                return {"preempted": True, "step": c.step}
             summary: dict[str, Any] = {"preempted": False, "step": c.step, "updates": c.updates,
                                        "final_return": final, "episodes": dict(zip([t.name for t in self.tasks],
                                                                                    c.episodes, strict=True))}
-            if cfg.random_baseline:
-                rand = self._episodes(None, 10_000, cfg.random_episodes, False)
+            if rand is not None:
                 summary["random_return"] = {task: float(np.mean([r[0] for r in rows])) for task, rows in rand.items()}
             if cfg.keep_checkpoint:
                 self.save()  # the final state, e.g. to continue training with a larger budget

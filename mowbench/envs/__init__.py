@@ -9,6 +9,8 @@ from typing import Any
 
 from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 
+TASK_SEED_STRIDE = 1000  # the env of task i in a run seeded s is seeded s + 1000 * i
+
 # suite name -> module defining TASKS, DEFAULT_TASKS, EVAL_ENVS, DISCRETE_ACTIONS, check(cfg) and
 # make(task, index, cfg, seed, ...)
 SUITES: dict[str, str] = {
@@ -55,10 +57,10 @@ def make_envs(suite: str, tasks: Sequence[str], cfg: dict[str, Any], seed: int, 
 
 def make_env(suite: str, tasks: Sequence[str], index: int, cfg: dict[str, Any], seed: int, evaluation: bool = False
              ) -> TaskEnv:
-    """The env of task `index` of `tasks` (the one make_envs makes there, seeded seed + 1000 * index)."""
+    """The env of task `index` of `tasks` (the one make_envs makes there, seeded seed + TASK_SEED_STRIDE * index)."""
     mod = suite_module(suite)
     try:
-        return mod.make(tasks[index], index, cfg, seed=seed + 1000 * index, evaluation=evaluation,
+        return mod.make(tasks[index], index, cfg, seed=seed + TASK_SEED_STRIDE * index, evaluation=evaluation,
                         n_tasks=len(tasks))
     except ImportError as err:  # an optional dependency of this suite only
         raise ImportError(f"suite {suite!r} needs the package {err.name!r}, which is not importable: "
