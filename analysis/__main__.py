@@ -19,15 +19,23 @@ Regenerates, from results folders and/or external score CSVs:
   the papers' aggregates as point-only rows of aggregate_table, and for Meta-World the literature table
   metaworld_literature with the settings that make its numbers comparable or not (never mixed with our runs);
 - report.html: every table and figure above on one self-contained page, with the notes and the command;
-- notes.txt: what was left out or could not be compared (also printed).
+- notes.txt: what was left out or could not be compared (also printed): failed runs (FAILED.json, always left
+  out), unfinished or damaged runs, methods over fewer tasks than the suite's table (their aggregate_table row
+  says "(k of N tasks)"), evaluation points averaging different episode counts.
+
+One method name must hold one experiment: runs of a method whose config.yaml differ in a result-changing
+setting (any but seed, device, task and mowbench.results.INERT_KEYS; the evaluation protocol as resolved in
+metadata.json) are refused, naming the settings, unless --split-settings.
 
 Flags:
   RESULTS_DIR        results roots in the results/README.md layout (default: results)
   --suite            atari100k | metaworld | minatar
   --scores FILE      external or published scores, CSV with method,task,seed,score[,step] (repeatable)
-  --out DIR          where everything is written (created)
+  --out DIR          where everything is written (created; never inside a run folder)
   --seed N           bootstrap seed (default 0); --reps N bootstrap resamples (default 50000)
-  --include-partial  also use unfinished runs (their last evaluation; noted)
+  --include-partial  also use unfinished runs (their last evaluation; noted); failed runs are never used
+  --split-settings   a method whose runs differ in settings becomes one method per settings, labelled by the
+                     values that tell them apart, e.g. "storm [env.protocol=standard]" (default: refused)
   --grid NAME        also the ablation table and plot of grid NAME (mowbench/conf/grid/NAME.yaml)
   --with-published   all (the default when given bare) or NAME[,NAME...]: add shipped published scores
   --list-published   print the shipped published methods (runs per game, kind, source) and exit
@@ -52,7 +60,9 @@ from mowbench.analysis.scores import (
     AnalysisError,
     check_tasks,
     check_unique,
+    coverage_note,
     curve_matrices,
+    episode_notes,
     final_scores,
     human_normalised,
     list_published,
@@ -63,6 +73,8 @@ from mowbench.analysis.scores import (
     reference_table,
     resolve_published,
     score_matrices,
+    split_settings,
+    suite_coverage,
 )
 from mowbench.analysis.tables import atari_layout, interval_text, write_table
 
@@ -79,6 +91,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples")
     parser.add_argument("--include-partial", action="store_true", help="use unfinished runs' last evaluation")
+    parser.add_argument("--split-settings", action="store_true",
+                        help="label a method's runs of different settings apart instead of refusing them")
     parser.add_argument("--grid", help="grid name: its ablation table and plot")
     parser.add_argument("--with-published", nargs="?", const="all", metavar="all|NAME[,NAME...]",
                         help="add shipped published scores (bare: all; names: --list-published)")
@@ -90,8 +104,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# A folder holding any of these is a run folder (results/README.md): tables written there would mix with the run's
+# files, and a rerun or a cleanup of the run would take them along
+RUN_FILES = ("metadata.json", R.DONE, R.FAILED, "config.yaml", "checkpoint.pt", R.LOCK, "eval.csv")
+
+
+def run_folder_around(path: Path) -> Path | None:
+    """The run folder that `path` is or lies inside (checking it and each existing parent), or None."""
+    resolved = path.resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.is_dir() and any((folder / name).exists() for name in RUN_FILES):
+            return folder
+    return None
+
+
 def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
     """Every score (Atari: with hns), the notes so far, and the names of the published methods among them."""
+    inside = run_folder_around(args.out)
+    if inside is not None:
+        raise AnalysisError(f"--out {args.out} is inside the run folder {inside}; allowed: a folder outside every "
+                            "run folder")
     if args.suite not in SUITES:
         raise AnalysisError(f"unknown suite {args.suite!r}; allowed: {', '.join(SUITES)}")
     if args.reps < 1:
@@ -116,11 +148,21 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
         where = ", ".join(map(str, [*roots, *args.scores]))
         raise AnalysisError(f"no {args.suite} scores found in {where} (finished runs need DONE.json; "
                             "see --include-partial)")
+    scores, more = split_settings(scores, args.split_settings)  # before check_unique: one seed, two experiments
+    notes += more
     check_tasks(scores, args.suite)
     check_unique(scores)
+    notes += episode_notes(scores)
     if args.suite == "atari100k":
         scores = human_normalised(scores)
     return scores, notes, shipped
+
+
+def coverage_label(method: str, tasks: list[str] | None, suite: str) -> str:
+    """A method's aggregate_table row name, saying when it aggregates fewer tasks than the suite has."""
+    from mowbench.envs import suite_module
+
+    return method if tasks is None else f"{method} ({len(tasks)} of {len(suite_module(suite).TASKS)} tasks)"
 
 
 def per_task_tables(scores: pd.DataFrame, column: str, scale: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -161,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     unit = " (%)" if scale == 100.0 else ""
     aggregate = pd.DataFrame({m: {k: interval_text(*v, scale) for k, v in metrics.items()}
                               for m, metrics in estimates.items()}).T
+    partial_suite = suite_coverage(final, args.suite)
+    notes += [coverage_note(m, tasks_, args.suite) for m, tasks_ in partial_suite.items()]
+    aggregate.index = [coverage_label(m, partial_suite.get(m), args.suite) for m in aggregate.index]
     if args.with_published and args.suite == "atari100k":
         printed, more = published_aggregates(args.suite)
         aggregate = pd.concat([aggregate, printed]).fillna("–")

@@ -8,15 +8,19 @@ scores come as CSV files with the same columns (without `step`, each row is a fi
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
+import json
 import os
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from mowbench import results as R
 
@@ -237,13 +241,70 @@ def run_history(folder: Path, done: bool, column: str) -> tuple[dict[str, dict[i
     return history, None
 
 
+def failure_text(path: Path) -> str:
+    """Why a run failed, in one line, from its FAILED.json (whatever state that file is in)."""
+    try:
+        data = R.read_json(path)
+    except (OSError, ValueError):
+        return f"its {path.name} is unreadable"
+    if not isinstance(data, dict):
+        return f"its {path.name} is not a JSON object"
+    reason = " ".join(str(data.get("reason") or "no reason given").split())
+    kind = data.get("kind") or "diverged"  # FAILED marks a run that diverged unless it says otherwise
+    return reason if kind in reason else f"{kind}: {reason}"
+
+
+# Settings that legitimately differ between the runs of one experiment (beside R.INERT_KEYS)
+PER_RUN_KEYS = ("seed", "device", "task")
+# config.yaml holds null for "the protocol's default": metadata.json's `evaluation` holds what was in force
+RESOLVED_EVALUATION = {"mode": "train.eval_mode", "episodes": "train.eval_episodes", "greedy": "train.eval_greedy",
+                       "random_episodes": "train.random_episodes"}
+
+
+def fingerprint(config: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """A run's result-changing settings as dotted keys -> values: its config less the inert and per-run keys,
+    with the evaluation protocol and precision as resolved at run time ('auto' or null would otherwise differ
+    from an explicit equal value)."""
+    flat = R.flat_items(config)
+    evaluation = metadata.get("evaluation")
+    if isinstance(evaluation, dict):
+        flat.update({key: evaluation[name] for name, key in RESOLVED_EVALUATION.items() if name in evaluation})
+    if "precision" in flat and metadata.get("precision") is not None:
+        flat["precision"] = metadata["precision"]
+    return {k: v for k, v in sorted(flat.items()) if k not in R.INERT_KEYS and k not in PER_RUN_KEYS}
+
+
+def run_settings(folder: Path) -> tuple[str | None, str | None]:
+    """A run's fingerprint as a JSON string (None without config.yaml: older runs), or why it cannot be read."""
+    if not (folder / "config.yaml").exists():
+        return None, None
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        return None, "has a corrupt config.yaml (not a YAML mapping)"
+    metadata = R.read_json(folder / "metadata.json")  # run_history read it already
+    return json.dumps(fingerprint(config, metadata), sort_keys=True, default=str), None
+
+
+def episode_counts(folder: Path) -> dict[tuple[str, int], int]:
+    """(task, step) -> how many episodes that evaluation averages, counted from eval.csv's rows (run_history has
+    checked every value already, so no number is parsed but the step)."""
+    _, rows = R.read_csv_rows(folder / "eval.csv", ("step", "task"))
+    return dict(collections.Counter((row["task"], int(float(row["step"]))) for _, row in rows))
+
+
 def read_results(results_dir: Path, suite: str, include_partial: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Every evaluation of every run of `suite` under results_dir (the results/README.md layout).
 
-    Unfinished runs (no DONE.json) are left out, or with include_partial kept (their last evaluation then
-    counts as final); either way the returned notes say which. A finished run whose metadata.json or eval.csv
-    is missing, corrupt or truncated is left out and named in the notes; a non-numeric or infinite value in
-    an eval.csv is an AnalysisError. Meta-World scores are success rates, others returns."""
+    Failed runs (FAILED.json: diverged) are always left out and named in the notes. Unfinished runs (no
+    DONE.json) are left out, or with include_partial kept (their last evaluation then counts as final); either
+    way the returned notes say which. A finished run whose metadata.json, config.yaml or eval.csv is missing
+    (config.yaml may be: older runs), corrupt or truncated is left out and named in the notes; a non-numeric or
+    infinite value in an eval.csv is an AnalysisError. Meta-World scores are success rates, others returns.
+    Each row also has `settings` (the run's fingerprint as JSON, None without config.yaml) and `episodes`
+    (how many episodes its evaluation averages)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise AnalysisError(f"{root}: no such results directory")
@@ -257,25 +318,152 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
         if not seed.isdigit():
             notes.append(f"{where}: not a run folder (seed_<integer>), left out")
             continue
+        if (folder / R.FAILED).exists():  # before DONE.json: a failed run's numbers are never used
+            notes.append(f"{where} failed ({failure_text(folder / R.FAILED)}): left out")
+            continue
         done = R.is_done(folder)
         if not done and not include_partial:
             if (folder / "metadata.json").exists():
                 partial.append(str(where))
             continue
         history, problem = run_history(folder, done, column)
+        settings, problem = run_settings(folder) if not problem else (None, problem)
         if problem:
             notes.append(f"{where} ({'finished' if done else 'unfinished'}) {problem}: left out")
             continue
+        counts = episode_counts(folder)
         for task, steps in history.items():
             rows += [{"method": method, "task": task, "seed": int(seed), "score": score, "step": step,
-                      "source": str(folder), "partial": not done} for step, score in steps.items()]
+                      "source": str(folder), "partial": not done, "settings": settings,
+                      "episodes": counts[(task, step)]} for step, score in steps.items()]
         if not done:
             last = max((max(steps) for steps in history.values()), default="none")
             notes.append(f"{where} is unfinished: its last evaluation (step {last}) is used")
     if partial:
         notes.append(f"{len(partial)} unfinished run(s) left out (use --include-partial): {', '.join(partial[:5])}"
                      + (" ..." if len(partial) > 5 else ""))
-    return pd.DataFrame(rows, columns=[*COLUMNS, "step", "source", "partial"]), notes
+    return pd.DataFrame(rows, columns=[*COLUMNS, "step", "source", "partial", "settings", "episodes"]), notes
+
+
+def runs_text(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
+def shown(value: Any) -> str:
+    """A setting's value as config.yaml spells it (true, null, [8, 16]); strings bare."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+ABSENT = "(not set)"  # a key a run's (older or newer) mowbench did not have
+
+
+def differing_keys(prints: list[dict[str, Any]]) -> list[str]:
+    """Keys whose value differs among the fingerprints that have them. A key only some have (a field a later
+    mowbench added or removed) is no difference on its own, as in R.changed_settings."""
+    values: dict[str, set[str]] = {}
+    for fp in prints:
+        for key, value in fp.items():
+            values.setdefault(key, set()).add(json.dumps(value, sort_keys=True, default=str))
+    return sorted(k for k, v in values.items() if len(v) > 1)
+
+
+def value_counts(values: list[str]) -> list[tuple[str, int]]:
+    """(value, runs) most runs first, then in natural order."""
+    return sorted(collections.Counter(values).items(), key=lambda item: (-item[1], natural_key(item[0])))
+
+
+def naming_keys(rows: list[tuple[str, ...]], keys: list[str]) -> list[int]:
+    """Indices of the fewest keys, taken in order, that tell the rows' distinct value tuples apart (env.protocol
+    alone, not also the eval_* values the protocol sets): each key is kept only if it separates more groups."""
+    target, chosen = len(set(rows)), []
+    for i in range(len(keys)):
+        if len({tuple(r[j] for j in [*chosen, i]) for r in rows}) > len({tuple(r[j] for j in chosen) for r in rows}):
+            chosen.append(i)
+        if len({tuple(r[j] for j in chosen) for r in rows}) == target:
+            break
+    return chosen
+
+
+def split_settings(scores: pd.DataFrame, split: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Refuse (or with `split` relabel) a method whose runs have different result-changing settings, so that no
+    row averages two experiments. Relabelled runs are named by their values, e.g. 'storm [env.protocol=storm]';
+    runs without settings (no config.yaml, external scores) keep the method's name and are noted."""
+    if "settings" not in scores.columns:
+        return scores, []
+    notes, labels = [], scores["method"].copy()
+    for method, frame in sorted(scores.groupby("method"), key=lambda item: natural_key(str(item[0]))):
+        runs = frame.drop_duplicates(["source", "seed"])
+        known = runs[runs["settings"].notna()]
+        unknown = len(runs) - len(known)
+        if unknown and len(known):
+            notes.append(f"{method}: {unknown} of {runs_text(len(runs))} have no recorded settings (no config.yaml: "
+                         "older runs or external scores), so they could not be checked against the others")
+        prints = {s: json.loads(s) for s in known["settings"].unique()}
+        keys = differing_keys(list(prints.values()))
+        if not keys:
+            continue
+        values = {s: tuple(shown(fp[k]) if k in fp else ABSENT for k in keys) for s, fp in prints.items()}
+        per_run = [values[s] for s in known["settings"]]
+        if not split:
+            parts = [f"{k} ({'; '.join(f'{v}: {runs_text(n)}' for v, n in value_counts([r[i] for r in per_run]))})"
+                     for i, k in enumerate(keys)]
+            raise AnalysisError(f"method {method!r} holds runs of different settings: {', '.join(parts)}; they would "
+                                "be averaged into one row: pass --split-settings to label each by its values, or "
+                                "give one experiment per method name (method=<name>)")
+        named = naming_keys(per_run, keys)
+        label = {s: f"{method} [{', '.join(f'{keys[i]}={v[i]}' for i in named)}]" for s, v in values.items()}
+        mask = frame.index[frame["settings"].notna()]
+        labels[mask] = frame.loc[mask, "settings"].map(label)
+        groups = value_counts([label[s] for s in known["settings"]])
+        notes.append(f"{method}: runs of different settings ({', '.join(keys)}) are shown apart, labelled by "
+                     f"{', '.join(keys[i] for i in named)}: "
+                     + ", ".join(f"{g} ({runs_text(n)})" for g, n in sorted(groups, key=lambda x: natural_key(x[0])))
+                     + (f"; the {runs_text(unknown)} without settings keep the label {method!r}" if unknown else ""))
+    return scores.assign(method=labels), notes
+
+
+def episode_notes(scores: pd.DataFrame) -> list[str]:
+    """Per method whose evaluation points average different numbers of episodes (periodic evaluations of 5, a
+    final one of 100; or runs of different eval_episodes): how many at which steps."""
+    if "episodes" not in scores.columns:
+        return []
+    notes = []
+    counted = scores.dropna(subset=["episodes", "step"])
+    for method, frame in sorted(counted.groupby("method"), key=lambda item: natural_key(str(item[0]))):
+        if frame["episodes"].nunique() < 2:
+            continue
+        final = frame["step"] == frame.groupby(["source", "seed", "task"])["step"].transform("max")
+        runs = frame.drop_duplicates(["source", "seed"]).shape[0]
+        parts = []
+        for count, points in frame.assign(final=final).groupby("episodes"):
+            steps = points["step"].nunique()
+            where = "the final step" if points["final"].all() else f"{steps} step" + ("" if steps == 1 else "s")
+            had = points.drop_duplicates(["source", "seed"]).shape[0]
+            parts.append(f"{int(count)} at {where}" + (f" of {had} of {runs_text(runs)}" if had < runs else ""))
+        notes.append(f"{method}: evaluation points average different episode counts ({', '.join(parts)}); curves "
+                     "mix their noise levels")
+    return notes
+
+
+def suite_coverage(scores: pd.DataFrame, suite: str) -> dict[str, list[str]]:
+    """Methods whose scores cover fewer tasks than the suite's full table -> their tasks (the suite's order)."""
+    from mowbench.envs import suite_module
+
+    every = list(suite_module(suite).TASKS)
+    owned = scores.groupby("method")["task"].agg(set)
+    return {str(m): [t for t in every if t in own] for m, own in owned.items() if len(set(every) & own) < len(every)}
+
+
+def coverage_note(method: str, tasks: list[str], suite: str) -> str:
+    """'<method>: aggregates over 1 of the 26 atari100k tasks (Pong): ...', naming the fewer of covered/missing."""
+    from mowbench.envs import suite_module
+
+    every = list(suite_module(suite).TASKS)
+    missing = [t for t in every if t not in tasks]
+    names = tasks if len(tasks) <= len(missing) else missing
+    listed = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    return (f"{method}: aggregates over {len(tasks)} of the {len(every)} {suite} tasks "
+            f"({listed if names is tasks else 'all but ' + listed}): not comparable with full-suite aggregates")
 
 
 def final_scores(scores: pd.DataFrame) -> pd.DataFrame:
