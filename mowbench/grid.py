@@ -360,6 +360,7 @@ def check_partition(settings: dict[str, Any]) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.split()
     if not out:
         known = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60).stdout.split()
+        known = [k.rstrip("*") for k in known]  # sinfo marks the default partition with *
         raise ValueError(f"slurm partition={part!r} not found by sinfo; allowed: {', '.join(known) or 'none listed'}")
     gpus = int(settings.get("gpus_per_node") or 0)
     gres = " ".join(out[1::2])

@@ -9,10 +9,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from mowbench import results as R
 from mowbench.config import compose_config
-from mowbench.grid import expand, parse_args, unit_states
+from mowbench.grid import QUEUED, expand, parse_args, unit_states
 from mowbench.gridspec import method_name
 from tests.conftest import REPO
 
@@ -195,9 +196,7 @@ def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tm
     wait_for(lambda: json.loads(meta.read_text())["sessions"][0].get("last_step"), 120, "the checkpoint on USR2")
     # a resubmission while runs are queued or running submits none of them again
     assert "nothing to submit" in run_grid(*args)
-    # SLURM holds a requeued job for ~2 minutes (Reason=BeginTime); let it start now
-    wait_for(lambda: subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"],
-                                    capture_output=True).returncode == 0, 60, "the requeued job")
+    release_requeued(job_id)
     wait_for(lambda: all(R.is_done(u.folder) for u in units), 600, "every run of the grid to finish")
     summary = json.loads((victim.folder / "summary.json").read_text())
     assert summary["step"] == 160  # the full budget, after the requeue
@@ -206,7 +205,7 @@ def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tm
     assert sessions[1]["resumed_from_step"] == sessions[0]["last_step"] > 0
     status = subprocess.run([sys.executable, "-m", "mowbench.grid", "status", *args], capture_output=True,
                             text=True, cwd=REPO, timeout=300).stdout
-    assert "done: 6 running: 0 pending: 0 failed: 0 missing: 0" in status
+    assert "done: 6 running: 0 pending: 0 preempted: 0 failed: 0 mismatch: 0 missing: 0" in status
     assert "nothing to submit (6 done" in run_grid(*args)
 
 
@@ -242,3 +241,125 @@ def test_mt50_grids_hold_the_tdmpc2_family(tmp_path):
     assert compose_config(cells["newt"].overrides)["agent"]["task_embedding"] == "language"
     assert compose_config(cells["newt-onehot"].overrides)["agent"]["task_embedding"] == "learned"
     assert compose_config(cells["tdmpc2"].overrides)["agent"]["name"] == "tdmpc2"
+
+
+def grid_command(*args):
+    return subprocess.run([sys.executable, "-m", "mowbench.run", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+
+
+@pytest.mark.slow(seconds=40)
+def test_a_grid_refuses_cells_whose_folders_hold_other_settings(tmp_path):
+    """A grid judges existing run folders as a standalone run does: a cell whose folder holds a run of other settings
+    (a longer budget, another preset) is refused before anything is submitted, and shown as such in status, whose
+    hint keeps every option that finds the grid."""
+    args = ["grid=smoke", "seeds=[0]", "agent=[storm]", "task=breakout", "launcher=local", f"results_dir={tmp_path}"]
+    first = grid_command(*args, "wait=true")
+    assert first.returncode == 0 and "submitted 1 run(s)" in first.stdout, first.stderr
+    assert (f"status: python -m mowbench.grid status grid=smoke 'seeds=[0]' 'agent=[storm]' task=breakout "
+            f"launcher=local results_dir={tmp_path}") in first.stdout
+    jobs = (tmp_path / "grids" / "smoke" / "jobs.json").read_text()
+    longer = grid_command(*args, "train.steps=1000")
+    assert longer.returncode != 0 and longer.stderr.strip() == (
+        "error: grid smoke: cell minatar/storm/breakout/seed_0 holds a run of other settings (train.steps: 160 -> 1000)"
+        "; nothing submitted: use another results_dir for these settings, or delete those folders to train them again")
+    assert (tmp_path / "grids" / "smoke" / "jobs.json").read_text() == jobs
+    status = subprocess.run([sys.executable, "-m", "mowbench.grid", "status", *args, "preset=tiny"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300).stdout
+    assert "minatar/storm/breakout/seed_0  mismatch" in status and "other settings: agent." in status
+    assert "done: 0" in status and "mismatch: 1" in status
+    # the same seed twice is one run folder, submitted once
+    units = expand(parse_args([*args, "seeds=[0,0,1]"]))
+    assert sorted(u.key for u in units) == ["minatar/storm/breakout/seed_0", "minatar/storm/breakout/seed_1"]
+
+
+def release_requeued(job):
+    """SLURM holds a requeued job for ~2 minutes (Reason=BeginTime): once it is pending again, let it start now."""
+    def pending():
+        state = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
+        return state.strip() in QUEUED and subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"],
+                                                           capture_output=True).returncode == 0
+    wait_for(pending, 120, "the requeued job to be pending")
+
+
+def slurm_jobs(name):
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.split("\n")
+    return sorted({line.split()[0].split("_")[0] for line in out if line.strip() and name in line})
+
+
+@pytest.mark.slow(seconds=60)
+@pytest.mark.skipif(not SLURM and not REQUIRE_SLURM, reason="no SLURM here (start one: slurm/local-cluster.sh start)")
+def test_simultaneous_submissions_of_one_grid_submit_once_and_a_bad_partition_is_one_line(tmp_path):
+    assert SLURM, "MOWBENCH_REQUIRE_SLURM=1 but sbatch/sinfo do not work (slurm/local-cluster.sh start)"
+    args = ["grid=smoke", "seeds=[5]", "launcher=slurm", "slurm=local", f"results_dir={tmp_path}"]
+    bad = grid_command(*args, "slurm.partition=nowhere")
+    assert bad.returncode != 0
+    assert bad.stderr.strip() == "error: slurm partition='nowhere' not found by sinfo; allowed: debug"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".sh", ".pkl")]
+    both = [subprocess.Popen([sys.executable, "-m", "mowbench.run", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in both]
+    record_path = tmp_path / "grids" / "smoke" / "jobs.json"
+    try:
+        assert all(p.returncode == 0 for p in both), outs
+        said = sorted("submitted 3 run(s)" in out for out, _ in outs)
+        assert said == [False, True], outs  # one submits the grid's 3 runs, the other finds them queued
+        assert any("nothing to submit (0 done, " in out for out, _ in outs), outs
+        record = json.loads(record_path.read_text())
+        arrays = {j["job_id"].split("_")[0] for j in record.values()}
+        assert len(record) == 3 and len(arrays) == 1  # one job array, recorded once
+        assert arrays <= set(slurm_jobs("mowbench-smoke"))
+    finally:  # the runs themselves are not needed: free the cluster for the other tests
+        for array in {j["job_id"].split("_")[0] for j in json.loads(record_path.read_text()).values()}:
+            subprocess.run(["scancel", array])
+
+
+@pytest.mark.slow(seconds=50)
+@pytest.mark.skipif(not SLURM and not REQUIRE_SLURM, reason="no SLURM here (start one: slurm/local-cluster.sh start)")
+def test_on_slurm_a_cancelled_run_is_preempted_and_a_signal_in_the_final_evaluation_requeues(tmp_path):
+    """Through a results_dir with a space and a non-ASCII letter: scancel (SIGTERM) checkpoints and leaves, and status
+    calls the run preempted, not failed; the resubmitted run resumes, ends training with a checkpoint, and SLURM's
+    USR2 during the final evaluation requeues it; the requeued job evaluates again without training again."""
+    assert SLURM, "MOWBENCH_REQUIRE_SLURM=1 but sbatch/sinfo do not work (slurm/local-cluster.sh start)"
+    results = tmp_path / "my résults"
+    args = ["grid=smoke", "seeds=[3]", "agent=[storm]", "task=breakout", "launcher=slurm", "slurm=local",
+            f"results_dir='{results}'", "train.checkpoint_every=0", "train.eval_episodes=1000", "train.eval_envs=2"]
+    req = parse_args(args)
+    [unit] = expand(req)
+    assert unit.folder == results / "minatar" / "storm" / "breakout" / "seed_3"
+    meta, ckpt = unit.folder / "metadata.json", unit.folder / "checkpoint.pt"
+    assert "submitted 1 run(s)" in run_grid(*args)
+    job = json.loads((results / "grids" / "smoke" / "jobs.json").read_text())[unit.key]["job_id"]
+    wait_for(lambda: meta.exists() and (unit.folder / R.LOCK).exists(), 240, "the run to start")
+    time.sleep(1.0)  # the trainer's handlers are installed once it trains (training takes seconds: the signal may
+    subprocess.run(["scancel", job])  # come in training or in the final evaluation; either is checkpointed)
+    wait_for(lambda: json.loads(meta.read_text())["sessions"][0].get("preempted") == "SIGTERM", 120,
+             "the checkpoint on SIGTERM")
+    wait_for(lambda: job not in subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True,
+                                               text=True).stdout.split(), 120, "the cancelled job to leave")
+    [row] = unit_states(req, [unit])
+    assert row["state"] == "preempted" and "checkpointed on SIGTERM" in row["reason"]
+    stopped = json.loads(meta.read_text())["sessions"][0]["last_step"]  # in training, or already evaluating (160)
+    cut = ckpt.stat().st_mtime_ns
+    assert "submitted 1 run(s)" in run_grid(*args)
+    job = json.loads((results / "grids" / "smoke" / "jobs.json").read_text())[unit.key]["job_id"]
+
+    def evaluating():  # the second session runs the final evaluation: it resumed at 160, or has trained to 160
+        sessions = json.loads(meta.read_text())["sessions"]
+        return len(sessions) == 2 and (stopped == 160 or ckpt.stat().st_mtime_ns != cut)
+
+    wait_for(evaluating, 240, "the final evaluation")
+    time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job])
+    assert torch.load(ckpt, weights_only=True)["counters"]["step"] == 160
+    wait_for(lambda: json.loads(meta.read_text())["sessions"][1].get("preempted") == "SIGUSR2", 120,
+             "the final evaluation to stop on USR2")
+    release_requeued(job)
+    wait_for(lambda: R.is_done(unit.folder), 400, "the run to finish")
+    sessions = json.loads(meta.read_text())["sessions"]
+    assert [s.get("preempted") for s in sessions] == ["SIGTERM", "SIGUSR2", None]
+    assert sessions[1]["last_step"] == 160 and sessions[2]["resumed_from_step"] == 160  # no training done twice
+    summary = json.loads((unit.folder / "summary.json").read_text())
+    assert summary["step"] == 160 and summary["updates"] == 60
+    [row] = unit_states(req, [unit])
+    assert row["state"] == "done"
