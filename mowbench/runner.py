@@ -66,7 +66,7 @@ def settings_diff(cfg: dict[str, Any], folder: Path, tasks: list[str]) -> list[s
 def check_unchanged(p: Plan) -> None:
     """Before any work: refuse to continue (or report) an existing run with other settings than it was
     started with. A resumed run would otherwise mix the two, and a finished one would print its old result
-    as the new settings'. A run marked failed (diverged) is refused too: the same settings fail the same way."""
+    as the new settings'."""
     for name, tasks in p.runs:
         folder = R.run_dir(p.cfg["results_dir"], p.suite, p.method, name, int(p.cfg["seed"]))
         diff = settings_diff(p.cfg, folder, tasks)
@@ -74,11 +74,6 @@ def check_unchanged(p: Plan) -> None:
             state = "finished" if R.is_done(folder) else "started"
             raise ValueError(f"{folder} was {state} with other settings ({'; '.join(diff)}); to run these settings "
                              f"use another results_dir or method=<name>, or delete that folder to start it again")
-        failure = read_failure(folder)
-        if failure is not None:
-            raise ValueError(f"{folder} failed ({failure.get('reason')}); the same settings and seed fail the same "
-                             "way: change them under another method=<name> or results_dir (e.g. lower "
-                             "agent learning rates), try another seed, or delete that folder to run it again")
 
 
 def read_failure(folder: Path) -> dict[str, Any] | None:
@@ -98,11 +93,25 @@ class Skipped:
     owner: dict[str, Any]
 
 
-def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | None:
-    """Train and evaluate one run folder: its summary, None when preempted (checkpointed), or Skipped when
-    another live process holds it. A finished run is never touched again."""
+@dataclass
+class Failed:
+    """A run that diverged, now or before (its results.FAILED record): never trained again with these settings."""
+
+    folder: Path
+    message: str  # one line: what went wrong and what to do
+
+
+def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | Failed | None:
+    """Train and evaluate one run folder: its summary, None when preempted (checkpointed), Skipped when another
+    live process holds it, or Failed when it diverged (now or in an earlier session: the same settings and seed
+    diverge again). A finished run is never touched again."""
     cfg, seed = p.cfg, int(p.cfg["seed"])
     folder = R.run_dir(cfg["results_dir"], p.suite, p.method, name, seed)
+    failure = read_failure(folder)
+    if failure is not None:
+        return Failed(folder, f"{folder} failed ({failure.get('reason')}); the same settings and seed fail the same "
+                              "way: change them under another method=<name> or results_dir (e.g. lower the learning "
+                              "rates), try another seed, or delete that folder to run it again")
     if R.is_done(folder):
         print(f"[mowbench] {folder} is already finished; nothing to do (delete the folder to rerun)")
         return R.read_summary(folder)
@@ -114,8 +123,8 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | 
         R.remove_partial_writes(folder)
         return _train_run(p, folder, tasks)
     except Diverged as err:  # a failed run, never a finished one: marked, and named in one line
-        raise ValueError(f"{folder}: {err}; {err.last_checkpoint}; marked failed in {R.FAILED} (lower the "
-                         "learning rates or try another seed: see the docs' 'When a run fails')") from None
+        return Failed(folder, f"{folder}: {err}; {err.last_checkpoint}; marked failed in {R.FAILED} (lower the "
+                              "learning rates or try another seed: see the docs' 'When a run fails')")
     except OSError as err:  # full disk, read-only or no permission: one line naming the file and what to do
         if err.errno in WRITE_ERRNOS:
             raise ValueError(f"{os.strerror(err.errno).lower()} while writing {Path(err.filename or folder).name} in "
@@ -226,11 +235,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def print_summary(rows: list[tuple[str, dict[str, Any] | Skipped | None]]) -> None:
+def print_summary(rows: list[tuple[str, dict[str, Any] | Skipped | Failed | None]]) -> None:
     print(f"\n{'task':<20} {'final return':>14} {'random policy':>14}")
     for name, summary in rows:
-        if summary is None or isinstance(summary, Skipped):
-            print(f"{name:<20} {'(preempted)' if summary is None else '(skipped: held by another process)':>14}")
+        if summary is None or isinstance(summary, Skipped | Failed):
+            what = ("(preempted)" if summary is None else "(failed: see the error)" if isinstance(summary, Failed)
+                    else "(skipped: held by another process)")
+            print(f"{name:<20} {what:>14}")
             continue
         for task, ret in summary["final_return"].items():
             rand = summary.get("random_return", {}).get(task)
@@ -248,6 +259,10 @@ def execute(cfg: dict[str, Any], p: Plan | None = None) -> list[tuple[str, dict[
     for name, tasks in p.runs:
         out.append((name, run_one(p, name, tasks)))
     print_summary(out)
+    failed = [s for _, s in out if isinstance(s, Failed)]
+    if failed:  # the other runs of the command went on; the command fails, naming each
+        raise ValueError(failed[0].message if len(failed) == 1 else
+                         f"{len(failed)} runs failed: " + " | ".join(f.message for f in failed))
     skipped = [s for _, s in out if isinstance(s, Skipped)]
     if skipped:  # not trained here: a failure for this command (exit code 1), not a preemption
         raise ValueError(f"{len(skipped)} run(s) skipped, being trained by another process: "

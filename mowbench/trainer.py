@@ -505,6 +505,7 @@ class Trainer:
                     self.agent.write_artifacts(self.folder / ARTIFACTS, final=False)
                 bar.update(1)
                 if cfg.eval_every and c.step % cfg.eval_every == 0 and c.step < cfg.steps:
+                    self.guard.check(self.last_metrics, c.step)  # no evaluation of diverged weights is logged
                     self._evaluate(cfg.periodic_eval_episodes)
                     self.log.flush()  # so progress can be watched; a resume rewrites these files anyway
                 if (cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0 and c.step < cfg.steps) or \

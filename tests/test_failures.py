@@ -85,6 +85,12 @@ def test_a_diverged_run_is_failed_never_finished(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["agent"]["wm"].values() if v.is_floating_point())
     again = one_line_error(run(*SM, "seed=1", "train.log_every=20", *DIVERGE, f"results_dir={tmp_path}"))
     assert f"{folder} failed (training diverged: wm/loss=nan" in again and "try another seed" in again
+    # a command of several runs goes on after one diverges, then fails naming each
+    both = run(*SM, "task=[breakout,space_invaders]", "seed=3", *DIVERGE, f"results_dir={tmp_path}")
+    line = one_line_error(both)
+    assert line.startswith("error: 2 runs failed: ") and line.count("training diverged: wm/loss=nan") == 2
+    assert all((R.run_dir(tmp_path, "minatar", "storm", game, 3) / R.FAILED).exists()
+               for game in ("breakout", "space_invaders"))
     # a grid's diverged run: failed with the reason in status, and not submitted again
     grid = ["grid=smoke", "seeds=[2]", "agent=[storm]", "task=breakout", f"results_dir={tmp_path}", *DIVERGE]
     first_submission = run(*grid, "launcher=local", "wait=true")
