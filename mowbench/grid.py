@@ -192,13 +192,22 @@ def expand(req: Request) -> list[Unit]:
                     folder = R.run_dir(req.results_dir, p.suite, p.method, name, seed)
                     extra = [f"task={tasks[0]}"] if len(p.runs) > 1 else []
                     units.append(Unit(str(folder.relative_to(req.results_dir)), f"{p.method}/seed_{seed}",
-                                      cell + extra, folder, settings_diff(p.cfg, folder, tasks)))
+                                      cell + extra, folder, folder_mismatch(p.cfg, folder, tasks)))
             except Exception as err:  # noqa: BLE001 - every bad cell is reported, then nothing submitted
                 errors.append(f"{' '.join(base)} seed={seed}: {err}")
                 continue
     if errors:
         raise ValueError(f"grid {req.grid}: {len(errors)} invalid cell(s), nothing submitted; first: {errors[0]}")
     return unique_units(units)
+
+
+def folder_mismatch(cfg: dict[str, Any], folder: Path, tasks: list[str]) -> list[str]:
+    """How the run in `folder` differs from the cell's settings; an unreadable config.yaml or metadata.json counts
+    as a difference (named), so that status still lists the grid and a submission does not train over it."""
+    try:
+        return settings_diff(cfg, folder, tasks)
+    except ValueError as err:
+        return [str(err)]
 
 
 def unique_units(units: list[Unit]) -> list[Unit]:

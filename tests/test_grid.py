@@ -268,6 +268,12 @@ def test_a_grid_refuses_cells_whose_folders_hold_other_settings(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300).stdout
     assert "minatar/storm/breakout/seed_0  mismatch" in status and "other settings: agent." in status
     assert "done: 0" in status and "mismatch: 1" in status
+    # an unreadable config.yaml: that cell is named, the rest of the grid is still listed
+    config = R.run_dir(tmp_path, "minatar", "storm", "breakout", 0) / "config.yaml"
+    config.write_text("{unclosed: [")
+    status = subprocess.run([sys.executable, "-m", "mowbench.grid", "status", *args], capture_output=True,
+                            text=True, cwd=REPO, timeout=300)
+    assert status.returncode == 0 and "mismatch" in status.stdout and "config.yaml is unreadable" in status.stdout
     # the same seed twice is one run folder, submitted once
     units = expand(parse_args([*args, "seeds=[0,0,1]"]))
     assert sorted(u.key for u in units) == ["minatar/storm/breakout/seed_0", "minatar/storm/breakout/seed_1"]
