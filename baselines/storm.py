@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mowbench.agents.base import Metrics, register_agent
+from mowbench.agents.base import Metrics, count_parameters, register_agent
 from mowbench.agents.imagination import (
     ImaginationAgent,
     ImaginationConfig,
@@ -321,3 +323,271 @@ def imagine_reference_cache(agent: STORMAgent, batch: Batch) -> torch.Tensor:
             z = sample_z(wm.prior(h, task))
         feats.append(torch.cat([z, h], -1))
     return torch.cat(feats, 1).float()
+
+
+# ---- the published code's weights and numbers (python -m mowbench.verify agent=storm; docs/verify.md) ----
+
+# Upstream (weipu-zhang/STORM: sub_models/world_models.py's WorldModel, agents.py's ActorCriticAgent) parameter and
+# buffer names -> ours, the first matching rule applies. Sequential indices are kept where the layers line up
+# (encoder, token stem, heads, actor and critics); the decoder's Linear and BatchNorm2d are named apart here and its
+# transposed convolutions start at 0 (upstream index - 4: after Linear, Rearrange, BatchNorm2d, ReLU). The attention
+# projections w_qs, w_ks, w_vs of a layer are one qkv Linear here, their rows stacked in that order (QKV_PARTS).
+# Upstream's reward and termination heads have 2 hidden layers (a literal), so their output Linear is net.6 here.
+UPSTREAM_NAMES: tuple[tuple[str, str], ...] = (
+    (r"encoder\.backbone\.(\d+)\.(.+)", r"encoder.net.\1.\2"),
+    (r"dist_head\.post_head\.(.+)", r"posterior_head.linear.\1"),
+    (r"dist_head\.prior_head\.(.+)", r"prior_head.linear.\1"),
+    (r"image_decoder\.backbone\.0\.(.+)", r"decoder.linear.\1"),
+    (r"image_decoder\.backbone\.2\.(.+)", r"decoder.norm.\1"),
+    (r"image_decoder\.backbone\.(\d+)\.(.+)", r"decoder.net.{\1-4}.\2"),
+    (r"storm_transformer\.stem\.(.+)", r"stem.net.\1"),
+    (r"storm_transformer\.position_encoding\.pos_emb\.(.+)", r"transformer.position.\1"),
+    (r"storm_transformer\.layer_norm\.(.+)", r"transformer.norm.\1"),
+    (r"storm_transformer\.layer_stack\.(\d+)\.slf_attn\.w_[qkv]s\.weight", r"transformer.blocks.\1.qkv.weight"),
+    (r"storm_transformer\.layer_stack\.(\d+)\.slf_attn\.fc\.(.+)", r"transformer.blocks.\1.out.\2"),
+    (r"storm_transformer\.layer_stack\.(\d+)\.slf_attn\.layer_norm\.(.+)", r"transformer.blocks.\1.norm1.\2"),
+    (r"storm_transformer\.layer_stack\.(\d+)\.pos_ffn\.w_1\.(.+)", r"transformer.blocks.\1.ffn.0.\2"),
+    (r"storm_transformer\.layer_stack\.(\d+)\.pos_ffn\.w_2\.(.+)", r"transformer.blocks.\1.ffn.2.\2"),
+    (r"storm_transformer\.layer_stack\.(\d+)\.pos_ffn\.layer_norm\.(.+)", r"transformer.blocks.\1.norm2.\2"),
+    (r"reward_decoder\.backbone\.(\d+)\.(.+)", r"reward_head.net.\1.\2"),
+    (r"reward_decoder\.head\.(.+)", r"reward_head.net.6.\1"),
+    (r"termination_decoder\.backbone\.(\d+)\.(.+)", r"termination_head.net.\1.\2"),
+    (r"termination_decoder\.head\.0\.(.+)", r"termination_head.net.6.\1"),
+    (r"actor\.(\d+)\.(.+)", r"actor.mlp.net.\1.\2"),
+    (r"critic\.(\d+)\.(.+)", r"critics.0.net.\1.\2"),
+    (r"slow_critic\.(\d+)\.(.+)", r"slow_critics.0.net.\1.\2"),
+)
+QKV_PARTS = ("w_qs", "w_ks", "w_vs")
+
+
+def upstream_name(name: str) -> str:
+    """Our name of an upstream parameter or buffer (UPSTREAM_NAMES); KeyError for a name no rule maps."""
+    for pattern, template in UPSTREAM_NAMES:
+        match = re.fullmatch(pattern, name)
+        if match:
+            out = match.expand(template)
+            return re.sub(r"\{(\d+)-(\d+)\}", lambda m: str(int(m[1]) - int(m[2])), out)
+    raise KeyError(f"no rule of UPSTREAM_NAMES maps upstream's {name!r}")
+
+
+def from_upstream(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An upstream state_dict (WorldModel's or ActorCriticAgent's) under our names (UPSTREAM_NAMES): the one place
+    where the two layouts meet. The qkv weight of a layer is upstream's w_qs, w_ks, w_vs stacked (QKV_PARTS)."""
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in state.items():
+        ours = upstream_name(name)
+        if ours.endswith(".qkv.weight"):
+            parts.setdefault(ours, {})[name.split(".")[-2]] = value
+        else:
+            out[ours] = value
+    for ours, qkv in parts.items():
+        out[ours] = torch.cat([qkv[p] for p in QKV_PARTS])
+    return out
+
+
+# upstream's modules, by which the reference sums its weights
+UPSTREAM_GROUPS = ("encoder", "storm_transformer", "dist_head.post_head", "dist_head.prior_head", "image_decoder",
+                   "reward_decoder", "termination_decoder", "actor", "critic", "slow_critic")
+
+
+def upstream_group(name: str) -> str:
+    """The upstream module (UPSTREAM_GROUPS) of an upstream parameter name."""
+    return next(g for g in UPSTREAM_GROUPS if name.startswith(g + "."))
+
+
+# sizes upstream passes as literals, which the reference keeps: an FFN of twice the width, reward/termination heads of
+# the Transformer's width and 2 hidden layers, 255 two-hot bins, and an encoder that halves 64x64 frames down to 4x4
+UPSTREAM_FIXED = {"head_depth": 2, "bins": 255, "final_size": 4}
+# why each tolerance (mowbench.verify prints those a table uses)
+TOLERANCES = {
+    "fp32": "rtol 1e-5: fp32 rounding where our kernels add in another order (one qkv matmul, SDPA, channels-last "
+            "convolutions, fused Adam, lerp for the EMA, log_softmax for normalised logits); measured <= 1.3e-6 "
+            "(two-hot decoded rewards, whose 255 terms reach |20|); the 3 world-model and 2 actor-critic steps do not "
+            "make it grow (update 3 agrees as closely as update 1), so no row is looser",
+    "decoded": "rtol 1e-5 of the largest |lambda-return|: a percentile is one of the returns, decoded from 255 "
+               "two-hot bins reaching |20|, whose rounding (~1e-6) is absolute, not relative to the value picked",
+    "ema": "12 x 2^-24 x |critic weights| / |slow critic - critic| (~1e-3): the slow critic's EMA rounds each weight "
+           "(upstream s x 0.98 + c x 0.02, ours s + 0.02 x (c - s): the same maths) to within 3 ulp of the weights, "
+           "~1e4 times the gap's elements; measured <= 4.3e-5 (with upstream's formula in ours: 9e-8); a decay of "
+           "0.99 instead of 0.98 moves this sum by 2%",
+    "exact": "equal or not: sampled categories and actions, termination flags (the replayed uniforms sit mid-interval "
+             "of the upstream draw's category, so rounding cannot move a draw), parameter counts",
+}
+RTOL = 1e-5
+
+
+def reference_config(reference: dict[str, Any], agent_values: dict[str, Any]) -> STORMConfig:
+    """Our config for the reference run: the composed values (behaviour: losses, optimizers, returns, ...) with the
+    reference's sizes on top; no CUDA graphs or compilation (CPU, eager)."""
+    s = reference["sizes"]
+    stages = int(math.log2(s["image_size"] // UPSTREAM_FIXED["final_size"]))
+    sizes = {"channels": tuple(s["stem_channels"] * 2 ** i for i in range(stages)), "n_vars": s["stoch_dim"],
+             "n_classes": s["stoch_dim"], "width": s["width"], "depth": s["layers"], "heads": s["heads"],
+             "ffn": 2 * s["width"], "max_len": s["max_length"], "head_width": s["width"],
+             "head_depth": UPSTREAM_FIXED["head_depth"], "bins": UPSTREAM_FIXED["bins"], "ac_width": s["ac_width"],
+             "ac_depth": s["ac_layers"], "batch_per_task": s["batch"], "batch_length": s["length"],
+             "imag_per_task": s["imag_batch"], "imag_context": s["imag_context"], "imag_horizon": s["imag_horizon"]}
+    values = {**agent_values, **sizes, "cuda_graphs": False, "compile": False}
+    values["act_context"] = min(int(values.get("act_context", 1)), s["max_length"])
+    values["act_refresh"] = min(int(values.get("act_refresh", 1)), values["act_context"])
+    from mowbench.agents.base import build_config, get_agent
+
+    return build_config(get_agent("storm"), values)
+
+
+def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
+    """mowbench.verify's hook: the reference's updates replayed through our STORM -> (rows, tolerance reasons)."""
+    import mowbench.agents.actor_critic as ac_module
+    from mowbench.ops import uniforms_from
+    from mowbench.verify import Row, exact_row, recording, scalar_row, tensor_row
+
+    s = reference["sizes"]
+    cfg = reference_config(reference, agent_values)
+    info = TaskInfo("reference", "upstream", 0, s["image_size"], ActionSpace(True, s["n_actions"]))
+    agent = STORMAgent(cfg, [info], torch.device("cpu"), "fp32")
+    init_wm, init_ac = reference["init"]["world_model"], reference["init"]["agent"]
+    buffer = re.compile(r".*\.(running_mean|running_var|num_batches_tracked)$")
+    rows: list[Row] = []
+    for what, init, module in (("world model", init_wm, agent.wm), ("actor-critic", init_ac, agent.ac)):
+        count = sum(v.numel() for k, v in init.items() if not buffer.match(k))
+        rows.append(scalar_row(f"{what} parameters", count, count_parameters(module.parameters()), 0.0, "exact"))
+    try:
+        agent.wm.load_state_dict(from_upstream(init_wm))
+        agent.ac.load_state_dict(from_upstream(init_ac))
+    except (RuntimeError, KeyError) as err:
+        rows.append(Row(f"upstream weights load into ours ({str(err).splitlines()[0][:80]})", float("nan"),
+                        float("nan"), float("inf"), 0.0, "exact"))
+        return rows, TOLERANCES
+    group_of = {upstream_name(k): upstream_group(k) for k in [*init_wm, *init_ac]}  # our name -> upstream module
+    ours_init = {**{("wm", k): v for k, v in from_upstream(init_wm).items()},
+                 **{("ac", k): v for k, v in from_upstream(init_ac).items()}}
+
+    def checksums(tree: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        named = dict(module.named_parameters())
+        out = {}
+        for group in sorted({group_of[n] for n in named}) + [""]:
+            names = [n for n in named if group_of[n] == group or not group]
+            key = group or "all_parameters"
+            flat = torch.cat([named[n].detach().double().flatten() for n in names])
+            change = torch.cat([(named[n].detach().double() - ours_init[tree, n].double()).flatten() for n in names])
+            out[key] = torch.stack([flat.sum(), flat.pow(2).sum()])
+            out[key + "/change"] = torch.stack([change.sum(), change.pow(2).sum()])
+        buffers = [b.detach().double().flatten() for b in module.buffers() if b.is_floating_point()]
+        if buffers:
+            flat = torch.cat(buffers)
+            out["all_float_buffers"] = torch.stack([flat.sum(), flat.pow(2).sum()])
+        return out
+
+    def upsample(obs: torch.Tensor) -> torch.Tensor:
+        k = s["image_size"] // s["obs_base"]
+        return obs.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+
+    legal = torch.ones(1, s["n_actions"], dtype=torch.bool)
+
+    def batch(obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor | None = None,
+              terminal: torch.Tensor | None = None) -> Batch:
+        b = obs.shape[0]
+        zeros = torch.zeros(action.shape)
+        return Batch(upsample(obs), action.long(), zeros if reward is None else reward.float(),
+                     zeros if terminal is None else terminal.float(), torch.zeros(b, dtype=torch.long),
+                     legal.expand(b, -1), task_counts=(b,))
+
+    for k, upd in enumerate(reference["world_model_updates"]):
+        tag = f"wm update {k + 1}"
+        torch.set_rng_state(upd["rng_state_before_transformer"])  # dropout masks: upstream's (the only draws left)
+        with uniforms_from([upd["posterior_u"]]) as draws:
+            metrics = agent.update_world_model(batch(upd["obs"], upd["action"], upd["reward"], upd["termination"]))
+        up = upd["losses"]
+        rows += [
+            exact_row(f"{tag}: posterior samples", upd["posterior_index"], draws.drawn[0], "exact"),
+            scalar_row(f"{tag}: reconstruction loss", up["WorldModel/reconstruction_loss"], metrics["wm/rec"],
+                       RTOL, "fp32"),
+            scalar_row(f"{tag}: reward loss", up["WorldModel/reward_loss"], metrics["wm/reward"], RTOL, "fp32"),
+            scalar_row(f"{tag}: termination loss", up["WorldModel/termination_loss"], metrics["wm/termination"],
+                       RTOL, "fp32"),
+            scalar_row(f"{tag}: dynamics KL", up["WorldModel/dynamics_real_kl_div"], metrics["wm/kl_dyn"],
+                       RTOL, "fp32"),
+            scalar_row(f"{tag}: representation KL", up["WorldModel/representation_real_kl_div"],
+                       metrics["wm/kl_rep"], RTOL, "fp32"),
+            scalar_row(f"{tag}: total loss", up["WorldModel/total_loss"], metrics["wm/loss"], RTOL, "fp32"),
+            scalar_row(f"{tag}: grad norm before clipping", upd["grad_norm"], metrics["wm/grad_norm"], RTOL,
+                       "fp32"),
+        ]
+        last = k == len(reference["world_model_updates"]) - 1
+        rows += checksum_rows(tag, upd["checksums"], checksums("wm", agent.wm), groups=last)
+
+    for r, rnd in enumerate(reference["actor_critic_rounds"]):
+        tag = f"ac round {r + 1}"
+        horizon = rnd["action_index"].shape[1]
+        uniforms = [rnd["context_u"], rnd["prior_u"][:, :1]]
+        for i in range(horizon):  # ours draws, per imagined step, the action and then the next latent
+            uniforms += [rnd["action_u"][:, i:i + 1], rnd["prior_u"][:, i + 1:i + 2]]
+        with uniforms_from(uniforms) as draws:
+            traj = agent.imagine(batch(rnd["obs"], rnd["action"]))
+        priors = torch.cat([draws.drawn[1], *draws.drawn[3::2]], 1)  # (B, H+1, V)
+        with recording(ac_module, "lambda_returns") as returns, recording(ac_module, "group_quantiles") as quantiles:
+            metrics = agent.update_actor_critic(traj)
+        ret, slow_ret = returns  # ours: the critic's, then the slow critic's
+        (q, _), = quantiles
+        up = rnd["losses"]
+        scale = rnd["lambda_return"].abs().max().item()  # percentiles: relative to the largest |return|
+        rows += [
+            exact_row(f"{tag}: context posterior samples", rnd["context_index"], draws.drawn[0], "exact"),
+            exact_row(f"{tag}: imagined prior samples", rnd["prior_index"], priors, "exact"),
+            exact_row(f"{tag}: imagined actions", rnd["action_index"], traj.action, "exact"),
+            exact_row(f"{tag}: imagined terminations", rnd["termination"], 1 - traj.cont, "exact"),
+            tensor_row(f"{tag}: imagined features [z, h]", rnd["features"], traj.feat, RTOL, "fp32"),
+            tensor_row(f"{tag}: imagined rewards", rnd["reward"], traj.reward, RTOL, "fp32"),
+            tensor_row(f"{tag}: lambda-returns", rnd["lambda_return"], ret, RTOL, "fp32"),
+            tensor_row(f"{tag}: slow-critic lambda-returns", rnd["slow_lambda_return"], slow_ret, RTOL, "fp32"),
+            scalar_row(f"{tag}: return 5th percentile", rnd["percentile_05"], q[0, 0], RTOL, "decoded", scale),
+            scalar_row(f"{tag}: return 95th percentile", rnd["percentile_95"], q[0, 1], RTOL, "decoded", scale),
+            scalar_row(f"{tag}: return scale S (EMA)", rnd["return_scale"], metrics["ac/return_scale"], RTOL,
+                       "fp32"),
+            scalar_row(f"{tag}: policy loss", up["ActorCritic/policy_loss"], metrics["ac/policy_loss"], RTOL,
+                       "fp32"),
+            scalar_row(f"{tag}: value loss", up["ActorCritic/value_loss"], metrics["ac/value_loss"], RTOL,
+                       "fp32"),
+            scalar_row(f"{tag}: slow-critic regularisation", up["slow_value_regularization_loss"],
+                       metrics["ac/slow_reg"], RTOL, "fp32"),
+            scalar_row(f"{tag}: entropy", up["ActorCritic/entropy_loss"], metrics["ac/entropy"], RTOL, "fp32"),
+            scalar_row(f"{tag}: grad norm before clipping", rnd["grad_norm"], metrics["ac/grad_norm"], RTOL,
+                       "fp32"),
+        ]
+        gap = torch.cat([(slow - critic).detach().double().flatten() for slow, critic in zip(
+            agent.ac.slow_critics.parameters(), agent.ac.critics.parameters(), strict=True)])
+        rows += checksum_rows(tag, rnd["checksums"], checksums("ac", agent.ac), groups=True)
+        # the slow critic's distance from the critic: a difference of nearly equal weights, which the EMA rounds
+        # relative to the weights (TOLERANCES["ema"]): the bound 12 x 2^-24 x |critic| / |gap|
+        bound = 12 * 2.0 ** -24 * math.sqrt(rnd["checksums"]["critic"][1] / rnd["slow_critic_gap"][1])
+        rows.append(scalar_row(f"{tag}: slow critic - critic, sum of squares", rnd["slow_critic_gap"][1],
+                               gap.pow(2).sum(), max(RTOL, bound), "ema"))
+    return rows, TOLERANCES
+
+
+def checksum_rows(tag: str, upstream: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], groups: bool
+                  ) -> list[Any]:
+    """Weights after an update: sum and sum of squares of all parameters, the sum of squares of their change since
+    the initial weights (sensitive to the learning rate, epsilon and clipping), the BatchNorm statistics; with
+    `groups`, the change per upstream module too."""
+    from mowbench.verify import scalar_row
+
+    rows = [scalar_row(f"{tag}: weights sum", upstream["all_parameters"][0], ours["all_parameters"][0],
+                       RTOL, "fp32"),
+            scalar_row(f"{tag}: weights sum of squares", upstream["all_parameters"][1], ours["all_parameters"][1],
+                       RTOL, "fp32"),
+            scalar_row(f"{tag}: weight change sum of squares", upstream["all_parameters/change"][1],
+                       ours["all_parameters/change"][1], RTOL, "fp32")]
+    if "all_float_buffers" in upstream:
+        rows.append(scalar_row(f"{tag}: BatchNorm statistics sum of squares", upstream["all_float_buffers"][1],
+                               ours.get("all_float_buffers", torch.zeros(2))[1], RTOL, "fp32"))
+    if groups:
+        # (not the slow critic's change: 2% of the critic's step, below the rounding of the weights themselves; the
+        # slow critic's distance from the critic checks its EMA instead)
+        for key in sorted(k for k in upstream if k.endswith("/change") and k.split("/")[0] not in (
+                "all_parameters", "slow_critic")):
+            group = key.removesuffix("/change")
+            rows.append(scalar_row(f"{tag}: {group} change sum of squares", upstream[key][1],
+                                   ours.get(key, torch.full((2,), float("nan")))[1], RTOL, "fp32"))
+    return rows

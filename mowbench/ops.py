@@ -4,10 +4,11 @@ family (SimNorm, discounts, rho weights, random shifts, frame stacks, squashed G
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,16 +71,58 @@ def unimix_logits(logits: torch.Tensor, mix: float = 0.01) -> torch.Tensor:
     return torch.log(probs)
 
 
+class UniformQueue:
+    """Uniforms that sample_categorical calls bringing none take, in the order of the calls, instead of drawing
+    from torch's generator (uniforms_from); `drawn` keeps the indices they picked."""
+
+    def __init__(self, uniforms: list[torch.Tensor]) -> None:
+        self.uniforms, self.drawn = list(uniforms), []
+
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if not self.uniforms:
+            raise RuntimeError(f"no injected uniforms left for a draw of shape {shape}")
+        u = self.uniforms.pop(0)
+        if tuple(u.shape) != tuple(shape):
+            raise RuntimeError(f"injected uniforms of shape {tuple(u.shape)} for a draw of shape {tuple(shape)}")
+        return u.to(device)
+
+
+_INJECTED: UniformQueue | None = None
+
+
+@contextlib.contextmanager
+def uniforms_from(uniforms: list[torch.Tensor]) -> Iterator[UniformQueue]:
+    """Inside, every sample_categorical call without uniforms of its own (latent samples, actions) takes the next of
+    `uniforms` (of its shape (..., 1)) instead of torch's: mowbench.verify replays another implementation's random
+    draws through our code this way. Raises if a call finds none left or one of another shape, and at the end if
+    some are left over."""
+    global _INJECTED
+    saved, _INJECTED = _INJECTED, UniformQueue(uniforms)
+    try:
+        yield _INJECTED
+        if _INJECTED.uniforms:
+            raise RuntimeError(f"{len(_INJECTED.uniforms)} injected uniforms were not used")
+    finally:
+        _INJECTED = saved
+
+
 def sample_categorical(probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """Index samples of categorical probs (..., C) -> (...,) by inverse CDF: one uniform per row.
 
     Exact, and several times faster on CPU than torch.multinomial for many small rows. `u` (..., 1) in [0, 1):
-    the uniforms to use (e.g. drawn from an env stream's own generator); None: drawn from torch's.
+    the uniforms to use (e.g. drawn from an env stream's own generator); None: drawn from torch's (or, inside
+    uniforms_from, the next injected ones).
     """
+    injected = _INJECTED if u is None else None
     if u is None:
-        u = torch.rand(*probs.shape[:-1], 1, device=probs.device, dtype=torch.float32)
+        shape = (*probs.shape[:-1], 1)
+        u = (torch.rand(shape, device=probs.device, dtype=torch.float32) if injected is None
+             else injected.take(shape, probs.device))
     cdf = probs.float().cumsum(-1)
-    return (cdf < u * cdf[..., -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)
+    index = (cdf < u * cdf[..., -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)
+    if injected is not None:
+        injected.drawn.append(index)
+    return index
 
 
 def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,12 +176,15 @@ def lambda_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torch
     return torch.stack(out[::-1], dim=1)
 
 
-def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q: torch.Tensor,
+                    method: str = "linear") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantiles q (Q,) of each group's values: values (R, ...) whose rows carry labels group (R,) in
-    [0, n_groups) -> (quantiles (G, Q), present (G,) bool). torch.quantile's linear interpolation, bitwise, without a
-    Python loop over the groups or a host read: one sort by value, a stable one by label, and each group's ranks
-    q * (n - 1) located from its offset. An absent group's quantiles are 0; a group holding a NaN gets NaN (as
+    [0, n_groups) -> (quantiles (G, Q), present (G,) bool), without a Python loop over the groups or a host read:
+    one sort by value, a stable one by label, and each group's ranks located from its offset. method 'linear':
+    torch.quantile's, bitwise (rank q * (n - 1), interpolated); 'kth': STORM's reference (weipu-zhang/STORM
+    agents.py:percentile), the floor(q * n)-th smallest value, torch.kthvalue's, no interpolation (computed in float64:
+    pass q in float64, made from the Python floats, for Python's int(q * n); floor(q * n) = 0, where the reference
+    fails, gives the smallest). An absent group's quantiles are 0; a group holding a NaN gets NaN (as
     torch.quantile)."""
     per_row = values[0].numel()
     flat = values.flatten()  # (R * per_row,)
@@ -148,13 +194,19 @@ def group_quantiles(values: torch.Tensor, group: torch.Tensor, n_groups: int, q:
     ordered = by_value[regroup]  # (R * per_row,): group 0's values ascending, then group 1's, ...
     counts = counts_of(group, n_groups) * per_row  # (G,)
     start = counts.cumsum(0) - counts  # (G,)
-    ranks = q[None, :] * (counts - 1).clamp(min=0)[:, None].to(q.dtype)  # (G, Q)
-    below = ranks.long()
-    above = ranks.ceil().long()
     last = max(flat.numel() - 1, 0)
-    lo = ordered[(start[:, None] + below).clamp(max=last)]
-    hi = ordered[(start[:, None] + above).clamp(max=last)]
-    out = lo.lerp(hi, ranks - below)
+    if method == "kth":
+        kth = (q.double()[None, :] * counts[:, None].double()).floor().long()  # (G, Q): 1-based, as torch.kthvalue
+        out = ordered[(start[:, None] + (kth - 1).clamp(min=0)).clamp(max=last)]
+    elif method == "linear":
+        ranks = q[None, :] * (counts - 1).clamp(min=0)[:, None].to(q.dtype)  # (G, Q)
+        below = ranks.long()
+        above = ranks.ceil().long()
+        lo = ordered[(start[:, None] + below).clamp(max=last)]
+        hi = ordered[(start[:, None] + above).clamp(max=last)]
+        out = lo.lerp(hi, ranks - below)
+    else:
+        raise ValueError(f"method={method!r}; allowed: linear, kth")
     nan = counts_of(label, n_groups, flat.isnan()) > 0  # (G,)
     out = out.masked_fill(nan[:, None], float("nan"))
     return out.masked_fill(counts[:, None] == 0, 0.0), counts > 0

@@ -41,15 +41,15 @@ def test_paper_storm_world_model_has_exactly_the_reference_parameter_count():
 def test_storm_protocol_defaults_are_the_reference_choices():
     cfg = compose_config(["agent=storm", "env=atari100k", "preset=paper", "task=Pong"])
     a = cfg["agent"]
-    assert (a["lambda_value"], a["decoder_stem_norm"], a["attn_dropout"], a["block_ln_eps"]) == (
-        "current", "bn2d", 0.1, 1e-6)
+    assert (a["lambda_value"], a["decoder_stem_norm"], a["attn_dropout"], a["block_ln_eps"],
+            a["return_percentiles"]) == ("current", "bn2d", 0.1, 1e-6, "kth")
     p = plan(cfg)
     assert p.train.eval_mode == "reference" and p.train.eval_episodes == 20 and p.train.eval_parallel == 5
     assert plan(compose_config(["env=atari100k", "env.protocol=standard", "task=Pong"])).train.eval_mode == "full"
     textbook = compose_config(["agent=storm", "env=atari100k", "ablation=textbook", "task=Pong"])["agent"]
     assert (textbook["lambda_value"], textbook["decoder_stem_norm"], textbook["attn_dropout"],
-            textbook["block_ln_eps"]) == ("next", "bn1d", 0.0, 1e-5)
-    for name in ("textbook_returns", "decoder_bn1d", "no_attn_dropout"):
+            textbook["block_ln_eps"], textbook["return_percentiles"]) == ("next", "bn1d", 0.0, 1e-5, "linear")
+    for name in ("textbook_returns", "decoder_bn1d", "no_attn_dropout", "interpolated_percentiles"):
         compose_config(["agent=storm", f"ablation={name}"])  # each exists and composes
 
 

@@ -85,6 +85,25 @@ def test_sample_categorical_frequencies():
     assert torch.allclose(counts, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01)
 
 
+def test_group_quantiles_kth_is_storms_percentile():
+    """method 'kth' is STORM's reference percentile (weipu-zhang/STORM agents.py:percentile): per group,
+    torch.kthvalue(values, int(q * n)), with Python's int(q * n) from float64 q; groups of 20 values put 0.95 * 20 at
+    19 exactly, where float32 q would give 18.99..."""
+    q_values = (0.05, 0.95)
+    q = torch.tensor(q_values, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for rows in (15, 16, 31, 64):
+        values = torch.randn(rows, 4, generator=gen).round(decimals=1)  # ties too
+        label = torch.arange(rows) % 3
+        out, present = group_quantiles(values, label, 3, q, method="kth")
+        for k in range(3):
+            flat = values[label == k].flatten()
+            expected = [torch.kthvalue(flat, int(p * flat.numel())).values for p in q_values]
+            assert present[k] and torch.equal(out[k], torch.stack(expected)), (rows, k)
+    with pytest.raises(ValueError, match="method='nearest'; allowed: linear, kth"):
+        group_quantiles(values, label, 3, q, method="nearest")
+
+
 def test_group_quantiles_by_hand_and_bitwise_equal_to_torch_quantile():
     """Linear interpolation at rank q * (n - 1) of each group's sorted values: group 0 holds 0, 1, 2, 3 (q=0.5:
     rank 1.5 -> 1.5; q=0.9: rank 2.7 -> 2.7), group 1 is absent (zeros, not present), group 2 holds 10, 20 (rank

@@ -84,7 +84,8 @@ class ActorCriticLearner:
     """Losses and optimizer for ActorCritic (STORM spec 'Agent'):
     value loss = CE(critic, R_lambda) + CE(critic, R_lambda of slow critic);
     policy loss = -mean(log pi(a) * sg((R_lambda - V) / max(1, S))) - entropy_coef * entropy,
-    S = EMA(decay) of (95th - 5th percentile of R_lambda).
+    S = EMA(decay) of (95th - 5th percentile of R_lambda); percentiles 'kth' (STORM's reference: the int(qN)-th
+    smallest return) or 'linear' (torch.quantile's interpolation).
 
     Multi-task: `norm_groups` return scales, one per group of rows (Imagined.norm, e.g. per task), each
     tracking the percentile range of its own rows' returns; groups absent from a batch keep their S.
@@ -95,7 +96,8 @@ class ActorCriticLearner:
                  grad_clip: float = 100.0, gamma: float = 0.985, lam: float = 0.95,
                  lambda_value: str = "next", slow_decay: float = 0.98, norm_decay: float = 0.99,
                  norm_percentiles: tuple[float, float] = (5.0, 95.0), entropy_coef: float = 3e-4,
-                 bins: int = 255, autocast: bool = False, norm_groups: int = 1, capturable: bool = False) -> None:
+                 bins: int = 255, autocast: bool = False, norm_groups: int = 1, capturable: bool = False,
+                 percentiles: str = "linear") -> None:
         self.model, self.device, self.capturable = model, device, capturable
         self.opt = adam([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps, capturable=capturable)
         self.grad_clip, self.gamma, self.lam, self.lambda_value = grad_clip, gamma, lam, lambda_value
@@ -103,7 +105,12 @@ class ActorCriticLearner:
         self.entropy_coef, self.autocast = entropy_coef, autocast
         self.bins = uniform_bins(bins).to(device)
         self.return_scale = torch.zeros(norm_groups, device=device)  # S per group, starts at 0 as in STORM
-        self.quantiles = torch.tensor([p / 100 for p in norm_percentiles], device=device)  # (2,)
+        if percentiles not in ("kth", "linear"):
+            raise ValueError(f"percentiles={percentiles!r}; allowed: kth, linear")
+        # (2,); kth: float64 from the Python floats, so floor(q * N) is Python's int(q * N) as in the reference
+        self.percentiles = percentiles
+        self.quantiles = torch.tensor([p / 100 for p in norm_percentiles], device=device,
+                                      dtype=torch.float64 if percentiles == "kth" else torch.float32)
 
     def update(self, traj: Imagined) -> dict[str, torch.Tensor]:
         feat = traj.feat.detach()
@@ -142,7 +149,8 @@ class ActorCriticLearner:
         """EMA step of S from the returns ret (B, H) of each group present (None: all rows in group 0);
         -> each row's S (B, 1). No host read (ops.group_quantiles), so a CUDA graph can hold it."""
         group = torch.zeros(ret.shape[0], dtype=torch.long, device=ret.device) if group is None else group
-        quantiles, present = group_quantiles(ret, group, len(self.return_scale), self.quantiles)  # (G, 2), (G,)
+        quantiles, present = group_quantiles(ret, group, len(self.return_scale), self.quantiles,
+                                             self.percentiles)  # (G, 2), (G,)
         # S is updated in place: a CUDA graph of the update reads and writes this tensor
         new = self.norm_decay * self.return_scale + (1 - self.norm_decay) * (quantiles[:, 1] - quantiles[:, 0])
         self.return_scale.copy_(torch.where(present, new, self.return_scale))

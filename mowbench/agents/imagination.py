@@ -107,6 +107,10 @@ class ImaginationConfig:
     lambda_value: str = "current"  # 'current' = STORM reference's V(s_t) (published numbers) | 'next' = V(s_{t+1})
     slow_decay: float = 0.98  # slow critic EMA decay
     norm_decay: float = 0.99  # EMA decay of the return scale S
+    # the 5th/95th percentiles of the lambda-returns whose range S tracks: 'kth' = STORM reference's, the int(q N)-th
+    # smallest return (torch.kthvalue; published numbers) | 'linear' = torch.quantile's interpolation (ablation
+    # interpolated_percentiles)
+    return_percentiles: str = "kth"
     # multi-task only (one task: all the same): one S per task | per critic (MoW: cluster) | one for all.
     # The papers are silent; per task keeps a game with large returns from shrinking the others' advantages
     return_norm: str = "task"
@@ -129,6 +133,8 @@ class ImaginationConfig:
         """The validation table of these fields (each refused value named, with what is allowed)."""
         if self.lambda_value not in ("next", "current"):
             raise ValueError(f"lambda_value={self.lambda_value!r}; allowed: next, current")
+        if self.return_percentiles not in ("kth", "linear"):
+            raise ValueError(f"return_percentiles={self.return_percentiles!r}; allowed: kth, linear")
         if self.return_norm not in ("task", "critic", "global"):
             raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
         check_positive(self, ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon",
@@ -278,7 +284,8 @@ class ImaginationAgent(Agent):
             self.ac, device, cfg.ac_lr, cfg.ac_eps, cfg.ac_grad_clip, cfg.gamma, cfg.lam, cfg.lambda_value,
             cfg.slow_decay, cfg.norm_decay, entropy_coef=cfg.entropy_coef, bins=cfg.bins,
             autocast=self.autocast_bf16,
-            norm_groups={"task": len(tasks), "critic": n_critics, "global": 1}[cfg.return_norm], capturable=capturable)
+            norm_groups={"task": len(tasks), "critic": n_critics, "global": 1}[cfg.return_norm], capturable=capturable,
+            percentiles=cfg.return_percentiles)
         self.bins = uniform_bins(cfg.bins).to(device)
         if cfg.compile:
             compile_networks(self.wm, self.ac)
