@@ -241,14 +241,12 @@ def run_history(folder: Path, done: bool, column: str) -> tuple[dict[str, dict[i
     return history, None
 
 
-def failure_text(path: Path) -> str:
+def failure_text(folder: Path) -> str:
     """Why a run failed, in one line, from its FAILED.json (whatever state that file is in)."""
     try:
-        data = R.read_json(path)
+        data = R.read_failure(folder) or {}
     except (OSError, ValueError):
-        return f"its {path.name} is unreadable"
-    if not isinstance(data, dict):
-        return f"its {path.name} is not a JSON object"
+        return f"its {R.FAILED} is unreadable"
     reason = " ".join(str(data.get("reason") or "no reason given").split())
     kind = data.get("kind") or "diverged"  # FAILED marks a run that diverged unless it says otherwise
     return reason if kind in reason else f"{kind}: {reason}"
@@ -319,7 +317,7 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
             notes.append(f"{where}: not a run folder (seed_<integer>), left out")
             continue
         if (folder / R.FAILED).exists():  # before DONE.json: a failed run's numbers are never used
-            notes.append(f"{where} failed ({failure_text(folder / R.FAILED)}): left out")
+            notes.append(f"{where} failed ({failure_text(folder)}): left out")
             continue
         done = R.is_done(folder)
         if not done and not include_partial:

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from mowbench import results as R
 from mowbench.config import compose_config, plan, quote_hint, quoted_override
 from mowbench.gridspec import cell_method, cells, grid_names, load_grid
-from mowbench.runner import execute, read_failure, settings_diff
+from mowbench.runner import execute, settings_diff
 
 LAUNCHERS = ("auto", "slurm", "local", "debug")
 SLURM_KEYS = {"partition", "account", "qos", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
@@ -296,7 +296,7 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
 def failure_reason(folder: Path) -> str | None:
     """Why the run in `folder` failed (its results.FAILED record: it diverged), or None."""
     try:
-        failure = read_failure(folder)
+        failure = R.read_failure(folder)
     except ValueError as err:
         return str(err)
     return None if failure is None else str(failure.get("reason"))
@@ -422,8 +422,8 @@ def submit(req: Request) -> dict[str, Any]:
 
 def _submit(req: Request, units: list[Unit]) -> dict[str, Any]:
     states = unit_states(req, units)
-    todo = [u for u, s in zip(units, states, strict=True) if s["state"] in RESUBMIT and not failure_reason(u.folder)]
-    diverged = [s["unit"] for s in states if s["state"] == "failed" and s["reason"]]
+    diverged = [s["unit"] for s in states if s["state"] == "failed" and s["reason"]]  # reason: its FAILED record
+    todo = [u for u, s in zip(units, states, strict=True) if s["state"] in RESUBMIT and s["unit"] not in diverged]
     counts = count_states(states)
     logs = req.results_dir / "grids" / req.grid / "logs"
     if todo:

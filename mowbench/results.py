@@ -241,6 +241,16 @@ def read_json(path: Path, recovery: str = "restore it or delete it") -> Any:
         raise ValueError(f"{path} is corrupt (not JSON: {err}); {recovery}") from None
 
 
+def read_failure(folder: Path) -> dict[str, Any] | None:
+    """The run's failure record (FAILED), or None if it has none; the one reader of it (runner, grid, analysis). A
+    record that is not a JSON object still marks the run failed; a corrupt one is a ValueError naming it."""
+    path = Path(folder) / FAILED
+    if not path.exists():
+        return None
+    failure = read_json(path, "delete it to let the run resume from its last checkpoint")
+    return failure if isinstance(failure, dict) else {"reason": "unreadable failure record"}
+
+
 def read_summary(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / "summary.json"
     return read_json(path, "the run finished; delete its folder to train it again") if path.exists() else None

@@ -76,15 +76,6 @@ def check_unchanged(p: Plan) -> None:
                              f"use another results_dir or method=<name>, or delete that folder to start it again")
 
 
-def read_failure(folder: Path) -> dict[str, Any] | None:
-    """The run's failure record (results.FAILED), or None if it has none."""
-    path = folder / R.FAILED
-    if not path.exists():
-        return None
-    failure = R.read_json(path, "delete it to let the run resume from its last checkpoint")
-    return failure if isinstance(failure, dict) else {"reason": "unreadable failure record"}
-
-
 @dataclass
 class Skipped:
     """A run another live process is training (its lock's owner)."""
@@ -107,7 +98,7 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | 
     diverge again). A finished run is never touched again."""
     cfg, seed = p.cfg, int(p.cfg["seed"])
     folder = R.run_dir(cfg["results_dir"], p.suite, p.method, name, seed)
-    failure = read_failure(folder)
+    failure = R.read_failure(folder)
     if failure is not None:
         return Failed(folder, f"{folder} failed ({failure.get('reason')}); the same settings and seed fail the same "
                               "way: change them under another method=<name> or results_dir (e.g. lower the learning "
