@@ -5,9 +5,10 @@ upstream initial weights (mapped onto ours by the baseline file's name map), the
 draws, the same updates. Prints one row per quantity (upstream, ours, relative difference, tolerance, verdict)
 and exits non-zero if any is outside its tolerance.
 
-Overrides are those of `python -m mowbench.run` (composed the same way, on top of env=atari100k preset=paper, the
-upstream protocol, unless the command names its own env or preset); the reference's sizes are applied on top of
-them, so a behavioural override (e.g. ablation=textbook_returns) changes what runs and can fail the check.
+Overrides are those of `python -m mowbench.run` (composed the same way, on top of the method's upstream protocol:
+its baseline file's VERIFY_DEFAULTS, else env=atari100k preset=paper, unless the command names its own env or
+preset); the reference's sizes are applied on top of them, so a behavioural override (e.g.
+ablation=textbook_returns) changes what runs and can fail the check.
 Runs on the CPU in fp32 on one thread, deterministically, whatever device, precision and threads say.
 
 `--all` verifies every agent with reference data. A method is added by its data (reference.pt, SOURCES.md) and a
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
-# the upstream protocol: Atari-sized frames and the published hyperparameters (a command naming its own wins)
+# the upstream protocol: Atari-sized frames and the published hyperparameters (a command naming its own wins); a
+# baseline file's VERIFY_DEFAULTS replaces it for its method (TD-MPC2: Meta-World)
 DEFAULT_OVERRIDES = ("env=atari100k", "preset=paper")
 HOOK = "verify_reference"
 
@@ -98,6 +100,40 @@ def recording(module: Any, name: str) -> Iterator[list[Any]]:
         setattr(module, name, original)
 
 
+@contextlib.contextmanager
+def draws_from(module: Any, draws: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+    """Inside, each call of `module.NAME` (e.g. torch.randn, torch.randperm) for NAME in `draws` returns the next
+    of draws[NAME] instead of a new draw: another implementation's random draws replayed through our code in the
+    order of the calls. Raises if a call finds none left or one of another shape than it asks for, and at the end
+    if some are left over."""
+    queues = {name: list(values) for name, values in draws.items()}
+    originals = {name: getattr(module, name) for name in draws}
+
+    def replay(name: str) -> Callable[..., torch.Tensor]:
+        def draw(*args: Any, **kwargs: Any) -> torch.Tensor:
+            drawn = originals[name](*args, **kwargs)  # the draw ours asks for: its shape, dtype and device
+            if not queues[name]:
+                raise RuntimeError(f"no recorded {name} draw left for a call of shape {tuple(drawn.shape)}")
+            value = queues[name].pop(0)
+            if value.shape != drawn.shape:
+                raise RuntimeError(f"recorded {name} draw of shape {tuple(value.shape)} for a call of shape "
+                                   f"{tuple(drawn.shape)}")
+            return value.to(drawn.device, drawn.dtype, copy=True)
+
+        return draw
+
+    for name in draws:
+        setattr(module, name, replay(name))
+    try:
+        yield
+        left = {name: len(queue) for name, queue in queues.items() if queue}
+        if left:
+            raise RuntimeError(f"recorded draws not used: {left}")
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
 def format_table(title: str, rows: list[Row], reasons: dict[str, str]) -> str:
     """The printed table, then the reason of each tolerance used."""
     width = max([len("quantity"), *(len(r.quantity) for r in rows)])
@@ -126,6 +162,13 @@ def hook_of(agent: str) -> Callable[..., Any] | None:
     return None if entry is None else getattr(inspect.getmodule(entry.cls), HOOK, None)
 
 
+def defaults_of(agent: str) -> tuple[str, ...]:
+    """The overrides a verify run composes first: the baseline file's VERIFY_DEFAULTS, else DEFAULT_OVERRIDES."""
+    from mowbench.agents.base import registered_agents
+
+    return tuple(getattr(inspect.getmodule(registered_agents()[agent].cls), "VERIFY_DEFAULTS", DEFAULT_OVERRIDES))
+
+
 def agents_with_reference() -> list[str]:
     """Registered agents with reference data and a verify hook."""
     from mowbench.agents.base import registered_agents
@@ -143,7 +186,7 @@ def verify(agent: str, overrides: list[str]) -> tuple[list[Row], str]:
 
     overrides = [o for o in overrides if not o.startswith("agent=")]
     names = {o.partition("=")[0] for o in overrides}
-    defaults = [d for d in DEFAULT_OVERRIDES if d.partition("=")[0] not in names]
+    defaults = [d for d in defaults_of(agent) if d.partition("=")[0] not in names]
     cfg = compose_config([*defaults, *overrides, f"agent={agent}"])
     reference = load_reference(agent)
     hook = hook_of(agent)

@@ -1,5 +1,6 @@
-"""`python -m mowbench.verify`, run as a user runs it: our STORM replays numbers recorded from STORM's published code
-(mowbench/data/reference/storm) within tolerance, and a documented departure fails the rows it should."""
+"""`python -m mowbench.verify`, run as a user runs it: our STORM and TD-MPC2 replay numbers recorded from their
+published code (mowbench/data/reference/storm, .../tdmpc2) within tolerance, and documented departures fail the rows
+they should."""
 
 import re
 import subprocess
@@ -79,15 +80,73 @@ def test_other_departures_fail_too():
 
 def test_unknown_agent_or_missing_reference_is_one_line_naming_the_agents_with_data():
     for args, what in ((["agent=nonesuch"], "unknown agent 'nonesuch'"),
-                       (["agent=tdmpc2"], "no reference data for agent 'tdmpc2'"), ([], "name an agent")):
+                       (["agent=newt"], "no reference data for agent 'newt'"), ([], "name an agent")):
         result = verify(*args)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {what}"), lines
-        assert lines[0].endswith("agents with reference data: storm")
+        assert lines[0].endswith("agents with reference data: storm, tdmpc2")
 
 
 def test_all_verifies_every_agent_with_reference_data():
     result = verify("--all")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("storm: ours vs https://github.com/weipu-zhang/STORM")
+    assert "\ntdmpc2: ours vs https://github.com/nicklashansen/tdmpc2" in result.stdout
+
+
+# rows of the table for tdmpc2 (each update: "update 1: ..."; the planner: "plan: ...")
+TDMPC2_ROWS = ["world model parameters", "initial dynamics Linear weights std", "initial reward Linear weights std",
+               "initial pi Linear weights std", "initial Qs Linear weights std", "initial Linear biases, largest |b|",
+               "policy log-std minimum", "policy log-std maximum", "discount (episode length 100)"]
+TDMPC2_UPDATE_ROWS = ["Q dropout masks applied", "consistency loss", "reward loss", "value loss", "total loss",
+                      "model grad norm before clipping", "policy loss", "policy entropy (-log-prob)",
+                      "policy scaled entropy", "policy scale S", "policy grad norm before clipping"] + [
+    f"{m} weights sum of squares" for m in ("encoder", "dynamics", "reward", "pi", "Qs", "target_Qs_params")]
+TDMPC2_PLAN_ROWS = ["latent z (random shift as upstream)", "final elite weights", "chosen elite", "final mean",
+                    "final std", "action (eval)", "action (exploring)"]
+
+
+@pytest.mark.slow(seconds=10)
+def test_tdmpc2_matches_the_published_code_and_a_departure_fails():
+    ok = verify("agent=tdmpc2")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    rows = verdicts(ok.stdout)
+    expected = (TDMPC2_ROWS + [f"update {k}: {q}" for k in (1, 2, 3) for q in TDMPC2_UPDATE_ROWS]
+                + [f"update 3: {m} change sum of squares" for m in ("encoder", "dynamics", "pi", "Qs")]
+                + [f"plan: {q}" for q in TDMPC2_PLAN_ROWS])
+    assert not [q for q in expected if q not in rows], sorted(rows)
+    assert set(rows.values()) == {"ok"}
+    assert "nicklashansen/tdmpc2 @ e9f59321933cbc8e11a002b842adc7d4ffae8ff1" in ok.stdout
+    assert "(overrides: none)" in ok.stdout.splitlines()[0]
+
+    # the unscaled entropy after the squash (ablation squashed_entropy) departs from the published code: the policy
+    # update and what follows from the policy (its weights, the planner's policy trajectories), and nothing of the
+    # world model's update
+    departed = verify("agent=tdmpc2", "ablation=squashed_entropy")
+    assert departed.returncode != 0
+    failed = {q for q, v in verdicts(departed.stdout).items() if v == "FAIL"}
+    assert {"update 1: policy scaled entropy", "update 1: policy loss", "update 1: policy grad norm before clipping",
+            "update 3: pi weights sum of squares", "plan: final mean"} <= failed
+    assert not [q for q in failed if q.partition(": ")[2] in TDMPC2_UPDATE_ROWS[:6]]
+    assert "update 1: policy entropy (-log-prob)" not in failed  # the same first draws: only later updates differ
+    assert "verify: outside tolerance against upstream: tdmpc2" in departed.stderr
+
+
+@pytest.mark.slow(seconds=15)
+def test_tdmpc2_other_departures_fail_too():
+    # the scale S as the running average of the raw Q range: S itself (the loss divides by max(S, 1) = 1 here)
+    failed = {q for q, v in verdicts(verify("agent=tdmpc2", "ablation=unclamped_scale").stdout).items() if v == "FAIL"}
+    assert failed == {f"update {k}: policy scale S" for k in (1, 2, 3)}
+    # torch's initialisation: the initial weights' distribution (upstream's weights are loaded for the updates)
+    failed = {q for q, v in verdicts(verify("agent=tdmpc2", "ablation=torch_init").stdout).items() if v == "FAIL"}
+    assert failed == {f"initial {m} Linear weights std" for m in ("dynamics", "reward", "pi", "Qs")} | {
+        "initial Linear biases, largest |b|"}
+    # no LayerNorm before the dynamics' SimNorm: upstream's weights do not fit (the rows before loading them)
+    result = verify("agent=tdmpc2", "ablation=no_dynamics_norm")
+    assert result.returncode != 0 and verdicts(result.stdout)["world model parameters"] == "FAIL"
+    # no Q dropout: upstream's masks are not applied, and the policy's Q (zero-initialised output layer: not yet the
+    # value loss) departs
+    rows = verdicts(verify("agent=tdmpc2", "agent.q_dropout=0").stdout)
+    assert rows["update 1: Q dropout masks applied"] == rows["update 1: policy grad norm before clipping"] == "FAIL"
+    assert rows["update 1: consistency loss"] == "ok"

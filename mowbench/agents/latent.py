@@ -32,6 +32,8 @@ class LatentConfig:
     mlp_dim: int = 512  # custom size: MLP width of dynamics, reward, policy and Q
     latent_dim: int = 512  # custom size: latent z size (a multiple of simnorm_group)
     simnorm_group: int = 8  # SimNorm group size
+    dynamics_norm: bool = True  # LayerNorm before the dynamics' SimNorm, as upstream (ablation no_dynamics_norm)
+    init: str = "tdmpc2"  # tdmpc2: upstream's init (Linear weights N(0, 0.02), biases 0) | torch (ablation torch_init)
     frames: int = 3  # stacked RGB frames per observation
     channels: int = 32  # conv channels of the pixel encoder
     kernels: tuple[int, ...] = (7, 5, 3, 3)  # conv kernels (TD-MPC2's, for 64x64)
@@ -68,6 +70,8 @@ class LatentConfig:
                              "lists of one length")
         if not 0.0 < self.rho <= 1.0:
             raise ValueError(f"rho={self.rho}; allowed: 0 < rho <= 1")
+        if self.init not in ("tdmpc2", "torch"):
+            raise ValueError(f"init={self.init!r}; allowed: tdmpc2, torch")
         if self.vmin >= self.vmax:
             raise ValueError(f"vmin={self.vmin}, vmax={self.vmax}; allowed: vmin < vmax")
 
@@ -175,7 +179,8 @@ class LatentAgent(Agent):
                     n_tasks=len(tasks), latent_dim=cfg.sizes()[2], mlp_dim=cfg.sizes()[1], task_dim=task_dim,
                     task_vectors=vectors, bins=cfg.bins, vmin=cfg.vmin, vmax=cfg.vmax,
                     simnorm_group=cfg.simnorm_group, channels=cfg.channels, kernels=tuple(cfg.kernels),
-                    strides=tuple(cfg.strides), action_mask=action_mask)
+                    strides=tuple(cfg.strides), action_mask=action_mask, dynamics_norm=cfg.dynamics_norm,
+                    init=cfg.init)
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)

@@ -20,11 +20,12 @@ SIZES = {"1M": (256, 384, 128), "5M": (256, 512, 512), "19M": (1024, 1024, 768),
 
 class NormedMLP(nn.Module):
     """TD-MPC2's MLP: [Linear -> LayerNorm -> Mish] per hidden layer, then a plain Linear. `simnorm_group` > 0:
-    SimNorm on the output (latents). `zero_last`: the last layer starts at zero (the reward head starts at 0).
-    The Q ensemble, with its dropout, is a TaskMLP (one stacked module for all heads)."""
+    SimNorm on the output (latents); `out_norm`: a LayerNorm before it (`last_norm`; upstream's dynamics end in a
+    NormedLinear whose activation is SimNorm). `zero_last`: the last layer starts at zero (the reward head starts at
+    0). The Q ensemble, with its dropout, is a TaskMLP (one stacked module for all heads)."""
 
     def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, simnorm_group: int = 0,
-                 zero_last: bool = False) -> None:
+                 zero_last: bool = False, out_norm: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_dim
@@ -35,11 +36,14 @@ class NormedMLP(nn.Module):
         if zero_last:
             nn.init.zeros_(self.last.weight)
             nn.init.zeros_(self.last.bias)
+        self.last_norm = nn.LayerNorm(out_dim) if out_norm else None
         self.hidden = nn.Sequential(*layers)
         self.simnorm_group = simnorm_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.last(self.hidden(x))
+        if self.last_norm is not None:
+            out = self.last_norm(out)
         return simnorm(out, self.simnorm_group) if self.simnorm_group else out
 
 
@@ -101,14 +105,19 @@ class TDMPCWorldModel(nn.Module):
     Pixels with tasks: TD-MPC2 concatenates the task vector to the raw (state) observation, which cannot work
     for images (spec baselines.md, pitfall); here e_k joins after the conv trunk, in a Linear projection to the
     latent (made also when the trunk's output is not the latent size). Single-task at 64x64 with latent 512:
-    no embedding and no projection, as upstream. `n_q` = 0 and `policy` = False give PWM's world model."""
+    no embedding and no projection, as upstream. `n_q` = 0 and `policy` = False give PWM's world model.
+    `dynamics_norm`: the dynamics' LayerNorm before SimNorm (upstream's; False: ablation no_dynamics_norm).
+    `init`: "tdmpc2", upstream's initialisation (init_tdmpc2), or "torch", torch's defaults (ablation torch_init)."""
 
     def __init__(self, image_size: int, frames: int, action_dim: int, n_tasks: int, latent_dim: int, mlp_dim: int,
                  task_dim: int = 0, task_vectors: torch.Tensor | None = None, n_q: int = 5, q_dropout: float = 0.01,
                  bins: int = 101, vmin: float = -10.0, vmax: float = 10.0, simnorm_group: int = 8,
                  channels: int = 32, kernels: tuple[int, ...] = (7, 5, 3, 3), strides: tuple[int, ...] = (2, 2, 2, 1),
-                 policy: bool = True, action_mask: torch.Tensor | None = None) -> None:
+                 policy: bool = True, action_mask: torch.Tensor | None = None, dynamics_norm: bool = True,
+                 init: str = "tdmpc2") -> None:
         super().__init__()
+        if init not in ("tdmpc2", "torch"):
+            raise ValueError(f"init={init!r}; allowed: tdmpc2, torch")
         if latent_dim % simnorm_group:
             raise ValueError(f"latent_dim={latent_dim}; allowed: a multiple of simnorm_group={simnorm_group}")
         self.latent_dim, self.action_dim, self.n_q = latent_dim, action_dim, n_q
@@ -118,15 +127,37 @@ class TDMPCWorldModel(nn.Module):
         self.project = Linear(self.trunk.out_dim + e, latent_dim) if e or self.trunk.out_dim != latent_dim else None
         self.simnorm_group = simnorm_group
         hidden = (mlp_dim, mlp_dim)
-        self.dynamics = NormedMLP(latent_dim + action_dim + e, hidden, latent_dim, simnorm_group=simnorm_group)
+        self.dynamics = NormedMLP(latent_dim + action_dim + e, hidden, latent_dim, simnorm_group=simnorm_group,
+                                  out_norm=dynamics_norm)
         self.reward_head = NormedMLP(latent_dim + action_dim + e, hidden, bins, zero_last=True)
         self.policy = NormedMLP(latent_dim + e, hidden, 2 * action_dim) if policy else None
         # the n_q heads in one stacked module (one batched matmul per layer); PWM (n_q = 0) has none
         self.qs = TaskMLP(n_q, latent_dim + action_dim + e, hidden, bins, q_dropout, zero_last=True) if n_q else None
+        if init == "tdmpc2":
+            self.init_tdmpc2()
         self.target_qs = copy.deepcopy(self.qs).requires_grad_(False) if n_q else None  # Polyak copies
         self.register_buffer("bins", torch.linspace(vmin, vmax, bins))  # symlog space
         mask = torch.ones(n_tasks, action_dim, dtype=torch.bool) if action_mask is None else action_mask.bool()
         self.register_buffer("action_mask", mask)  # (K, A): a task's real action dims
+
+    @torch.no_grad()
+    def init_tdmpc2(self) -> None:
+        """TD-MPC2's initialisation (nicklashansen/tdmpc2, common/init.py, applied to the whole model): every
+        Linear weight, the Q heads' included, normal(0, 0.02) truncated at +-2 (torch's trunc_normal_ bounds),
+        every Linear bias 0, learned task embeddings uniform(-0.02, 0.02); the reward head's and Q heads' output
+        weights 0; convolutions and LayerNorms keep torch's defaults."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.uniform_(module.weight, -0.02, 0.02)
+        if self.qs is not None:
+            for weight, bias in zip(self.qs.weights, self.qs.biases, strict=True):
+                nn.init.trunc_normal_(weight, std=0.02)
+                nn.init.zeros_(bias)
+            nn.init.zeros_(self.qs.weights[-1])
+        nn.init.zeros_(self.reward_head.last.weight)
 
     def train(self, mode: bool = True) -> TDMPCWorldModel:
         """As upstream: the target Qs stay in eval mode (no Q dropout in TD targets) whatever the model's mode."""
