@@ -24,7 +24,10 @@ sequences and `imag_per_task` imagination starts (paper preset: 1 and 40; the pa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mowbench import results as R
-from mowbench.agents.base import Metrics, adam, count_parameters, register_agent
+from mowbench.agents.base import Metrics, adam, build_config, count_parameters, get_agent, register_agent
 from mowbench.agents.imagination import ImaginationAgent
+from mowbench.baselines import storm
 from mowbench.baselines.storm import STORMConfig, separate_storm_figures, storm_loss, storm_terms
 from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmeans_cosine, random_assignment
-from mowbench.envs.base import TaskInfo
+from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.figures import heatmap_png
 from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
 from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, padding_ratio, resolve_kernel
@@ -654,3 +658,312 @@ def matrix_csv(matrix: np.ndarray, rows: list[str], cols: list[str]) -> str:
     lines = ["," + ",".join(cols)] + [f"{r}," + ",".join(f"{v:.6g}" for v in row)
                                       for r, row in zip(rows, matrix, strict=True)]
     return "\n".join(lines) + "\n"
+
+
+# ---- STORM's published numbers through a MoW that reduces to STORM (python -m mowbench.verify agent=mow) ----
+
+# MoW has no published code. Its parts that are STORM's (the VAE, the heads, the expert's token stem and Transformer,
+# the actor-critic, the losses and updates) are checked against STORM's reference data: mowbench.verify loads the
+# data of the method named here, which a MoW of one task, one cluster and one expert replays as STORM does.
+VERIFY_REFERENCE = "storm"
+# STORM's upstream protocol, and off the two MoW settings that depart from STORM even for one task. They are
+# behaviour, so a command may set them back, and the check then fails: harmonious weighting (L / sigma + ln(1 + sigma)
+# with a learnt sigma instead of STORM's L) and the task-ID head (its cross-entropy over one task is exactly 0, with
+# zero gradient, but its parameters are none of STORM's: the parameter count fails)
+VERIFY_DEFAULTS = ("env=atari100k", "preset=paper", "agent.harmonious=false", "agent.task_loss=false")
+# The structure that reduces to STORM, forced whatever the command says: one VAE cluster; one expert, which task-level
+# routing gives the one task with weight 1 (a softmax over one expert: any logit, any temperature); no shared
+# Transformer after it and its own Transformer as deep as STORM's (reference_config), so the expert is STORM's token
+# stem and Transformer; no clustering and no warm-up pre-training (the reference has neither). Everything else comes
+# from the command's configuration, as for STORM: the balance loss is on (the load of one expert is always even, so
+# the loss is exactly 0), and embed_dim, router_width, the temperature and the expert kernel are the command's.
+REDUCTION = {"n_clusters": 1, "n_experts": 1, "top_k": 1, "routing": "task", "expert_transformers": True,
+             "shared_transformer": False, "clustering": "none", "cluster_warmup_updates": 0}
+
+# Our STORM's parameter and buffer names (storm.from_upstream's output) -> MoW's, the first matching rule applies;
+# the last block's norm2 goes to the mix LayerNorm instead (mow_name, MIX_SCALE).
+STORM_NAMES: tuple[tuple[str, str], ...] = (
+    (r"(encoder|posterior_head|decoder|prior_head|reward_head|termination_head)\.(.+)", r"clusters.0.\1.\2"),
+    (r"stem\.net\.0\.(.+)", r"experts.mix_in.\1"),
+    (r"stem\.net\.1\.(.+)", r"experts.mix_norm1.\1"),
+    (r"stem\.net\.3\.(.+)", r"experts.mix_out.\1"),
+    (r"stem\.net\.4\.(.+)", r"experts.mix_norm2.\1"),
+    (r"transformer\.position\.weight", r"experts.position"),
+    (r"transformer\.norm\.(.+)", r"experts.norm.\1"),
+    (r"transformer\.blocks\.(\d+)\.ffn\.0\.(.+)", r"experts.blocks.\1.ffn_in.\2"),
+    (r"transformer\.blocks\.(\d+)\.ffn\.2\.(.+)", r"experts.blocks.\1.ffn_out.\2"),
+    (r"transformer\.blocks\.(\d+)\.(qkv|out|norm1|norm2)\.(.+)", r"experts.blocks.\1.\2.\3"),
+    (r"(actor|critics|slow_critics)\.(.+)", r"\1.\2"),
+)
+# MoW's `mix` (Linear W over [the expert's output, e_k], then LayerNorm) has no counterpart in STORM. STORM's h is its
+# last block's LN(x) * g + b (eps 1e-6); MoW's is mixLN(W [LN(x) * g' + b', e_k]) * g'' + b'' (eps 1e-5). With
+# W = [MIX_SCALE * I, 0], the expert's last (g', b') = (1, 0) and STORM's (g, b) as the mix LayerNorm's (g'', b''),
+# MoW normalises x twice: (x - mean) / sqrt(var + 1e-5 (var + 1e-6) / MIX_SCALE^2) instead of sqrt(var + 1e-6), h
+# relative ~1e-6 / (2 var) (4.8e-7 of max |h| at the reference's sizes, in float64: MOW_TOLERANCES["fp32-ln"]). The
+# scale, a power of two (exact in fp32), keeps the mix LayerNorm's own eps out: with W = [I, 0] it shrinks h by
+# ~5e-6 (update 1's KL 5.3e-6 off). The affine moves behind the mix LayerNorm, which would normalise (g', b') away
+# once they are trained (left in the expert, with the mix LayerNorm's held at (1, 0): the KL 1.3e-4 off at update 2).
+# W, g' and b' get gradients STORM has no place for (W's off-diagonal, g' and b' under the mix LayerNorm): trained,
+# they take the model away from STORM from update 2 (the KL 5.8e-5 off at update 2, 1.3e-4 at update 3, the imagined
+# features 3.9e-4, at rtol 1e-5), so they are frozen (neutralise).
+MIX_SCALE = 2.0 ** 10
+
+
+def reference_config(reference: dict[str, Any], agent_values: dict[str, Any]) -> MoWConfig:
+    """Our config for the reference run: STORM's fields as storm.reference_config makes them (the command's
+    behaviour, the reference's sizes, no CUDA graphs or compilation), MoW's own from the command, and REDUCTION with
+    expert_depth = STORM's depth on top."""
+    fields = {f.name for f in dataclasses.fields(STORMConfig)}
+    storm_cfg = storm.reference_config(reference, {k: v for k, v in agent_values.items() if k in fields})
+    values = {**agent_values, **{f: getattr(storm_cfg, f) for f in fields}, **REDUCTION,
+              "expert_depth": storm_cfg.depth}
+    return build_config(get_agent("mow"), values)
+
+
+def mow_name(name: str, depth: int) -> str:
+    """MoW's name (STORM_NAMES) of our STORM's parameter or buffer `name`; KeyError for one no rule maps."""
+    last = f"experts.blocks.{depth - 1}.norm2."
+    for pattern, template in STORM_NAMES:
+        match = re.fullmatch(pattern, name)
+        if match:
+            out = match.expand(template)
+            return "mix.1." + out.removeprefix(last) if out.startswith(last) else out
+    raise KeyError(f"no rule of STORM_NAMES maps our STORM's {name!r}")
+
+
+def to_mow(state: dict[str, torch.Tensor], module: nn.Module, depth: int, embed_dim: int
+           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Our STORM's state (storm.from_upstream) placed in `module`'s (MoW's world model or actor-critic) state_dict
+    -> (the whole state, what STORM lacks left as it is; per weight of MoW that also reads e_k, a mask of its shape,
+    True on the e_k columns, set to 0). An expert's tensor gets the leading expert dimension (1) and its Linear
+    weights are transposed (ExpertBank's (n, in, out)). e_k is concatenated after STORM's inputs everywhere, so a
+    weight reading it has `embed_dim` more inputs, after STORM's; any other difference of shape does not fit
+    (RuntimeError)."""
+    out, e_columns = module.state_dict(), {}
+    for name, value in state.items():
+        ours = mow_name(name, depth)
+        if ours not in out:
+            raise KeyError(f"MoW has no {ours!r} (for our STORM's {name!r})")
+        stacked = ours.startswith("experts.")
+        if stacked:
+            value = (value.T if value.dim() == 2 and ours != "experts.position" else value)[None]
+        like = out[ours]
+        inputs = 1 if stacked else -1  # the input dimension of a Linear weight: (n, in, out) or (out, in)
+        fits = value.shape == like.shape or (
+            value.dim() == like.dim() and like.dim() >= 2 and ours.endswith(".weight")
+            and like.shape[inputs] == value.shape[inputs] + embed_dim
+            and [n for i, n in enumerate(like.shape) if i != inputs % like.dim()]
+            == [n for i, n in enumerate(value.shape) if i != inputs % value.dim()])
+        if not fits:
+            raise RuntimeError(f"our STORM's {name} {tuple(value.shape)} does not fit MoW's {ours} "
+                               f"{tuple(like.shape)}")
+        block = tuple(slice(0, n) for n in value.shape)  # STORM's inputs, then e_k's
+        out[ours] = like.new_zeros(like.shape)
+        out[ours][block] = value
+        if value.shape != like.shape:
+            mask = torch.ones(like.shape, dtype=torch.bool)
+            mask[block] = False
+            e_columns[ours] = mask
+    return out, e_columns
+
+
+def neutralise(wm: MoWWorldModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """MoW's own world-model parameters set in `state` to the values that reduce it to STORM (and the ones with
+    gradients STORM has no place for frozen) -> their names. e_k = 0: the embedding is 0 and F.normalize(0) = 0; one
+    task has nothing to tell apart, and an e_k of 0 gives the e_k columns of every layer (zeroed by to_mow) exactly
+    zero gradient, so they stay 0. e_k's own gradient is exactly 0 then, though normalize's Jacobian at 0 is
+    I / 1e-12: what reaches it is exactly 0 (zero e_k columns; the router passes back exactly 0, a softmax over one
+    expert), and the verify checks it is not moved. The router keeps its initial weights (any weights give the one
+    expert weight 1). `mix` is the scaled identity on the expert's output with STORM's last LayerNorm affine after
+    it, the expert's last affine the identity, these two frozen (MIX_SCALE)."""
+    d, e = wm.cfg.width, wm.cfg.embed_dim
+    last = f"experts.blocks.{len(wm.experts.blocks) - 1}.norm2"
+    state["task_embedding.weight"] = torch.zeros_like(state["task_embedding.weight"])
+    state["mix.0.weight"] = torch.cat([MIX_SCALE * torch.eye(d), torch.zeros(d, e)], 1)  # (D, D + E)
+    state[f"{last}.weight"], state[f"{last}.bias"] = torch.ones(1, d), torch.zeros(1, d)  # (1, D) each
+    frozen = [wm.mix[0].weight, wm.experts.blocks[-1].norm2.weight, wm.experts.blocks[-1].norm2.bias]
+    for p in frozen:
+        p.requires_grad_(False)  # no gradient: clip_grad_norm_ and Adam skip them
+    return ["task_embedding.weight", "mix.0.weight", f"{last}.weight", f"{last}.bias",
+            *(n for n, _ in wm.router.named_parameters(prefix="router"))]
+
+
+# why each tolerance (mowbench.verify prints those a table uses); STORM's, and MoW's own
+MOW_TOLERANCES = {
+    "fp32-ln": "rtol 1e-5 (as fp32), for what follows from h: besides the rounding, MoW's h is normalised twice (the "
+               "expert's last LayerNorm, then the mix LayerNorm: MIX_SCALE in baselines/mow.py), which moves it by "
+               "~1e-6 / (2 var) relative (4.8e-7 of max |h| in float64, at these sizes and the initial weights); "
+               "measured <= 1.9e-6 (the actor's change in round 1; the imagined features 1.5e-6, 1.1e-6 in STORM's "
+               "own check); the world model's rows do not drift (<= 6.2e-7 at update 1, 1.1e-6 at update 2: the grad "
+               "norm, as in STORM's check, 8.0e-7 at update 3)",
+    "neutral": "0: MoW's own parameters (the task embedding, held at e_k = 0; the router; the e_k columns of every "
+               "layer that reads e_k; the frozen mix Linear and last expert LayerNorm affine) and the e_k features "
+               "stay exactly where they were: e_k = 0 gives its columns exactly zero gradient, a softmax over one "
+               "expert passes the router exactly 0, and Adam (no weight decay) does not move a parameter whose "
+               "gradients were all 0",
+}
+MOW_KEYS = {"fp32": "fp32-ln"}  # storm.checksum_rows' key -> ours, for rows that follow from h
+
+
+def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
+    """mowbench.verify's hook: STORM's reference replayed through a MoW that reduces to STORM (REDUCTION; MoW's own
+    parts neutral: to_mow, neutralise) -> (rows, tolerance reasons). What is compared is STORM's check (storm.py's
+    verify_reference), with each quantity on MoW's modules, and MoW's own parameters checked to stay neutral."""
+    import mowbench.agents.actor_critic as ac_module
+    from mowbench.ops import uniforms_from
+    from mowbench.verify import Row, exact_row, recording, scalar_row, tensor_row
+
+    s = reference["sizes"]
+    cfg = reference_config(reference, agent_values)
+    info = TaskInfo("reference", "upstream", 0, s["image_size"], ActionSpace(True, s["n_actions"]))
+    agent = MoWAgent(cfg, [info], torch.device("cpu"), "fp32")
+    wm, ac = agent.wm, agent.ac
+    init_wm, init_ac = reference["init"]["world_model"], reference["init"]["agent"]
+    tolerances = storm.TOLERANCES | MOW_TOLERANCES
+    rows: list[Row] = []
+    try:
+        wm_state, wm_e = to_mow(storm.from_upstream(init_wm), wm, cfg.depth, cfg.embed_dim)
+        ac_state, ac_e = to_mow(storm.from_upstream(init_ac), ac, cfg.depth, cfg.embed_dim)
+        own = neutralise(wm, wm_state)
+        wm.load_state_dict(wm_state)
+        ac.load_state_dict(ac_state)
+    except (RuntimeError, KeyError) as err:
+        rows.append(Row(f"upstream weights load into ours ({str(err).splitlines()[0][:80]})", float("nan"),
+                        float("nan"), float("inf"), 0.0, "exact"))
+        return rows, tolerances
+    buffer = re.compile(r".*\.(running_mean|running_var|num_batches_tracked)$")
+    named_wm = dict(wm.named_parameters())
+    own_count = sum(named_wm[n].numel() for n in own)
+    for what, init, module, e_columns, less in (
+            ("world model", init_wm, wm, wm_e, own_count), ("actor-critic", init_ac, ac, ac_e, 0)):
+        count = sum(v.numel() for k, v in init.items() if not buffer.match(k))
+        ours = count_parameters(module.parameters()) - less - sum(int(m.sum()) for m in e_columns.values())
+        rows.append(scalar_row(f"{what} parameters (less MoW's own)", count, ours, 0.0, "exact"))
+    # our name -> upstream module, for the checksums: only STORM's parameters (MoW's own are checked to stay put)
+    group_of = {mow_name(storm.upstream_name(k), cfg.depth): storm.upstream_group(k) for k in [*init_wm, *init_ac]}
+    init_state = {"wm": {k: v.clone() for k, v in wm.state_dict().items()},
+                  "ac": {k: v.clone() for k, v in ac.state_dict().items()}}
+
+    def checksums(tree: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        """storm.py's checksums over the parameters with an upstream counterpart (with their zero e_k columns)."""
+        named = {n: p for n, p in module.named_parameters() if n in group_of}
+        out = {}
+        for group in sorted({group_of[n] for n in named}) + [""]:
+            names = [n for n in named if group_of[n] == group or not group]
+            key = group or "all_parameters"
+            flat = torch.cat([named[n].detach().double().flatten() for n in names])
+            change = torch.cat([(named[n].detach().double() - init_state[tree][n].double()).flatten() for n in names])
+            out[key] = torch.stack([flat.sum(), flat.pow(2).sum()])
+            out[key + "/change"] = torch.stack([change.sum(), change.pow(2).sum()])
+        buffers = [b.detach().double().flatten() for n, b in module.named_buffers()
+                   if n in group_of and b.is_floating_point()]  # not MoW's `tau`
+        if buffers:
+            flat = torch.cat(buffers)
+            out["all_float_buffers"] = torch.stack([flat.sum(), flat.pow(2).sum()])
+        return out
+
+    def own_change(tree: str, module: nn.Module, names: list[str], e_columns: dict[str, torch.Tensor]) -> float:
+        """The largest change of MoW's own parameters: `names`, and the e_k columns of STORM's."""
+        state = module.state_dict()
+        change = [(state[n] - init_state[tree][n]).abs().max() for n in names]
+        change += [(state[n] - init_state[tree][n])[mask].abs().max() for n, mask in e_columns.items()]
+        return float(torch.stack(change).max())
+
+    def rekeyed(rows: list[Row], keep: tuple[str, ...] = ()) -> list[Row]:
+        """Rows of storm.checksum_rows under our keys (MOW_KEYS), but those naming one of `keep`."""
+        return [r if any(k in r.quantity for k in keep) else dataclasses.replace(r, why=MOW_KEYS.get(r.why, r.why))
+                for r in rows]
+
+    def upsample(obs: torch.Tensor) -> torch.Tensor:
+        k = s["image_size"] // s["obs_base"]
+        return obs.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+
+    legal = torch.ones(1, s["n_actions"], dtype=torch.bool)
+
+    def batch(obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor | None = None,
+              terminal: torch.Tensor | None = None) -> Batch:
+        b = obs.shape[0]
+        zeros = torch.zeros(action.shape)
+        return Batch(upsample(obs), action.long(), zeros if reward is None else reward.float(),
+                     zeros if terminal is None else terminal.float(), torch.zeros(b, dtype=torch.long),
+                     legal.expand(b, -1), task_counts=(b,))
+
+    rtol, h_key = storm.RTOL, MOW_KEYS["fp32"]
+    for k, upd in enumerate(reference["world_model_updates"]):
+        tag = f"wm update {k + 1}"
+        # before update 1's step the reconstruction and the BatchNorm statistics do not depend on h
+        first = "fp32" if k == 0 else h_key
+        torch.set_rng_state(upd["rng_state_before_transformer"])  # dropout masks: upstream's (the only draws left)
+        with uniforms_from([upd["posterior_u"]]) as draws:
+            metrics = agent.update_world_model(batch(upd["obs"], upd["action"], upd["reward"], upd["termination"]))
+        up = upd["losses"]
+        rows += [
+            exact_row(f"{tag}: posterior samples", upd["posterior_index"], draws.drawn[0], "exact"),
+            scalar_row(f"{tag}: reconstruction loss", up["WorldModel/reconstruction_loss"], metrics["wm/rec"],
+                       rtol, first),
+            scalar_row(f"{tag}: reward loss", up["WorldModel/reward_loss"], metrics["wm/reward"], rtol, h_key),
+            scalar_row(f"{tag}: termination loss", up["WorldModel/termination_loss"], metrics["wm/termination"],
+                       rtol, h_key),
+            scalar_row(f"{tag}: dynamics KL", up["WorldModel/dynamics_real_kl_div"], metrics["wm/kl_dyn"],
+                       rtol, h_key),
+            scalar_row(f"{tag}: representation KL", up["WorldModel/representation_real_kl_div"],
+                       metrics["wm/kl_rep"], rtol, h_key),
+            scalar_row(f"{tag}: total loss", up["WorldModel/total_loss"], metrics["wm/loss"], rtol, h_key),
+            scalar_row(f"{tag}: grad norm before clipping", upd["grad_norm"], metrics["wm/grad_norm"], rtol,
+                       h_key),
+        ]
+        last = k == len(reference["world_model_updates"]) - 1
+        rows += rekeyed(storm.checksum_rows(tag, upd["checksums"], checksums("wm", wm), groups=last),
+                        keep=("BatchNorm",) if k == 0 else ())
+        rows.append(scalar_row(f"{tag}: MoW's own parameters, largest change", 0.0, own_change("wm", wm, own, wm_e),
+                               0.0, "neutral", floor=1.0))
+
+    n_storm = reference["actor_critic_rounds"][0]["features"].shape[-1]  # [z, h]: V*C + D; ours then has e_k
+    for r, rnd in enumerate(reference["actor_critic_rounds"]):
+        tag = f"ac round {r + 1}"
+        horizon = rnd["action_index"].shape[1]
+        uniforms = [rnd["context_u"], rnd["prior_u"][:, :1]]
+        for i in range(horizon):  # ours draws, per imagined step, the action and then the next latent
+            uniforms += [rnd["action_u"][:, i:i + 1], rnd["prior_u"][:, i + 1:i + 2]]
+        with uniforms_from(uniforms) as draws:
+            traj = agent.imagine(batch(rnd["obs"], rnd["action"]))
+        priors = torch.cat([draws.drawn[1], *draws.drawn[3::2]], 1)  # (B, H+1, V)
+        with recording(ac_module, "lambda_returns") as returns, recording(ac_module, "group_quantiles") as quantiles:
+            metrics = agent.update_actor_critic(traj)
+        ret, slow_ret = returns  # ours: the critic's, then the slow critic's
+        (q, _), = quantiles
+        up = rnd["losses"]
+        scale = rnd["lambda_return"].abs().max().item()  # percentiles: relative to the largest |return|
+        rows += [
+            exact_row(f"{tag}: context posterior samples", rnd["context_index"], draws.drawn[0], "exact"),
+            exact_row(f"{tag}: imagined prior samples", rnd["prior_index"], priors, "exact"),
+            exact_row(f"{tag}: imagined actions", rnd["action_index"], traj.action, "exact"),
+            exact_row(f"{tag}: imagined terminations", rnd["termination"], 1 - traj.cont, "exact"),
+            tensor_row(f"{tag}: imagined features [z, h]", rnd["features"], traj.feat[..., :n_storm], rtol, h_key),
+            scalar_row(f"{tag}: imagined features e_k, largest |e_k|", 0.0, traj.feat[..., n_storm:].abs().max(),
+                       0.0, "neutral", floor=1.0),
+            tensor_row(f"{tag}: imagined rewards", rnd["reward"], traj.reward, rtol, h_key),
+            tensor_row(f"{tag}: lambda-returns", rnd["lambda_return"], ret, rtol, h_key),
+            tensor_row(f"{tag}: slow-critic lambda-returns", rnd["slow_lambda_return"], slow_ret, rtol, h_key),
+            scalar_row(f"{tag}: return 5th percentile", rnd["percentile_05"], q[0, 0], rtol, "decoded", scale),
+            scalar_row(f"{tag}: return 95th percentile", rnd["percentile_95"], q[0, 1], rtol, "decoded", scale),
+            scalar_row(f"{tag}: return scale S (EMA)", rnd["return_scale"], metrics["ac/return_scale"], rtol,
+                       h_key),
+            scalar_row(f"{tag}: policy loss", up["ActorCritic/policy_loss"], metrics["ac/policy_loss"], rtol,
+                       h_key),
+            scalar_row(f"{tag}: value loss", up["ActorCritic/value_loss"], metrics["ac/value_loss"], rtol, h_key),
+            scalar_row(f"{tag}: slow-critic regularisation", up["slow_value_regularization_loss"],
+                       metrics["ac/slow_reg"], rtol, h_key),
+            scalar_row(f"{tag}: entropy", up["ActorCritic/entropy_loss"], metrics["ac/entropy"], rtol, h_key),
+            scalar_row(f"{tag}: grad norm before clipping", rnd["grad_norm"], metrics["ac/grad_norm"], rtol, h_key),
+        ]
+        gap = torch.cat([(slow - critic).detach().double().flatten() for slow, critic in zip(
+            ac.slow_critics.parameters(), ac.critics.parameters(), strict=True)])
+        rows += rekeyed(storm.checksum_rows(tag, rnd["checksums"], checksums("ac", ac), groups=True))
+        rows.append(scalar_row(f"{tag}: MoW's own parameters, largest change", 0.0, own_change("ac", ac, [], ac_e),
+                               0.0, "neutral", floor=1.0))
+        # the slow critic's distance from the critic (storm.TOLERANCES["ema"]): the bound 12 x 2^-24 x |critic| / |gap|
+        bound = 12 * 2.0 ** -24 * math.sqrt(rnd["checksums"]["critic"][1] / rnd["slow_critic_gap"][1])
+        rows.append(scalar_row(f"{tag}: slow critic - critic, sum of squares", rnd["slow_critic_gap"][1],
+                               gap.pow(2).sum(), max(rtol, bound), "ema"))
+    return rows, tolerances

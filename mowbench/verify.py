@@ -12,7 +12,9 @@ ablation=textbook_returns) changes what runs and can fail the check.
 Runs on the CPU in fp32 on one thread, deterministically, whatever device, precision and threads say.
 
 `--all` verifies every agent with reference data. A method is added by its data (reference.pt, SOURCES.md) and a
-hook in its baseline file: `verify_reference(reference, agent_values) -> list[Row]` (see baselines/storm.py)."""
+hook in its baseline file: `verify_reference(reference, agent_values) -> list[Row]` (see baselines/storm.py). A
+baseline file may name another method whose data it replays, `VERIFY_REFERENCE = "storm"` (MoW, which has no
+published code: a MoW that reduces to STORM replays STORM's data); its hook then gets that method's reference."""
 
 from __future__ import annotations
 
@@ -150,8 +152,16 @@ def format_table(title: str, rows: list[Row], reasons: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def reference_of(agent: str) -> str:
+    """Whose reference data the agent replays: its baseline file's VERIFY_REFERENCE, else its own."""
+    from mowbench.agents.base import registered_agents
+
+    entry = registered_agents().get(agent)
+    return agent if entry is None else getattr(inspect.getmodule(entry.cls), "VERIFY_REFERENCE", agent)
+
+
 def reference_path(agent: str) -> Path:
-    return REFERENCE_DIR / agent / "reference.pt"
+    return REFERENCE_DIR / reference_of(agent) / "reference.pt"
 
 
 def hook_of(agent: str) -> Callable[..., Any] | None:
@@ -194,8 +204,9 @@ def verify(agent: str, overrides: list[str]) -> tuple[list[Row], str]:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # one reduction order on every machine (and no contention for cores)
     rows, reasons = hook(reference, dict(cfg["agent"]))
+    shared = "" if reference_of(agent) == agent else f", {reference_of(agent)}'s reference data"
     title = (f"{agent}: ours vs {reference['upstream_repository']} @ {reference['upstream_commit']}"
-             f" (overrides: {' '.join(overrides) or 'none'})")
+             f" (overrides: {' '.join(overrides) or 'none'}{shared})")
     return rows, format_table(title, rows, reasons)
 
 

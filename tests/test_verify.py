@@ -85,13 +85,14 @@ def test_unknown_agent_or_missing_reference_is_one_line_naming_the_agents_with_d
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {what}"), lines
-        assert lines[0].endswith("agents with reference data: storm, tdmpc2")
+        assert lines[0].endswith("agents with reference data: mow, storm, tdmpc2")
 
 
 def test_all_verifies_every_agent_with_reference_data():
     result = verify("--all")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("storm: ours vs https://github.com/weipu-zhang/STORM")
+    assert result.stdout.startswith("mow: ours vs https://github.com/weipu-zhang/STORM")  # MoW on STORM's data
+    assert "\nstorm: ours vs https://github.com/weipu-zhang/STORM" in result.stdout
     assert "\ntdmpc2: ours vs https://github.com/nicklashansen/tdmpc2" in result.stdout
 
 
