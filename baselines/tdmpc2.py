@@ -38,7 +38,7 @@ from torch import nn
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
 from mowbench.agents.imagination import check_non_negative, check_positive
-from mowbench.agents.latent import FrameContext, LatentAgent, LatentConfig
+from mowbench.agents.latent import FrameContext, LatentAgent, LatentConfig, Unroll
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models.tdmpc import TDMPCWorldModel, pair_values
 from mowbench.ops import mppi_elites, mppi_moments, rho_weights, sample_categorical, symlog_twohot_ce, tdmpc_discount
@@ -139,8 +139,18 @@ class TDMPC2Agent(LatentAgent):
 
     # ---- learning ----
     def train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        """The world model's step, the policy's on its latents, then the target Qs' Polyak step (upstream's order;
+        Newt's differs)."""
+        u = self.unroll(sample(self.batch_size(), self.cfg.batch_length))
+        metrics, zs = self.model_step(u)
+        metrics |= self.policy_step(zs.detach(), u.task)
+        self.wm.update_targets(self.cfg.tau)
+        return metrics
+
+    def model_step(self, u: Unroll) -> tuple[Metrics, torch.Tensor]:
+        """One optimiser step of the world model (consistency, reward and TD value losses; the policy is not
+        trained here) -> its metrics and the unrolled latents zs (B, H+1, L), still attached to the graph."""
         cfg, wm = self.cfg, self.wm
-        u = self.unroll(sample(self.batch_size(), cfg.batch_length))
         b, h, a = u.action.shape
         terms, zs, next_z = self.world_model_terms(u)
         gamma = self.discount[u.task][:, None]  # (B, 1)
@@ -158,10 +168,8 @@ class TDMPC2Agent(LatentAgent):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wm_params, cfg.grad_clip)
         self.optim.step()
-        pi_terms = self.policy_step(zs.detach(), u.task)
-        wm.update_targets(cfg.tau)
-        return {f"wm/{k}": v.detach() for k, v in terms.items()} | {"wm/loss": loss.detach(), "wm/grad_norm": grad_norm,
-                                                                  **pi_terms}
+        metrics = {f"wm/{k}": v.detach() for k, v in terms.items()}
+        return metrics | {"wm/loss": loss.detach(), "wm/grad_norm": grad_norm}, zs
 
     def policy_step(self, zs: torch.Tensor, task: torch.Tensor) -> Metrics:
         """Maximise Q_avg / S + entropy_coef * entropy on detached latents zs (B, H+1, L), rho-weighted over t."""
@@ -321,17 +329,20 @@ UPSTREAM_MODULES = {"dynamics": "dynamics", "reward": "reward_head", "pi": "poli
 UPSTREAM_CONSTANTS = ("log_std_min", "log_std_dif")
 
 
-def upstream_name(name: str) -> str:
-    """Our name of an upstream parameter (UPSTREAM_NAMES); KeyError for a name no rule maps."""
-    for pattern, template in UPSTREAM_NAMES:
+def upstream_name(name: str, rules: tuple[tuple[str, str], ...] = UPSTREAM_NAMES,
+                  modules: dict[str, str] | None = None) -> str:
+    """Our name of an upstream parameter (`rules`: UPSTREAM_NAMES, or another method's, e.g. Newt's, with its
+    module names `modules`); KeyError for a name no rule maps."""
+    modules = UPSTREAM_MODULES if modules is None else modules
+    for pattern, template in rules:
         match = re.fullmatch(pattern, name)
         if match:
             out = match.expand(template)
             out = re.sub(r"\{(\d+)\*(\d+)\+(\d+)\}", lambda m: str(int(m[1]) * int(m[2]) + int(m[3])), out)
             out = re.sub(r"\{(\d+)\*(\d+)\}", lambda m: str(int(m[1]) * int(m[2])), out)
             out = re.sub(r"\{(\d+)-(\d+)\}", lambda m: str(int(m[1]) - int(m[2])), out)
-            head, _, rest = out.partition(".")
-            return f"{UPSTREAM_MODULES.get(head, head)}.{rest}"
+            head, dot, rest = out.partition(".")
+            return f"{modules.get(head, head)}{dot}{rest}"
     raise KeyError(f"no rule of UPSTREAM_NAMES maps upstream's {name!r}")
 
 

@@ -28,6 +28,11 @@ class LatentConfig:
     """World-model settings shared by the TD-MPC2 family; defaults are TD-MPC2's (5M, spec baselines.md)."""
 
     model_size: str = "5M"  # 1M | 5M | 19M | L (Newt) | custom (enc_dim, mlp_dim, latent_dim below)
+    # pixels: frame stacks through the conv trunk | state: TD-MPC2's state MLP encoder on (state_dim,) vectors, the
+    # task vector concatenated to the state as upstream (no suite here gives states: mowbench.verify uses it)
+    obs: str = "pixels"
+    state_dim: int = 0  # obs=state: the state vector's size
+    enc_layers: int = 2  # obs=state: upstream's num_enc_layers (max(enc_layers - 1, 1) hidden layers of enc_dim)
     enc_dim: int = 256  # custom size: encoder width (state encoders only; unused with pixels, kept for the table)
     mlp_dim: int = 512  # custom size: MLP width of dynamics, reward, policy and Q
     latent_dim: int = 512  # custom size: latent z size (a multiple of simnorm_group)
@@ -74,6 +79,11 @@ class LatentConfig:
             raise ValueError(f"init={self.init!r}; allowed: tdmpc2, torch")
         if self.vmin >= self.vmax:
             raise ValueError(f"vmin={self.vmin}, vmax={self.vmax}; allowed: vmin < vmax")
+        if self.obs not in ("pixels", "state"):
+            raise ValueError(f"obs={self.obs!r}; allowed: pixels, state")
+        if self.obs == "state" and (self.state_dim < 1 or self.enc_layers < 1):
+            raise ValueError(f"state_dim={self.state_dim}, enc_layers={self.enc_layers}; allowed with obs=state: "
+                             "both >= 1")
 
     @property
     def batch_length(self) -> int:
@@ -85,10 +95,14 @@ class LatentConfig:
         return SIZES.get(self.model_size, (self.enc_dim, self.mlp_dim, self.latent_dim))
 
     def check_image_size(self, image_size: int) -> None:
-        conv_out(image_size, self.kernels, self.strides)
+        if self.obs == "pixels":
+            conv_out(image_size, self.kernels, self.strides)
 
     def check_suite(self, suite: str, discrete: bool) -> None:
-        """Continuous actions only: refused before any env or network is built."""
+        """Continuous actions only, and pixels: refused before any env or network is built."""
+        if self.obs == "state":
+            raise ValueError(f"obs=state with env={suite}: every suite here gives pixels; allowed: obs=pixels "
+                             "(the state encoder replays upstream's state-based recordings in mowbench.verify)")
         if discrete:
             raise ValueError(f"env={suite} has discrete actions; the TD-MPC2 family (tdmpc2, newt, pwm) plans or acts "
                              "in continuous action spaces only; allowed: env=metaworld")
@@ -120,9 +134,10 @@ class FrameContext(PicklesGenerator):
 
 @dataclass
 class Unroll:
-    """A replayed batch prepared for an H-step unroll. obs (B, H+1, 3k, S, S) frame stacks (augmented), action
-    (B, H, A), reward (B, H), valid (B, H) 1.0 where transition t stays inside the episode of step 0 (a sequence
-    may cross an episode end; the last transition of an episode has no stored next observation), task (B,)."""
+    """A replayed batch prepared for an H-step unroll. obs (B, H+1, 3k, S, S) frame stacks (augmented) or states
+    (B, H+1, D), action (B, H, A), reward (B, H), valid (B, H) 1.0 where transition t stays inside the episode of
+    step 0 (a sequence may cross an episode end; the last transition of an episode has no stored next observation),
+    task (B,)."""
 
     obs: torch.Tensor
     action: torch.Tensor
@@ -143,7 +158,7 @@ class LatentAgent(Agent):
             raise ValueError(f"{type(self).__name__} is single-task; got {len(tasks)} tasks")
         self.cfg, self.tasks, self.device = cfg, tasks, device
         self.autocast_bf16 = precision == "bf16"
-        self.action_dim = max(t.action.n for t in tasks)
+        self.action_dim = self.padded_action_dim(tasks)
         mask = torch.zeros(len(tasks), self.action_dim, dtype=torch.bool)
         for k, t in enumerate(tasks):  # actions padded to the largest action dim, the padding masked
             mask[k, :t.action.n] = True
@@ -166,6 +181,11 @@ class LatentAgent(Agent):
         """Actions (B, A) for the streams' latents z (B, L) (TD-MPC2: MPPI; PWM: the task's actor)."""
 
     # ---- shared ----
+    def padded_action_dim(self, tasks: list[TaskInfo]) -> int:
+        """The action space every task's actions are padded to: the largest action dim (mowbench.verify pads
+        further, as upstream Newt pads every task to a fixed size)."""
+        return max(t.action.n for t in tasks)
+
     def task_vectors(self, tasks: list[TaskInfo]) -> torch.Tensor | None:
         """Frozen task vectors (K, E) (Newt: language), or None for a learned embedding."""
         return None
@@ -180,7 +200,8 @@ class LatentAgent(Agent):
                     task_vectors=vectors, bins=cfg.bins, vmin=cfg.vmin, vmax=cfg.vmax,
                     simnorm_group=cfg.simnorm_group, channels=cfg.channels, kernels=tuple(cfg.kernels),
                     strides=tuple(cfg.strides), action_mask=action_mask, dynamics_norm=cfg.dynamics_norm,
-                    init=cfg.init)
+                    init=cfg.init, obs=cfg.obs, state_dim=cfg.state_dim, enc_dim=cfg.sizes()[0],
+                    enc_layers=cfg.enc_layers)
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
@@ -205,8 +226,12 @@ class LatentAgent(Agent):
         context.frames, context.carry = [], None
 
     def stacks(self, contexts: list[FrameContext], obs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each stream's frame stack after recording its obs -> (B, 3k, S, S) uint8 on the device, task (B,)."""
-        x = np.stack([c.push(o, self.cfg.frames) for c, o in zip(contexts, obs, strict=True)])
+        """Each stream's frame stack after recording its obs -> (B, 3k, S, S) uint8 on the device, task (B,);
+        with obs=state the states (B, D) as they are."""
+        if self.cfg.obs == "state":
+            x = np.stack(obs).astype(np.float32)
+        else:
+            x = np.stack([c.push(o, self.cfg.frames) for c, o in zip(contexts, obs, strict=True)])
         task = torch.tensor([c.task for c in contexts], device=self.device)
         return torch.as_tensor(x, device=self.device), task
 
@@ -231,11 +256,15 @@ class LatentAgent(Agent):
         return torch.stack(rows).to(self.device)
 
     def unroll(self, batch: Batch, augment: bool = True) -> Unroll:
-        """Frame stacks, actions, rewards and the episode mask of a batch of k-1+H+1 replayed steps."""
+        """Frame stacks, actions, rewards and the episode mask of a batch of k-1+H+1 replayed steps (obs=state:
+        the last H+1 states (B, H+1, D), neither stacked nor shifted, as upstream's state path)."""
         k, h = self.cfg.frames, self.cfg.horizon
         first = batch.extras["first"]  # (B, T)
-        obs = stack_frames(batch.obs, first, k)  # (B, H+1, 3k, S, S)
-        if augment and self.cfg.shift_pad:
+        if self.cfg.obs == "state":
+            obs = batch.obs[:, k - 1:].float()  # (B, H+1, D)
+        else:
+            obs = stack_frames(batch.obs, first, k)  # (B, H+1, 3k, S, S)
+        if augment and self.cfg.shift_pad and self.cfg.obs == "pixels":
             b, t = obs.shape[:2]
             pad = self.cfg.shift_pad
             offsets = torch.randint(0, 2 * pad + 1, (b * t, 2), device=obs.device)
@@ -249,7 +278,7 @@ class LatentAgent(Agent):
         return Unroll(obs, action, batch.reward[:, k - 1:k - 1 + h].float(), valid, batch.task)
 
     def encode_all(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """obs (B, T, 3k, S, S) -> z (B, T, L)."""
+        """obs (B, T, 3k, S, S) or states (B, T, D) -> z (B, T, L)."""
         b, t = obs.shape[:2]
         return self.wm.encode(obs.flatten(0, 1), task.repeat_interleave(t)).unflatten(0, (b, t))
 

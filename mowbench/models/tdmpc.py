@@ -107,24 +107,40 @@ class TDMPCWorldModel(nn.Module):
     latent (made also when the trunk's output is not the latent size). Single-task at 64x64 with latent 512:
     no embedding and no projection, as upstream. `n_q` = 0 and `policy` = False give PWM's world model.
     `dynamics_norm`: the dynamics' LayerNorm before SimNorm (upstream's; False: ablation no_dynamics_norm).
-    `init`: "tdmpc2", upstream's initialisation (init_tdmpc2), or "torch", torch's defaults (ablation torch_init)."""
+    `init`: "tdmpc2", upstream's initialisation (init_tdmpc2), or "torch", torch's defaults (ablation torch_init).
+    `obs` = "state": TD-MPC2's state encoder instead of the conv trunk, an MLP on the state (B, state_dim) with the
+    task vector concatenated to it as upstream (max(enc_layers - 1, 1) hidden layers of enc_dim, then Linear,
+    LayerNorm and SimNorm to the latent); no projection. No suite here gives states: mowbench.verify replays
+    upstream Newt's state-based recordings through it."""
 
     def __init__(self, image_size: int, frames: int, action_dim: int, n_tasks: int, latent_dim: int, mlp_dim: int,
                  task_dim: int = 0, task_vectors: torch.Tensor | None = None, n_q: int = 5, q_dropout: float = 0.01,
                  bins: int = 101, vmin: float = -10.0, vmax: float = 10.0, simnorm_group: int = 8,
                  channels: int = 32, kernels: tuple[int, ...] = (7, 5, 3, 3), strides: tuple[int, ...] = (2, 2, 2, 1),
                  policy: bool = True, action_mask: torch.Tensor | None = None, dynamics_norm: bool = True,
-                 init: str = "tdmpc2") -> None:
+                 init: str = "tdmpc2", obs: str = "pixels", state_dim: int = 0, enc_dim: int = 256,
+                 enc_layers: int = 2) -> None:
         super().__init__()
         if init not in ("tdmpc2", "torch"):
             raise ValueError(f"init={init!r}; allowed: tdmpc2, torch")
+        if obs not in ("pixels", "state"):
+            raise ValueError(f"obs={obs!r}; allowed: pixels, state")
         if latent_dim % simnorm_group:
             raise ValueError(f"latent_dim={latent_dim}; allowed: a multiple of simnorm_group={simnorm_group}")
         self.latent_dim, self.action_dim, self.n_q = latent_dim, action_dim, n_q
         self.task_embedding = TaskEmbedding(n_tasks, task_dim, task_vectors) if task_dim else None
         e = task_dim
-        self.trunk = PixelEncoder(image_size, frames, channels, kernels, strides)
-        self.project = Linear(self.trunk.out_dim + e, latent_dim) if e or self.trunk.out_dim != latent_dim else None
+        self.obs = obs
+        self.trunk: nn.Module
+        self.project: nn.Module | None = None
+        if obs == "state":  # upstream's layers.enc: the last layer a NormedLinear whose activation is SimNorm
+            self.trunk = NormedMLP(state_dim + e, (enc_dim,) * max(enc_layers - 1, 1), latent_dim,
+                                   simnorm_group=simnorm_group, out_norm=True)
+        else:
+            pixels = PixelEncoder(image_size, frames, channels, kernels, strides)
+            self.trunk = pixels
+            if e or pixels.out_dim != latent_dim:
+                self.project = Linear(pixels.out_dim + e, latent_dim)
         self.simnorm_group = simnorm_group
         hidden = (mlp_dim, mlp_dim)
         self.dynamics = NormedMLP(latent_dim + action_dim + e, hidden, latent_dim, simnorm_group=simnorm_group,
@@ -175,7 +191,9 @@ class TDMPCWorldModel(nn.Module):
         return torch.cat([x, e.to(x.dtype)], dim=-1)
 
     def encode(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """obs (B, frames*3, S, S) in [0, 255] -> z (B, L)."""
+        """obs (B, frames*3, S, S) in [0, 255], or states (B, state_dim) with obs="state" -> z (B, L)."""
+        if self.obs == "state":
+            return self.trunk(self.with_task(obs.float(), task))  # ends in SimNorm
         h = self.trunk(obs)  # (B, trunk.out_dim)
         if self.project is not None:
             h = self.project(self.with_task(h, task))
