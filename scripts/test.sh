@@ -11,5 +11,9 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     chromium chromium-driver >/dev/null
 fi
 .venv/bin/ruff check .
+# The docs site, strict: a broken link or a page missing from the nav fails here
+DOCS_SITE=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$DOCS_SITE"
+rm -rf "$DOCS_SITE"
 # Two xdist workers, one torch thread each (tests/conftest.py), tests sent one at a time, longest first
 .venv/bin/python -m pytest -q -n 2 --maxschedchunk 1 --durations=12 "$@"
