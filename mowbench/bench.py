@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, deterministic_kernels, plan, resolve_device, resolve_precision
 from mowbench.envs import make_env, make_envs, resolve_tasks
+from mowbench.evaluation import evaluate_in_mode
 from mowbench.models.packed import unpacked
 from mowbench.replay import random_batch
 from mowbench.results import peak_memory_gib
@@ -255,8 +256,6 @@ def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[s
     train.eval_envs allows; reference, train.eval_parallel envs per task in lockstep), episodes capped at
     bench.eval_steps: env steps per second net of making the envs, and seconds per env made. On CUDA one untimed
     evaluation first (CUDA graphs' captures, kernel autotuning), so that the timed one runs as a run's would."""
-    from mowbench.trainer import evaluate_in_mode
-
     made, stepped = [], [0]  # seconds of each env made (and later closed) inside the evaluation; env steps
 
     def make(copy: int, task: int) -> Any:

@@ -42,7 +42,7 @@ class RunLog:
 
     def evaluation(self, step: int, task: str, episode: int, ret: float, length: int, success: float | None,
                    mode: str = "full") -> None:
-        """One evaluation episode; `mode` is the evaluation mode (trainer.EVAL_MODES) it was counted under."""
+        """One evaluation episode; `mode` is the evaluation mode (evaluation.EVAL_MODES) it was counted under."""
         self.rows["eval.csv"].append({"step": step, "task": task, "episode": episode, "return": ret,
                                       "length": length, "success": "" if success is None else success, "mode": mode})
 

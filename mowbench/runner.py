@@ -23,7 +23,8 @@ from mowbench import results as R
 from mowbench.agents.base import make_agent
 from mowbench.config import Plan, deterministic_kernels, plan
 from mowbench.envs import make_env, make_envs
-from mowbench.trainer import CHECKPOINT, Diverged, TrainConfig, Trainer, eval_env_seed
+from mowbench.evaluation import eval_env_seed
+from mowbench.trainer import CHECKPOINT, Diverged, TrainConfig, Trainer
 
 # OS errors of writing the run's files that are the machine's state, not a bug: reported in one line
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)

@@ -1,6 +1,7 @@
 """The training loop: act in one env per task, store to replay, update the agent, evaluate, checkpoint.
 
-It knows only the Agent interface (mowbench.agents.base) and TaskEnv (mowbench.envs.base).
+It knows only the Agent interface (mowbench.agents.base) and TaskEnv (mowbench.envs.base); its evaluations (periodic,
+final, the random baseline) are mowbench.evaluation's.
 Checkpoints hold everything needed to continue exactly: agent (models, optimizers), replay, RNG
 states, counters, env states, acting contexts and log rows. They are plain dicts of tensors, numbers and
 strings that load with `torch.load(weights_only=True)`; only the env emulator states and the agents' acting
@@ -15,7 +16,6 @@ import random
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,18 @@ import torch
 from tqdm import tqdm
 
 from mowbench.agents.base import Agent, Metrics, read_metrics
-from mowbench.envs.base import Step, TaskEnv
+from mowbench.envs.base import TaskEnv
+from mowbench.evaluation import (
+    EVAL_MODES,
+    RANDOM_EVAL_KEY,
+    EvaluationInterrupted,
+    Stream,
+    advance,
+    eval_env_seed,
+    evaluate_in_mode,
+    restart,
+    stream_seed,
+)
 from mowbench.logger import RunLog
 from mowbench.replay import Replay, check_host_memory, host_memory_available, replay_bytes, replay_device
 from mowbench.results import atomic_torch_save
@@ -34,7 +45,6 @@ from mowbench.results import atomic_torch_save
 CHECKPOINT = "checkpoint.pt"
 # signals that make the trainer checkpoint at the end of the current step and leave
 PREEMPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR2", "SIGTERM") if hasattr(signal, name))
-EVAL_MODES = ("full", "reference")
 ARTIFACTS = "artifacts"  # agent-specific files (MoW: routing heatmaps, cluster assignment)
 
 
@@ -94,19 +104,6 @@ class TrainConfig:
         for name in ("eval_parallel", "eval_envs", "random_episodes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
-
-
-@dataclass
-class Stream:
-    """One training env and its episode in progress."""
-
-    env: TaskEnv
-    context: Any
-    obs: np.ndarray | None = None
-    ret: float = 0.0
-    length: int = 0
-    success: float | None = None
-    last_return: float | None = None
 
 
 @dataclass
@@ -192,15 +189,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-EnvMaker = Callable[[int, int], TaskEnv]  # (copy, task index) -> a new evaluation env of that task
-RANDOM_EVAL_KEY = 10_000  # the random policy's evaluation key (the agent's evaluations are 0, 1, 2, ...)
 SEED_LIMIT = 2**32 - 1  # numpy's legacy seeding (np.random.seed, MinAtar, Meta-World) takes seeds up to this
-
-
-def eval_env_seed(seed: int, evaluation: int, copy: int) -> int:
-    """The seed of evaluation `evaluation`'s env `copy` (episode or parallel copy) in a run seeded `seed`: apart
-    from every other evaluation's and from the training envs' (seed + 1000 * task index)."""
-    return seed + 7919 * (evaluation + 1) + 104_729 * copy
 
 
 def largest_derived_seed(seed: int, cfg: TrainConfig, n_tasks: int, task_stride: int) -> int:
@@ -210,125 +199,6 @@ def largest_derived_seed(seed: int, cfg: TrainConfig, n_tasks: int, task_stride:
     key = max(evaluations - 1, RANDOM_EVAL_KEY if cfg.random_baseline else 0)
     copies = max(cfg.eval_episodes, cfg.periodic_eval_episodes, cfg.random_episodes or 1, cfg.eval_parallel)
     return eval_env_seed(seed, key, copies - 1) + task_stride * (n_tasks - 1)
-
-
-def stream_seed(*keys: int) -> int:
-    """The seed of one evaluation stream from its keys (run seed, evaluation, task, episode or copy)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(2))
-
-
-@dataclass
-class EvalStream(Stream):
-    """An evaluation stream: its context is the agent's, or the random policy's generator."""
-
-    task: int = 0
-    index: int = 0  # full mode: the episode it plays; reference mode: its copy
-
-
-def open_stream(agent: Agent | None, env: TaskEnv, task: int, index: int, seed: int) -> EvalStream:
-    env.observe = agent is not None  # a random policy needs no frames
-    s = EvalStream(env, agent.new_context(task, seed) if agent else np.random.default_rng(seed), task=task, index=index)
-    restart(agent, s)
-    return s
-
-
-def restart(agent: Agent | None, s: Stream) -> None:
-    s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
-    if agent:
-        agent.episode_start(s.context)
-
-
-def act_round(agent: Agent | None, streams: list[EvalStream], greedy: bool) -> list[Any]:
-    """One action per stream: the agent acting on all of them at once, or uniformly random legal actions."""
-    if agent:
-        return agent.act_batch([s.context for s in streams], [s.obs for s in streams], greedy)
-    return [s.env.info.action.sample(s.context) for s in streams]
-
-
-def advance(s: Stream, action: Any, max_steps: int = 0) -> tuple[Step, bool]:
-    """Step the stream's env; returns the step and whether its episode is over (done, or max_steps reached)."""
-    step = s.env.step(action)
-    s.length += 1
-    if step.success is not None:
-        s.success = max(s.success or 0.0, step.success)  # success at any step of the episode
-    return step, bool(step.done or (max_steps and s.length >= max_steps))
-
-
-class EvaluationInterrupted(Exception):
-    """An evaluation stopped by a preemption signal before its episodes finished (its envs closed)."""
-
-
-def _check_stop(stop: Callable[[], bool] | None, streams: list[EvalStream]) -> None:
-    if stop is not None and stop():
-        for s in streams:
-            s.env.close()
-        raise EvaluationInterrupted
-
-
-def evaluate(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int, greedy: bool, max_steps: int,
-             seed: int, max_envs: int = 64, stop: Callable[[], bool] | None = None
-             ) -> list[list[tuple[float, int, float | None]]]:
-    """Per task, `episodes` x (return, length, success) of complete episodes. agent=None: uniformly random
-    legal actions. Up to `max_envs` episodes of all tasks run at once, the agent acting on all of them in one
-    batch; episode i of task t has its own env make_env(i, t) and its own acting seed, so the results do not
-    depend on max_envs or on which episodes run beside it. `stop()` true before a round: EvaluationInterrupted."""
-    pending = deque((t, i) for i in range(episodes) for t in range(n_tasks))  # every task's first episode first
-    results: list[list[Any]] = [[None] * episodes for _ in range(n_tasks)]
-    live: list[EvalStream] = []
-    while pending or live:
-        _check_stop(stop, live)
-        while pending and len(live) < max_envs:
-            t, i = pending.popleft()
-            live.append(open_stream(agent, make_env(i, t), t, i, stream_seed(seed, t, i)))
-        for s, action in zip(live, act_round(agent, live, greedy), strict=True):
-            step, over = advance(s, action, max_steps)
-            s.ret += step.reward
-            s.obs = step.obs
-            if over:
-                results[s.task][s.index] = (s.ret, s.length, s.success)
-                s.env.close()
-        live = [s for s in live if results[s.task][s.index] is None]
-    return results
-
-
-def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int, greedy: bool,
-                       max_steps: int, seed: int, parallel: int = 5, stop: Callable[[], bool] | None = None
-                       ) -> list[list[tuple[float, int, float | None]]]:
-    """STORM's reference evaluation (the one behind the published STORM and MoW numbers): per task, `parallel`
-    envs (make_env(copy, task)) step in lockstep, each episode's return is summed *without its last step's
-    reward*, and the first `episodes` episodes to finish are kept (ties within a round in env order), so
-    long episodes are under-represented. All tasks' envs step together, the agent acting on all of them in one
-    batch. Per task, `episodes` x (return, length, success)."""
-    streams = [open_stream(agent, make_env(c, t), t, c, stream_seed(seed, t, c))
-               for t in range(n_tasks) for c in range(parallel)]
-    results: list[list[tuple[float, int, float | None]]] = [[] for _ in range(n_tasks)]
-    live = streams
-    while live:
-        _check_stop(stop, streams)
-        for s, action in zip(live, act_round(agent, live, greedy), strict=True):
-            step, over = advance(s, action, max_steps)
-            if over:
-                if len(results[s.task]) < episodes:
-                    results[s.task].append((s.ret, s.length, s.success))  # the last reward is not added
-                restart(agent, s)
-            else:
-                s.ret += step.reward
-                s.obs = step.obs
-        live = [s for s in live if len(results[s.task]) < episodes]
-    for s in streams:
-        s.env.close()
-    return results
-
-
-def evaluate_in_mode(cfg: TrainConfig, agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int,
-                     greedy: bool, seed: int, stop: Callable[[], bool] | None = None
-                     ) -> list[list[tuple[float, int, float | None]]]:
-    """`episodes` per task in cfg.eval_mode (full: evaluate, cfg.eval_envs at once; reference: evaluate_reference,
-    cfg.eval_parallel envs per task), episodes capped at cfg.eval_max_steps."""
-    if cfg.eval_mode == "full":
-        return evaluate(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_envs, stop)
-    return evaluate_reference(agent, make_env, n_tasks, episodes, greedy, cfg.eval_max_steps, seed, cfg.eval_parallel,
-                              stop)
 
 
 class Trainer:

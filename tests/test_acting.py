@@ -11,9 +11,9 @@ from mowbench.agents.base import make_agent
 from mowbench.agents.imagination import random_legal
 from mowbench.config import compose_config
 from mowbench.envs import make_env, make_envs
+from mowbench.evaluation import evaluate, evaluate_reference
 from mowbench.models.heads import ContinuousActionDist
 from mowbench.ops import sample_categorical
-from mowbench.trainer import evaluate, evaluate_reference
 from tests.conftest import MICRO
 
 

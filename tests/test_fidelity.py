@@ -12,10 +12,10 @@ from mowbench.agents.base import build_config, get_agent
 from mowbench.baselines.storm import REFERENCE_WM_BASE, REFERENCE_WM_PER_ACTION
 from mowbench.config import compose_config, plan
 from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
+from mowbench.evaluation import evaluate, evaluate_reference
 from mowbench.models import CausalTransformer
 from mowbench.results import run_dir
 from mowbench.runner import execute
-from mowbench.trainer import evaluate, evaluate_reference
 from tests.conftest import MICRO
 
 # STORM's reference world model, instantiated and counted (baselines/storm.py): 16,507,011 with Pong's 6 actions

@@ -12,8 +12,8 @@ from mowbench.envs import make_envs
 from mowbench.envs.atari import TASKS as ATARI26
 from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
 from mowbench.envs.metaworld import MT50
+from mowbench.evaluation import evaluate
 from mowbench.replay import Replay, stratified_counts
-from mowbench.trainer import evaluate
 from tests.test_mow import fill_replay
 
 

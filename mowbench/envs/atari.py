@@ -21,7 +21,7 @@ DISCRETE_ACTIONS = True  # agents for one kind of action space refuse the other 
 # numbers used: ALE v5 defaults, sticky actions 0.25, no no-op starts, 20 sampled-action eval episodes.
 # 'standard' is the Dopamine/DER definition: no sticky actions, up to 30 no-op starts, 100 episodes.
 # eval_mode: 'storm' evaluates as STORM's reference code did for the published numbers (5 envs in parallel,
-# the first 20 episodes to finish, each without its last step's reward; trainer.evaluate_reference);
+# the first 20 episodes to finish, each without its last step's reward; evaluation.evaluate_reference);
 # 'standard' counts every started episode with its full return. train.eval_mode overrides either.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "storm": dict(sticky_action_prob=0.25, noop_max=0, frame_skip=4, max_pool_frames=2,
