@@ -125,7 +125,8 @@ def deterministic_kernels(device: torch.device, on: bool) -> bool:
 
 @dataclasses.dataclass
 class Plan:
-    """A fully validated run request: what to train, where, on what."""
+    """A fully validated run request: what to train, where, on what. `cfg` is the composed configuration as
+    recorded in each run folder; the fields are what it resolves to."""
 
     cfg: dict[str, Any]
     suite: str
@@ -134,9 +135,16 @@ class Plan:
     tasks: list[str]
     runs: list[tuple[str, list[str]]]  # (results task name, tasks of that run)
     train: TrainConfig
+    agent_config: Any  # the agent's built config dataclass (its registered config class), checked
+    seed: int
+    results_dir: Path
     device: torch.device
     precision: str
     deterministic: bool = True
+
+    def run_dir(self, name: str) -> Path:
+        """The folder of run `name` (one of `runs`' names) under results_dir."""
+        return R.run_dir(self.results_dir, self.suite, self.method, name, self.seed)
 
 
 def plan(cfg: dict[str, Any]) -> Plan:
@@ -202,7 +210,8 @@ def plan(cfg: dict[str, Any]) -> Plan:
         runs = [(tasks[0] if len(tasks) == 1 else f"all{len(tasks)}", tasks)]
     else:
         runs = [(t, [t]) for t in tasks]
-    return Plan(cfg, suite, entry.name, method, tasks, runs, train, device, precision, deterministic)
+    return Plan(cfg, suite, entry.name, method, tasks, runs, train, agent_cfg, seed, Path(cfg["results_dir"]), device,
+                precision, deterministic)
 
 
 def config_values(cfg: DictConfig, choices: Any) -> dict[str, Any]:

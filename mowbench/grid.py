@@ -189,7 +189,7 @@ def expand(req: Request) -> list[Unit]:
                         f"results_dir={hydra_quote(str(req.results_dir))}"]
                 p = plan(compose_config(cell))
                 for name, tasks in p.runs:
-                    folder = R.run_dir(req.results_dir, p.suite, p.method, name, seed)
+                    folder = p.run_dir(name)
                     extra = [f"task={tasks[0]}"] if len(p.runs) > 1 else []
                     units.append(Unit(str(folder.relative_to(req.results_dir)), f"{p.method}/seed_{seed}",
                                       cell + extra, folder, folder_mismatch(p.cfg, folder, tasks)))
@@ -349,7 +349,7 @@ class GridJob:
         # a unit is one run folder; on SIGUSR2 the trainer checkpoints, then hands the signal on to submitit's
         # handler (checkpoint() below, requeue, exit), so a preempted job does not come back here
         [(name, summary)] = execute(cfg, p)
-        folder = R.run_dir(p.cfg["results_dir"], p.suite, p.method, name, int(p.cfg["seed"]))
+        folder = p.run_dir(name)
         if not R.is_done(folder):  # stopped by train.stop_at, or no handler to hand the signal to
             return {"unit": str(folder), "state": "preempted"}
         return {"unit": str(folder), "state": "done", "summary": summary}

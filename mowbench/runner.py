@@ -69,7 +69,7 @@ def check_unchanged(p: Plan) -> None:
     started with. A resumed run would otherwise mix the two, and a finished one would print its old result
     as the new settings'."""
     for name, tasks in p.runs:
-        folder = R.run_dir(p.cfg["results_dir"], p.suite, p.method, name, int(p.cfg["seed"]))
+        folder = p.run_dir(name)
         diff = settings_diff(p.cfg, folder, tasks)
         if diff:
             state = "finished" if R.is_done(folder) else "started"
@@ -97,8 +97,7 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | 
     """Train and evaluate one run folder: its summary, None when preempted (checkpointed), Skipped when another
     live process holds it, or Failed when it diverged (now or in an earlier session: the same settings and seed
     diverge again). A finished run is never touched again."""
-    cfg, seed = p.cfg, int(p.cfg["seed"])
-    folder = R.run_dir(cfg["results_dir"], p.suite, p.method, name, seed)
+    folder = p.run_dir(name)
     failure = R.read_failure(folder)
     if failure is not None:
         return Failed(folder, f"{folder} failed ({failure.get('reason')}); the same settings and seed fail the same "
@@ -129,7 +128,7 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | 
 
 def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None:
     """Train one run folder for one session: to the end, or until preempted (checkpointed, then None)."""
-    cfg, seed = p.cfg, int(p.cfg["seed"])
+    cfg, seed = p.cfg, p.seed
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -243,7 +242,7 @@ def print_summary(rows: list[tuple[str, dict[str, Any] | Skipped | Failed | None
 def execute(cfg: dict[str, Any], p: Plan | None = None) -> list[tuple[str, dict[str, Any] | None]]:
     """Train every run of `cfg` (its plan, if already made) and print the results table."""
     p = plan(cfg) if p is None else p
-    check_results_dir(Path(p.cfg["results_dir"]))
+    check_results_dir(p.results_dir)
     check_unchanged(p)
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))
