@@ -7,18 +7,25 @@ shared expert), per-task policy/value/reward/next-latent heads and no task embed
 replayed sequences (teacher-forced: every obs token is the encoder's latent of the real frame): latent MSE to a
 target encoder's next latent (x10), reward CE (x1), policy CE to the stored MCTS visit distribution (x1, entropy
 bonus 1e-4), value CE to a 5-step TD target bootstrapped from the EMA target network's value (x0.5); 101-bin
-supports after MuZero's scalar transform; AdamW 1e-4, betas (0.9, 0.95), weight decay 1e-4, clip 5; each update
+supports after MuZero's scalar transform, value and reward targets label-smoothed (0.1); upstream's multi-task
+default adds a second total of the same terms with a learned entropy weight (adaptive_entropy); AdamW 1e-4,
+betas (0.9, 0.95), weight decay 1e-4 on matrices, convolutions and embeddings, clip 5; each update
 sums equal per-task micro-batches (batch_size rows in all); target = EMA 0.95 of the online weights per update.
 Acting: a batched tensor MCTS per env step, 25 simulations while collecting and 50 at evaluation.
 
 Deviations from upstream (each named in the README):
-- DPS (dynamic parameter scaling, LoRA stages) is left out: its first stage switch comes after >= 50k updates,
-  which a 100k-step-per-game run barely reaches; and it is broken on upstream's current main (spec).
-- The encoder is a ResNet (GroupNorm instead of BatchNorm: no batch statistics between acting and training), not
-  the paper's ViT, which serves its 400k-step budget.
-- router='learned' (default): upstream's router takes the softmax over the single selected logit, a weight of
-  1, so it never learns; ours weights the chosen expert by the softmax over all logits. router='upstream' keeps
-  upstream's behaviour.
+- DPS (dynamic parameter scaling, LoRA stages) is not built. Upstream's optimizer holds only the stage-0 trainable
+  parameters, so at its first stage switch (>= 50k updates) the LoRA adapters it switches on get gradients but
+  never change, and the transformer's frozen weights stop learning; `transformer_freeze_after` reproduces that
+  (0, the default: never).
+- The encoder is a ResNet, not the paper's ViT. encoder='resnet' (ours: pre-activation blocks, GroupNorm instead
+  of BatchNorm, non-affine final LayerNorm) or encoder='lightzero' (UniZero's ResNet option, verified).
+- The router, the transformer, the heads and the losses follow upstream (mowbench.verify); each earlier choice of
+  ours is an ablation (ablations/README.md): learned_router, ffn_dropout, plain_latent_head, no_label_smoothing,
+  fixed_entropy_weight, decay_all_params.
+- Our stacked experts share one Adam state per projection: an expert without tokens in an update still takes a
+  step (moment decay, weight decay); upstream's separate experts skip it.
+- The search departs from LightZero's C++ tree (see mowbench.agents.mcts) and is not verified yet.
 - The search context is recomputed exactly instead of cached: every expansion runs the transformer over the
   node's token window (the last `context_steps` real steps, then the tree path, at most max_tokens - 2 tokens,
   oldest (obs, action) pairs dropped first), at window-relative positions as in training.
@@ -36,6 +43,7 @@ Deviations from upstream (each named in the README):
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +56,9 @@ from mowbench.agents.base import Agent, Metrics, PicklesGenerator, bumps_version
 from mowbench.agents.imagination import check_non_negative, check_positive
 from mowbench.agents.mcts import SearchResult, search, visit_policy
 from mowbench.envs.base import TaskInfo
+from mowbench.models.moe import StackedLinear, StackedNorm
 from mowbench.models.transformer import KVCache
-from mowbench.models.unizero import ROUTERS, UniZeroWorldModel, resnet_out
+from mowbench.models.unizero import ENCODERS, ROUTERS, UniZeroWorldModel, resnet_out
 from mowbench.ops import ema_, sample_categorical, support_bins, support_ce, support_value
 from mowbench.replay import Batch, StepField
 
@@ -67,7 +76,10 @@ class ScaleZeroConfig:
     n_experts: int = 8  # SwiGLU experts per MoE layer (top-1 routing)
     expert_hidden: int = 3072  # SwiGLU hidden size of an expert
     shared_hidden: int = 3072  # hidden size of the always-on shared expert (Linear-GELU-Linear)
-    router: str = "learned"  # learned (softmax over all logits) | upstream (softmax over the chosen one: no grad)
+    router: str = "upstream"  # upstream (softmax over the chosen logit: weight 1, no grad) | learned (over all)
+    ffn_dropout: bool = False  # also drop the FFN's output (upstream drops only attention probabilities and output)
+    latent_head: str = "upstream"  # upstream (zero-init last layer, affine LayerNorm) | plain (random, no affine)
+    encoder: str = "resnet"  # resnet (ours) | lightzero (UniZero's ResNet option; the paper's is a ViT, not built)
     ffn: int = 3072  # dense feed-forward hidden size (moe=false)
     head_hidden: int = 768  # hidden size of the per-task heads
     channels: tuple[int, ...] = (32, 64, 128, 128)  # ResNet stage widths (64x64 -> 4x4 at strides 2, 2, 2, 2)
@@ -82,6 +94,15 @@ class ScaleZeroConfig:
     policy_coef: float = 1.0  # policy CE weight
     value_coef: float = 0.5  # value CE weight
     entropy_coef: float = 1e-4  # policy entropy bonus
+    # upstream's multi-task default (use_adaptive_entropy_weight): a second total of the same terms is added, with
+    # the entropy weighted by alpha = exp(log_alpha) (1 at the start, learned by Adam toward a target entropy of
+    # ratio x log(A), the ratio annealed linearly from start to end over decay_steps updates)
+    adaptive_entropy: bool = True
+    alpha_lr: float = 1e-3
+    target_entropy_start: float = 0.98
+    target_entropy_end: float = 0.1
+    target_entropy_decay_steps: int = 150000
+    label_smoothing: float = 0.1  # value/reward targets: (1 - eps) two-hot + eps / bins (upstream's phi_transform)
     # frame reconstruction from the latent (UniZero's optional latent_recon_loss, off upstream on Atari), MSE on
     # [0, 1] pixels through a ConvDecoder mirroring the encoder's stages (stride-2 stages only); 0: no decoder
     recon_coef: float = 0.0
@@ -91,7 +112,12 @@ class ScaleZeroConfig:
     absorbing: bool = True
     lr: float = 1e-4  # AdamW learning rate
     betas: tuple[float, ...] = (0.9, 0.95)  # AdamW betas
-    weight_decay: float = 1e-4  # AdamW weight decay
+    weight_decay: float = 1e-4  # AdamW weight decay (upstream's nanoGPT groups: matrices, convs, embeddings only)
+    decay_all: bool = False  # weight decay on every parameter (biases and norms too)
+    # freeze the transformer after this many updates (0: never). Upstream's DPS at its first stage switch freezes
+    # the transformer's non-LoRA weights; its optimizer holds only stage-0 parameters, so the LoRA adapters it
+    # switches on get gradients but never change: the transformer just stops learning
+    transformer_freeze_after: int = 0
     grad_clip: float = 5.0  # grad-norm clip
     target_decay: float = 0.95  # EMA of the target network per update: target = 0.95 target + 0.05 online
     batch_size: int = 512  # sequences per update, equal micro-batches per task (at least one each)
@@ -112,11 +138,17 @@ class ScaleZeroConfig:
                               "shared_hidden", "ffn", "head_hidden", "bins", "unroll_steps", "td_steps", "lr",
                               "grad_clip", "batch_size", "simulations", "eval_simulations", "c1", "c2",
                               "dirichlet_alpha"))
-        check_non_negative(self, ("dropout", "latent_coef", "reward_coef", "policy_coef", "value_coef",
+        check_non_negative(self, ("alpha_lr", "target_entropy_decay_steps", "label_smoothing",
+                                  "transformer_freeze_after", "dropout", "latent_coef", "reward_coef", "policy_coef",
+                                  "value_coef",
                                   "entropy_coef", "recon_coef", "reward_clip", "weight_decay", "res_blocks",
                                   "context_steps", "temperature", "min_span"))
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}; allowed: {', '.join(ROUTERS)}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder={self.encoder!r}; allowed: {', '.join(ENCODERS)}")
+        if self.latent_head not in ("upstream", "plain"):
+            raise ValueError(f"latent_head={self.latent_head!r}; allowed: upstream, plain")
         if self.latent_dim % self.heads:
             raise ValueError(f"latent_dim={self.latent_dim}; allowed: a multiple of heads={self.heads}")
         if not self.channels or len(self.channels) != len(self.strides):
@@ -140,6 +172,10 @@ class ScaleZeroConfig:
             raise ValueError(f"betas={list(self.betas)}; allowed: two numbers")
 
     def check_image_size(self, image_size: int) -> None:
+        if self.encoder == "lightzero":
+            if image_size % 8:
+                raise ValueError(f"image_size={image_size}; allowed with encoder=lightzero: a multiple of 8")
+            return
         resnet_out(image_size, tuple(self.strides))
 
     def check_suite(self, suite: str, discrete: bool) -> None:
@@ -203,6 +239,27 @@ def absorbing_steps(terminal: torch.Tensor, in_episode: torch.Tensor) -> torch.T
     return (torch.cumsum(term, 1) - term).clamp(max=1.0)
 
 
+def decay_groups(model: torch.nn.Module, decay_all: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(decayed, not decayed) parameters as upstream's nanoGPT groups: weight decay on parameters of >= 2 dims
+    (matrices, convs, embeddings, the encoder's LayerNorm over C x H x W), none on biases and LayerNorm vectors.
+    Stacked modules (per-task heads, experts) carry a leading stack dimension that upstream's separate modules
+    do not have: it is not counted."""
+    stacked = {id(p) for m in model.modules() if isinstance(m, (StackedLinear, StackedNorm))
+               for p in m.parameters(recurse=False)}
+    decay, keep = [], []
+    for p in model.parameters():
+        dims = p.dim() - (id(p) in stacked)
+        (decay if decay_all or dims >= 2 else keep).append(p)
+    return decay, keep
+
+
+def smoothed_support_ce(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor, eps: float) -> torch.Tensor:
+    """support_ce against (1 - eps) two-hot(h(target)) + eps / bins (upstream's label smoothing): logits (..., n),
+    target (...,) -> (...,). The uniform part adds eps x the mean negative log-probability over the bins."""
+    log_p = F.log_softmax(logits.float(), -1)
+    return (1.0 - eps) * support_ce(logits, target, bins) - eps * log_p.mean(-1)
+
+
 @register_agent("scalezero", ScaleZeroConfig, multi_task=True)
 class ScaleZeroAgent(Agent):
     """ScaleZero-lite (see the module docstring)."""
@@ -221,11 +278,16 @@ class ScaleZeroAgent(Agent):
                                     tuple(cfg.channels), tuple(cfg.strides), cfg.res_blocks, cfg.depth, cfg.heads,
                                     cfg.max_tokens, cfg.dropout, cfg.moe, cfg.n_experts, cfg.expert_hidden,
                                     cfg.shared_hidden, cfg.router, cfg.ffn, cfg.head_hidden, cfg.bins,
-                                    decoder=cfg.recon_coef > 0).to(device)
+                                    decoder=cfg.recon_coef > 0, encoder=cfg.encoder, ffn_dropout=cfg.ffn_dropout,
+                                    latent_head=cfg.latent_head).to(device)
         self.target = copy.deepcopy(self.wm).requires_grad_(False).eval()
         self.bins = support_bins(cfg.bins).to(device)
-        self.optim = bumps_versions(torch.optim.AdamW(self.wm.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                                      weight_decay=cfg.weight_decay, fused=True))
+        decay, keep = decay_groups(self.wm, cfg.decay_all)
+        self.optim = bumps_versions(torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas), fused=True))
+        self.log_alpha = torch.zeros(1, device=device, requires_grad=True)  # adaptive entropy weight, log
+        self.alpha_optim = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
         self.updates = 0
 
     def autocast(self) -> Any:
@@ -412,10 +474,11 @@ class ScaleZeroAgent(Agent):
         entropy = -(log_pi.exp() * log_pi).sum(-1)  # (B, T)
         terms = {
             "latent": self.task_sum((z_pred.float() - target_z).pow(2).mean(-1), next_valid, task),
-            "reward": self.task_sum(support_ce(reward_logits, reward[:, :t] * in_ep[:, :t], self.bins), live[:, :t],
-                                    task),
+            "reward": self.task_sum(smoothed_support_ce(reward_logits, reward[:, :t] * in_ep[:, :t], self.bins,
+                                                        cfg.label_smoothing), live[:, :t], task),
             "policy": self.task_sum(-(target_pi * log_pi).sum(-1), searched, task),
-            "value": self.task_sum(support_ce(value_logits, value_target, self.bins), value_valid, task),
+            "value": self.task_sum(smoothed_support_ce(value_logits, value_target, self.bins, cfg.label_smoothing),
+                                   value_valid, task),
             "entropy": self.task_sum(entropy, searched, task),
         }
         if wm.decoder is not None:
@@ -428,19 +491,46 @@ class ScaleZeroAgent(Agent):
     def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
         cfg = self.cfg
         self.wm.train()
+        if cfg.transformer_freeze_after and self.updates >= cfg.transformer_freeze_after:
+            # upstream's DPS stage switch (see the config): its transformer's blocks and final norm; the learned
+            # positions are a module of their own upstream and go on learning
+            self.wm.transformer.blocks.requires_grad_(False)
+            self.wm.transformer.norm.requires_grad_(False)
         batch = sample(self.batch_rows(), cfg.batch_length)
         terms = self.losses(batch)
-        loss = (cfg.latent_coef * terms["latent"] + cfg.reward_coef * terms["reward"] +
-                cfg.policy_coef * terms["policy"] + cfg.value_coef * terms["value"] -
-                cfg.entropy_coef * terms["entropy"] + cfg.recon_coef * terms.get("recon", 0.0))
+
+        def total(entropy_weight: float | torch.Tensor) -> torch.Tensor:
+            return (cfg.latent_coef * terms["latent"] + cfg.reward_coef * terms["reward"] +
+                    cfg.policy_coef * (terms["policy"] - entropy_weight * terms["entropy"]) +
+                    cfg.value_coef * terms["value"] + cfg.recon_coef * terms.get("recon", 0.0))
+
+        loss = total(cfg.entropy_coef)
+        alpha_loss = None
+        if cfg.adaptive_entropy:
+            # upstream's default multi-task path: the fixed-weight total plus the same terms again with the
+            # entropy weighted by alpha; every term counts twice (upstream's behaviour, kept as such)
+            with torch.no_grad():
+                self.log_alpha.clamp_(math.log(5e-3), math.log(10.0))
+            alpha = self.log_alpha.exp().detach()
+            progress = min(1.0, self.updates / max(cfg.target_entropy_decay_steps, 1))
+            ratio = cfg.target_entropy_start * (1.0 - progress) + cfg.target_entropy_end * progress
+            target_entropy = math.log(self.n_actions) * ratio
+            mean_entropy = terms["entropy"].detach() / len(self.tasks)  # the per-task entropies' mean
+            alpha_loss = (self.log_alpha * (mean_entropy - target_entropy)).sum()
+            loss = loss + total(alpha[0])
+            self.alpha_optim.zero_grad(set_to_none=True)
         self.optim.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if alpha_loss is None else loss + alpha_loss).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), cfg.grad_clip)
         self.optim.step()
+        if alpha_loss is not None:
+            self.alpha_optim.step()
         ema_(self.target, self.wm, cfg.target_decay)
         self.updates += 1
         metrics: Metrics = {f"wm/{k}": v.detach() for k, v in terms.items()}
         metrics |= {"wm/loss": loss.detach(), "wm/grad_norm": grad_norm}
+        if alpha_loss is not None:
+            metrics |= {"wm/alpha": self.log_alpha.detach().exp()[0], "wm/alpha_loss": alpha_loss.detach()}
         counts = self.wm.transformer.expert_counts()
         if counts:  # the busiest expert's share of tokens, mean over layers (1 / n_experts: balanced; 1: collapsed)
             shares = torch.stack([c.float() / c.sum().clamp(min=1) for c in counts])
@@ -469,12 +559,16 @@ class ScaleZeroAgent(Agent):
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:
         return {"wm": self.wm.state_dict(), "target": self.target.state_dict(), "optim": self.optim.state_dict(),
+                "log_alpha": self.log_alpha.detach().clone(), "alpha_optim": self.alpha_optim.state_dict(),
                 "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.wm.load_state_dict(state["wm"])
         self.target.load_state_dict(state["target"])
         self.optim.load_state_dict(state["optim"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.alpha_optim.load_state_dict(state["alpha_optim"])
         self.updates = int(state["updates"])
 
     def active_parameters(self) -> int:
@@ -504,3 +598,336 @@ class ScaleZeroAgent(Agent):
                   "heads": sum(count_parameters(h.parameters()) for h in (wm.policy_head, wm.value_head,
                                                                           wm.reward_head, wm.latent_head))}
         return counts | {"total": sum(counts.values())}
+
+
+# ---- mowbench.verify: replaying ScaleZero's upstream numbers (LightZero; mowbench/data/reference/scalezero) ----
+
+# the reference's sizes as our config (SOURCES.md, "Sizes"): UniZero's ResNet option (the recorder's encoder),
+# 2 tasks x 2 sequences, 4 unroll steps; td_steps 1 makes a replayed sequence the recorded 5 frames (upstream's
+# value targets come from its buffer and are replayed, so the n of ours does not enter); reward_clip 0: upstream
+# clips rewards in its Atari wrapper, not in the learner; the DPS stage switch before the third update
+VERIFY_SIZES: dict[str, Any] = {
+    "encoder": "lightzero", "channels": [4], "strides": [8], "res_blocks": 1, "latent_dim": 16, "depth": 2,
+    "heads": 2, "max_tokens": 8, "n_experts": 8, "expert_hidden": 64, "shared_hidden": 64, "head_hidden": 16,
+    "bins": 101, "unroll_steps": 4, "td_steps": 1, "context_steps": 2, "batch_size": 4, "reward_clip": 0.0,
+    "recon_coef": 0.0, "dropout": 0.1, "transformer_freeze_after": 2, "simulations": 16,
+}
+
+TOLERANCES = {
+    "fp32": "rtol 1e-5: fp32 rounding where our kernels add in another order (the fused qkv projection, stacked "
+            "per-task heads and experts as grouped matmuls, scaled_dot_product_attention, the smoothed cross-entropy "
+            "as (1 - eps) CE + eps mean(-log p), fused AdamW); measured over 3 updates: losses <= 1.1e-6, "
+            "weights' sums of squares <= 1.4e-6, gradient norms <= 9.2e-6 (the head gradients pass through the "
+            "latent head's LayerNorm of a near-zero input, which scales them by up to 1 / sqrt(1e-5))",
+    "target": "rtol 1e-3: the target network's change is 0.05 of the online change (Adam steps of ~1e-4) held in "
+              "weights ~1e4 times larger, so fp32 rounding of the weights (ulp ~6e-8 relative, both sides round the "
+              "momentum update differently: upstream (1 - m) t + m s, ours lerp) is ~6e-3 of an element's change; "
+              "over a module measured <= 3.9e-4",
+    "exact": "equal or not: parameter counts, the dropout masks applied",
+}
+# rows not compared, and why (docs): each stands for a part of upstream that ours does not build
+LEFT_OUT = {
+    "transformer change sum of squares": "our experts are stacked in one tensor per projection and share one Adam "
+    "state: an expert that gets no token in an update still takes an Adam step (its moments decay, weight decay "
+    "applies); upstream's experts are separate parameters and skip the step (no gradient). Measured: 16% of the "
+    "transformer's change after update 2. Its weights' sum of squares is compared",
+    "update 3: transformer grad norm": "upstream's includes its LoRA adapters' gradients (DPS, not built; 0.05 "
+    "against a total of 6.5e3, which is compared)",
+    "target change where the online change is 0": "upstream's momentum update moves an unchanged module's target "
+    "by fp32 rounding only (<= 1e-12)",
+    "MCTS (root visits, root value, action)": "not replayed yet: our search departs from LightZero's C++ tree (root "
+    "value, min-max with the root, clamped Q, pUCT with sum N, the root's prepare visit, rand() tie-breaking)",
+}
+RTOL = 1e-5
+
+# our parameter -> (how, upstream names): 'same' one tensor; 'cat' fused along dim 0 (q, k, v); 'stack' per-task
+# or per-expert tensors stacked on a new dim 0; 'stackT' Linear weights (out, in) stacked as ours (n, in, out)
+_ENC = "tokenizer.encoder.0."
+_DS = _ENC + "downsample_net."
+
+
+def _resblock(ours: str, up: str, skip: bool = False) -> dict[str, tuple[str, list[str]]]:
+    names = {f"{ours}.conv{i}.{j}.{w}": ("same", [f"{up}.conv{i}.{j}.{w}"])
+             for i in (1, 2) for j, ws in ((0, ("weight",)), (1, ("weight", "bias"))) for w in ws}
+    if skip:
+        names[f"{ours}.skip.weight"] = ("same", [f"{up}.conv3.0.weight"])
+    return names
+
+
+def upstream_names(depth: int, n_experts: int, n_tasks: int, res_blocks: int) -> dict[str, tuple[str, list[str]]]:
+    """The explicit name map of the reference's sizes (UPSTREAM_NAMES is the one of the recorded model)."""
+    m: dict[str, tuple[str, list[str]]] = {
+        "encoder.conv1.weight": ("same", [_DS + "conv1.weight"]),
+        "encoder.norm1.weight": ("same", [_DS + "norm1.weight"]), "encoder.norm1.bias": ("same", [_DS + "norm1.bias"]),
+        **_resblock("encoder.stage.0", _DS + "resblocks1.0"),
+        **_resblock("encoder.stage.1", _DS + "downsample_block", skip=True),
+        **_resblock("encoder.stage.2", _DS + "resblocks2.0"),
+        **_resblock("encoder.stage.4", _DS + "resblocks3.0"),
+        "encoder.project.weight": ("same", [_ENC + "last_linear.weight"]),
+        "encoder.norm.weight": ("same", [_ENC + "final_norm.weight"]),
+        "encoder.norm.bias": ("same", [_ENC + "final_norm.bias"]),
+        "action_embedding.weight": ("same", ["act_embedding_table.weight"]),
+        "transformer.position.weight": ("same", ["pos_emb.weight"]),
+        "transformer.norm.weight": ("same", ["transformer.ln_f.weight"]),
+        "transformer.norm.bias": ("same", ["transformer.ln_f.bias"]),
+    }
+    for r in range(res_blocks):
+        m |= _resblock(f"encoder.stage.{5 + r}", _ENC + f"resblocks.{r}")
+    for i in range(depth):
+        ours, up = f"transformer.blocks.{i}.", f"transformer.blocks.{i}."
+        for w in ("weight", "bias"):
+            m[ours + f"norm1.{w}"] = ("same", [up + f"ln1.{w}"])
+            m[ours + f"norm2.{w}"] = ("same", [up + f"ln2.{w}"])
+            m[ours + f"qkv.{w}"] = ("cat", [up + f"attn.{n}.{w}" for n in ("query", "key", "value")])
+            m[ours + f"out.{w}"] = ("same", [up + f"attn.proj.{w}"])
+            m[ours + f"ffn.shared.0.{w}"] = ("same", [up + f"feed_forward.shared_expert.0.{w}"])
+            m[ours + f"ffn.shared.2.{w}"] = ("same", [up + f"feed_forward.shared_expert.2.{w}"])
+        m[ours + "ffn.router.weight"] = ("same", [up + "feed_forward.gate.weight"])
+        for ours_w, up_w in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            m[ours + f"ffn.{ours_w}.weight"] = ("stackT", [up + f"feed_forward.experts.{j}.{up_w}.weight"
+                                                          for j in range(n_experts)])
+    for ours, up in (("policy_head", "head_policy"), ("value_head", "head_value"), ("reward_head", "head_rewards"),
+                     ("latent_head", "head_observations")):
+        layers = [("norm_in", 0, "stack", ("weight", "bias")), ("hidden", 1, "stackT", ("weight",)),
+                  ("hidden", 1, "stack", ("bias",)), ("norm_hidden", 2, "stack", ("weight", "bias")),
+                  ("out", 4, "stackT", ("weight",)), ("out", 4, "stack", ("bias",))]
+        if ours == "latent_head":
+            layers.append(("norm_out", 5, "stack", ("weight", "bias")))
+        for layer, idx, how, ws in layers:
+            for w in ws:
+                m[f"{ours}.{layer}.{w}"] = (how, [f"{up}_multi_task.{k}.head_module.{idx}.{w}" for k in range(n_tasks)])
+    return m
+
+
+UPSTREAM_NAMES = upstream_names(2, 8, 2, 1)
+# upstream's checksum groups (its WorldModelMT's top-level modules) -> the prefixes of our parameters in them
+OUR_GROUPS = {"tokenizer": ("encoder.",), "pos_emb": ("transformer.position.",),
+              "act_embedding_table": ("action_embedding.",),
+              "transformer": tuple(f"transformer.{n}" for n in ("blocks.", "norm.")),
+              "head_dict": ("policy_head.", "value_head.", "reward_head.", "latent_head.")}
+
+
+def from_upstream(init: dict[str, torch.Tensor], names: dict[str, tuple[str, list[str]]]) -> dict[str, torch.Tensor]:
+    """Upstream's state (its names) -> our parameters (our names) through the name map."""
+    out = {}
+    for ours, (how, ups) in names.items():
+        ts = [init[u].float() for u in ups]
+        if how == "same":
+            out[ours] = ts[0]
+        elif how == "cat":
+            out[ours] = torch.cat(ts)
+        else:
+            out[ours] = torch.stack([t.T for t in ts] if how == "stackT" else ts)
+    return out
+
+
+def to_upstream(ours: dict[str, torch.Tensor], init: dict[str, torch.Tensor],
+                names: dict[str, tuple[str, list[str]]]) -> dict[str, torch.Tensor]:
+    """Our parameters as upstream's state: every key of upstream's `init`, ours where mapped, else init's (buffers
+    such as the attention masks, and what upstream never trains: the LoRA adapters and scales, the single-task
+    heads). Upstream's aliases (head_dict.*, blocks.i.experts.j, the same modules under a second name) included."""
+    state = dict(init)
+    for name, (how, ups) in names.items():
+        t = ours[name].detach()
+        if how == "same":
+            parts = [t]
+        elif how == "cat":
+            parts = list(t.chunk(len(ups)))
+        else:
+            parts = [x.T for x in t.unbind(0)] if how == "stackT" else list(t.unbind(0))
+        for u, p in zip(ups, parts, strict=True):
+            state[u] = p
+    for key in init:
+        if key.startswith("head_dict."):  # head_dict.X is X
+            state[key] = state[key[len("head_dict."):]]
+        if ".experts." in key and ".feed_forward." not in key:  # blocks.i.experts.j = blocks.i.feed_forward.experts.j
+            state[key] = state[key.replace(".experts.", ".feed_forward.experts.", 1)]
+    return state
+
+
+def upstream_checksums(state: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """As the recorder: per top-level module, float64 sum and sum of squares of the weights and of their change."""
+    out = {}
+    for group in sorted({k.split(".")[0] for k in state}):
+        keys = [k for k in state if k.split(".")[0] == group and state[k].is_floating_point()]
+        flat = torch.cat([state[k].double().flatten() for k in keys])
+        change = torch.cat([(state[k].double() - init[k].double()).flatten() for k in keys])
+        out[group] = torch.stack([flat.sum(), flat.pow(2).sum()])
+        out[group + "/change"] = torch.stack([change.sum(), change.pow(2).sum()])
+    return out
+
+
+class ReplayedDropout(torch.nn.Module):
+    """Dropout with recorded keep masks in call order (shared by every site of a model): x * keep / (1 - p)."""
+
+    def __init__(self, p: float, masks: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.p, self.masks = p, masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = self.masks.pop(0)
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
+    """mowbench.verify's hook: upstream's initial weights, three updates (fixed 2-task batches, upstream's dropout
+    masks and value targets; the third after the DPS stage switch) replayed through ours -> (rows, reasons)."""
+    import sys
+
+    from mowbench.agents.base import build_config, get_agent
+    from mowbench.envs.base import ActionSpace
+    from mowbench.models import unizero
+    from mowbench.models.transformer import attend as sdpa_attend
+    from mowbench.verify import Row, scalar_row
+
+    module = sys.modules[__name__]
+    s = reference["sizes"]
+    cfg = build_config(get_agent("scalezero"), {**agent_values, **VERIFY_SIZES})
+    k_tasks, a = s["tasks"], s["actions"]
+    infos = [TaskInfo("atari100k", f"upstream{k}", k, s["image_size"], ActionSpace(True, a)) for k in range(k_tasks)]
+    torch.manual_seed(0)
+    agent = ScaleZeroAgent(cfg, infos, torch.device("cpu"), "fp32")
+    wm, init = agent.wm, reference["init"]
+    ours_params = dict(wm.named_parameters())
+    # the map of the reference's sizes, less what an ablation's model lacks (the plain latent head's affine norm)
+    names = {k: v for k, v in upstream_names(cfg.depth, cfg.n_experts, k_tasks, cfg.res_blocks).items()
+             if k in ours_params}
+    rows: list[Row] = []
+    mapped = sum(init[u].numel() for _, ups in names.values() for u in ups)
+    rows.append(scalar_row("world model parameters (mapped)", mapped, count_parameters(wm.parameters()), 0.0,
+                           "exact"))
+    try:
+        loaded = from_upstream(init, names)
+        missing = sorted(set(ours_params) - set(loaded))
+        if missing:
+            raise KeyError(f"ours without upstream: {', '.join(missing[:3])}")
+        with torch.no_grad():
+            for n, p in ours_params.items():
+                p.copy_(loaded[n])
+            agent.target.load_state_dict(wm.state_dict())
+    except (RuntimeError, KeyError) as err:
+        rows.append(Row(f"upstream weights load into ours ({str(err).splitlines()[0][:80]})", float("nan"),
+                        float("nan"), float("inf"), 0.0, "exact"))
+        return rows, TOLERANCES
+    p_drop = cfg.dropout
+    queue: list[torch.Tensor] = []
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Any, layer: int, mask: Any,
+               dropout: float = 0.0) -> torch.Tensor:
+        """Causal attention with upstream's recorded keep masks on the probabilities (training passes only)."""
+        if dropout == 0.0 or cache is not None:
+            return sdpa_attend(q, k, v, cache, layer, mask, dropout)
+        t = q.shape[2]
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        att = torch.softmax(att.masked_fill(~causal, float("-inf")), -1)
+        att = att * queue.pop(0).to(att.dtype) / (1.0 - dropout)
+        return att @ v
+
+    per_task: list[torch.Tensor] = []
+
+    def task_sum(loss: torch.Tensor, mask: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """ScaleZeroAgent.task_sum, keeping each task's masked mean."""
+        num = torch.zeros(k_tasks).index_add_(0, task, (loss.float() * mask).sum(1))
+        den = torch.zeros(k_tasks).index_add_(0, task, mask.sum(1))
+        per_task.append((num / den.clamp(min=1.0)).detach())
+        return (num / den.clamp(min=1.0)).sum()
+
+    grads: dict[str, torch.Tensor] = {}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_recorded(params: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Per upstream module: the grad norm before clipping (as the recorder's wrapper)."""
+        grads.clear()
+        for group, prefixes in OUR_GROUPS.items():
+            sq = [p.grad.double().pow(2).sum() for n, p in wm.named_parameters()
+                  if p.grad is not None and n.startswith(prefixes)]
+            grads[group] = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), dtype=torch.float64)
+        return clip(params, max_norm, *args, **kwargs)
+
+    value_targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    agent.task_sum = task_sum  # type: ignore[method-assign]
+    drops = [wm.transformer.drop, *(b.drop for b in wm.transformer.blocks)]
+    replayed = ReplayedDropout(p_drop, queue)
+    module_n_step, unizero_attend = module.n_step_targets, unizero.attend
+    module.n_step_targets = lambda *args, **kwargs: value_targets.pop(0)
+    unizero.attend = attend
+    torch.nn.utils.clip_grad_norm_ = clip_recorded
+    wm.transformer.drop = replayed
+    for b in wm.transformer.blocks:
+        b.drop = replayed
+    t = s["unroll_steps"]
+    try:
+        for u, upd in enumerate(reference["updates"]):
+            tag = f"update {u + 1}"
+            tasks = upd["tasks"]
+            frames = torch.cat([x["frames"] for x in tasks])  # (B, T+1, 3, 8, 8)
+            f = s["image_size"] // s["obs_base"]
+            obs = frames.repeat_interleave(f, 3).repeat_interleave(f, 4).permute(0, 1, 3, 4, 2).contiguous()
+            mask = torch.cat([x["mask"] for x in tasks])  # (B, T+1)
+            b = mask.shape[0]
+            # upstream's padding mask as episode starts: step t+1 (past the unroll) and the first padded step
+            first = torch.zeros(b, t + 1)
+            first[:, t] = 1.0
+            first = torch.maximum(first, (mask == 0).float() * (torch.cumsum((mask == 0).float(), 1) == 1).float())
+            action = torch.zeros(b, t + 1, dtype=torch.long)
+            action[:, :t] = torch.cat([x["action"] for x in tasks])
+            batch = Batch(obs, action, torch.cat([x["target_reward"] for x in tasks]), torch.zeros(b, t + 1),
+                          torch.arange(k_tasks).repeat_interleave(b // k_tasks), torch.ones(b, a, dtype=torch.bool),
+                          extras={"first": first, "visits": torch.cat([x["target_policy"] for x in tasks])},
+                          task_counts=(b // k_tasks,) * k_tasks)
+            value_targets.append((torch.cat([x["target_value"] for x in tasks])[:, :t], mask[:, :t]))
+            # upstream's masks per task in call order (LoRA dropouts: the adapters, not built, add 0 at stage 1)
+            sites = [(n, m) for n, m in zip(upd["dropout_sites"], upd["dropout_keep"], strict=True)
+                     if "lora_dropout" not in n]
+            per = len(sites) // k_tasks
+            queue[:] = [torch.cat([sites[j * per + i][1] for j in range(k_tasks)]) for i in range(per)]
+            n_masks = len(queue)
+            per_task.clear()
+            metrics = agent.update(lambda n, length, batch=batch: batch)
+            log = upd["log"]
+            rows.append(scalar_row(f"{tag}: dropout masks applied", n_masks, n_masks - len(queue), 0.0, "exact"))
+            latent, reward, policy, value, entropy = per_task
+            for k in range(k_tasks):
+                for what, ours_v in (("obs", latent), ("reward", reward), ("value", value),
+                                     ("orig_policy", policy), ("policy_entropy", entropy)):
+                    rows.append(scalar_row(f"{tag}: task {k} {what} loss".replace("entropy loss", "entropy"),
+                                           log[f"noreduce_{what}_loss_task{k}".replace("entropy_loss", "entropy")],
+                                           ours_v[k], RTOL, "fp32"))
+                rows.append(scalar_row(f"{tag}: task {k} policy loss (with entropy bonus)",
+                                       log[f"noreduce_policy_loss_task{k}"],
+                                       policy[k] - cfg.entropy_coef * entropy[k], RTOL, "fp32"))
+            rows += [scalar_row(f"{tag}: total loss", log["weighted_total_loss"], metrics["wm/loss"], RTOL, "fp32"),
+                     scalar_row(f"{tag}: grad norm before clipping", log["total_grad_norm_before_clip_wm"],
+                                metrics["wm/grad_norm"], RTOL, "fp32")]
+            for group in OUR_GROUPS:
+                if group == "transformer" and upd["stage"] > 0:
+                    continue  # upstream's includes its LoRA adapters' gradients (not built)
+                rows.append(scalar_row(f"{tag}: {group} grad norm before clipping", upd["grad_norm"][group],
+                                       grads[group], RTOL, "fp32", floor=1e-3))
+            rows.append(scalar_row(f"{tag}: entropy log-alpha", upd["log_alpha"], agent.log_alpha.detach(), RTOL,
+                                   "fp32"))
+            for which, model, up_sums in (("", wm, upd["checksums"]), ("target ", agent.target,
+                                                                         upd["target_checksums"])):
+                ours_sums = upstream_checksums(to_upstream(dict(model.named_parameters()), init, names), init)
+                for group in OUR_GROUPS:
+                    rows.append(scalar_row(f"{tag}: {which}{group} weights sum of squares", up_sums[group][1],
+                                           ours_sums[group][1], RTOL, "fp32"))
+                    if group == "transformer" or not float(upd["checksums"][group + "/change"][1]):
+                        continue  # LEFT_OUT
+                    rows.append(scalar_row(f"{tag}: {which}{group} change sum of squares",
+                                           up_sums[group + "/change"][1], ours_sums[group + "/change"][1],
+                                           1e-3 if which else RTOL, "target" if which else "fp32"))
+    except (RuntimeError, IndexError, ValueError) as err:
+        rows.append(Row(f"updates replayed ({str(err).splitlines()[0][:80]})", float("nan"), float("nan"),
+                        float("inf"), 0.0, "exact"))
+    finally:
+        module.n_step_targets, unizero.attend = module_n_step, unizero_attend
+        torch.nn.utils.clip_grad_norm_ = clip
+        del agent.task_sum
+        wm.transformer.drop = drops[0]
+        for blk, d in zip(wm.transformer.blocks, drops[1:], strict=True):
+            blk.drop = d
+    return rows, TOLERANCES

@@ -16,6 +16,7 @@ from mowbench.models.transformer import KVCache, attend, layer_mask, position_em
 from mowbench.models.vae import ConvDecoder
 
 ROUTERS = ("learned", "upstream")
+ENCODERS = ("resnet", "lightzero")
 
 
 class ResidualBlock(nn.Module):
@@ -68,21 +69,70 @@ class ResNetEncoder(nn.Module):
         return self.norm(self.project(self.trunk(x).flatten(1)))  # (B, D)
 
 
+class LightZeroResBlock(nn.Module):
+    """LightZero's (DI-engine's) ResBlock with norm 'LN' (GroupNorm(1, C)), bias-free convs: act(conv-norm-act-conv-
+    norm(x) + x); `downsample` halves the side (stride-2 first conv, and a stride-2 conv on the skip path)."""
+
+    def __init__(self, c_in: int, c_out: int, act: nn.Module, downsample: bool = False) -> None:
+        super().__init__()
+        stride = 2 if downsample else 1
+        self.act = act
+        self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.GroupNorm(1, c_out))
+        self.conv2 = nn.Sequential(nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.GroupNorm(1, c_out))
+        self.skip = nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.act(self.conv1(x)))
+        return self.act(y + (x if self.skip is None else self.skip(x)))
+
+
+class LightZeroResNetEncoder(nn.Module):
+    """UniZero's ResNet encoder option (LightZero's RepresentationNetworkUniZero with norm_type 'LN'): obs (B, S, S, 3)
+    uint8 -> z (B, D). Conv3x3 stride 2 to C/2 -> LayerNorm over (C/2, S/2, S/2) (affine per element) -> act ->
+    basic block -> downsampling block to C -> basic block -> AvgPool(3, 2, 1) -> basic block -> `blocks` basic
+    blocks -> flatten -> Linear (no bias) -> LayerNorm(D) (affine). act: GELU (tanh), UniZeroMTModel's default.
+    Pixels in [0, 1] (LightZero's obs / 255). Side S / 8 (64 -> 8)."""
+
+    def __init__(self, image_size: int, channels: int, blocks: int, latent_dim: int) -> None:
+        super().__init__()
+        if image_size % 8:
+            raise ValueError(f"image_size={image_size}; allowed with encoder=lightzero: a multiple of 8")
+        act = nn.GELU(approximate="tanh")
+        half = channels // 2
+        self.act = act
+        self.conv1 = nn.Conv2d(3, half, 3, 2, 1, bias=False)
+        self.norm1 = nn.LayerNorm([half, image_size // 2, image_size // 2])
+        self.stage = nn.Sequential(LightZeroResBlock(half, half, act), LightZeroResBlock(half, channels, act, True),
+                                   LightZeroResBlock(channels, channels, act), nn.AvgPool2d(3, 2, 1),
+                                   LightZeroResBlock(channels, channels, act),
+                                   *(LightZeroResBlock(channels, channels, act) for _ in range(blocks)))
+        side = image_size // 8
+        self.project = Linear(channels * side * side, latent_dim, bias=False)
+        self.norm = nn.LayerNorm(latent_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, S, S)
+        x = self.stage(self.act(self.norm1(self.conv1(x))))  # (B, C, S/8, S/8)
+        return self.norm(self.project(x.flatten(1)))  # (B, D)
+
+
 class MoEFeedForward(nn.Module):
     """ScaleZero's mixture-of-experts feed-forward layer: `n_experts` SwiGLU experts (W_down(silu(W_gate x) *
     W_up x), no bias), each token sent to its top-1 expert by a router Linear(D, n_experts) on the token alone,
-    plus one always-on shared expert Linear -> GELU -> Linear. No balance loss (upstream has none).
+    plus one always-on shared expert Linear -> GELU -> Linear. No balance loss (upstream has none). The router has
+    no bias (upstream's gate).
 
-    router='learned': the chosen expert's output is weighted by the softmax over all router logits at the chosen
-    one, so the router gets a gradient. router='upstream': ScaleZero's code takes the softmax over the single
-    selected logit, a weight of exactly 1, so its router never learns (spec pitfall); kept as an option."""
+    router='upstream' (default): ScaleZero's code takes the softmax over the single selected logit, a weight of
+    exactly 1, so its router never learns (its gradient is 0). router='learned' (ablation `learned_router`): the
+    chosen expert's output is weighted by the softmax over all router logits at the chosen one, so the router
+    gets a gradient."""
 
-    def __init__(self, width: int, hidden: int, n_experts: int, shared_hidden: int, router: str = "learned") -> None:
+    def __init__(self, width: int, hidden: int, n_experts: int, shared_hidden: int, router: str = "upstream") -> None:
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"router={router!r}; allowed: {', '.join(ROUTERS)}")
         self.n_experts, self.router_kind = n_experts, router
-        self.router = Linear(width, n_experts)
+        self.router = Linear(width, n_experts, bias=False)
         self.gate = StackedLinear(n_experts, width, hidden, bias=False)
         self.up = StackedLinear(n_experts, width, hidden, bias=False)
         self.down = StackedLinear(n_experts, hidden, width, bias=False)
@@ -125,12 +175,14 @@ class DenseFeedForward(nn.Module):
 
 
 class PreLNBlock(nn.Module):
-    """x = x + Drop(Attn(LN(x))); x = x + Drop(FFN(LN(x))) (UniZero's pre-LN block; FFN dense or MoE)."""
+    """x = x + Drop(Attn(LN(x))); x = x + FFN(LN(x)) (UniZero's pre-LN block; FFN dense or MoE). UniZero drops
+    only the attention probabilities and the attention output; ffn_dropout (ablation `ffn_dropout`) also drops the
+    FFN's output."""
 
-    def __init__(self, width: int, heads: int, ffn: nn.Module, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, ffn: nn.Module, dropout: float, ffn_dropout: bool = False) -> None:
         super().__init__()
         assert width % heads == 0, f"width={width} not divisible by heads={heads}"
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.ffn_dropout = heads, dropout, ffn_dropout
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = Linear(width, 3 * width)
         self.out = Linear(width, width)
@@ -142,7 +194,8 @@ class PreLNBlock(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         attn = attend(q, k, v, cache, layer, mask, self.dropout if self.training else 0.0)  # (B, H, T, d)
         x = x + self.drop(self.out(attn.transpose(1, 2).reshape(b, t, width)))
-        return x + self.drop(self.ffn(self.norm2(x)))
+        y = self.ffn(self.norm2(x))
+        return x + (self.drop(y) if self.ffn_dropout else y)
 
 
 class UniZeroTransformer(nn.Module):
@@ -151,7 +204,8 @@ class UniZeroTransformer(nn.Module):
     to the cached ones. moe=False: dense feed-forward layers of `ffn` hidden units."""
 
     def __init__(self, width: int, depth: int, heads: int, max_tokens: int, dropout: float, moe: bool,
-                 n_experts: int, expert_hidden: int, shared_hidden: int, router: str, ffn: int) -> None:
+                 n_experts: int, expert_hidden: int, shared_hidden: int, router: str, ffn: int,
+                 ffn_dropout: bool = False) -> None:
         super().__init__()
         self.width, self.depth, self.heads, self.max_tokens = width, depth, heads, max_tokens
         self.position = nn.Embedding(max_tokens, width)
@@ -162,7 +216,8 @@ class UniZeroTransformer(nn.Module):
                 return MoEFeedForward(width, expert_hidden, n_experts, shared_hidden, router)
             return DenseFeedForward(width, ffn)
 
-        self.blocks = nn.ModuleList(PreLNBlock(width, heads, feed_forward(), dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(PreLNBlock(width, heads, feed_forward(), dropout, ffn_dropout)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(width)
 
     def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype,
@@ -186,15 +241,19 @@ class UniZeroTransformer(nn.Module):
 
 
 class TaskHeads(nn.Module):
-    """K per-task heads LN -> Linear(D, H) -> LN -> GELU -> Linear(H, out), weights stacked by task: x (B, T, D)
-    and each row's task (B,) -> (B, T, out), every row through its task's head (rows grouped by task).
+    """K per-task heads LN -> Linear(D, H) -> LN -> GELU (tanh approximation, UniZero's) -> Linear(H, out), weights
+    stacked by task: x (B, T, D) and each row's task (B,) -> (B, T, out), every row through its task's head (rows
+    grouped by task).
 
     zero_last: the last Linear starts at zero (LightZero's last_linear_layer_init_zero, on in UniZero): a fresh
     value or reward head then predicts exactly 0 and a fresh policy head the uniform prior. Without it, the random
     heads' values (|v| ~ 5 after the support's inverse transform) steered the first searches and the tiny agent's
-    policy collapsed onto one action."""
+    policy collapsed onto one action.
 
-    def __init__(self, n_tasks: int, width: int, hidden: int, out_dim: int, zero_last: bool = False) -> None:
+    final_norm: a per-task affine LayerNorm on the output (UniZero's latent head, 'LayerNorm' final norm option)."""
+
+    def __init__(self, n_tasks: int, width: int, hidden: int, out_dim: int, zero_last: bool = False,
+                 final_norm: bool = False) -> None:
         super().__init__()
         self.n_tasks = n_tasks
         self.norm_in = StackedNorm(n_tasks, width)
@@ -204,36 +263,54 @@ class TaskHeads(nn.Module):
         if zero_last:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
+        self.norm_out = StackedNorm(n_tasks, out_dim) if final_norm else None
 
     def forward(self, x: torch.Tensor, task: torch.Tensor, layout: PairLayout | None = None) -> torch.Tensor:
         layout = layout or PairLayout.of(task, self.n_tasks, "auto")
         h = self.hidden(self.norm_in(x[layout.order], layout), layout)
-        y = self.out(F.gelu(self.norm_hidden(h, layout)), layout)
+        y = self.out(F.gelu(self.norm_hidden(h, layout), approximate="tanh"), layout)  # UniZero's GELU (tanh)
+        if self.norm_out is not None:
+            y = self.norm_out(y, layout)
         return y[layout.inverse]
 
 
 class UniZeroWorldModel(nn.Module):
     """Encoder, action embedding (the full action set), transformer, per-task heads (and with `decoder` a
     ConvDecoder from latents to frames, the tiny preset's reconstruction loss), with MuZero-named methods:
-    encode (representation), tokens, policy/value on obs tokens, reward/next_latent on action tokens. Latents
-    and predicted next latents are LayerNorm'ed (no affine: the predictions live where the encoder's do)."""
+    encode (representation), tokens, policy/value on obs tokens, reward/next_latent on action tokens.
+
+    latent_head='upstream' (UniZero's): the next-latent head's last Linear starts at zero like the other heads' and
+    ends in a per-task affine LayerNorm. 'plain' (ablation `plain_latent_head`): a random last Linear and a
+    LayerNorm without affine (the predictions live where a non-affine encoder's latents do).
+    encoder: 'resnet' (ours: pre-activation blocks, GroupNorm, non-affine final LayerNorm) or 'lightzero'
+    (UniZero's ResNet option, LightZeroResNetEncoder; channels[-1] channels)."""
 
     def __init__(self, image_size: int, n_actions: int, n_tasks: int, latent_dim: int, channels: tuple[int, ...],
                  strides: tuple[int, ...], res_blocks: int, depth: int, heads: int, max_tokens: int, dropout: float,
                  moe: bool, n_experts: int, expert_hidden: int, shared_hidden: int, router: str, ffn: int,
-                 head_hidden: int, bins: int, decoder: bool = False) -> None:
+                 head_hidden: int, bins: int, decoder: bool = False, encoder: str = "resnet",
+                 ffn_dropout: bool = False, latent_head: str = "upstream") -> None:
         super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder={encoder!r}; allowed: {', '.join(ENCODERS)}")
+        if latent_head not in ("upstream", "plain"):
+            raise ValueError(f"latent_head={latent_head!r}; allowed: upstream, plain")
         self.n_tasks, self.latent_dim, self.bins = n_tasks, latent_dim, bins
-        self.encoder = ResNetEncoder(image_size, channels, strides, res_blocks, latent_dim)
+        if encoder == "lightzero":
+            self.encoder: nn.Module = LightZeroResNetEncoder(image_size, channels[-1], res_blocks, latent_dim)
+        else:
+            self.encoder = ResNetEncoder(image_size, channels, strides, res_blocks, latent_dim)
         # UniZero's optional latent reconstruction (its latent_recon_loss): z -> frame, training only
         self.decoder = ConvDecoder(image_size, channels, latent_dim) if decoder else None
         self.action_embedding = nn.Embedding(n_actions, latent_dim)
         self.transformer = UniZeroTransformer(latent_dim, depth, heads, max_tokens, dropout, moe, n_experts,
-                                              expert_hidden, shared_hidden, router, ffn)
+                                              expert_hidden, shared_hidden, router, ffn, ffn_dropout)
         self.policy_head = TaskHeads(n_tasks, latent_dim, head_hidden, n_actions, zero_last=True)
         self.value_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins, zero_last=True)
         self.reward_head = TaskHeads(n_tasks, latent_dim, head_hidden, bins, zero_last=True)
-        self.latent_head = TaskHeads(n_tasks, latent_dim, head_hidden, latent_dim)
+        upstream = latent_head == "upstream"
+        self.latent_head = TaskHeads(n_tasks, latent_dim, head_hidden, latent_dim, zero_last=upstream,
+                                     final_norm=upstream)
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """obs (..., S, S, 3) uint8 -> z (..., D)."""
@@ -254,4 +331,6 @@ class UniZeroWorldModel(nn.Module):
         layout = PairLayout.of(task, self.n_tasks, "auto")
         reward = self.reward_head(h, task, layout)
         z_next = self.latent_head(h, task, layout)
-        return reward, F.layer_norm(z_next, z_next.shape[-1:])
+        if self.latent_head.norm_out is None:
+            z_next = F.layer_norm(z_next, z_next.shape[-1:])
+        return reward, z_next
