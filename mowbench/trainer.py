@@ -180,10 +180,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):  # numpy's key stored as a tensor (older checkpoints: numpy's own tuple)
-        key = numpy_state["state"]["key"].cpu().numpy()
-        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
-    np.random.set_state(numpy_state)
+    key = numpy_state["state"]["key"].cpu().numpy()  # stored as a tensor (rng_state)
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
     torch.set_rng_state(state["torch"].cpu())  # (a checkpoint loaded with map_location=cuda moves it)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -263,8 +261,7 @@ class Trainer:
         self.replay.load_state_dict(state["replay"])
         set_rng_state(state["rng"])
         self.rng.bit_generator.state = state["trainer_rng"]
-        counters = state["counters"]  # a plain dict (checkpoints before it held the dataclass itself)
-        self.counters = Counters(**counters) if isinstance(counters, dict) else counters
+        self.counters = Counters(**state["counters"])
         for stream, s, o in zip(self.streams, state["streams"], objects, strict=True):
             if o["env"] is not None:
                 stream.env.set_state(o["env"])
@@ -279,11 +276,7 @@ class Trainer:
 
     def _read_checkpoint(self, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The checkpoint's plain state and its streams' pickled objects (env state, acting context)."""
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except pickle.UnpicklingError:  # a checkpoint from before plain checkpoints: everything pickled
-            state = torch.load(path, map_location=self.device, weights_only=False)
-            return state, state["streams"]
+        state = torch.load(path, map_location=self.device, weights_only=True)  # plain data only (state_dict)
         return state, pickle.loads(state["objects"])  # written by this trainer (see state_dict)
 
     # ---- loop ----
