@@ -17,9 +17,10 @@ warm-up clustering, and the warm-up pre-training (cluster_warmup_updates) runs f
 Each task's clustering gradient is taken w.r.t. the warm-up VAE and heads (the module the clustering
 splits) from the task's own rows, averaged over several batches, and kept per layer as a fixed random
 projection (count sketch) scaled to unit length (the paper: "averaged per layer"; see
-task_gradient_vectors and clustering.gradient_vector). Per update each task gets `batch_per_task`
-sequences and `imag_per_task` imagination starts (paper preset: 1 and 40; the paper states neither).
-"""
+task_gradient_vectors and clustering.gradient_vector); of the k-means restarts the most similar grouping is
+kept (lowest inertia, `cluster_select`), with its silhouette and within-cluster similarities recorded. Per
+update each task gets `batch_per_task` sequences and `imag_per_task` imagination starts (paper preset: 1 and
+40; the paper states neither). The task-ID head reads h (`task_head_input`; MoWWorldModel.task_logits)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,13 @@ from mowbench.agents.base import Metrics, adam, build_config, count_parameters, 
 from mowbench.agents.imagination import ImaginationAgent
 from mowbench.baselines import storm
 from mowbench.baselines.storm import STORMConfig, separate_storm_figures, storm_loss, storm_terms
-from mowbench.clustering import cosine_similarity_matrix, gradient_vector, kmeans_cosine, random_assignment
+from mowbench.clustering import (
+    cluster_quality,
+    cosine_similarity_matrix,
+    gradient_vector,
+    kmeans_cosine,
+    random_assignment,
+)
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.figures import heatmap_png
 from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
@@ -72,6 +79,9 @@ class MoWConfig(STORMConfig):
     shared_transformer: bool = True  # False: no shared Transformer F after the experts (ablation)
     task_loss: bool = True  # task-ID head and its cross-entropy (ablation: False)
     task_loss_scale: float = 1.0  # weight of the task-ID cross-entropy inside each task's loss
+    # what the task-ID head reads: h (the shared Transformer's output, the paper's reading) | z (the posterior
+    # latent, whose encoder also reads e_k; ablation task_head_on_z). See MoWWorldModel.task_logits.
+    task_head_input: str = "h"
     balance_loss: bool = True  # expert-balance loss (ablation: False)
     balance_scale: float = 0.1  # its coefficient (mow.md: 0.1)
     harmonious: bool = True  # HarmonyDream weighting with one learnable s_k per task (ablation: False)
@@ -84,14 +94,17 @@ class MoWConfig(STORMConfig):
     # whose gradient: cluster = the warm-up VAE and heads (what the clustering splits into N_m copies) |
     # shared = every shared parameter, experts, router and task-ID head included (task-specific by design)
     cluster_grad_params: str = "cluster"
-    cluster_select: str = "even"  # k-means restart kept: most even group sizes | lowest inertia
+    # k-means restart kept: inertia = the most similar grouping (lowest cosine k-means objective; ties: the more
+    # even sizes) | even = the most even group sizes (ties: lowest inertia; ablation even_clusters)
+    cluster_select: str = "inertia"
     cluster_n_init: int = 100  # k-means restarts
 
     def check(self) -> None:
         super().check()
         choices = {"routing": ("task", "token"), "expert_kernel": KERNELS, "clustering": ("gradient", "random", "none"),
                    "cluster_grad_reduce": ("sketch", "flat", "layer_mean"),
-                   "cluster_grad_params": ("cluster", "shared"), "cluster_select": ("even", "inertia")}
+                   "cluster_grad_params": ("cluster", "shared"), "cluster_select": ("inertia", "even"),
+                   "task_head_input": ("h", "z")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
@@ -236,7 +249,8 @@ class MoWWorldModel(nn.Module):
         self.mix = nn.Sequential(Linear(cfg.top_k * cfg.width + e, cfg.width, bias=False), nn.LayerNorm(cfg.width))
         self.shared = (CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len,
                                          cfg.attn_dropout, cfg.block_ln_eps) if cfg.shared_transformer else None)
-        self.task_head = MLP(cfg.width, cfg.head_width, 1, n_tasks) if cfg.task_loss else None
+        head_in = cfg.width if cfg.task_head_input == "h" else self.latent_dim
+        self.task_head = MLP(head_in, cfg.head_width, 1, n_tasks) if cfg.task_loss else None
         self.register_buffer("assignment", torch.zeros(n_tasks, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(float(cfg.tau_start)))
         self._memo: tuple[torch.Tensor, Grouping] | None = None
@@ -371,6 +385,19 @@ class MoWWorldModel(nn.Module):
         e = self.embed(task).detach()[:, None].expand(*h.shape[:2], -1).to(h.dtype)
         return torch.cat([z, h, e], dim=-1)
 
+    def task_logits(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The task-ID head's logits (B, T, N) from h (B, T, D) or z (B, T, V*C) (`task_head_input`).
+
+        h by default, the faithful reading: the task-ID loss is one of the world model's losses on its temporal
+        module, whose output h the next-latent, reward and termination heads read too, and what it asks is that
+        h itself carry the task (so the shared Transformer's state separates the tasks the experts mix). h follows
+        the mix layer, which reads e_k directly, so the head can read the task off e_k's trace in h and its loss
+        may be nearly free; but the paper conditions the experts on e_k too (m_j(z, a, e_k)), so that path is the
+        paper's own, and h stays the default. z (the posterior latent of the task's cluster VAE, whose
+        posterior head also reads e_k, through a categorical bottleneck) is the other reading, kept as an
+        option and the ablation task_head_on_z."""
+        return self.task_head(h if self.cfg.task_head_input == "h" else z)
+
     def critic_index(self, task: torch.Tensor) -> torch.Tensor:
         """Rows are judged by their task's cluster critic (B,)."""
         return self.assignment[task]
@@ -438,7 +465,7 @@ class MoWAgent(ImaginationAgent):
         terms, z, h = storm_terms(self.wm, batch, self.action_input(batch.action), self.bins, self.autocast())
         b, t = batch.obs.shape[:2]
         if self.wm.task_head is not None:
-            logits = self.wm.task_head(h).float()  # (B, T, N)
+            logits = self.wm.task_logits(z, h).float()  # (B, T, N)
             terms["task_id"] = F.cross_entropy(logits.flatten(0, 1), batch.task.repeat_interleave(t),
                                                reduction="none").view(b, t).mean(1)
         per, present = {}, None
@@ -522,11 +549,12 @@ class MoWAgent(ImaginationAgent):
         for _ in range(cfg.cluster_warmup_updates):
             metrics = self.update_world_model(sample(cfg.batch_per_task * self.n_tasks, cfg.batch_length))
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the run's seeded torch RNG
-        similarity = None
+        similarity, quality = None, {"silhouette_cosine": None, "within_cluster_cosine": None}
         if cfg.clustering == "gradient":
             vectors = self.task_gradient_vectors(sample)
             labels = kmeans_cosine(vectors, cfg.n_clusters, cfg.cluster_n_init, seed, cfg.cluster_select)
             similarity = cosine_similarity_matrix(vectors).tolist()
+            quality = cluster_quality(np.asarray(similarity), labels)  # how similar the kept grouping is
         elif cfg.clustering == "random":
             labels = random_assignment(self.n_tasks, cfg.n_clusters, seed)
         else:
@@ -539,9 +567,10 @@ class MoWAgent(ImaginationAgent):
         self.wm_opt = adam(self.world_model_parameters(), lr=cfg.wm_lr, capturable=self.capturable_optimizers)
         self.forget_graphs()
         self.cluster_report = {
-            "clustering": cfg.clustering, "n_clusters": cfg.n_clusters, "assignment": labels.tolist(),
-            "gradient_similarity": similarity, "warmup_updates": cfg.cluster_warmup_updates,
-            "warmup_seconds": time.time() - start, "routing_warmup": self.routing_matrix().tolist()}
+            "clustering": cfg.clustering, "n_clusters": cfg.n_clusters, "cluster_select": cfg.cluster_select,
+            "assignment": labels.tolist(), **quality, "gradient_similarity": similarity,
+            "warmup_updates": cfg.cluster_warmup_updates, "warmup_seconds": time.time() - start,
+            "routing_warmup": self.routing_matrix().tolist()}
         return {f"warmup/{k.split('/')[-1]}": v for k, v in metrics.items()}
 
     def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
@@ -550,9 +579,19 @@ class MoWAgent(ImaginationAgent):
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:
-        """MoW's size beside one STORM per task (mow.md: about half), and its experts at the current routing."""
+        """MoW's size beside one STORM per task (mow.md: about half) and beside the paper's 972.5 MB, and its experts
+        at the current routing."""
         return (super().bench_extras(sample, time, figures) | separate_storm_figures(self, figures)
-                | self.expert_figures(sample, time))
+                | self.size_figures() | self.expert_figures(sample, time))
+
+    def size_figures(self) -> dict[str, Any]:
+        """The checkpoint's size as the paper counts it (every state_dict tensor, slow critics and buffers included,
+        fp32: 26 STORMs come to the paper's 1977.5 MB this way, so its MB are MiB), in MiB beside the paper's figure
+        for MoW on the 26 Atari games (972.5 MB; that configuration is not published: docs/methods/mow.md)."""
+        tensors = [*self.wm.state_dict().values(), *self.ac.state_dict().values()]
+        tensors += [self.log_sigma] if self.log_sigma is not None else []
+        return {"state_dict_mib": sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20,
+                "state_dict_elements": sum(t.numel() for t in tensors), "paper_state_dict_mb": PAPER_STATE_DICT_MB}
 
     def expert_figures(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float]
                        ) -> dict[str, Any]:
@@ -606,10 +645,7 @@ class MoWAgent(ImaginationAgent):
                                                             "tasks": names, "assignment": assignment})
             R.atomic_write_text(folder / "clusters.csv", "task,cluster\n" + "".join(
                 f"{n},{c}\n" for n, c in assignment.items()))
-            onehot = np.eye(self.cfg.n_clusters)[rep["assignment"]]
-            R.atomic_write_bytes(folder / "clusters.png", heatmap_png(
-                onehot, names, [f"c{c}" for c in range(self.cfg.n_clusters)],
-                f"VAE cluster assignment ({rep['clustering']})", "member", 0, 1, "Greys"))
+            R.atomic_write_bytes(folder / "clusters.png", cluster_png(rep, names, self.cfg.n_clusters))
             if rep["gradient_similarity"] is not None:
                 sim = np.asarray(rep["gradient_similarity"])
                 R.atomic_write_text(folder / "gradient_similarity.csv", matrix_csv(sim, labelled, labelled))
@@ -652,6 +688,23 @@ class MoWAgent(ImaginationAgent):
             "wm/task_head": 0 if wm.task_head is None else count_parameters(wm.task_head.parameters()),
             "wm/task_embedding": count_parameters(wm.task_embedding.parameters()),
             "harmonious_s": 0 if self.log_sigma is None else self.log_sigma.numel()}
+
+
+# the paper's size of MoW for the 26 Atari games (MB, which are MiB of fp32 state_dicts: size_figures)
+PAPER_STATE_DICT_MB = 972.5
+
+
+def cluster_png(rep: dict[str, Any], names: list[str], n_clusters: int) -> bytes:
+    """The tasks x clusters membership heatmap, titled with how the restart was kept and how similar the grouping
+    is (silhouette, cosine), each cluster's column labelled with its mean within-cluster cosine similarity."""
+    within = rep.get("within_cluster_cosine") or [None] * n_clusters
+    cols = [f"c{c}" + ("" if w is None else f" ({w:.2f})") for c, w in enumerate(within)]
+    title = f"VAE cluster assignment ({rep['clustering']})"
+    if rep["clustering"] == "gradient":  # on lines of their own: one line is cut off at a few tasks' width
+        sil = rep.get("silhouette_cosine")
+        title += (f"\nkept by {rep.get('cluster_select', 'even')}, silhouette (cosine) "
+                  f"{'n/a' if sil is None else f'{sil:.3f}'}\n(c): mean within-cluster cosine")
+    return heatmap_png(np.eye(n_clusters)[rep["assignment"]], names, cols, title, "member", 0, 1, "Greys")
 
 
 def matrix_csv(matrix: np.ndarray, rows: list[str], cols: list[str]) -> str:

@@ -84,19 +84,20 @@ def canonical_labels(labels: np.ndarray) -> np.ndarray:
     return np.array([mapping.setdefault(int(v), len(mapping)) for v in labels], dtype=np.int64)
 
 
-def kmeans_cosine(vectors: torch.Tensor, k: int, n_init: int = 100, seed: int = 0, select: str = "even",
+def kmeans_cosine(vectors: torch.Tensor, k: int, n_init: int = 100, seed: int = 0, select: str = "inertia",
                   iters: int = 100) -> np.ndarray:
     """Cluster rows of (N, D) by cosine similarity into k non-empty groups -> labels (N,).
 
-    k-means on L2-normalised vectors is run `n_init` times; `select` keeps the run with the most even
-    group sizes (ties: lowest inertia), as the public gradient task-grouping reference does ("even"),
-    or simply the lowest inertia ("inertia").
+    k-means on L2-normalised vectors is run `n_init` times; `select` keeps the run with the lowest inertia,
+    the k-means objective itself (sum of squared distances to the centres, on unit vectors 2 - 2 cos: the most
+    similar grouping), ties broken by the more even group sizes ("inertia", default); or the run with the most
+    even group sizes, ties broken by the lower inertia ("even": evenness then overrides similarity).
     """
     n = vectors.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"n_clusters={k}; allowed: 1..{n} (the number of tasks)")
-    if select not in ("even", "inertia"):
-        raise ValueError(f"cluster_select={select!r}; allowed: even, inertia")
+    if select not in ("inertia", "even"):
+        raise ValueError(f"cluster_select={select!r}; allowed: inertia, even")
     x = torch.nn.functional.normalize(vectors.double(), dim=1).numpy()
     rng = np.random.default_rng(seed)
     best, best_key = None, None
@@ -107,6 +108,37 @@ def kmeans_cosine(vectors: torch.Tensor, k: int, n_init: int = 100, seed: int = 
         if best_key is None or key < best_key:
             best, best_key = labels, key
     return canonical_labels(best)
+
+
+def cluster_quality(similarity: np.ndarray, labels: np.ndarray) -> dict[str, object]:
+    """How similar the grouping is, from the (N, N) cosine similarity matrix and labels (N,):
+
+    silhouette: the mean over tasks of (b - a) / max(a, b) with cosine distance 1 - cos, a = the mean distance
+    to the other members of the task's cluster, b = the smallest mean distance to another cluster's members; a
+    task alone in its cluster scores 0 (sklearn's convention); None with one cluster or every task alone.
+    within: per cluster, the mean cosine similarity over its pairs of distinct tasks (None for one task)."""
+    sim = np.asarray(similarity, dtype=np.float64)
+    labels = np.asarray(labels)
+    n, k = len(labels), int(labels.max()) + 1 if len(labels) else 0
+    dist = 1.0 - sim
+    within: list[float | None] = []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        pairs = [sim[i, j] for i in members for j in members if i < j]
+        within.append(float(np.mean(pairs)) if pairs else None)
+    silhouette = None
+    if 1 < k < n:
+        scores = []
+        for i in range(n):
+            own = np.flatnonzero((labels == labels[i]) & (np.arange(n) != i))
+            if len(own) == 0:
+                scores.append(0.0)
+                continue
+            a = dist[i, own].mean()
+            b = min(dist[i, labels == c].mean() for c in range(k) if c != labels[i] and np.any(labels == c))
+            scores.append(float((b - a) / max(a, b)) if max(a, b) > 0 else 0.0)
+        silhouette = float(np.mean(scores))
+    return {"silhouette_cosine": silhouette, "within_cluster_cosine": within}
 
 
 def random_assignment(n_tasks: int, k: int, seed: int) -> np.ndarray:

@@ -153,6 +153,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
                      "precision": p.precision, "protocol": {e.info.name: e.info.protocol for e in envs},
                      "parameters": agent.parameter_counts(),
                      "per_task_signal": per_task_signal(agent.per_task_batch(), p.train),
+                     "step_budget": R.step_budget(cfg["env"], p.train.steps),
                      "evaluation": {"mode": p.train.eval_mode, "episodes": p.train.eval_episodes,
                                     "greedy": p.train.eval_greedy, "parallel_envs": p.train.eval_parallel
                                     if p.train.eval_mode == "reference" else 1,

@@ -58,6 +58,8 @@ def check(cfg: dict[str, Any]) -> None:
     for key in ("action_repeat", "episode_length", "image_size"):
         if int(cfg.get(key, 1)) < 1:
             raise ValueError(f"{key}={cfg[key]}; allowed: a positive integer")
+    if cfg.get("paper_steps", "simulator") not in ("simulator", "agent"):  # the paper preset's step reading
+        raise ValueError(f"paper_steps={cfg['paper_steps']!r}; allowed: simulator, agent")
     goal_seed = cfg.get("goal_seed")
     if goal_seed is not None and (isinstance(goal_seed, bool) or not isinstance(goal_seed, int)):
         raise ValueError(f"goal_seed={cfg['goal_seed']!r}; allowed: an integer, or null for the run's seed")
