@@ -25,10 +25,17 @@ Deviations from upstream (each named in the README):
   fixed_entropy_weight, decay_all_params.
 - Our stacked experts share one Adam state per projection: an expert without tokens in an update still takes a
   step (moment decay, weight decay); upstream's separate experts skip it.
-- The search departs from LightZero's C++ tree (see mowbench.agents.mcts) and is not verified yet.
+- The search follows LightZero's C++ tree (mowbench.agents.mcts; one collect search per task replayed by
+  mowbench.verify: root visits, root value, the sampled action); our earlier conventions are ablations:
+  self_visit_puct, edge_only_min_max, visit_weighted_root_value. Below the root every action of a node is legal
+  upstream (its children get no mask); ours masks every node with the task's legal actions.
 - The search context is recomputed exactly instead of cached: every expansion runs the transformer over the
   node's token window (the last `context_steps` real steps, then the tree path, at most max_tokens - 2 tokens,
-  oldest (obs, action) pairs dropped first), at window-relative positions as in training.
+  oldest (obs, action) pairs dropped first), at window-relative positions as in training. Upstream caches keys and
+  values and, once a cache reaches context_length - 1 tokens, drops its oldest (obs, action) pair and moves the
+  rest back two positions by adding key/value projections of position-embedding differences computed at
+  construction (exact at no layer); the verify expands with upstream's context (upstream_context_expand) to compare
+  the trees.
 - Budget: the paper trains 400k agent steps per game (4x Atari 100k). Our Atari 100k runs (train.steps=100000)
   are not its numbers; train.steps=400000 runs its budget.
 - Update ratio: upstream collects 8 segments x 20 steps per task, then makes 80 updates (0.5 per step per task);
@@ -54,7 +61,7 @@ import torch.nn.functional as F
 
 from mowbench.agents.base import Agent, Metrics, PicklesGenerator, bumps_versions, count_parameters, register_agent
 from mowbench.agents.imagination import check_non_negative, check_positive
-from mowbench.agents.mcts import SearchResult, search, visit_policy
+from mowbench.agents.mcts import SearchResult, draws_needed, search, visit_policy
 from mowbench.envs.base import TaskInfo
 from mowbench.models.moe import StackedLinear, StackedNorm
 from mowbench.models.transformer import KVCache
@@ -131,6 +138,10 @@ class ScaleZeroConfig:
     temperature: float = 0.25  # visit-count temperature of sampled actions
     # the smallest span of a tree's Q values that min-max normalisation divides by (LightZero's value_delta_max)
     min_span: float = 0.01
+    # the search's old conventions, each an ablation (mowbench.agents.mcts; upstream: LightZero's C++ tree)
+    self_visit: bool = False  # pUCT's parent count 1 + sum N (mctx's; upstream: sum N)
+    root_in_min_max: bool = True  # the root's gamma V in the min-max statistics (False: edge Qs only)
+    visit_weighted_value: bool = False  # root value sum N Q / sum N (upstream: returns / (simulations + 1))
     bench_search_batches: tuple[int, ...] = (1, 26, 256)  # trees per search timed by mowbench.bench
 
     def check(self) -> None:
@@ -385,15 +396,23 @@ class ScaleZeroAgent(Agent):
                                          1)[:, 2:]
             return support_value(reward_logits[:, 0], self.bins), support_value(val[:, 0], self.bins), pol[:, 0]
 
-        dirichlet = None
-        if noise:
-            conc = torch.full((b, a), cfg.dirichlet_alpha)
-            dirichlet = torch.distributions.Dirichlet(conc).sample().to(self.device) * legal
-            dirichlet = dirichlet / dirichlet.sum(-1, keepdim=True)
-        ties = torch.stack([torch.rand((n, a), generator=c.rng) if c.rng is not None else torch.rand((n, a))
-                            for c in contexts]).to(self.device)  # each stream's own tie-breaking order per node
+        dirichlet = self.root_noise(legal) if noise else None
+        ties = self.tie_draws(contexts, draws_needed(simulations)).to(self.device)
         return search(logits[:, 0], legal, expand, simulations, cfg.gamma, dirichlet, cfg.noise_weight, cfg.c1, cfg.c2,
-                      ties, cfg.min_span)
+                      ties, cfg.min_span, cfg.self_visit, cfg.root_in_min_max, cfg.visit_weighted_value)
+
+    def root_noise(self, legal: torch.Tensor) -> torch.Tensor:
+        """Dirichlet(alpha) root noise over each tree's legal actions (B, A) bool -> (B, A), 0 where illegal
+        (upstream draws one over the legal actions). Its own method so that the verify replays upstream's draws."""
+        conc = torch.full(legal.shape, self.cfg.dirichlet_alpha)
+        dirichlet = torch.distributions.Dirichlet(conc).sample().to(legal.device) * legal
+        return dirichlet / dirichlet.sum(-1, keepdim=True)
+
+    def tie_draws(self, contexts: list[ZeroContext], k: int) -> torch.Tensor:
+        """k tie draws per stream (B, k) int64 in [0, 2^31 - 1) (LightZero's rand() range), from each stream's own
+        generator (evaluation) or torch's. Its own method so that the verify replays upstream's rand() outputs."""
+        return torch.stack([torch.randint(0, 2**31 - 1, (k,), generator=c.rng) if c.rng is not None
+                            else torch.randint(0, 2**31 - 1, (k,)) for c in contexts])
 
     @torch.inference_mode()  # acting: no autograd bookkeeping (see ImaginationAgent.act_batch)
     def act_batch(self, contexts: list[ZeroContext], obs: list[np.ndarray], greedy: bool = False) -> list[int]:
@@ -618,12 +637,15 @@ TOLERANCES = {
             "per-task heads and experts as grouped matmuls, scaled_dot_product_attention, the smoothed cross-entropy "
             "as (1 - eps) CE + eps mean(-log p), fused AdamW); measured over 3 updates: losses <= 1.1e-6, "
             "weights' sums of squares <= 1.4e-6, gradient norms <= 9.2e-6 (the head gradients pass through the "
-            "latent head's LayerNorm of a near-zero input, which scales them by up to 1 / sqrt(1e-5))",
+            "latent head's LayerNorm of a near-zero input, which scales them by up to 1 / sqrt(1e-5)); the searches: "
+            "predicted value 0, policy logits <= 2.4e-7, root value <= 2.9e-6 of the largest root edge value (a mean "
+            "of returns of both signs)",
     "target": "rtol 1e-3: the target network's change is 0.05 of the online change (Adam steps of ~1e-4) held in "
               "weights ~1e4 times larger, so fp32 rounding of the weights (ulp ~6e-8 relative, both sides round the "
               "momentum update differently: upstream (1 - m) t + m s, ours lerp) is ~6e-3 of an element's change; "
               "over a module measured <= 3.9e-4",
-    "exact": "equal or not: parameter counts, the dropout masks applied",
+    "exact": "equal or not: parameter counts, the dropout masks applied, root visit counts, the rand() draws a "
+             "search consumes, the sampled action, the Dirichlet noise re-drawn from numpy's generator",
 }
 # rows not compared, and why (docs): each stands for a part of upstream that ours does not build
 LEFT_OUT = {
@@ -635,8 +657,6 @@ LEFT_OUT = {
     "against a total of 6.5e3, which is compared)",
     "target change where the online change is 0": "upstream's momentum update moves an unchanged module's target "
     "by fp32 rounding only (<= 1e-12)",
-    "MCTS (root visits, root value, action)": "not replayed yet: our search departs from LightZero's C++ tree (root "
-    "value, min-max with the root, clamped Q, pUCT with sum N, the root's prepare visit, rand() tie-breaking)",
 }
 RTOL = 1e-5
 
@@ -773,7 +793,8 @@ class ReplayedDropout(torch.nn.Module):
 
 def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
     """mowbench.verify's hook: upstream's initial weights, three updates (fixed 2-task batches, upstream's dropout
-    masks and value targets; the third after the DPS stage switch) replayed through ours -> (rows, reasons)."""
+    masks and value targets; the third after the DPS stage switch), then one collect search per task (search_rows)
+    replayed through ours -> (rows, reasons)."""
     import sys
 
     from mowbench.agents.base import build_config, get_agent
@@ -930,4 +951,110 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
         wm.transformer.drop = drops[0]
         for blk, d in zip(wm.transformer.blocks, drops[1:], strict=True):
             blk.drop = d
+    rows += search_rows(agent, reference, names)
     return rows, TOLERANCES
+
+
+def upstream_context_expand(agent: ScaleZeroAgent, init: dict[str, torch.Tensor], task: torch.Tensor,
+                            z0: torch.Tensor, nodes: int) -> tuple[Any, torch.Tensor]:
+    """The model side of upstream's search at the reference's sizes (our model's weights, upstream's context):
+    with context_length 4 every expansion sees one cached token, its parent's latent, then the action (position 1)
+    and the new latent (position 2); the new node's cache keeps only that latent, its keys and values moved from
+    position 2 to 0 by adding key/value projections of pos_emb[0] - pos_emb[2] from the construction weights
+    (UniZero's update_cache_context and precompute_pos_emb_diff_kv: exact at no layer, and stale after training).
+    Ours recomputes every node's window exactly (plan); to compare the trees, the verify expands as upstream does.
+    z0 (B, D) root latents -> (expand for mowbench.agents.mcts.search, root policy logits (B, A))."""
+    cfg, wm = agent.cfg, agent.wm
+    heads, width = cfg.heads, cfg.latent_dim
+    pos = init["pos_emb.weight"].float()
+    shift = {w: torch.stack([((pos[0] - pos[2]) @ init[f"transformer.blocks.{i}.attn.{w}.weight"].float().T)
+                             .view(heads, width // heads) for i in range(cfg.depth)]) for w in ("key", "value")}
+    b = z0.shape[0]
+    node_k = torch.zeros(nodes, cfg.depth, b, heads, width // heads)  # each node's one cached token per layer
+    node_v = torch.zeros_like(node_k)
+    rows = torch.arange(b)
+    cache = wm.transformer.empty_cache(b, z0.device, torch.float32)
+    logits, _ = wm.obs_heads(wm.transformer(z0[:, None], cache), task)  # (B, 1, A)
+    node_k[0], node_v[0] = cache.k[:, :, :, 0], cache.v[:, :, :, 0]  # the root's z0 at position 0, exact
+
+    def expand(parent: torch.Tensor, action: torch.Tensor, node: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+        cache = wm.transformer.empty_cache(b, z0.device, torch.float32)
+        cache.k[:, :, :, 0] = node_k[parent, :, rows].transpose(0, 1)  # (L, B, H, d)
+        cache.v[:, :, :, 0] = node_v[parent, :, rows].transpose(0, 1)
+        cache.length = 1
+        h = wm.transformer(wm.action_embedding(action)[:, None], cache)  # (B, 1, D) at position 1
+        reward_logits, z_next = wm.action_heads(h, task)
+        pol, val = wm.obs_heads(wm.transformer(z_next, cache), task)  # the new latent at position 2
+        node_k[node] = cache.k[:, :, :, 2] + shift["key"][:, None]
+        node_v[node] = cache.v[:, :, :, 2] + shift["value"][:, None]
+        return support_value(reward_logits[:, 0], agent.bins), support_value(val[:, 0], agent.bins), pol[:, 0]
+
+    return expand, logits[:, 0]
+
+
+def search_rows(agent: ScaleZeroAgent, reference: dict[str, Any], names: dict[str, tuple[str, list[str]]]
+                ) -> list[Any]:
+    """Upstream's collect search per task replayed through our tree (mowbench.agents.mcts.search at the agent's
+    settings): the updated model with the recorded last layers of the policy, value and reward heads
+    (`search_weights`), the task's frame, the recorded Dirichlet noise, upstream's rand() outputs as the tie draws,
+    expansions with upstream's one-token context (upstream_context_expand), and act_batch's sampling with upstream's
+    uniform (not recorded: re-drawn from numpy's generator as the recorder seeded it, 300 + task, after the
+    Dirichlet draw, which the noise row checks) -> rows."""
+    from mowbench.verify import Row, exact_row, scalar_row, tensor_row
+
+    s, wm = reference["sizes"], agent.wm
+    if s["context_length"] != 4:  # upstream_context_expand builds the one-token context of context_length 4
+        return [Row(f"searches replayed (context_length {s['context_length']}, not 4)", float("nan"), float("nan"),
+                    float("inf"), 0.0, "exact")]
+    wm.eval()  # as upstream's collect (the updates left it in training mode: dropout)
+    up = to_upstream(dict(wm.named_parameters()), reference["init"], names)
+    up |= {k: v.float() for k, v in reference["search_weights"].items()}
+    loaded = from_upstream(up, names)
+    with torch.no_grad():
+        for n, p in wm.named_parameters():
+            if n.endswith((".out.weight", ".out.bias")) and n.split(".")[0] != "latent_head":
+                p.copy_(loaded[n])
+    f = s["image_size"] // s["obs_base"]
+    k_draws = draws_needed(agent.cfg.simulations)
+    rows = []
+    for k, rec in enumerate(reference["searches"]):
+        tag = f"search task {k}"
+        # (3, 8, 8) uint8 -> the (64, 64, 3) frame our agent acts on (upstream: the same frame / 255)
+        obs = reference["search_frames"][k].repeat_interleave(f, 1).repeat_interleave(f, 2).permute(1, 2, 0).numpy()
+        ctx = agent.new_context(k)
+        with torch.no_grad():
+            tokens, pads, _ = agent.root_windows([ctx], [obs])
+            h, _ = agent.run_window(tokens, pads)
+            logits, value = wm.obs_heads(h[:, None], torch.tensor([k]))  # (1, 1, A), (1, 1, bins)
+        rows += [scalar_row(f"{tag}: predicted value", rec["predicted_value"], support_value(value[0], agent.bins),
+                            RTOL, "fp32"),
+                 tensor_row(f"{tag}: predicted policy logits", rec["predicted_policy_logits"], logits[0, 0], RTOL,
+                            "fp32")]
+        gen = np.random.RandomState(300 + k)
+        redrawn = torch.as_tensor(gen.dirichlet([agent.cfg.dirichlet_alpha] * s["actions"]), dtype=torch.float32)
+        u = torch.tensor(gen.random_sample(), dtype=torch.float32)  # np.random.choice's one uniform
+        rows.append(tensor_row(f"{tag}: root noise re-drawn from numpy (the action draw follows it)", rec["noise"],
+                               redrawn, 0.0, "exact"))
+        ties = torch.zeros(1, k_draws, dtype=torch.long)
+        ties[0, :len(rec["tie_rand"])] = rec["tie_rand"]
+        cfg = agent.cfg
+        with torch.no_grad():
+            z0 = wm.encode(torch.as_tensor(obs[None])).float()  # (1, D)
+            expand, root_logits = upstream_context_expand(agent, reference["init"], torch.tensor([k]), z0,
+                                                          cfg.simulations + 1)
+        result = search(root_logits, agent.legal[[k]], expand, cfg.simulations, cfg.gamma, rec["noise"][None],
+                        cfg.noise_weight, cfg.c1, cfg.c2, ties, cfg.min_span, cfg.self_visit, cfg.root_in_min_max,
+                        cfg.visit_weighted_value)
+        # act_batch's sampling (visit_policy at the temperature, inverse CDF) with upstream's uniform
+        action = int(sample_categorical(visit_policy(result.visits, cfg.temperature), u[None, None])[0])
+        rows += [exact_row(f"{tag}: root visit counts", rec["visits"], result.visits[0], "exact"),
+                 exact_row(f"{tag}: rand() draws consumed", torch.tensor(len(rec["tie_rand"])),
+                           result.draws_used[0], "exact"),
+                 # the mean of returns of both signs (task 1: 0.25 from edge values up to ~10 in size): relative
+                 # to the largest root edge value, the scale its fp32 rounding has
+                 scalar_row(f"{tag}: root value", rec["root_value"], result.value[0], RTOL, "fp32",
+                            floor=float(result.q.abs().max())),
+                 exact_row(f"{tag}: sampled action (temperature {agent.cfg.temperature})", torch.tensor(rec["action"]),
+                           torch.tensor(action), "exact")]
+    return rows

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mowbench.agents.mcts import mean_q, min_max_normalise, puct_scores, search, visit_policy
+from mowbench.agents.mcts import draws_needed, mean_q, min_max_normalise, puct_scores, search, select, visit_policy
 
 C1, C2 = 1.25, 19652.0
 
@@ -28,15 +28,20 @@ def constant_model(values: list[float], reward: float = 0.0, n_actions: int = 2)
 def test_puct_scores_by_hand():
     prior = torch.tensor([[0.7, 0.3]])
     visits = torch.tensor([[2.0, 1.0]])
-    c = C1 + math.log((4.0 + C2 + 1.0) / C2)  # N(s) = 1 + 3
-    expected = torch.tensor([[0.5 + 0.7 * 2.0 / 3.0 * c, 0.25 + 0.3 * 2.0 / 2.0 * c]])
+    c = C1 + math.log((3.0 + C2 + 1.0) / C2)  # N(s) = 3, the sum of the edge visits (LightZero's)
+    expected = torch.tensor([[0.5 + 0.7 * math.sqrt(3.0) / 3.0 * c, 0.25 + 0.3 * math.sqrt(3.0) / 2.0 * c]])
     torch.testing.assert_close(puct_scores(prior, visits, torch.tensor([[0.5, 0.25]])), expected)
+    c = C1 + math.log((4.0 + C2 + 1.0) / C2)  # self_visit (the ablation): N(s) = 1 + 3
+    expected = torch.tensor([[0.5 + 0.7 * 2.0 / 3.0 * c, 0.25 + 0.3 * 2.0 / 2.0 * c]])
+    torch.testing.assert_close(puct_scores(prior, visits, torch.tensor([[0.5, 0.25]]), self_visit=True), expected)
 
 
 def test_min_max_normalise_and_visit_policy_by_hand():
     q = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
     out = min_max_normalise(q, torch.tensor([1.0, 2.0]), torch.tensor([5.0, 2.0]))
-    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5], [2.0, 2.0]]))  # no span: unnormalised
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5], [1.0, 1.0]]))  # no span: unnormalised, clamped
+    below = min_max_normalise(torch.tensor([[-1.0, 0.5]]), torch.tensor([0.0]), torch.tensor([1.0]))
+    torch.testing.assert_close(below, torch.tensor([[0.0, 0.5]]))  # an unvisited edge's mean Q below the range
     small = min_max_normalise(torch.tensor([[0.001, 0.003]]), torch.tensor([0.001]), torch.tensor([0.003]))
     torch.testing.assert_close(small, torch.tensor([[0.0, 0.2]]))  # a span under 0.01 counts as 0.01
     visits = torch.tensor([[1.0, 2.0, 0.0]])
@@ -46,8 +51,9 @@ def test_min_max_normalise_and_visit_policy_by_hand():
 
 
 def test_priors_alone_decide_the_first_visits():
-    """Priors 0.7 / 0.3 and all values 0: sim 1 follows the prior (N(s) = 1); sim 2 scores 0.7 sqrt2 / 2 c = 0.49c
-    against 0.3 sqrt2 c = 0.42c (a0 again); sim 3 scores 0.7 sqrt3 / 3 c = 0.40c against 0.3 sqrt3 c = 0.52c (a1)."""
+    """Priors 0.7 / 0.3 and all values 0 (min-max without a span: Q unnormalised, 0): sim 1 has N(s) = 0, every
+    score 0, a tie: without draws the first, a0; sim 2 (N(s) = 1) scores 0.7 / 2 c = 0.35c against 0.3 c (a0
+    again); sim 3 (N(s) = 2) scores 0.7 sqrt2 / 3 c = 0.33c against 0.3 sqrt2 c = 0.42c (a1)."""
     logits = torch.log(torch.tensor([[0.7, 0.3]]))
     legal = torch.ones(1, 2, dtype=torch.bool)
     for sims, visits in [(1, [1.0, 0.0]), (2, [2.0, 0.0]), (3, [2.0, 1.0])]:
@@ -57,18 +63,37 @@ def test_priors_alone_decide_the_first_visits():
 
 def test_values_steer_visits_with_min_max_normalisation():
     """Equal priors, value 1 below a0 and 0 below a1, gamma 1, c = 1.25 (+ log((N + c2 + 1) / c2) < 1e-3).
-    Sim 1: all unvisited, a tie: a0. Sim 2 (N(s) = 2): a0 scores 1 + 0.5 sqrt2 / 2 c; unvisited a1 takes the node's
-    mean Q, 1, and scores 1 + 0.5 sqrt2 c: a1, whose Q = 0 sets min 0, max 1. Then a0 (normalised 1) wins while
-    1 + 0.5 sqrt(N) / N c > 0.5 sqrt(N) / 2 c (a1 normalised 0), i.e. until N = 15: after 12 simulations the visits
-    are 11 and 1, after 15 they are 13 and 2."""
+    Sim 1 (N(s) = 0): every score 0, a tie: a0 (Q 1; the root's V = 1 / 2 (its prepare visit) joins the min-max
+    statistics: min 0.5, max 1). Sim 2 (N(s) = 1): a0 scores 1 + 0.5 / 2 c; unvisited a1 takes the node's mean Q, 1,
+    and scores 1 + 0.5 c: a1, whose Q = 0 sets min 0 (the root's V, 1 / 3 then 11 / 13 at most, stays inside).
+    Then a0 (normalised 1) wins while 1 + 0.5 sqrt(N) / N c > 0.5 sqrt(N) / 2 c (a1 normalised 0), N = the visits
+    so far: sqrt(N) (0.3125 - 0.625 / N) < 1 up to N = 13 (0.953), not at 14 (1.002): after 12 simulations the
+    visits are 11 and 1, after 15 (the 15th at N = 14) 13 and 2. The root value is the returns' sum over the
+    simulations + 1 (LightZero's): 11 / 13."""
     logits = torch.zeros(1, 2)
     legal = torch.ones(1, 2, dtype=torch.bool)
     assert search(logits, legal, constant_model([1.0, 0.0]), 2, 1.0).visits.tolist() == [[1.0, 1.0]]
     out = search(logits, legal, constant_model([1.0, 0.0]), 12, 1.0)
     assert out.visits.tolist() == [[11.0, 1.0]]
     torch.testing.assert_close(out.q, torch.tensor([[1.0, 0.0]]))
-    torch.testing.assert_close(out.value, torch.tensor([11.0 / 12.0]))
+    torch.testing.assert_close(out.value, torch.tensor([11.0 / 13.0]))
+    visit_weighted = search(logits, legal, constant_model([1.0, 0.0]), 12, 1.0, visit_weighted_value=True)
+    torch.testing.assert_close(visit_weighted.value, torch.tensor([11.0 / 12.0]))  # the ablation: sum N Q / sum N
     assert search(logits, legal, constant_model([1.0, 0.0]), 15, 1.0).visits.tolist() == [[13.0, 2.0]]
+
+
+def test_the_roots_value_joins_the_min_max_statistics():
+    """Equal priors, value 1 below a0 and 0.9 below a1, gamma 1, c = 1.25. Sim 1 (a tie): a0, Q 1; the root's V =
+    1 / 2 (LightZero's prepare visit) sets min 0.5, max 1. Sim 2: unvisited a1 takes the mean Q (1) and the larger
+    exploration term: a1, Q 0.9, normalised (0.9 - 0.5) / 0.5 = 0.8 (the root's later V, 1.9 / 3, ..., stay above
+    0.5). With x = 0.625 sqrt(N): a0 scores 1 + x / (1 + n0), a1 0.8 + x / 2; N = 2: 1.442 > 1.242, N = 3: 1.361
+    > 1.341, N = 4: 1.3125 < 1.425: a1. After 5 simulations 3 and 2. With the edges only (the ablation) min 0.9
+    normalises a1 to 0 and a0 keeps every simulation up to N = 13 (see above): 4 and 1."""
+    logits = torch.zeros(1, 2)
+    legal = torch.ones(1, 2, dtype=torch.bool)
+    assert search(logits, legal, constant_model([1.0, 0.9]), 5, 1.0).visits.tolist() == [[3.0, 2.0]]
+    out = search(logits, legal, constant_model([1.0, 0.9]), 5, 1.0, root_in_min_max=False)
+    assert out.visits.tolist() == [[4.0, 1.0]]
 
 
 def test_min_span_keeps_small_value_differences_from_deciding_the_search():
@@ -175,14 +200,27 @@ def test_trees_in_one_batch_do_not_interact():
         torch.testing.assert_close(one.q, batched.q[t:t + 1])
 
 
-def test_ties_are_broken_by_each_nodes_random_order():
-    """Equal priors and values: the first simulation's tie goes to the action the root's uniforms rank first, not
-    to the lowest index; every legal action is visited once in the first three simulations."""
-    ties = torch.zeros(1, 4, 3)
-    ties[0, 0] = torch.tensor([0.1, 0.2, 0.9])
-    out = search(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), constant_model([0.0] * 3, n_actions=3), 1, 1.0,
-                 ties=ties[:, :2])
+def test_ties_follow_lightzeros_sequential_rule():
+    """LightZero's cselect_child keeps a running best: an action within 1e-6 of it joins the tied list, one above it
+    starts a new list. Scores 1, 1 + 5e-7, 1 - 2e-7: a0 is dropped when a1 raises the best, a2 (7e-7 below) is
+    tied: tied [a1, a2], the draw picks draw % 2 of them; without a draw the first best, a1."""
+    score = torch.tensor([[1.0, 1.0 + 5e-7, 1.0 - 2e-7]]).expand(3, 3)
+    assert select(score, torch.tensor([0, 1, 2])).tolist() == [1, 2, 1]
+    assert select(score, None).tolist() == [1, 1, 1]
+    score = torch.tensor([[0.5, float("-inf"), 0.5]])  # illegal actions are never tied
+    assert select(score, torch.tensor([1])).tolist() == [2]
+
+
+def test_ties_are_broken_by_one_draw_per_selection_step():
+    """Equal priors and values 0: sim 1 (N(s) = 0, every score 0) ties all three actions, draw 2 -> 2 % 3: a2.
+    Sim 2 (N(s) = 1, Q unnormalised 0): a2 scores 1/3 1/2 c, the unvisited 1/3 c, a tie of a0 and a1, draw 1 ->
+    a1. Sim 3 (N(s) = 2): a0 alone scores 1/3 sqrt2 c against 1/3 sqrt2 / 2 c, draw 7 -> 7 % 1: a0. Three steps,
+    three draws."""
+    expand = constant_model([0.0] * 3, n_actions=3)
+    legal = torch.ones(1, 3, dtype=torch.bool)
+    ties = torch.tensor([[2, 1, 7, 0, 0, 0]])
+    assert ties.shape[1] == draws_needed(3)
+    out = search(torch.zeros(1, 3), legal, expand, 1, 1.0, ties=ties[:, :1])
     assert out.visits.tolist() == [[0.0, 0.0, 1.0]]
-    out = search(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), constant_model([0.0] * 3, n_actions=3), 3, 1.0,
-                 ties=ties)
-    assert out.visits.tolist() == [[1.0, 1.0, 1.0]]
+    out = search(torch.zeros(1, 3), legal, constant_model([0.0] * 3, n_actions=3), 3, 1.0, ties=ties)
+    assert out.visits.tolist() == [[1.0, 1.0, 1.0]] and out.draws_used.tolist() == [3]

@@ -1,6 +1,7 @@
 """`python -m mowbench.verify agent=scalezero`, run as a user runs it: our ScaleZero replays the numbers recorded from
 LightZero's ScaleZero (mowbench/data/reference/scalezero: three multi-task updates, the third after a DPS stage
-switch) within tolerance at its defaults, and each documented departure (an ablation) fails the rows it should."""
+switch, then one collect search per task) within tolerance at its defaults, and each documented departure (an
+ablation) fails the rows it should."""
 
 import subprocess
 import sys
@@ -33,6 +34,10 @@ def test_scalezero_matches_lightzero_at_its_defaults():
         assert f"update {update}: total loss" in table
         assert f"update {update}: grad norm before clipping" in table
         assert f"update {update}: entropy log-alpha" in table
+    for k in (0, 1):  # upstream's collect search per task: LightZero's C++ tree replayed through ours
+        for what in ("predicted value", "predicted policy logits", "root visit counts", "rand() draws consumed",
+                     "root value", "sampled action (temperature 0.25)"):
+            assert f"search task {k}: {what}" in table
 
 
 @pytest.mark.slow(seconds=15)
@@ -68,3 +73,27 @@ def test_ffn_dropout_draws_masks_upstream_does_not():
     result = verify("ablation=ffn_dropout")
     assert result.returncode != 0
     assert any(q.startswith("updates replayed") for q in failed(result))
+
+
+SEARCH = ("root visit counts", "rand() draws consumed", "root value", "sampled action (temperature 0.25)")
+
+
+@pytest.mark.slow(seconds=15)
+def test_self_visit_puct_fails_both_searches():
+    # a fresh node's first choice follows the prior instead of a tie: every search takes other paths
+    departed = failed(verify("ablation=self_visit_puct"))
+    assert {f"search task {k}: {what}" for k in (0, 1) for what in SEARCH} <= departed
+    assert not any(q.startswith("update") for q in departed)
+
+
+@pytest.mark.slow(seconds=15)
+def test_edge_only_min_max_fails_the_first_search():
+    # the root's gamma V sets task 0's min-max range (not task 1's): task 0's search takes other paths
+    departed = failed(verify("ablation=edge_only_min_max"))
+    assert {"search task 0: root visit counts", "search task 0: root value"} <= departed
+
+
+@pytest.mark.slow(seconds=15)
+def test_visit_weighted_root_value_fails_only_the_root_values():
+    departed = failed(verify("ablation=visit_weighted_root_value"))
+    assert departed == {"search task 0: root value", "search task 1: root value"}

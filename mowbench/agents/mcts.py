@@ -7,21 +7,31 @@ The model is a callable `expand(parent, action, node)`: for every tree, expand t
 node s + 1) and return its reward (B,), value (B,) and prior logits (B, A). The caller keeps whatever per-node
 state its model needs (latents, token windows) indexed by (tree, node).
 
-Conventions (each a choice where MuZero's pseudocode leaves room; Schrittwieser et al. 2020, appendix B):
+The tree follows LightZero's C++ tree (ctree_muzero, the search ScaleZero is built on; `python -m mowbench.verify
+agent=scalezero` replays one of its searches). The flags named below switch back to this module's earlier conventions
+(ScaleZero's search ablations):
 - Edge statistics: N(s, a), W(s, a) (the sum of the returns backed up from the child) and R(s, a); the child's
   value is W / N and Q(s, a) = R(s, a) + gamma W(s, a) / N(s, a).
-- A node's visit count in the pUCT exploration term is 1 + the sum of its edges' visits: its own expansion
-  counts (mctx's convention), so a fresh root's first simulation follows the prior. MuZero's pseudocode has 0
-  there, which makes every score 0 and leaves the choice to tie-breaking.
-- Ties: LightZero breaks them at random (`ties`); with the lowest index instead, a fresh model's equal scores sent
-  8-simulation searches to breakout's lowest actions (no-op, left) first, and sampling at temperature 0.25 made
-  the agent worse than random. Hand-built tests pass no ties: the lowest index.
-- An unvisited edge's value is its node's mean Q (mean_q; LightZero's, the code ScaleZero is built on), normalised
-  like the others. MuZero's pseudocode gives it 0, the worst normalised value, which keeps a search of few
-  simulations on the prior's favourite action: tiny ScaleZero's policy collapsed onto one action of breakout
-  (return 0.00 against a random policy's 0.35 after 2000 steps at 8 simulations).
-- Min-max statistics per tree over the Q values of the edges backed up so far; with max <= min, Q is used
-  unnormalised (MuZero's MinMaxStats); spans below 0.01 count as 0.01 (LightZero's).
+- The root's value is the sum of the returns backed up to it / (simulations + 1): LightZero's `prepare` gives the
+  root one visit without a value (visit_weighted_value: sum_a N Q / sum_a N).
+- pUCT's parent count N(s) is the sum of the node's edge visits (LightZero's visit_count - 1), so a fresh node's
+  scores are its unvisited edges' value alone and its first choice is a tie broken at random (self_visit: 1 + the
+  sum, mctx's, which lets the prior decide that choice).
+- Ties, in LightZero's sequential form: the first best action and the later ones within 1e-6 of the best (earlier
+  near-best ones are dropped when the running best rises past them) are tied; one non-negative integer draw per
+  selection step of a tree, consumed in the order of the steps, picks the tied action draw % (number tied)
+  (LightZero's rand(); the verify replays its draws). No draws: the first best (LightZero's deterministic mode, for
+  hand-built tests). Acting draws: with the lowest index a fresh model's equal scores sent 8-simulation searches to
+  breakout's lowest actions (no-op, left) first, and sampling at temperature 0.25 made the agent worse than random.
+- An unvisited edge's value is its node's mean Q (mean_q, LightZero's). MuZero's pseudocode gives it 0, the worst
+  normalised value, which keeps a search of few simulations on the prior's favourite action: tiny ScaleZero's
+  policy collapsed onto one action of breakout (return 0.00 against a random policy's 0.35 after 2000 steps at 8
+  simulations).
+- Min-max statistics per tree over the Q values of the edges backed up so far and, after every backup, the root's
+  own R + gamma V (R = 0: gamma times its value above) (root_in_min_max False: the edges only). With max <= min, Q
+  is used unnormalised; spans below min_span (LightZero's value_delta_max, 0.01) count as min_span; the normalised
+  value is clamped to [0, 1] (LightZero's; no switch: the statistics hold every visited Q and the unvisited edges'
+  means lie between them, so only a span of 0, where every value is the same, leaves [0, 1], and no choice changes).
 """
 
 from __future__ import annotations
@@ -37,19 +47,27 @@ Expand = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.T
 @dataclass
 class SearchResult:
     """visits (B, A) root visit counts; q (B, A) root edge values (0 where unvisited); value (B,) the root's
-    search value sum_a N(a) Q(a) / sum_a N(a); prior (B, A) the root prior the search used (noise included)."""
+    search value (see the module docstring); prior (B, A) the root prior the search used (noise included);
+    draws_used (B,) the tie draws each tree consumed (its selection steps)."""
 
     visits: torch.Tensor
     q: torch.Tensor
     value: torch.Tensor
     prior: torch.Tensor
+    draws_used: torch.Tensor
+
+
+def draws_needed(simulations: int) -> int:
+    """The most selection steps (one tie draw each) a tree can take: simulation s (from 0) descends at most s + 1
+    edges."""
+    return simulations * (simulations + 1) // 2
 
 
 def puct_scores(prior: torch.Tensor, visits: torch.Tensor, q_norm: torch.Tensor, c1: float = 1.25,
-                c2: float = 19652.0) -> torch.Tensor:
+                c2: float = 19652.0, self_visit: bool = False) -> torch.Tensor:
     """MuZero's pUCT: Q_norm(s, a) + P(s, a) sqrt(N(s)) / (1 + N(s, a)) (c1 + log((N(s) + c2 + 1) / c2)), with
-    N(s) = 1 + sum_b N(s, b) (see the module docstring). prior, visits, q_norm (B, A) -> (B, A)."""
-    parent = 1.0 + visits.sum(-1, keepdim=True)  # (B, 1)
+    N(s) = sum_b N(s, b) (LightZero's) or, self_visit, 1 + that sum. prior, visits, q_norm (B, A) -> (B, A)."""
+    parent = visits.sum(-1, keepdim=True) + (1.0 if self_visit else 0.0)  # (B, 1)
     explore = prior * parent.sqrt() / (1.0 + visits) * (c1 + torch.log((parent + c2 + 1.0) / c2))
     return q_norm + explore
 
@@ -66,14 +84,30 @@ def mean_q(q: torch.Tensor, visited: torch.Tensor, parent_q: torch.Tensor | None
     return (parent_q + total) / (count + 1.0)
 
 
-def min_max_normalise(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, min_span: float = 0.01) -> torch.Tensor:
-    """(q - low) / max(high - low, min_span) per tree where high > low, else q. q (B, A), low and high (B,) ->
-    (B, A). min_span (LightZero's value_delta_max, 0.01): without it a span of 1e-3 between the near-zero values
-    of a fresh model stretches to [0, 1] and outweighs the priors; the tiny agent's first searches then sent 6 of
-    8 simulations to one action on noise, and its policy collapsed onto it. At 0.01 the same happens a few
-    updates later at the tiny preset's lr (1e-3), which is why that preset divides by at least 0.1."""
+def min_max_normalise(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, min_span: float = 0.01
+                      ) -> torch.Tensor:
+    """(q - low) / max(high - low, min_span) per tree where high > low, else q; then clamped to [0, 1]
+    (LightZero's cucb_score: an unvisited edge's mean Q or an unnormalised Q can lie outside). q (B, A), low and
+    high (B,) -> (B, A). min_span (LightZero's value_delta_max, 0.01): without it a span of 1e-3 between the
+    near-zero values of a fresh model stretches to [0, 1] and outweighs the priors; the tiny agent's first searches
+    then sent 6 of 8 simulations to one action on noise, and its policy collapsed onto it. At 0.01 the same happens
+    a few updates later at the tiny preset's lr (1e-3), which is why that preset divides by at least 0.1."""
     span = (high - low)[:, None]
-    return torch.where(span > 0, (q - low[:, None]) / span.clamp(min=min_span), q)
+    out = torch.where(span > 0, (q - low[:, None]) / span.clamp(min=min_span), q)
+    return out.clamp(0.0, 1.0)
+
+
+def select(score: torch.Tensor, draw: torch.Tensor | None) -> torch.Tensor:
+    """LightZero's cselect_child on scores (B, A) (-inf: illegal): tied are the first best action (where its running
+    maximum stops rising) and every later one within 1e-6 of the best; the draw (B,) of non-negative integers picks
+    the (draw % number tied)-th of them; None: the first best. -> (B,) long."""
+    first = score.argmax(-1)  # (B,): the first of equal maxima
+    if draw is None:
+        return first
+    index = torch.arange(score.shape[-1], device=score.device)
+    tied = (score >= score.amax(-1, keepdim=True) - 1e-6) & (index >= first[:, None])  # (B, A)
+    k = draw % tied.sum(-1)  # (B,)
+    return ((tied.long().cumsum(-1) == (k + 1)[:, None]) & tied).long().argmax(-1)
 
 
 def visit_policy(visits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,18 +124,20 @@ def masked_softmax(logits: torch.Tensor, legal: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float().masked_fill(~legal, float("-inf")), dim=-1)
 
 
+
 @torch.no_grad()
 def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simulations: int, gamma: float,
            noise: torch.Tensor | None = None, noise_weight: float = 0.25, c1: float = 1.25,
-           c2: float = 19652.0, ties: torch.Tensor | None = None, min_span: float = 0.01) -> SearchResult:
+           c2: float = 19652.0, ties: torch.Tensor | None = None, min_span: float = 0.01, self_visit: bool = False,
+           root_in_min_max: bool = True, visit_weighted_value: bool = False) -> SearchResult:
     """Run `simulations` MuZero simulations in every tree at once from the roots' prior logits (B, A).
 
     legal (B, A) bool: the actions allowed at every node of a tree (Atari's full set with a per-game mask).
     noise (B, A) or None: Dirichlet draws mixed into the root prior, (1 - noise_weight) P + noise_weight noise
-    (training; None at evaluation). The root's own value does not enter its statistics (MuZero).
-    ties (B, simulations + 1, A) uniforms or None: scores within 1e-6 of a node's best are a tie, broken by the
-    node's uniforms (a random order per node, as LightZero breaks ties at random); None: the lowest index.
-    min_span: the smallest value span min-max normalisation divides by (see min_max_normalise)."""
+    (training; None at evaluation).
+    ties (B, K) non-negative integers or None: each tree's tie draws, one per selection step in order (K >=
+    draws_needed(simulations)); None: the first best (see `select`).
+    min_span, self_visit, root_in_min_max, visit_weighted_value: see the module docstring."""
     b, a = root_logits.shape
     n = simulations + 1
     device = root_logits.device
@@ -116,6 +152,8 @@ def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simul
     edge_r = torch.zeros(b, n, a, device=device)
     low = torch.full((b,), float("inf"), device=device)
     high = torch.full((b,), float("-inf"), device=device)
+    root_sum = torch.zeros(b, device=device)  # the returns backed up to the root
+    used = torch.zeros(b, dtype=torch.long, device=device)  # tie draws consumed per tree
     for s in range(simulations):
         # selection: descend while the chosen edge has a child; each tree stops at its own leaf edge
         node = torch.zeros(b, dtype=torch.long, device=device)
@@ -127,13 +165,12 @@ def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simul
             q = edge_r[rows, node] + gamma * edge_w[rows, node] / visits.clamp(min=1.0)
             mean = mean_q(q, visits > 0, parent_q)  # (B,): the value of this node's unvisited edges
             q = torch.where(visits > 0, q, mean[:, None])
-            score = puct_scores(prior[rows, node], visits, min_max_normalise(q, low, high, min_span), c1, c2)
+            q_norm = min_max_normalise(q, low, high, min_span)
+            score = puct_scores(prior[rows, node], visits, q_norm, c1, c2, self_visit)
             score = score.masked_fill(~legal, float("-inf"))
-            if ties is None:
-                action = score.argmax(-1)  # (B,)
-            else:
-                tied = score >= score.amax(-1, keepdim=True) - 1e-6
-                action = torch.where(tied, ties[rows, node], -1.0).argmax(-1)
+            draw = None if ties is None else ties[rows, used.clamp(max=ties.shape[1] - 1)]
+            action = select(score, draw)  # (B,)
+            used += live.long()
             path_nodes.append(node)
             path_actions.append(action)
             path_live.append(live)
@@ -163,7 +200,16 @@ def search(root_logits: torch.Tensor, legal: torch.Tensor, expand: Expand, simul
             low = torch.where(on, torch.minimum(low, q_edge), low)
             high = torch.where(on, torch.maximum(high, q_edge), high)
             g = torch.where(on, r + gamma * g, g)
+        root_sum += g
+        if root_in_min_max:
+            # LightZero's backup also updates the statistics with the root's reward (0) + gamma V(root), V(root) =
+            # its return sum / its visits (the prepare visit and one per simulation so far)
+            root_q = gamma * (root_sum / (s + 2.0))
+            low, high = torch.minimum(low, root_q), torch.maximum(high, root_q)
     visits = edge_n[:, 0]
     q = torch.where(visits > 0, edge_r[:, 0] + gamma * edge_w[:, 0] / visits.clamp(min=1.0), torch.zeros_like(visits))
-    value = (visits * q).sum(-1) / visits.sum(-1).clamp(min=1.0)
-    return SearchResult(visits=visits, q=q, value=value, prior=prior[:, 0])
+    if visit_weighted_value:
+        value = (visits * q).sum(-1) / visits.sum(-1).clamp(min=1.0)
+    else:
+        value = root_sum / (simulations + 1.0)
+    return SearchResult(visits=visits, q=q, value=value, prior=prior[:, 0], draws_used=used)
