@@ -80,12 +80,12 @@ def test_other_departures_fail_too():
 
 def test_unknown_agent_or_missing_reference_is_one_line_naming_the_agents_with_data():
     for args, what in ((["agent=nonesuch"], "unknown agent 'nonesuch'"),
-                       (["agent=newt"], "no reference data for agent 'newt'"), ([], "name an agent")):
+                       (["agent=monolithic"], "no reference data for agent 'monolithic'"), ([], "name an agent")):
         result = verify(*args)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {what}"), lines
-        assert lines[0].endswith("agents with reference data: mow, storm, tdmpc2")
+        assert lines[0].endswith("agents with reference data: mow, newt, pwm, scalezero, storm, tdmpc2")
 
 
 def test_all_verifies_every_agent_with_reference_data():

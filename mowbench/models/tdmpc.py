@@ -255,10 +255,11 @@ class TaskMLP(nn.Module):
     Mish] per hidden layer, then a plain Linear (zero at start with `zero_last`). One batched matmul per layer
     runs all K: PWM's per-task actors and critics (K tasks) and TD-MPC2's Q ensemble (K heads, as upstream's
     vmapped ensemble). forward(x (K, M, in)) runs MLP k on x[k] (rows grouped by task, or one input expanded to
-    every head); forward(x (B, M, in), task (B,)) runs each row's task's MLP (acting on streams of any tasks)."""
+    every head); forward(x (B, M, in), task (B,)) runs each row's task's MLP (acting on streams of any tasks).
+    `norm_after_act`: [Linear -> Mish -> LayerNorm] per hidden layer instead (PWM's actor and critic MLPs)."""
 
     def __init__(self, n_tasks: int, in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float = 0.0,
-                 zero_last: bool = False) -> None:
+                 zero_last: bool = False, norm_after_act: bool = False) -> None:
         super().__init__()
         dims = [in_dim, *hidden, out_dim]
         self.weights = nn.ParameterList()
@@ -273,6 +274,7 @@ class TaskMLP(nn.Module):
         self.norms_w = nn.ParameterList(nn.Parameter(torch.ones(n_tasks, 1, h)) for h in hidden)
         self.norms_b = nn.ParameterList(nn.Parameter(torch.zeros(n_tasks, 1, h)) for h in hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.norm_after_act = norm_after_act
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         def pick(p: torch.Tensor) -> torch.Tensor:
@@ -283,7 +285,10 @@ class TaskMLP(nn.Module):
             x = torch.baddbmm(pick(b).to(x.dtype), x, pick(w).to(x.dtype))  # (K or B, M, out)
             if i == 0 and self.dropout is not None:
                 x = self.dropout(x)
-            if i < n:
+            if i < n and self.norm_after_act:
+                x = nn.functional.mish(x)
+                x = nn.functional.layer_norm(x, x.shape[-1:]) * pick(self.norms_w[i]) + pick(self.norms_b[i])
+            elif i < n:
                 x = nn.functional.layer_norm(x, x.shape[-1:]) * pick(self.norms_w[i]) + pick(self.norms_b[i])
                 x = nn.functional.mish(x)
         return x
