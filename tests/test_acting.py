@@ -1,6 +1,7 @@
 """Batched acting and vectorised evaluation: each stream draws from its own generator, so a stream's actions
 and an episode's result do not depend on the streams beside it or on how many run at once."""
 
+import copy
 import pickle
 
 import numpy as np
@@ -17,8 +18,8 @@ from mowbench.ops import sample_categorical
 from tests.conftest import MICRO
 
 
-def micro_agent(name, tasks):
-    cfg = compose_config([f"agent={name}", "env=minatar", f"task=[{','.join(tasks)}]", *MICRO])
+def micro_agent(name, tasks, extra=()):
+    cfg = compose_config([f"agent={name}", "env=minatar", f"task=[{','.join(tasks)}]", *MICRO, *extra])
     env_cfg = dict(cfg["env"])
     envs = make_envs("minatar", tasks, env_cfg, seed=0)
     agent = make_agent(name, dict(cfg["agent"]), [e.info for e in envs], torch.device("cpu"), "fp32")
@@ -40,13 +41,14 @@ def test_sampling_from_given_uniforms_is_the_distribution():
     assert x.std().item() == pytest.approx(dist.dist.stddev[0, 0].item(), rel=0.01)
 
 
+@pytest.mark.parametrize("reencode", [True, False])
 @pytest.mark.parametrize("name,tasks", [("storm", ["breakout"]), ("mow", ["breakout", "space_invaders", "asterix"])])
-def test_batched_acting_equals_acting_one_stream_at_a_time(name, tasks):
+def test_batched_acting_equals_acting_one_stream_at_a_time(name, tasks, reencode):
     """Four streams (MoW: over three tasks) join one after another, so their contexts have different lengths
     (one sequence pass per length) and the first action of each is random; acting on all of them at once
-    gives the actions and contexts of acting on each alone."""
+    gives the actions and contexts of acting on each alone, re-encoding the windows (the default) or not."""
     torch.manual_seed(0)
-    agent, envs, _ = micro_agent(name, tasks)
+    agent, envs, _ = micro_agent(name, tasks, [f"agent.act_reencode={reencode}"])
     size = envs[0].info.image_size
     batched, single, rng, mixed = [], [], np.random.default_rng(0), False
     for step in range(10):
@@ -58,11 +60,56 @@ def test_batched_acting_equals_acting_one_stream_at_a_time(name, tasks):
         together = agent.act_batch(batched, obs)
         alone = [agent.act(c, o) for c, o in zip(single, obs, strict=True)]
         assert together == alone, step
-        mixed |= len({len(c.z) for c in batched}) > 1
+        mixed |= len({len(c.history(reencode)) for c in batched}) > 1
     assert mixed  # at some steps the streams had different context lengths
     for a, b in zip(batched, single, strict=True):
-        torch.testing.assert_close(a.z, b.z)
+        assert (a.z is None) == reencode and (a.obs is None) != reencode  # the context keeps frames or latents
+        torch.testing.assert_close(a.history(reencode), b.history(reencode))
         assert torch.equal(a.action, b.action)
+
+
+@pytest.mark.parametrize("reencode", [True, False])
+def test_acting_reencodes_its_window_by_default(reencode):
+    """The default (act_reencode, as STORM's reference, which encodes its 16 context frames at every step): an
+    act reads its window's frames encoded with the current weights and fresh posterior draws, so from one step to
+    the next the frames both windows hold get new draws, and after a weight change even the oldest frame's latent
+    follows the new weights. act_reencode=false keeps each frame's latent from when its frame was current."""
+    torch.manual_seed(0)
+    agent, envs, _ = micro_agent("storm", ["breakout"], [] if reencode else ["agent.act_reencode=false"])
+    assert agent.cfg.act_reencode == reencode
+    size, rng, w, v = envs[0].info.image_size, np.random.default_rng(0), agent.cfg.act_context, agent.wm.latent_vars
+
+    def frame():
+        return rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+    context = agent.new_context(0, seed=0)
+    for _ in range(w + 1):
+        agent.act(context, frame())
+    windows, sequence = [], agent.wm.sequence
+
+    def recorded(z, *args, **kwargs):  # the latents an act reads, (1, W, V*C) -> classes (W, V)
+        windows.append(z[0].unflatten(-1, (v, -1)).argmax(-1))
+        return sequence(z, *args, **kwargs)
+
+    agent.wm.sequence = recorded
+    twin, current = copy.deepcopy(context), frame()  # the same frames, latents and generator state
+    agent.act(context, current)
+    agent.act(context, frame())
+    first, second = windows
+    assert first.shape == (w, v)
+    assert torch.equal(second[:-1], first[1:]) != reencode  # the same frames: new draws, or the kept latents
+    with torch.no_grad():  # an "update" that makes the posterior put all but unimix's 1% on class 0
+        agent.wm.posterior_head.linear.weight.zero_()
+        bias = torch.zeros(v, agent.cfg.n_classes)  # (V, C)
+        bias[:, 0] = 20.0
+        agent.wm.posterior_head.linear.bias.copy_(bias.flatten())
+    agent.act(twin, current)  # the twin's first act again, with its draws, after the change
+    after = windows[2]
+    if reencode:
+        assert (after == 0).float().mean() > 0.9 and (after[0] == 0).all()  # the oldest frame too
+        assert not (first == 0).all()
+    else:
+        assert torch.equal(after, first)
 
 
 def test_evaluation_does_not_depend_on_how_many_episodes_run_at_once():
@@ -110,18 +157,19 @@ def test_cached_acting_is_exact_over_its_window(name, tasks, extra):
     """act_refresh=R > 1: every step's h is the exact pass over the stream's last L steps (positions from 0),
     with min(len, W-R+1) <= L <= min(len, W) for W = act_context; streams joining later make rows of
     different lengths in one cache (left padding). The first W steps of a batch that does not change are the
-    exact path's, action for action. R = 1 is the exact path itself."""
+    exact path's, action for action. R = 1 is the exact path itself. With kept latents (act_reencode=false), so
+    that the cached steps' latents are the context's."""
     w, r = 4, 2
     torch.manual_seed(0)
     cfg = compose_config([f"agent={name}", "env=minatar", f"task=[{','.join(tasks)}]", *MICRO, *extra,
-                          f"agent.act_context={w}", f"agent.act_refresh={r}"])
+                          f"agent.act_context={w}", f"agent.act_refresh={r}", "agent.act_reencode=false"])
     envs = make_envs("minatar", tasks, dict(cfg["env"]), seed=0)
     agent = make_agent(name, dict(cfg["agent"]), [e.info for e in envs], torch.device("cpu"), "fp32")
     size = envs[0].info.image_size
     seen, original = [], agent.cached_h
 
-    def checked(contexts, lengths, task):
-        h = original(contexts, lengths, task)  # (n, 1, D)
+    def checked(contexts, lengths, task, u):
+        h = original(contexts, lengths, task, u)  # (n, 1, D)
         session = contexts[0].session
         for i, c in enumerate(contexts):
             if not lengths[i]:
@@ -153,11 +201,14 @@ def test_cached_acting_is_exact_over_its_window(name, tasks, extra):
         assert agent.act_batch(a, obs) == exact.act_batch(b, obs)
 
 
-def test_cached_acting_resumes_exactly_from_pickled_contexts():
+@pytest.mark.parametrize("reencode", [True, False])
+def test_cached_acting_resumes_exactly_from_pickled_contexts(reencode):
     """The session lives in the streams' contexts, which a checkpoint pickles together: acting on the unpickled
-    contexts continues with the same cache and gives the actions of the uninterrupted run."""
+    contexts continues with the same cache and gives the actions of the uninterrupted run (re-encoding the
+    frames each call passes, or with kept latents)."""
     torch.manual_seed(0)
-    cfg = compose_config(["agent=mow", "env=minatar", "task=[breakout,asterix]", *MICRO, "agent.act_refresh=3"])
+    cfg = compose_config(["agent=mow", "env=minatar", "task=[breakout,asterix]", *MICRO, "agent.act_refresh=3",
+                          f"agent.act_reencode={reencode}"])
     envs = make_envs("minatar", ["breakout", "asterix"], dict(cfg["env"]), seed=0)
     agent = make_agent("mow", dict(cfg["agent"]), [e.info for e in envs], torch.device("cpu"), "fp32")
     size, rng = envs[0].info.image_size, np.random.default_rng(0)

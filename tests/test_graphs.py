@@ -132,24 +132,29 @@ def test_a_capturable_rollout_never_waits_for_the_device(name):
     assert found == []
 
 
+@pytest.mark.parametrize("reencode", [True, False])
 @pytest.mark.parametrize("name", ["storm", "monolithic", "mow"])
-def test_capturable_acting_never_waits_for_the_device(name):
+def test_capturable_acting_never_waits_for_the_device(name, reencode):
     """Acting on streams with full contexts (act_tensors, what a CUDA graph holds) reads nothing back inside
-    host_layout; the actions' read for the envs comes after it."""
-    agent = agent_of(name)
+    host_layout, re-encoding the window's frames (the default) or reading kept latents; the actions' read for
+    the envs comes after it."""
+    agent = agent_of(name, f"agent.act_reencode={reencode}")
     if name == "mow":
         agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
     contexts = [agent.new_context(i, seed=i) for i in range(len(agent.tasks))]
     obs = [torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy() for _ in contexts]
     for _ in range(agent.cfg.act_context):
         agent.act_batch(contexts, obs)
-    task = torch.arange(len(contexts))
-    z, a = torch.stack([c.z for c in contexts]), torch.stack([c.action for c in contexts])
-    u = torch.rand(len(contexts), 2 * agent.wm.latent_vars + 1)
-    obs_t = torch.as_tensor(np.stack(obs))[:, None]
+    task, n, v, w = torch.arange(len(contexts)), len(contexts), agent.wm.latent_vars, agent.cfg.act_context
+    a = torch.stack([c.action for c in contexts])  # (n, W)
+    if reencode:  # the window's frames (n, W, S, S, 3), encoded in the call
+        frames, z, encoded = torch.stack([c.obs for c in contexts]), None, w
+    else:  # the current frame and the kept latents (n, W, V*C)
+        frames, z, encoded = torch.as_tensor(np.stack(obs))[:, None], torch.stack([c.z for c in contexts]), 1
+    u = torch.rand(n, v + encoded * v + 1)
     with agent.wm.host_layout(task) as layout, host_syncs() as found:
-        actions, z_obs = agent.act_steps[False](obs_t, z, a, task, u, key=layout)
-    assert found == [] and actions.shape == (len(contexts),) and z_obs.shape == z[:, 0].shape
+        actions, z_enc = agent.act_steps[False](frames, z, a, task, u, key=layout)
+    assert found == [] and actions.shape == (n,) and z_enc.shape[:2] == (n, encoded)
 
 
 def test_mow_layout_from_the_hosts_rows_per_task_equals_the_devices():

@@ -99,6 +99,12 @@ class ImaginationConfig:
     # each step sees its last act_context-R+1..act_context steps (exactly, at positions from 0), and cached
     # keys/values keep the weights of the step that computed them (<= R-1 updates old). See ActingSession.
     act_refresh: int = 1
+    # True: every act re-encodes the stream's context frames with the current weights and fresh posterior draws,
+    # as STORM's reference does (it keeps the last 16 frames and calls encode_obs on all of them each step), so
+    # the latents an act reads are never older than the weights. False: each frame is encoded once, when it is
+    # current, and its latent (weights up to act_context-1 updates old, one draw for act_context acts) is kept;
+    # one frame's encoding an act instead of act_context (ablation kept_acting_latents)
+    act_reencode: bool = True
     reset_context_on_episode: bool = False  # STORM keeps the acting context across episodes
     ac_width: int = 512  # actor/critic MLP width
     ac_depth: int = 2  # actor/critic hidden layers
@@ -176,33 +182,43 @@ def sample_z(logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tenso
 
 @dataclass
 class ActingContext:
-    """One env stream's acting state: its last `act_context` (z, a) pairs, z (T, V*C) and action (T,) or (T, A),
-    its own generator, from which every random number of its acting is drawn, and (act_refresh > 1) the
-    session it acts in."""
+    """One env stream's acting state: its last `act_context` steps, as frames obs (T, S, S, 3) uint8 (act_reencode:
+    re-encoded at every act) or as latents z (T, V*C) (each drawn once, when its frame was current), and actions
+    (T,) or (T, A); its own generator, from which every random number of its acting is drawn; and (act_refresh > 1)
+    the session it acts in."""
 
     task: int
     rng: np.random.Generator | None = None  # None (contexts pickled before it): made on first use
     z: torch.Tensor | None = None
     action: torch.Tensor | None = None
     session: ActingSession | None = None
+    obs: torch.Tensor | None = None
+
+    def history(self, reencode: bool) -> torch.Tensor | None:
+        """The per-step tensor of this stream's context (frames when re-encoding, else latents); None: no context
+        (a context kept in the other mode counts as none, so switching modes restarts it)."""
+        return self.obs if reencode else self.z
 
 
 @dataclass
 class ActingSession:
     """Cached acting (act_refresh > 1) of one batch of streams: the world model's cache over their last steps,
-    rows left-padded to one length (`pad` slots each), `slots` filled, and each stream's z history as the last
-    call left it. It lives in the streams' contexts, so a checkpoint carries it and a resumed run goes on
-    exactly; a batch of other streams, or a stream whose history changed since (a reset), starts a new one."""
+    rows left-padded to one length (`pad` slots each), `slots` filled, and each stream's history (its frames or
+    latents, ActingContext.history) as the last call left it. It lives in the streams' contexts, so a checkpoint
+    carries it and a resumed run goes on exactly; a batch of other streams, or a stream whose history changed
+    since (a reset), starts a new one."""
 
     contexts: list[ActingContext]
-    z: list[torch.Tensor | None]
+    history: list[torch.Tensor | None]
     cache: Any
     pad: list[int]
     slots: int
+    reencode: bool = False
 
     def serves(self, contexts: list[ActingContext]) -> bool:
         return len(contexts) == len(self.contexts) and all(
-            a is b and a.z is z for a, b, z in zip(contexts, self.contexts, self.z, strict=True))
+            a is b and a.history(self.reencode) is h for a, b, h in zip(contexts, self.contexts, self.history,
+                                                                        strict=True))
 
 
 def context_seed() -> int:
@@ -442,7 +458,7 @@ class ImaginationAgent(Agent):
 
     def episode_start(self, context: ActingContext) -> None:
         if self.cfg.reset_context_on_episode:
-            context.z = context.action = None
+            context.z = context.obs = context.action = None
 
     def act(self, context: ActingContext, obs: np.ndarray, greedy: bool = False) -> np.ndarray | int:
         return self.act_batch([context], [obs], greedy)[0]
@@ -451,10 +467,13 @@ class ImaginationAgent(Agent):
     def act_batch(self, contexts: list[ActingContext], obs: list[np.ndarray], greedy: bool = False
                   ) -> list[np.ndarray | int]:
         """Act from [prior sample of z_t, h_{t-1}] computed over each stream's previous frames and actions
-        (STORM); the current frame is encoded and appended to the context after the action is chosen.
+        (STORM); the current frame is appended to the context after the action is chosen. With act_reencode (the
+        default, as STORM's reference) the context's frames are encoded anew at every act, with the current
+        weights and fresh posterior draws; without, each frame's latent is drawn once, when the frame is current,
+        and kept.
 
         All streams are encoded, and all that have a context act, in one pass each. Each stream draws its
-        random numbers from its own generator, in a fixed order (prior sample, action, encoding), so its
+        random numbers from its own generator, in a fixed order (prior sample, encodings, action), so its
         actions do not depend on the streams beside it. When every stream has a context of the same length
         (act_refresh 1), one pure call does it all (`act_tensors`; with full contexts replayed from a CUDA graph
         when CUDA graphs are in use); otherwise h comes from `context_h` (act_refresh 1: exact) or `cached_h`
@@ -463,92 +482,134 @@ class ImaginationAgent(Agent):
             self.wm.eval()
         if self.ac.training:
             self.ac.eval()
-        n = len(contexts)
+        cfg, reencode, n = self.cfg, self.cfg.act_reencode, len(contexts)
         task = torch.tensor([c.task for c in contexts], device=self.device)  # (n,)
         obs_t = torch.as_tensor(np.stack(obs), device=self.device)[:, None]  # (n, 1, S, S, 3)
         v, width = self.wm.latent_vars, 1 if self.discrete else self.action_dim
         for c in contexts:
             if c.rng is None:
                 c.rng = np.random.default_rng(context_seed())
-        # per stream: V uniforms for the prior sample, V for the encoding, `width` for the action
-        u = torch.as_tensor(np.stack([c.rng.random(2 * v + width, dtype=np.float32) for c in contexts]),
-                            device=self.device)  # (n, 2V + width)
-        lengths = [0 if c.z is None else len(c.z) for c in contexts]
-        if self.cfg.act_refresh == 1 and lengths[0] and lengths.count(lengths[0]) == n:
-            z = torch.stack([c.z for c in contexts])  # (n, L, V*C)
+        lengths = [0 if (h := c.history(reencode)) is None else len(h) for c in contexts]
+        # per stream: V uniforms for the prior sample, V for each frame it encodes (re-encoding: its context's
+        # L frames, oldest first; else the current frame), `width` for the action; one copy to the device
+        draws = [c.rng.random(v * (1 + (length if reencode else 1)) + width, dtype=np.float32)
+                 for c, length in zip(contexts, lengths, strict=True)]
+        u = list(torch.as_tensor(np.concatenate(draws), device=self.device).split([len(d) for d in draws]))
+        if cfg.act_refresh == 1 and lengths[0] and lengths.count(lengths[0]) == n:
             a = torch.stack([c.action for c in contexts])  # (n, L) or (n, L, A)
-            if lengths[0] == self.cfg.act_context:  # training's steady state: one graph (shorter contexts are eager)
+            if reencode:  # the window's frames (n, L, S, S, 3), encoded in the call
+                frames, z = torch.stack([c.obs for c in contexts]), None
+            else:  # the current frame and the kept latents (n, L, V*C)
+                frames, z = obs_t, torch.stack([c.z for c in contexts])
+            rows = torch.stack(u)  # (n, V + E V + width)
+            if lengths[0] == cfg.act_context:  # training's steady state: one graph (shorter contexts are eager)
                 counts = tuple(np.bincount([c.task for c in contexts], minlength=len(self.tasks)).tolist())
                 with self.wm.host_layout(task, counts) as layout:
-                    actions, z_obs = self.act_steps[greedy](obs_t, z, a, task, u, key=layout)
+                    actions, z_enc = self.act_steps[greedy](frames, z, a, task, rows, key=layout)
             else:
-                actions, z_obs = self.act_tensors(obs_t, z, a, task, u, greedy)
+                actions, z_enc = self.act_tensors(frames, z, a, task, rows, greedy)
         else:
-            actions, z_obs = self.act_streams(contexts, lengths, obs_t, task, u, greedy)
-        keep = self.cfg.act_context - 1
+            actions, z_enc = self.act_streams(contexts, lengths, obs_t, task, u, greedy)
+        steps = obs_t[:, 0] if reencode else z_enc[:, -1]  # (n, S, S, 3) frames or (n, V*C) latents
+        keep = cfg.act_context - 1
         for i, c in enumerate(contexts):
-            if c.z is None:
-                c.z, c.action = z_obs[i:i + 1], actions[i:i + 1]
+            history = c.history(reencode)
+            if history is None:
+                history, c.action = steps[i:i + 1], actions[i:i + 1]
             else:
-                c.z = torch.cat([c.z[-keep:] if keep else c.z[:0], z_obs[i:i + 1]])
+                history = torch.cat([history[-keep:] if keep else history[:0], steps[i:i + 1]])
                 c.action = torch.cat([c.action[-keep:] if keep else c.action[:0], actions[i:i + 1]])
-        if self.cfg.act_refresh > 1 and any(lengths):  # the session (cached_h) now holds the histories as they are
-            contexts[0].session.z = [c.z for c in contexts]
+            if reencode:
+                c.obs = history
+            else:
+                c.z = history
+        if cfg.act_refresh > 1 and any(lengths):  # the session (cached_h) now holds the histories as they are
+            contexts[0].session.history = [c.history(reencode) for c in contexts]
         out = actions.cpu().numpy()
         return [int(a) for a in out] if self.discrete else [a.astype(np.float32) for a in out]
 
-    def act_tensors(self, obs: torch.Tensor, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor,
+    def act_tensors(self, frames: torch.Tensor, z: torch.Tensor | None, action: torch.Tensor, task: torch.Tensor,
                     u: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Streams that all have a context of one length: obs (n, 1, S, S, 3), their contexts z (n, L, V*C) and
-        action (n, L) or (n, L, A), task (n,), uniforms u (n, 2V + width) -> actions (n,) long or (n, A), and the
-        frame's latent sample (n, V*C). Tensors in, tensors out, no host read in a capturable world model: what
-        a CUDA graph can hold. The same values as act_streams (one pass over the whole window)."""
-        v = self.wm.latent_vars
+        """Streams that all have a context of one length L. act_reencode: frames (n, L, S, S, 3) uint8 are the
+        contexts' frames, encoded here, and z is None; else frames (n, 1, S, S, 3) is the current frame and z
+        (n, L, V*C) the contexts' kept latents. action (n, L) or (n, L, A), task (n,), uniforms u
+        (n, V + E V + width) for the E = frames.shape[1] encoded frames -> actions (n,) long or (n, A), and the
+        encoded frames' latent samples (n, E, V*C). Tensors in, tensors out, no host read in a capturable world
+        model: what a CUDA graph can hold. The same values as act_streams (one pass over the whole window)."""
+        v, e = self.wm.latent_vars, frames.shape[1]
         with self.autocast():
-            enc = self.wm.encode(obs, task)  # (n, 1, V, C)
-            h = self.wm.sequence(z, self.action_input(action), task, last=True)  # (n, 1, D)
+            z_enc = self.frame_latents(frames, task, u[:, v:v + e * v].unflatten(1, (e, v)))  # (n, E, V*C)
+            h = self.wm.sequence(z_enc if z is None else z, self.action_input(action), task, last=True)  # (n, 1, D)
             chosen = self.policy(h, task, u, greedy)
-            z_obs = sample_z(enc, u[:, v:2 * v, None][:, None]).float()[:, 0]  # (n, V*C)
-        return chosen.to(torch.long if self.discrete else torch.float32), z_obs
+        return chosen.to(torch.long if self.discrete else torch.float32), z_enc
+
+    def frame_latents(self, frames: torch.Tensor, task: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Posterior samples of frames (n, E, S, S, 3) uint8 drawn with uniforms u (n, E, V) -> (n, E, V*C)."""
+        return sample_z(self.wm.encode(frames, task), u[..., None]).float()
 
     def policy(self, h: torch.Tensor, task: torch.Tensor, u: torch.Tensor, greedy: bool) -> torch.Tensor:
         """The action of each row from h (r, 1, D) after its context: the actor on [prior sample of z, h], with
-        the row's uniforms u (r, 2V + width) -> (r,) or (r, A)."""
-        v = self.wm.latent_vars
+        the row's uniforms u (r, V + ... + width): the first V for the prior sample, the last `width` for the
+        action -> (r,) or (r, A)."""
+        v, width = self.wm.latent_vars, 1 if self.discrete else self.action_dim
         z_next = sample_z(self.wm.prior(h, task), u[:, None, :v, None])  # (r, 1, V*C)
         dist = self.ac.actor(self.wm.features(z_next, h, task), self.legal[task][:, None])
-        u_act = u[:, None, 2 * v:]  # (r, 1, width)
-        chosen = dist.mode() if greedy else dist.sample(u_act[..., :1] if self.discrete else u_act)
+        u_act = u[:, None, u.shape[1] - width:]  # (r, 1, width)
+        chosen = dist.mode() if greedy else dist.sample(u_act)
         return chosen[:, 0]  # (r,) or (r, A)
 
     def act_streams(self, contexts: list[ActingContext], lengths: list[int], obs: torch.Tensor, task: torch.Tensor,
-                    u: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    u: list[torch.Tensor], greedy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """act_tensors' outputs for streams with contexts of several lengths, some without (they act uniformly at
-        random among legal actions, as STORM's first steps), or with act_refresh > 1."""
-        n, v = len(contexts), self.wm.latent_vars
-        u_act = u[:, 2 * v:]
+        random among legal actions, as STORM's first steps), or with act_refresh > 1; u: each stream's uniforms
+        (V + E V + width,). The latents are the current frames' (n, 1, V*C), or None when re-encoding (the
+        context keeps frames)."""
+        n, v, width = len(contexts), self.wm.latent_vars, 1 if self.discrete else self.action_dim
+        u_act = torch.stack([x[len(x) - width:] for x in u])  # (n, width)
         if self.discrete:
             actions = random_legal(self.legal[task], u_act[:, 0])  # (n,)
         else:
             actions = u_act * 2 - 1  # (n, A) uniform in [-1, 1]
         rows = [i for i in range(n) if lengths[i]]  # streams with a context
+        z_enc = None
         with self.autocast():
-            enc = self.wm.encode(obs, task)  # (n, 1, V, C)
+            if not self.cfg.act_reencode:
+                z_enc = self.frame_latents(obs, task, torch.stack([x[v:2 * v] for x in u])[:, None])  # (n, 1, V*C)
             if rows:
-                h = (self.context_h if self.cfg.act_refresh == 1 else self.cached_h)(contexts, lengths, task)
+                h = (self.context_h if self.cfg.act_refresh == 1 else self.cached_h)(contexts, lengths, task, u)
                 idx = torch.tensor(rows, device=self.device)
-                actions[idx] = self.policy(h[idx], task[idx], u[idx], greedy).to(actions.dtype)
-            z_obs = sample_z(enc, u[:, v:2 * v, None][:, None]).float()[:, 0]  # (n, V*C)
-        return actions, z_obs
+                u_rows = torch.stack([torch.cat([u[i][:v], u[i][len(u[i]) - width:]]) for i in rows])  # (r, V+width)
+                actions[idx] = self.policy(h[idx], task[idx], u_rows, greedy).to(actions.dtype)
+        return actions, z_enc
 
-    def context_h(self, contexts: list[ActingContext], lengths: list[int], task: torch.Tensor) -> torch.Tensor:
+    def context_latents(self, contexts: list[ActingContext], rows: list[int], take: list[int], task: torch.Tensor,
+                        u: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The latents (k, V*C) of the last k = take[j] steps of each stream contexts[rows[j]]: kept, or (act_reencode)
+        its frames encoded now, with the uniforms u of those frames, in one encoder pass per k."""
+        if not self.cfg.act_reencode:
+            return [contexts[i].z[len(contexts[i].z) - k:] for i, k in zip(rows, take, strict=True)]
+        v, out = self.wm.latent_vars, [None] * len(rows)
+        for k in sorted(set(take)):
+            js = [j for j in range(len(rows)) if take[j] == k]
+            frames = torch.stack([contexts[rows[j]].obs[len(contexts[rows[j]].obs) - k:] for j in js])  # (g, k, ...)
+            # stream i's uniforms: [prior V | its L frames' V each, oldest first | action]
+            u_enc = torch.stack([u[rows[j]][v * (1 + len(contexts[rows[j]].obs) - k):
+                                            v * (1 + len(contexts[rows[j]].obs))] for j in js])  # (g, k V)
+            idx = torch.tensor([rows[j] for j in js], device=self.device)
+            z = self.frame_latents(frames, task[idx], u_enc.unflatten(1, (k, v)))  # (g, k, V*C)
+            for g, j in enumerate(js):
+                out[j] = z[g]
+        return out
+
+    def context_h(self, contexts: list[ActingContext], lengths: list[int], task: torch.Tensor,
+                  u: list[torch.Tensor]) -> torch.Tensor:
         """h (n, 1, D) after each stream's whole context, recomputed (exact): streams with the same context length
         share one pass (after the first steps of an episode, all of them); rows without a context are zeros."""
         out: torch.Tensor | None = None
         for length in sorted(set(lengths) - {0}):
             rows = [i for i in range(len(contexts)) if lengths[i] == length]
             idx = torch.tensor(rows, device=self.device)
-            z = torch.stack([contexts[i].z for i in rows])  # (g, L, V*C)
+            z = torch.stack(self.context_latents(contexts, rows, [length] * len(rows), task, u))  # (g, L, V*C)
             a = torch.stack([contexts[i].action for i in rows])  # (g, L) or (g, L, A)
             h = self.wm.sequence(z, self.action_input(a), task[idx], last=True)[:, 0]  # (g, D)
             out = h.new_zeros(len(contexts), h.shape[-1]) if out is None else out
@@ -556,14 +617,16 @@ class ImaginationAgent(Agent):
         assert out is not None, "called without a stream that has a context"
         return out[:, None]
 
-    def cached_h(self, contexts: list[ActingContext], lengths: list[int], task: torch.Tensor) -> torch.Tensor:
+    def cached_h(self, contexts: list[ActingContext], lengths: list[int], task: torch.Tensor,
+                 u: list[torch.Tensor]) -> torch.Tensor:
         """h (n, 1, D) from the streams' session (ActingSession): the newest (z, a) of every stream appended to its
         cache, or, every act_refresh steps and whenever the session does not serve these streams, a new session
-        from one pass over each stream's last act_context - act_refresh + 1 steps (left-padded to one length)."""
+        from one pass over each stream's last act_context - act_refresh + 1 steps (left-padded to one length).
+        With act_reencode, the frames a call passes are encoded in it (the cached steps keep their latents)."""
         cfg, n = self.cfg, len(contexts)
         session = contexts[0].session
         if session is not None and session.serves(contexts) and session.slots < cfg.act_context:
-            z = torch.stack([c.z[-1:] for c in contexts])  # (n, 1, V*C)
+            z = torch.stack(self.context_latents(contexts, list(range(n)), [1] * n, task, u))  # (n, 1, V*C)
             a = torch.stack([c.action[-1:] for c in contexts])  # (n, 1) or (n, 1, A)
             session.slots += 1
             return self.wm.sequence(z, self.action_input(a), task, session.cache)  # (n, 1, D)
@@ -571,13 +634,16 @@ class ImaginationAgent(Agent):
         m = max(fill)
         offset = torch.tensor([m - f for f in fill], device=self.device)  # (n,)
         cache = self.wm.empty_cache(task, torch.bfloat16 if self.autocast_bf16 else torch.float32, offset)
-        first = next(c for c in contexts if c.z is not None)
-        z = first.z.new_zeros(n, m, first.z.shape[-1])  # (n, m, V*C): padding never attended to
-        a = first.action.new_zeros(n, m, *first.action.shape[1:])  # (n, m) or (n, m, A)
-        for i, (c, f) in enumerate(zip(contexts, fill, strict=True)):
-            if f:
-                z[i, m - f:], a[i, m - f:] = c.z[-f:], c.action[-f:]
-        session = ActingSession(list(contexts), [c.z for c in contexts], cache, [m - f for f in fill], m)
+        rows = [i for i in range(n) if fill[i]]
+        latents = self.context_latents(contexts, rows, [fill[i] for i in rows], task, u)
+        z = latents[0].new_zeros(n, m, latents[0].shape[-1])  # (n, m, V*C): padding never attended to
+        first = contexts[rows[0]].action
+        a = first.new_zeros(n, m, *first.shape[1:])  # (n, m) or (n, m, A)
+        for i, zi in zip(rows, latents, strict=True):
+            z[i, m - fill[i]:], a[i, m - fill[i]:] = zi, contexts[i].action[-fill[i]:]
+        reencode = cfg.act_reencode
+        session = ActingSession(list(contexts), [c.history(reencode) for c in contexts], cache, [m - f for f in fill],
+                                m, reencode)
         for c in contexts:
             c.session = session
         return self.wm.sequence(z, self.action_input(a), task, cache, last=True)  # (n, 1, D)
