@@ -1,5 +1,5 @@
 """A grid's ablation table: one row per cell (swept value or variant), its aggregate metrics, and the
-probability of improvement over the grid's `default` configuration (spec analysis.md, ablation tables).
+probability of improvement over the grid's `default` configuration (docs/analysis.md, ablation tables).
 
 Cells come from the grid file (mowbench/conf/grid/<name>.yaml) exactly as `mowbench.grid` names their
 results methods. For a grid with one swept key, methods found in the results with the same key but a value

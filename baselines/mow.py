@@ -1,4 +1,4 @@
-"""Mixture-of-World Models (MoW, arXiv 2602.01270; spec mow.md): N_m modular categorical VAEs assigned
+"""Mixture-of-World Models (MoW, arXiv 2602.01270; docs/methods/mow.md): N_m modular categorical VAEs assigned
 to task clusters found by gradient similarity, a task-level router sending each task to its TopK expert
 Transformers before a shared Transformer, per-cluster heads and critics, one shared actor.
 
@@ -83,7 +83,7 @@ class MoWConfig(STORMConfig):
     # latent, whose encoder also reads e_k; ablation task_head_on_z). See MoWWorldModel.task_logits.
     task_head_input: str = "h"
     balance_loss: bool = True  # expert-balance loss (ablation: False)
-    balance_scale: float = 0.1  # its coefficient (mow.md: 0.1)
+    balance_scale: float = 0.1  # its coefficient (the paper: 0.1)
     harmonious: bool = True  # HarmonyDream weighting with one learnable s_k per task (ablation: False)
     clustering: str = "gradient"  # gradient (warm-up gradients, k-means) | random | none (one shared VAE)
     cluster_warmup_updates: int = 5000  # offline updates of the shared model on random data before clustering
@@ -159,7 +159,7 @@ class MoWCache:
 
 
 class TaskLevelRouting:
-    """MoW's routing (mow.md 2): S_k = softmax(MLP(e_k) / tau) from the task embedding alone, so every token
+    """MoW's routing (docs/methods/mow.md): S_k = softmax(MLP(e_k) / tau) from the task embedding alone, so every token
     of task k goes to the same TopK experts J_k and each expert sees whole, coherent sequences."""
 
     def router_inputs(self, latent_dim: int, action_dim: int, embed_dim: int) -> int:
@@ -509,7 +509,7 @@ class MoWAgent(ImaginationAgent):
         self.wm.tau.fill_(tau_schedule(self.wm_updates, self.cfg.tau_start, self.cfg.tau_anneal_updates))
         return metrics
 
-    # ---- warm-up clustering (mow.md section 5) ----
+    # ---- warm-up clustering (docs/methods/mow.md) ----
     def task_gradient_vectors(self, sample: Callable[[int, int], Batch]) -> torch.Tensor:
         """Per task k, the gradient of L_k w.r.t. the shared parameters (everything but the task embeddings
         and the not-yet-used clusters 1..N_m-1), averaged over `cluster_grad_batches` batches of k's own
@@ -579,7 +579,7 @@ class MoWAgent(ImaginationAgent):
 
     def bench_extras(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float],
                      figures: dict[str, Any]) -> dict[str, Any]:
-        """MoW's size beside one STORM per task (mow.md: about half) and beside the paper's 972.5 MB, and its experts
+        """MoW's size beside one STORM per task (the paper: about half) and beside the paper's 972.5 MB, and its experts
         at the current routing."""
         return (super().bench_extras(sample, time, figures) | separate_storm_figures(self, figures)
                 | self.size_figures() | self.expert_figures(sample, time))

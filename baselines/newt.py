@@ -1,4 +1,4 @@
-"""Newt (Hansen et al., "massively multi-task" TD-MPC2 with language; nicklashansen/newt; spec baselines.md) on
+"""Newt (Hansen et al., "massively multi-task" TD-MPC2 with language; nicklashansen/newt; docs/methods/newt.md) on
 Meta-World from pixels: TD-MPC2 at Newt's size L with frozen 512-d CLIP text vectors as task embeddings, no Q
 dropout, batch 1024, and Newt's changes to TD-MPC2's learning and planning, as its published code makes them
 (checked by `python -m mowbench.verify agent=newt`, docs/verify.md):
@@ -87,7 +87,7 @@ def language_vectors(names: list[str]) -> torch.Tensor:
 
 @dataclass
 class NewtConfig(TDMPC2Config):
-    """Newt's settings on top of TD-MPC2's (spec baselines.md; the module docstring)."""
+    """Newt's settings on top of TD-MPC2's (docs/methods/newt.md; the module docstring)."""
 
     model_size: str = "L"  # enc 1024, mlp 1024, latent 512 (~20M parameters upstream)
     enc_layers: int = 3  # Newt's L: num_enc_layers 3 (state encoders only)

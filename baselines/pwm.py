@@ -1,4 +1,4 @@
-"""PWM (Georgiev et al., "PWM: Policy Learning with Multi-Task World Models", imgeorgiev/PWM; spec baselines.md),
+"""PWM (Georgiev et al., "PWM: Policy Learning with Multi-Task World Models", imgeorgiev/PWM; docs/methods/pwm.md),
 online, from pixels: a TD-MPC2-style world model (encoder, dynamics, reward; no Q, no policy prior) trained with
 horizon 16 and rho 0.99, and per task an actor and three critics trained by first-order gradients through the
 world model: 16-step imagined returns differentiated through the (frozen for that step) dynamics and reward, and
@@ -66,7 +66,7 @@ from mowbench.replay import Batch
 
 @dataclass
 class PWMConfig(LatentConfig):
-    """PWM's settings (spec baselines.md, upstream's pwm_48M.yaml); the world-model fields are LatentConfig's with
+    """PWM's settings (docs/methods/pwm.md, upstream's pwm_48M.yaml); the world-model fields are LatentConfig's with
     PWM's horizon and rho. The choices after ret_norm_rate follow the published code (the module docstring)."""
 
     horizon: int = 16  # world-model unroll (the authors stress 16 and rho 0.99)

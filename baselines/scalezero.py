@@ -1,6 +1,6 @@
 """ScaleZero-lite: ScaleZero ("One Model for All Tasks", opendilab/LightZero; a UniZero world model with
-mixture-of-experts feed-forward layers) as a mowbench baseline on Atari 100k and MinAtar. Facts from spec
-baselines.md; the world model is mowbench.models.unizero, the planner mowbench.agents.mcts.
+mixture-of-experts feed-forward layers) as a mowbench baseline on Atari 100k and MinAtar. Facts in
+docs/methods/scalezero.md; the world model is mowbench.models.unizero, the planner mowbench.agents.mcts.
 
 One causal transformer over (latent obs, action) tokens, MoE feed-forward layers (top-1 SwiGLU experts plus a
 shared expert), per-task policy/value/reward/next-latent heads and no task embedding. Trained on 10-step
@@ -72,7 +72,7 @@ from mowbench.replay import Batch, StepField
 
 @dataclass
 class ScaleZeroConfig:
-    """ScaleZero-lite's hyperparameters; defaults are the paper's (spec baselines.md) = the `paper` preset."""
+    """ScaleZero-lite's hyperparameters; defaults are the paper's (docs/methods/scalezero.md) = the `paper` preset."""
 
     latent_dim: int = 768  # transformer width D = latent size
     depth: int = 4  # transformer blocks

@@ -51,7 +51,7 @@ PAPER_SIZE_FIELDS = ("channels", "n_vars", "n_classes", "width", "depth", "heads
 
 @dataclass
 class STORMConfig(ImaginationConfig):
-    """STORM hyperparameters; defaults are the paper's (spec storm.md). Batches, imagination, acting and the
+    """STORM hyperparameters; defaults are the paper's (docs/methods/storm.md). Batches, imagination, acting and the
     actor-critic: the parent's fields (mowbench.agents.imagination.ImaginationConfig)."""
 
     channels: tuple[int, ...] = (32, 64, 128, 256)  # encoder conv channels; 64x64 -> 4x4
@@ -219,7 +219,7 @@ the losses in fp32."""
 def storm_loss(cfg: STORMConfig, rec: torch.Tensor, reward: torch.Tensor, termination: torch.Tensor,
                kl_dyn: torch.Tensor, kl_rep: torch.Tensor) -> torch.Tensor:
     """STORM's loss from mean terms (scalars: batch means; or (N,) per-task means in MoW); free bits clip
-    each mean KL (spec storm.md)."""
+    each mean KL (docs/methods/storm.md)."""
     return (rec + reward + termination + cfg.dyn_scale * free_bits(kl_dyn, cfg.free_nats)
             + cfg.rep_scale * free_bits(kl_rep, cfg.free_nats))
 
@@ -277,7 +277,7 @@ def separate_storm_parameters(tasks: list[TaskInfo], cfg: STORMConfig) -> dict[s
 
 
 def separate_storm_figures(agent: ImaginationAgent, figures: dict[str, Any]) -> dict[str, Any]:
-    """A multi-task agent's size beside one STORM per task (mow.md: MoW is about half)."""
+    """A multi-task agent's size beside one STORM per task (the paper: MoW is about half)."""
     storm = separate_storm_parameters(agent.tasks, agent.cfg)
     mine = figures["parameters"]["world_model"] + figures["parameters"]["actor_critic"]
     return {"parameters_separate_storm": storm,

@@ -1,12 +1,13 @@
 """TD-MPC2 (Hansen, Su and Wang, ICLR 2024, arXiv 2310.16828) from pixels, online, single- or multi-task: the
 world model of mowbench.models.tdmpc (SimNorm latents, 101-bin reward and 5-head Q ensemble, policy prior),
 trained by latent consistency, reward and TD value losses over an H = 3 unroll; the policy prior by maximising
-scaled Q plus entropy; acting by MPPI with policy-prior trajectories. Facts from spec baselines.md.
+scaled Q plus entropy; acting by MPPI with policy-prior trajectories. Documented in docs/methods/tdmpc2.md.
 
 Deviations from upstream, each for a reason:
 - Multi-task TD-MPC2 upstream trains offline on released datasets; here it trains online from the per-task
   replays (the runs of this harness), with every task in every batch (batch_multi_task rows, even per task).
-- Pixels with tasks: e_k joins after the conv trunk (upstream concatenates it to raw states; spec pitfall).
+- Pixels with tasks: e_k joins after the conv trunk (upstream concatenates it to raw states; docs/methods/tdmpc2.md,
+  departures).
 - A replayed sequence may cross an episode end (our replay is a ring per task); transitions past the end of the
   episode of the unroll's first step are masked out of every loss (the `first` flags the trainer stores).
 - Evaluation follows the suite protocol like every agent: `greedy` (train.eval_greedy=true) is upstream's
@@ -47,7 +48,7 @@ from mowbench.replay import Batch
 
 @dataclass
 class TDMPC2Config(LatentConfig):
-    """TD-MPC2's hyperparameters (spec baselines.md); the world-model fields are LatentConfig's."""
+    """TD-MPC2's hyperparameters (docs/methods/tdmpc2.md); the world-model fields are LatentConfig's."""
 
     n_q: int = 5  # Q ensemble heads
     q_dropout: float = 0.01  # dropout in the Q heads' first layer

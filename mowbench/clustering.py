@@ -1,4 +1,4 @@
-"""MoW's warm-up task clustering (spec mow.md section 5): per-task gradient vectors, their cosine
+"""MoW's warm-up task clustering (docs/methods/mow.md): per-task gradient vectors, their cosine
 similarity, and k-means on the unit sphere; plus the random assignment used by the ablation."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def sketch(grad: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 
 
 def gradient_vector(grads: list[torch.Tensor], reduce: str = "sketch", dim: int = 256) -> torch.Tensor:
-    """One task's gradients (one tensor per parameter tensor, i.e. per layer) -> one vector (mow.md 5).
+    """One task's gradients (one tensor per parameter tensor, i.e. per layer) -> one vector (docs/methods/mow.md).
 
     sketch (default): each layer's gradient projected to `dim` numbers (sketch(), seeded by the layer's
     position so every task gets the same projection), scaled to unit length, concatenated: every layer

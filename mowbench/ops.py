@@ -219,7 +219,7 @@ def ema_(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None
             t.lerp_(s, 1.0 - decay)
 
 
-# ---- MoW (spec mow.md) ----
+# ---- MoW (docs/methods/mow.md) ----
 
 @dataclass
 class Routing:
@@ -233,8 +233,9 @@ class Routing:
 
 def topk_route(logits: torch.Tensor, tau: float | torch.Tensor, k: int) -> Routing:
     """S = softmax(logits / tau); (W, J) = TopK(S, k). W keeps the softmax probabilities (not
-    renormalised), as mow.md writes it, so the router receives gradient through the weights. tau: a number or a
-    0-dim tensor (MoW's buffer, divided on its device: reading it as a number would wait for the device)."""
+    renormalised), as the paper writes it (docs/methods/mow.md), so the router receives gradient through the
+    weights. tau: a number or a 0-dim tensor (MoW's buffer, divided on its device: reading it as a number would
+    wait for the device)."""
     scores = torch.softmax(logits.float() / tau, dim=-1)  # (..., N_e)
     weight, index = scores.topk(k, dim=-1)  # (..., K), sorted descending
     dense = torch.zeros_like(scores).scatter(-1, index, weight)
@@ -330,7 +331,7 @@ class Grouping:
         return self.merge([fn(g, [x[s] for x in sorted_xs]) for g, s in self.slices])
 
 
-# ---- TD-MPC2 family: TD-MPC2, Newt, PWM (spec baselines.md) ----
+# ---- TD-MPC2 family: TD-MPC2, Newt, PWM (docs/methods/) ----
 
 def simnorm(x: torch.Tensor, group: int = 8) -> torch.Tensor:
     """TD-MPC2's simplicial normalisation: the last dim split into groups of `group`, a softmax within each.
@@ -425,7 +426,7 @@ def mppi_moments(actions: torch.Tensor, score: torch.Tensor, min_std: float, max
     return mean, std.clamp(min_std, max_std)
 
 
-# ---- MuZero / UniZero / ScaleZero (spec baselines.md) ----
+# ---- MuZero / UniZero / ScaleZero (docs/methods/) ----
 
 def muzero_h(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """MuZero's invertible scalar transform h(x) = sign(x) (sqrt(|x| + 1) - 1) + eps x (Pohlen et al. 2018),

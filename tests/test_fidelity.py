@@ -1,4 +1,4 @@
-"""Fidelity to the code behind the published numbers (spec storm.md, 'Known pitfalls'): under the storm
+"""Fidelity to the code behind the published numbers (docs/methods/storm.md): under the storm
 protocol the baselines follow STORM's reference implementation; the textbook choices are ablations."""
 
 import csv

@@ -1,4 +1,4 @@
-"""MoW: routing, losses, clustering, ablation switches, bad combinations, artifacts (spec mow.md)."""
+"""MoW: routing, losses, clustering, ablation switches, bad combinations, artifacts (docs/methods/mow.md)."""
 
 import json
 import math
@@ -484,7 +484,7 @@ def test_mow_run_writes_routing_heatmaps_and_cluster_assignment(tmp_path):
 
 
 def test_paper_preset_mow_has_at_most_half_the_parameters_of_26_storms():
-    """mow.md: MoW is about half the size of 26 separate STORM models. Counted at the paper preset
+    """The paper: MoW is about half the size of 26 separate STORM models. Counted at the paper preset
     (N_m = 12, N_e = 12, STORM-sized components, 18 shared actions) against 26 STORMs with each game's
     minimal action set (counts without the slow critics, which are EMA copies)."""
     from mowbench.baselines.storm import separate_storm_parameters

@@ -81,7 +81,7 @@ class ActorCritic(nn.Module):
 
 
 class ActorCriticLearner:
-    """Losses and optimizer for ActorCritic (STORM spec 'Agent'):
+    """Losses and optimizer for ActorCritic (docs/methods/storm.md):
     value loss = CE(critic, R_lambda) + CE(critic, R_lambda of slow critic);
     policy loss = -mean(log pi(a) * sg((R_lambda - V) / max(1, S))) - entropy_coef * entropy,
     S = EMA(decay) of (95th - 5th percentile of R_lambda); percentiles 'kth' (STORM's reference: the int(qN)-th

@@ -80,7 +80,7 @@ class WorldModel(Protocol):
 @dataclass
 class ImaginationConfig:
     """Batches, imagination, acting and actor-critic settings shared by every imagination agent; defaults are
-    STORM's (arXiv 2310.09615, spec storm.md). A method's config subclasses it with its world model's sizes."""
+    STORM's (arXiv 2310.09615, docs/methods/storm.md). A method's config subclasses it with its world model's sizes."""
 
     bins: int = 255  # symlog two-hot bins in [-20, 20] for reward and value
     wm_lr: float = 1e-4  # world-model Adam learning rate

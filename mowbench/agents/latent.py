@@ -1,4 +1,4 @@
-"""The shared base of TD-MPC2-style latent world-model agents (TD-MPC2, Newt, PWM; spec baselines.md): the
+"""The shared base of TD-MPC2-style latent world-model agents (TD-MPC2, Newt, PWM; docs/methods/tdmpc2.md): the
 world model of mowbench.models.tdmpc trained online from the per-task replays by latent consistency and reward
 prediction over an H-step unroll, frame-stacked pixel contexts, and the refusal of discrete-action suites.
 A method adds how it acts and what else it learns (TD-MPC2: Q ensemble, policy prior and MPPI; PWM: per-task
@@ -25,7 +25,7 @@ from mowbench.replay import Batch, StepField
 
 @dataclass
 class LatentConfig:
-    """World-model settings shared by the TD-MPC2 family; defaults are TD-MPC2's (5M, spec baselines.md)."""
+    """World-model settings shared by the TD-MPC2 family; defaults are TD-MPC2's (5M, docs/methods/tdmpc2.md)."""
 
     model_size: str = "5M"  # 1M | 5M | 19M | L (Newt) | custom (enc_dim, mlp_dim, latent_dim below)
     # pixels: frame stacks through the conv trunk | state: TD-MPC2's state MLP encoder on (state_dim,) vectors, the

@@ -1,4 +1,4 @@
-"""Batched MuZero Monte-Carlo tree search in tensors (ScaleZero-lite's planner; spec baselines.md): the trees of
+"""Batched MuZero Monte-Carlo tree search in tensors (ScaleZero-lite's planner; docs/methods/scalezero.md): the trees of
 all B env streams held as (B, nodes, actions) arrays, one batched model call per simulation, no per-node Python
 objects. pUCT with MuZero's constants, root Dirichlet noise, min-max value normalisation, visit-count policies.
 

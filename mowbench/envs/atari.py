@@ -17,7 +17,7 @@ DEFAULT_TASKS = TASKS
 EVAL_ENVS = 64  # evaluation envs alive at once by default (train.eval_envs): an env takes about 3 MiB
 DISCRETE_ACTIONS = True  # agents for one kind of action space refuse the other (AgentConfig.check_suite)
 
-# The two Atari 100k protocols (spec protocols.md). 'storm' is what STORM's and MoW's published
+# The two Atari 100k protocols (docs/protocols.md). 'storm' is what STORM's and MoW's published
 # numbers used: ALE v5 defaults, sticky actions 0.25, no no-op starts, 20 sampled-action eval episodes.
 # 'standard' is the Dopamine/DER definition: no sticky actions, up to 30 no-op starts, 100 episodes.
 # eval_mode: 'storm' evaluates as STORM's reference code did for the published numbers (5 envs in parallel,

@@ -1,6 +1,6 @@
 """Meta-World (metaworld 3.x, v3 task names) from pixels: MT50 / MT10, corner2 camera, 64x64 RGB.
 
-Protocol choices (spec protocols.md leaves them open; all are config): action repeat 2, 100 agent steps
+Protocol choices (the papers leave them open; docs/protocols.md; all are config): action repeat 2, 100 agent steps
 per episode (200 simulator steps), an episode counts as a success if info["success"] was 1 at any step,
 and a new goal variation of the task is drawn at every reset, each env with its own generator, from the task's
 50 variations that every env of the run shares (as Meta-World's MT10/MT50 train and evaluate on one set of 50

@@ -1,4 +1,4 @@
-"""MoW's temporal-module experts (spec mow.md section 2): N_e experts, each a token mixer followed by a
+"""MoW's temporal-module experts (docs/methods/mow.md): N_e experts, each a token mixer followed by a
 small causal Transformer, with their weights stacked so that the chosen experts run together.
 
 Every parameter has a leading expert dimension. A call takes (sequence, expert) pairs; the pairs are sorted

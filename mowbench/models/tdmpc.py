@@ -1,4 +1,4 @@
-"""The TD-MPC2 world model (Hansen et al., ICLR 2024; spec baselines.md) as pure modules with explicit sizes:
+"""The TD-MPC2 world model (Hansen et al., ICLR 2024; docs/methods/tdmpc2.md) as pure modules with explicit sizes:
 pixel encoder -> SimNorm latent z, latent dynamics, 101-bin reward, tanh-Gaussian policy prior and a Q ensemble,
 with task embeddings (learned, or frozen vectors such as Newt's language vectors) and per-task action masks.
 Shared by TD-MPC2, Newt and PWM (which keeps only encoder, dynamics and reward). No losses, no optimizers."""
@@ -13,7 +13,7 @@ from torch import nn
 from mowbench.models.packed import Linear
 from mowbench.ops import log_std_range, simnorm, squashed_gaussian, twohot_decode
 
-# TD-MPC2's model sizes (nicklashansen/tdmpc2, config sizes; spec baselines.md): encoder width (state inputs
+# TD-MPC2's model sizes (nicklashansen/tdmpc2, config sizes; docs/methods/tdmpc2.md): encoder width (state inputs
 # only; the pixel encoder is the conv trunk), MLP width, latent size; Newt's L adds 3 encoder layers.
 SIZES = {"1M": (256, 384, 128), "5M": (256, 512, 512), "19M": (1024, 1024, 768), "L": (1024, 1024, 512)}
 
@@ -103,7 +103,7 @@ class TDMPCWorldModel(nn.Module):
     a: (B, A) actions padded to the largest action dim A (padded dims masked to 0); task: (B,) indices.
 
     Pixels with tasks: TD-MPC2 concatenates the task vector to the raw (state) observation, which cannot work
-    for images (spec baselines.md, pitfall); here e_k joins after the conv trunk, in a Linear projection to the
+    for images (docs/methods/tdmpc2.md, departures); here e_k joins after the conv trunk, in a Linear projection to the
     latent (made also when the trunk's output is not the latent size). Single-task at 64x64 with latent 512:
     no embedding and no projection, as upstream. `n_q` = 0 and `policy` = False give PWM's world model.
     `dynamics_norm`: the dynamics' LayerNorm before SimNorm (upstream's; False: ablation no_dynamics_norm).

@@ -1,4 +1,4 @@
-"""ScaleZero-lite's world model (spec baselines.md, ScaleZero / UniZero): a ResNet encoder to LayerNorm'ed
+"""ScaleZero-lite's world model (docs/methods/scalezero.md): a ResNet encoder to LayerNorm'ed
 latents, a pre-LN causal Transformer over (latent obs, action) tokens whose feed-forward layers are mixtures of
 SwiGLU experts with top-1 token routing plus a shared expert, and per-task heads (policy and value on the obs
 token, reward and next latent on the action token). No task embedding: task identity enters only through the
