@@ -5,11 +5,10 @@ should."""
 
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.test_verify import verdicts, verify
 
 # rows of the table (each update / round: "wm update 1: ...", "ac round 1: ..."): STORM's, and MoW's neutral parts
 WORLD_MODEL_ROWS = ["posterior samples", "reconstruction loss", "reward loss", "termination loss", "dynamics KL",
@@ -24,21 +23,6 @@ ACTOR_CRITIC_ROWS = ["context posterior samples", "imagined prior samples", "ima
                      "weight change sum of squares", "actor change sum of squares", "critic change sum of squares",
                      "MoW's own parameters, largest change", "slow critic - critic, sum of squares"]
 COUNT = "world model parameters (less MoW's own)"
-
-
-def verify(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mowbench.verify", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-
-
-def verdicts(stdout: str) -> dict[str, str]:
-    """quantity -> 'ok' | 'FAIL' from the printed table."""
-    out = {}
-    for line in stdout.splitlines():
-        match = re.match(r"^(.+?)\s{2,}\S+\s+\S+\s+\S+\s+\S+\s+(ok|FAIL)\s+\[\w+(?:-\w+)*\]$", line)
-        if match:
-            out[match[1]] = match[2]
-    return out
 
 
 def failed(result: subprocess.CompletedProcess) -> set[str]:

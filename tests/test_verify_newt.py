@@ -4,13 +4,11 @@ within tolerance, and the old behaviours kept as ablations (no_bc, rho_over_h, s
 they should."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 
 from mowbench.config import compose_config, plan
-from tests.conftest import REPO
+from tests.test_verify import verdicts, verify
 
 # rows of the table before the updates, of each update ("update 1: ...") and of each planner call
 SETUP_ROWS = ["world model parameters (learnt)", "initial encoder Linear weights std",
@@ -30,21 +28,6 @@ UPDATE_ROWS = MODEL_ROWS + POLICY_ROWS + [f"{m} weights sum of squares" for m in
 PLAN_ROWS = ["policy trajectories' actions", "initial mean (constrained planning)",
              "initial std (constrained planning)", "final elite weights", "chosen elites", "final mean", "final std",
              "action (exploring)"]
-
-
-def verify(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mowbench.verify", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-
-
-def verdicts(stdout: str) -> dict[str, str]:
-    """quantity -> 'ok' | 'FAIL' from the printed table."""
-    out = {}
-    for line in stdout.splitlines():
-        match = re.match(r"^(.+?)\s{2,}\S+\s+\S+\s+\S+\s+\S+\s+(ok|FAIL)\s+\[\w+(?:-\w+)*\]$", line)
-        if match:
-            out[match[1]] = match[2]
-    return out
 
 
 def failed(*args: str) -> set[str]:

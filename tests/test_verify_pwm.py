@@ -4,8 +4,6 @@ shared by three tasks, padded observation and action dims) within tolerance, and
 ablations fail the rows they should."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from mowbench.config import compose_config
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.replay import Batch
 from mowbench.verify import draws_from, load_reference
-from tests.conftest import REPO
+from tests.test_verify import verdicts, verify
 
 SETUP_ROWS = ["world model parameters", "actor parameters (one task)", "critic parameters (one task)",
               "initial actor Linear weights std", "initial critic Linear weights std",
@@ -36,21 +34,6 @@ FINAL_ROWS = ([f"update 3: {m} change sum of squares" for m in ("actor.mu_net", 
               + ["return variance after the updates", "return count after the updates",
                  "act: mean action (all padded dims)"]
               + [f"wm._{m} unchanged (frozen)" for m in ("encoder", "dynamics", "reward")])
-
-
-def verify(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mowbench.verify", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-
-
-def verdicts(stdout: str) -> dict[str, str]:
-    """quantity -> 'ok' | 'FAIL' from the printed table."""
-    out = {}
-    for line in stdout.splitlines():
-        match = re.match(r"^(.+?)\s{2,}\S+\s+\S+\s+\S+\s+\S+\s+(ok|FAIL)\s+\[\w+(?:-\w+)*\]$", line)
-        if match:
-            out[match[1]] = match[2]
-    return out
 
 
 def failed(*args: str) -> set[str]:
