@@ -310,6 +310,7 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
         raise AnalysisError(f"unknown suite {suite!r}; allowed: {', '.join(SUITES)}")
     column = "success" if suite == "metaworld" else "return"
     rows, notes, partial = [], [], []
+    departures: dict[str, list[str]] = {}  # method -> the known departures its runs recorded
     for folder in sorted(f for f in (root / suite).glob("*/*/seed_*") if f.is_dir()):
         method, seed = folder.parent.parent.name, folder.name.removeprefix("seed_")
         where = folder.relative_to(root)
@@ -330,6 +331,9 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
             notes.append(f"{where} ({'finished' if done else 'unfinished'}) {problem}: left out")
             continue
         counts = episode_counts(folder)
+        recorded = R.read_json(folder / "metadata.json").get("departures")
+        if recorded and method not in departures:
+            departures[method] = list(recorded)
         for task, steps in history.items():
             rows += [{"method": method, "task": task, "seed": int(seed), "score": score, "step": step,
                       "source": str(folder), "partial": not done, "settings": settings,
@@ -337,6 +341,9 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
         if not done:
             last = max((max(steps) for steps in history.values()), default="none")
             notes.append(f"{where} is unfinished: its last evaluation (step {last}) is used")
+    for method, items in departures.items():
+        notes.append(f"{method}: known departures from its paper and published code (recorded by its runs): "
+                     + "; ".join(items))
     if partial:
         notes.append(f"{len(partial)} unfinished run(s) left out (use --include-partial): {', '.join(partial[:5])}"
                      + (" ..." if len(partial) > 5 else ""))

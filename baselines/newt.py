@@ -85,6 +85,16 @@ def language_vectors(names: list[str]) -> torch.Tensor:
 
 
 
+# known departures from the paper and the published code (one line each; docs/methods/newt.md has them
+# as a table): recorded in every run's metadata.json and printed in the analysis's notes
+DEPARTURES = (
+    "no demonstrations (the paper pretrains on them and keeps half of each batch from them)",
+    "pixels through TD-MPC2's trained conv encoder (upstream: the state with frozen DINOv2 frame features)",
+    "shelf-place-v3 takes pick-place-v3's language vector (absent upstream)",
+    "actions padded to the run's largest action dim (upstream: 16)",
+)
+
+
 @dataclass
 class NewtConfig(TDMPC2Config):
     """Newt's settings on top of TD-MPC2's (docs/methods/newt.md; the module docstring)."""

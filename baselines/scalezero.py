@@ -69,6 +69,18 @@ from mowbench.models.unizero import ENCODERS, ROUTERS, UniZeroWorldModel, resnet
 from mowbench.ops import ema_, sample_categorical, support_bins, support_ce, support_value
 from mowbench.replay import Batch, StepField
 
+# known departures from the paper and the published code (one line each; docs/methods/scalezero.md has them
+# as a table): recorded in every run's metadata.json and printed in the analysis's notes
+DEPARTURES = (
+    "a ResNet encoder (the paper: a ViT)",
+    "DPS not built (as upstream runs it, a freeze of the transformer at its first stage switch: "
+    "agent.transformer_freeze_after, off)",
+    "the search context recomputed exactly (upstream: a one-token cached context)",
+    "legal-action masks at every node (upstream: below the root every action is legal)",
+    "stacked experts share one Adam state (an expert without tokens still steps)",
+    "budget 100k agent steps per game (the paper: 400k)",
+)
+
 
 @dataclass
 class ScaleZeroConfig:

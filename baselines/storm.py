@@ -49,6 +49,14 @@ PAPER_SIZE_FIELDS = ("channels", "n_vars", "n_classes", "width", "depth", "heads
                      "head_depth", "bins", "decoder_stem_norm")
 
 
+# known departures from the paper and the published code (one line each; docs/methods/storm.md has them
+# as a table): recorded in every run's metadata.json and printed in the analysis's notes
+DEPARTURES = (
+    "Meta-World: a bounded-normal continuous policy (STORM acts in discrete action spaces only)",
+    "budget 100,000 agent steps, the paper's (the reference code trains 102,000)",
+)
+
+
 @dataclass
 class STORMConfig(ImaginationConfig):
     """STORM hyperparameters; defaults are the paper's (docs/methods/storm.md). Batches, imagination, acting and the

@@ -45,6 +45,15 @@ from mowbench.models.tdmpc import TDMPCWorldModel, pair_values
 from mowbench.ops import mppi_elites, mppi_moments, rho_weights, sample_categorical, symlog_twohot_ce, tdmpc_discount
 from mowbench.replay import Batch
 
+# known departures from the paper and the published code (one line each; docs/methods/tdmpc2.md has them
+# as a table): recorded in every run's metadata.json and printed in the analysis's notes
+DEPARTURES = (
+    "multi-task training online from per-task replays (upstream: offline on released datasets)",
+    "the task vector joins after the conv trunk (upstream concatenates it to states)",
+    "seed_updates 1000 at the first update (upstream: as many updates as seeding steps)",
+    "acting frames unshifted (upstream's random shift applies while planning too)",
+)
+
 
 @dataclass
 class TDMPC2Config(LatentConfig):

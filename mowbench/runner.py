@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mowbench import results as R
-from mowbench.agents.base import make_agent
+from mowbench.agents.base import known_departures, make_agent
 from mowbench.config import Plan, deterministic_kernels, plan
 from mowbench.envs import make_env, make_envs
 from mowbench.evaluation import eval_env_seed
@@ -154,6 +154,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
                      "parameters": agent.parameter_counts(),
                      "per_task_signal": per_task_signal(agent.per_task_batch(), p.train),
                      "step_budget": R.step_budget(cfg["env"], p.train.steps),
+                     "departures": known_departures(p.agent),
                      "evaluation": {"mode": p.train.eval_mode, "episodes": p.train.eval_episodes,
                                     "greedy": p.train.eval_greedy, "parallel_envs": p.train.eval_parallel
                                     if p.train.eval_mode == "reference" else 1,

@@ -4,6 +4,7 @@ MinAtar tasks (Meta-World for continuous-only agents), and benches through the g
 baseline is covered with no test edits."""
 
 import copy
+import json
 import math
 import re
 import subprocess
@@ -235,3 +236,22 @@ def test_no_agent_reads_memory_it_never_wrote(name):
     assert a.keys() == b.keys() and len(a) > 10
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, differ[:5]
+
+
+def test_every_agent_lists_its_known_departures_and_runs_record_them(micro_cfg, tmp_path):
+    """Each baseline file declares DEPARTURES (one line each, what the method is not); a run records them in its
+    metadata.json and the analysis prints them in its notes beside the method's numbers."""
+    from mowbench.agents.base import known_departures
+    from mowbench.analysis.scores import read_results
+    from mowbench.runner import execute
+
+    for name in registered_agents():
+        items = known_departures(name)
+        assert items and all(isinstance(s, str) and s.strip() and "\n" not in s for s in items), name
+    execute(micro_cfg())
+    [folder] = list(tmp_path.glob("minatar/storm/breakout/seed_0"))
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["departures"] == known_departures("storm")
+    _, notes = read_results(tmp_path, "minatar")
+    [line] = [n for n in notes if n.startswith("storm: known departures")]
+    assert all(item in line for item in known_departures("storm"))

@@ -180,6 +180,15 @@ def get_agent(name: str) -> AgentEntry:
     return AGENTS[name]
 
 
+def known_departures(name: str) -> list[str]:
+    """The method's known departures from its paper and published code: its baseline file's DEPARTURES (one line
+    each; the method's docs page has them as a table). Recorded in every run's metadata and printed in the
+    analysis's notes, so that a table never shows a method's numbers without saying what it is not."""
+    import inspect
+
+    return list(getattr(inspect.getmodule(get_agent(name).cls), "DEPARTURES", ()))
+
+
 def build_config(entry: AgentEntry, values: dict[str, Any]) -> Any:
     """Agent config dataclass from a mapping, refusing unknown keys with the allowed ones."""
     fields = {f.name: f for f in dataclasses.fields(entry.config)}
