@@ -11,17 +11,23 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from mowbench.agents.base import Agent
 from mowbench.envs.base import Step, TaskEnv
 
-if TYPE_CHECKING:
-    from mowbench.trainer import TrainConfig
-
 EVAL_MODES = ("full", "reference")
+
+
+class EvalSettings(Protocol):
+    """What evaluate_in_mode reads of the trainer's settings (mowbench.trainer.TrainConfig has these fields)."""
+
+    eval_mode: str
+    eval_envs: int
+    eval_parallel: int
+    eval_max_steps: int
 
 
 @dataclass
@@ -155,7 +161,7 @@ def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, ep
     return results
 
 
-def evaluate_in_mode(cfg: TrainConfig, agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int,
+def evaluate_in_mode(cfg: EvalSettings, agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: int,
                      greedy: bool, seed: int, stop: Callable[[], bool] | None = None
                      ) -> list[list[tuple[float, int, float | None]]]:
     """`episodes` per task in cfg.eval_mode (full: evaluate, cfg.eval_envs at once; reference: evaluate_reference,

@@ -49,8 +49,10 @@ def test_frames_are_encoded_in_chunks_on_cpu_only_with_the_same_numbers():
 
 def test_conv_weights_are_channels_last_and_give_the_contiguous_weights_numbers():
     """The encoder's and decoder's 4-d weights are stored channels-last, the layout of the frames they convolve
-    (oneDNN otherwise reorders each weight at every call), through a move to a device and an optimizer step; the
-    outputs and gradients at these sizes are bitwise those of contiguous weights."""
+    (oneDNN otherwise reorders each weight at every call), through a move to a device and an optimizer step. With
+    running statistics (acting, imagination) the outputs at these sizes are bitwise those of contiguous weights; in
+    training on the CPU the BatchNorms normalise contiguous copies (their channels-last batch statistics are far
+    less accurate), so the layouts meet there up to fp32 rounding."""
     torch.manual_seed(0)
     for module, x in ((ConvEncoder(64, (32, 64, 128, 256)), torch.rand(4, 64, 64, 3).permute(0, 3, 1, 2)),
                       (ConvDecoder(64, (32, 64, 128, 256), 1024), torch.rand(4, 1024))):
@@ -59,11 +61,17 @@ def test_conv_weights_are_channels_last_and_give_the_contiguous_weights_numbers(
             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
                 m.weight.data = m.weight.data.contiguous()
         module.to(torch.device("cpu"))
+        module.eval(), plain.eval()
+        with torch.no_grad():
+            assert torch.equal(module(x), plain(x))
+        module.train(), plain.train()
         out, ref = module(x), plain(x)
-        assert torch.equal(out, ref)
+        # fp32 rounding of another summation order, relative to the largest value
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
         out.square().mean().backward()
         ref.square().mean().backward()
-        assert all(torch.equal(a.grad, b.grad) for a, b in zip(module.parameters(), plain.parameters(), strict=True))
+        for a, b in zip(module.parameters(), plain.parameters(), strict=True):
+            assert (a.grad - b.grad).abs().max() <= 1e-4 * b.grad.abs().max()
         torch.optim.Adam(module.parameters(), fused=True).step()
         weights = [p for p in module.parameters() if p.dim() == 4]
         assert len(weights) == 4 and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
