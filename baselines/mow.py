@@ -44,7 +44,13 @@ from mowbench import results as R
 from mowbench.agents.base import Metrics, adam, build_config, count_parameters, get_agent, register_agent
 from mowbench.agents.imagination import ImaginationAgent
 from mowbench.baselines import storm
-from mowbench.baselines.storm import STORMConfig, separate_storm_figures, storm_loss, storm_terms
+from mowbench.baselines.storm import (
+    STORMConfig,
+    replay_actor_critic_round,
+    separate_storm_figures,
+    storm_loss,
+    storm_terms,
+)
 from mowbench.clustering import (
     cluster_quality,
     cosine_similarity_matrix,
@@ -874,9 +880,8 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
     """mowbench.verify's hook: STORM's reference replayed through a MoW that reduces to STORM (REDUCTION; MoW's own
     parts neutral: to_mow, neutralise) -> (rows, tolerance reasons). What is compared is STORM's check (storm.py's
     verify_reference), with each quantity on MoW's modules, and MoW's own parameters checked to stay neutral."""
-    import mowbench.agents.actor_critic as ac_module
     from mowbench.ops import uniforms_from
-    from mowbench.verify import Row, exact_row, recording, scalar_row, tensor_row
+    from mowbench.verify import Row, exact_row, scalar_row, tensor_row
 
     s = reference["sizes"]
     cfg = reference_config(reference, agent_values)
@@ -986,21 +991,11 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
     n_storm = reference["actor_critic_rounds"][0]["features"].shape[-1]  # [z, h]: V*C + D; ours then has e_k
     for r, rnd in enumerate(reference["actor_critic_rounds"]):
         tag = f"ac round {r + 1}"
-        horizon = rnd["action_index"].shape[1]
-        uniforms = [rnd["context_u"], rnd["prior_u"][:, :1]]
-        for i in range(horizon):  # ours draws, per imagined step, the action and then the next latent
-            uniforms += [rnd["action_u"][:, i:i + 1], rnd["prior_u"][:, i + 1:i + 2]]
-        with uniforms_from(uniforms) as draws:
-            traj = agent.imagine(batch(rnd["obs"], rnd["action"]))
-        priors = torch.cat([draws.drawn[1], *draws.drawn[3::2]], 1)  # (B, H+1, V)
-        with recording(ac_module, "lambda_returns") as returns, recording(ac_module, "group_quantiles") as quantiles:
-            metrics = agent.update_actor_critic(traj)
-        ret, slow_ret = returns  # ours: the critic's, then the slow critic's
-        (q, _), = quantiles
+        traj, context, priors, metrics, (ret, slow_ret, q) = replay_actor_critic_round(agent, rnd, batch)
         up = rnd["losses"]
         scale = rnd["lambda_return"].abs().max().item()  # percentiles: relative to the largest |return|
         rows += [
-            exact_row(f"{tag}: context posterior samples", rnd["context_index"], draws.drawn[0], "exact"),
+            exact_row(f"{tag}: context posterior samples", rnd["context_index"], context, "exact"),
             exact_row(f"{tag}: imagined prior samples", rnd["prior_index"], priors, "exact"),
             exact_row(f"{tag}: imagined actions", rnd["action_index"], traj.action, "exact"),
             exact_row(f"{tag}: imagined terminations", rnd["termination"], 1 - traj.cont, "exact"),

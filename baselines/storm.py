@@ -446,9 +446,8 @@ def reference_config(reference: dict[str, Any], agent_values: dict[str, Any]) ->
 
 def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
     """mowbench.verify's hook: the reference's updates replayed through our STORM -> (rows, tolerance reasons)."""
-    import mowbench.agents.actor_critic as ac_module
     from mowbench.ops import uniforms_from
-    from mowbench.verify import Row, exact_row, recording, scalar_row, tensor_row
+    from mowbench.verify import Row, exact_row, scalar_row, tensor_row
 
     s = reference["sizes"]
     cfg = reference_config(reference, agent_values)
@@ -527,21 +526,11 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
 
     for r, rnd in enumerate(reference["actor_critic_rounds"]):
         tag = f"ac round {r + 1}"
-        horizon = rnd["action_index"].shape[1]
-        uniforms = [rnd["context_u"], rnd["prior_u"][:, :1]]
-        for i in range(horizon):  # ours draws, per imagined step, the action and then the next latent
-            uniforms += [rnd["action_u"][:, i:i + 1], rnd["prior_u"][:, i + 1:i + 2]]
-        with uniforms_from(uniforms) as draws:
-            traj = agent.imagine(batch(rnd["obs"], rnd["action"]))
-        priors = torch.cat([draws.drawn[1], *draws.drawn[3::2]], 1)  # (B, H+1, V)
-        with recording(ac_module, "lambda_returns") as returns, recording(ac_module, "group_quantiles") as quantiles:
-            metrics = agent.update_actor_critic(traj)
-        ret, slow_ret = returns  # ours: the critic's, then the slow critic's
-        (q, _), = quantiles
+        traj, context, priors, metrics, (ret, slow_ret, q) = replay_actor_critic_round(agent, rnd, batch)
         up = rnd["losses"]
         scale = rnd["lambda_return"].abs().max().item()  # percentiles: relative to the largest |return|
         rows += [
-            exact_row(f"{tag}: context posterior samples", rnd["context_index"], draws.drawn[0], "exact"),
+            exact_row(f"{tag}: context posterior samples", rnd["context_index"], context, "exact"),
             exact_row(f"{tag}: imagined prior samples", rnd["prior_index"], priors, "exact"),
             exact_row(f"{tag}: imagined actions", rnd["action_index"], traj.action, "exact"),
             exact_row(f"{tag}: imagined terminations", rnd["termination"], 1 - traj.cont, "exact"),
@@ -572,6 +561,28 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
         rows.append(scalar_row(f"{tag}: slow critic - critic, sum of squares", rnd["slow_critic_gap"][1],
                                gap.pow(2).sum(), max(RTOL, bound), "ema"))
     return rows, TOLERANCES
+
+
+def replay_actor_critic_round(agent: Any, rnd: dict[str, Any], batch: Callable[..., Batch]) -> tuple[Any, ...]:
+    """One recorded imagination and actor-critic round through our agent, with upstream's categorical draws (the
+    uniforms that pick its categories): (trajectory, context posterior samples, imagined prior samples (B, H+1, V),
+    the update's metrics, (our critic's lambda-returns, the slow critic's, the return percentiles (1, 2))). Shared
+    by STORM's hook and MoW's, whose model reduces to STORM."""
+    import mowbench.agents.actor_critic as ac_module
+    from mowbench.ops import uniforms_from
+    from mowbench.verify import recording
+
+    uniforms = [rnd["context_u"], rnd["prior_u"][:, :1]]
+    for i in range(rnd["action_index"].shape[1]):  # ours draws, per imagined step, the action, then the next latent
+        uniforms += [rnd["action_u"][:, i:i + 1], rnd["prior_u"][:, i + 1:i + 2]]
+    with uniforms_from(uniforms) as draws:
+        traj = agent.imagine(batch(rnd["obs"], rnd["action"]))
+    priors = torch.cat([draws.drawn[1], *draws.drawn[3::2]], 1)  # (B, H+1, V)
+    with recording(ac_module, "lambda_returns") as returns, recording(ac_module, "group_quantiles") as quantiles:
+        metrics = agent.update_actor_critic(traj)
+    ret, slow_ret = returns  # ours: the critic's, then the slow critic's
+    (q, _), = quantiles
+    return traj, draws.drawn[0], priors, metrics, (ret, slow_ret, q)
 
 
 def checksum_rows(tag: str, upstream: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], groups: bool
