@@ -58,7 +58,14 @@ import torch
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
 from mowbench.agents.latent import FrameContext, Unroll
-from mowbench.baselines.tdmpc2 import TDMPC2Agent, TDMPC2Config, _others, upstream_name
+from mowbench.baselines.tdmpc2 import (
+    MLP_RULES,
+    UPSTREAM_CONSTANTS,
+    TDMPC2Agent,
+    TDMPC2Config,
+    _others,
+    upstream_name,
+)
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models.tdmpc import pair_values
 from mowbench.replay import Batch
@@ -267,10 +274,7 @@ UPSTREAM_NAMES: tuple[tuple[str, str], ...] = (
     (r"_encoder\.state\.{last}\.(weight|bias)", r"trunk.last.\1"),
     (r"_encoder\.state\.(\d+)\.ln\.(weight|bias)", r"trunk.hidden.{3*\1+1}.\2"),
     (r"_encoder\.state\.(\d+)\.(weight|bias)", r"trunk.hidden.{3*\1}.\2"),
-    (r"_(dynamics|reward|pi)\.2\.ln\.(weight|bias)", r"\1.last_norm.\2"),
-    (r"_(dynamics|reward|pi)\.2\.(weight|bias)", r"\1.last.\2"),
-    (r"_(dynamics|reward|pi)\.(\d+)\.ln\.(weight|bias)", r"\1.hidden.{3*\2+1}.\3"),
-    (r"_(dynamics|reward|pi)\.(\d+)\.(weight|bias)", r"\1.hidden.{3*\2}.\3"),
+    *MLP_RULES,
     (r"_Qs\.(online|target)\._Qs\.(\d+)\.(\d+)\.ln\.weight", r"\1.norms_w.\3#\2"),
     (r"_Qs\.(online|target)\._Qs\.(\d+)\.(\d+)\.ln\.bias", r"\1.norms_b.\3#\2"),
     (r"_Qs\.(online|target)\._Qs\.(\d+)\.(\d+)\.weight", r"\1.weights.\3#\2"),
@@ -279,8 +283,6 @@ UPSTREAM_NAMES: tuple[tuple[str, str], ...] = (
 # upstream module names -> ours (the prefixes the rules above keep)
 UPSTREAM_MODULES = {"dynamics": "dynamics", "reward": "reward_head", "pi": "policy", "online": "qs",
                     "target": "target_qs"}
-# upstream's buffers that are constants here (mowbench.ops.log_std_range's defaults): checked, not loaded
-UPSTREAM_CONSTANTS = ("log_std_min", "log_std_dif")
 # upstream's modules, by which the reference sums its weights and gradient norms -> our prefixes
 OUR_GROUPS = {"_encoder": "trunk.", "_dynamics": "dynamics.", "_reward": "reward_head.", "_pi": "policy.",
               "_Qs.online": "qs.", "_Qs.target": "target_qs."}

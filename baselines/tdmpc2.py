@@ -321,12 +321,16 @@ VERIFY_DEFAULTS = ("env=metaworld", "preset=paper")
 # `ln`), ours [Linear, LayerNorm, Mish] per hidden layer in `hidden` and the output Linear `last` (with the
 # dynamics' LayerNorm before SimNorm in `last_norm`). The Q ensemble's stacked weights (n_q, out, in) are ours
 # transposed (n_q, in, out), its biases and LayerNorm parameters (n_q, width) ours (n_q, 1, width) (from_upstream).
-UPSTREAM_NAMES: tuple[tuple[str, str], ...] = (
-    (r"_encoder\.rgb\.(\d+)\.(weight|bias)", r"trunk.net.{\1-2}.\2"),
+# the dynamics, reward and policy MLPs, named alike in TD-MPC2 and its descendants (Newt)
+MLP_RULES: tuple[tuple[str, str], ...] = (
     (r"_(dynamics|reward|pi)\.2\.ln\.(weight|bias)", r"\1.last_norm.\2"),
     (r"_(dynamics|reward|pi)\.2\.(weight|bias)", r"\1.last.\2"),
     (r"_(dynamics|reward|pi)\.(\d+)\.ln\.(weight|bias)", r"\1.hidden.{3*\2+1}.\3"),
     (r"_(dynamics|reward|pi)\.(\d+)\.(weight|bias)", r"\1.hidden.{3*\2}.\3"),
+)
+UPSTREAM_NAMES: tuple[tuple[str, str], ...] = (
+    (r"_encoder\.rgb\.(\d+)\.(weight|bias)", r"trunk.net.{\1-2}.\2"),
+    *MLP_RULES,
     (r"_(Qs|target_Qs)(?:\.params|_params)\.(\d+)\.weight", r"\1.weights.\2"),
     (r"_(Qs|target_Qs)(?:\.params|_params)\.(\d+)\.bias", r"\1.biases.\2"),
     (r"_(Qs|target_Qs)(?:\.params|_params)\.(\d+)\.ln\.weight", r"\1.norms_w.\2"),
