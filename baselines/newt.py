@@ -23,10 +23,20 @@ uses it); those of TD-MPC2 (squashed_entropy, unclamped_scale, no_dynamics_norm,
 dims' log-prob, the unmasked prior std, the update order and upstream's +1e-9 in MPPI's elite-weight sum (below fp32
 rounding: the sum is >= 1) train identically either way, so they are no ablations.
 
-This is the no-demonstration variant (`newt` here; upstream's supported `use_demos=False` path): the paper
-pretrains on demonstrations (behaviour cloning inside the model loss, half-demonstration batches), and we have
-none; the behaviour cloning of the online updates above stays, on the agent's own replayed actions. Other
-deviations, each for a reason:
+Demonstrations, as upstream uses them (use_demos=True; the `pretrain` rows of mowbench.verify):
+- `demos` (10) successful episodes per task of Meta-World's scripted expert (metaworld.policies), played through the
+  run's own envs (the same pixels, action repeat and goal variations; mowbench.offline), kept in a replay of their
+  own and also loaded into the online replay at the start;
+- `pretrain_updates` updates on them before the first env step: the world model's loss plus a behaviour-cloning prior
+  (the masked BC error minus entropy_coef x the scaled entropy, rho-weighted, on the attached latents, coefficient
+  prior_coef 1) stepped by the model optimiser, which also holds the policy; no max-Q policy step, no S update;
+- the learning rate warmed up linearly over `lr_warmup` updates (pretraining and online counted together);
+- until the first online update the policy prior acts alone (no MPPI), then half of every batch (`demo_share`)
+  comes from the demonstrations.
+Upstream pretrains 200k updates (warm-up 5000) before 7.5M online ones; the paper preset keeps that 2.7% of the MT50
+budget's 150k updates (4000, warm-up 100). `newt-nodemo` is Newt without any of this (upstream's use_demos=False
+path; the online behaviour cloning stays, on the agent's own replayed actions). Other deviations, each for a
+reason:
 - Pixels: upstream's RGB path concatenates frozen DINOv2 features (hub weights we cannot download), computed
   outside the agent, to the state, into its state MLP encoder; here the TD-MPC2 conv encoder, trained, with the
   language vector joined after the conv trunk (as for tdmpc2). The state encoder (agent.obs=state) is upstream's,
@@ -51,12 +61,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
+from mowbench.agents.imagination import check_non_negative
 from mowbench.agents.latent import FrameContext, Unroll
 from mowbench.baselines.tdmpc2 import (
     MLP_RULES,
@@ -68,6 +79,7 @@ from mowbench.baselines.tdmpc2 import (
 )
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models.tdmpc import pair_values
+from mowbench.offline import OfflineSpec
 from mowbench.replay import Batch
 
 FILLED = {"shelf-place-v3": "pick-place-v3"}  # absent upstream -> the task of the nearest instruction
@@ -95,7 +107,8 @@ def language_vectors(names: list[str]) -> torch.Tensor:
 # known departures from the paper and the published code (one line each; docs/methods/newt.md has them
 # as a table): recorded in every run's metadata.json and printed in the analysis's notes
 DEPARTURES = (
-    "no demonstrations (the paper pretrains on them and keeps half of each batch from them)",
+    "demonstrations from Meta-World's scripted experts (upstream: successful episodes of its trained single-task "
+    "agents); pretraining scaled to the budget: 4000 updates, warm-up 100 (upstream 200k, 5000)",
     "pixels through TD-MPC2's trained conv encoder (upstream: the state with frozen DINOv2 frame features)",
     "shelf-place-v3 takes pick-place-v3's language vector (absent upstream)",
     "actions padded to the run's largest action dim (upstream: 16)",
@@ -106,9 +119,12 @@ DEPARTURES = (
 class NewtConfig(TDMPC2Config):
     """Newt's settings on top of TD-MPC2's (docs/methods/newt.md; the module docstring)."""
 
+    WITH_DEMOS: ClassVar[bool] = True  # `newt`; NewtNoDemoConfig (`newt-nodemo`) has none
+
     model_size: str = "L"  # enc 1024, mlp 1024, latent 512 (~20M parameters upstream)
     enc_layers: int = 3  # Newt's L: num_enc_layers 3 (state encoders only)
     q_dropout: float = 0.0  # Newt: no Q dropout
+    seed_updates: int = 0  # upstream Newt updates at its ratio from the end of seeding, with no burst of updates
     rho_normalise: bool = True  # rho^t weights normalised to sum 1
     # h1: upstream's rho^t / sum_{t=0..H} rho^t over the policy loss's H+1 steps, the model losses using the first H
     # | h: the model losses' H weights normalised to sum 1 on their own (ablation rho_over_h)
@@ -120,6 +136,17 @@ class NewtConfig(TDMPC2Config):
     task_embedding: str = "language"  # language: frozen Newt vectors | learned: the newt-onehot ablation
     constrain_full_updates: int = 3000  # constrained planning at weight 1 up to this many updates
     constrain_zero_updates: int = 18000  # ... decaying linearly to 0 here
+    # demonstrations: successful episodes of Meta-World's scripted expert per task (upstream's README generates 10
+    # per task; its demonstration buffer holds 1.9M steps for 200 tasks, ~10 episodes each); 0: newt-nodemo
+    demos: int = 10
+    # pretraining updates on them before the first env step: upstream's 200k before 7.5M online updates (0.075 per
+    # env step of 100M), 2.7%; the same share of the MT50 budget's 150k updates (one per round) is 4000
+    pretrain_updates: int = 4000
+    demo_share: float = 0.5  # of every online batch drawn from the demonstrations (upstream: half)
+    # linear learning-rate warm-up over this many updates (pretraining first, counted on into online updates), as
+    # upstream whenever it pretrains: 5000 of its 200k pretraining updates, 2.5%; scaled likewise (0: none)
+    lr_warmup: int = 100
+    prior_coef: float = 1.0  # the pretraining loss's behaviour-cloning prior (upstream sets 1.0 for pretraining)
 
     def check(self) -> None:
         super().check()
@@ -134,6 +161,29 @@ class NewtConfig(TDMPC2Config):
             raise ValueError(f"scale_update={self.scale_update!r}; allowed: after, before")
         if self.bc_coef < 0:
             raise ValueError(f"bc_coef={self.bc_coef}; allowed: >= 0")
+        check_non_negative(self, ("demos", "pretrain_updates", "lr_warmup", "prior_coef"))
+        if not 0 <= self.demo_share < 1:
+            raise ValueError(f"demo_share={self.demo_share}; allowed: 0 <= demo_share < 1")
+        # `newt` is the method with demonstrations; without them it is `newt-nodemo` (NewtNoDemoConfig)
+        if self.WITH_DEMOS and self.demos == 0:
+            raise ValueError("demos=0; allowed: >= 1 for agent=newt (Newt without demonstrations is agent=newt-nodemo)")
+        if not self.WITH_DEMOS and (self.demos or self.pretrain_updates or self.demo_share or self.lr_warmup):
+            raise ValueError(f"demos={self.demos}, pretrain_updates={self.pretrain_updates}, demo_share="
+                             f"{self.demo_share}, lr_warmup={self.lr_warmup}; allowed: 0 for agent=newt-nodemo "
+                             "(Newt with demonstrations is agent=newt)")
+
+
+@dataclass
+class NewtNoDemoConfig(NewtConfig):
+    """Newt without demonstrations (upstream's use_demos=False path): no pretraining, no demonstration share, no
+    learning-rate warm-up (upstream warms up only when it pretrains); the online behaviour cloning stays."""
+
+    WITH_DEMOS: ClassVar[bool] = False
+
+    demos: int = 0
+    pretrain_updates: int = 0
+    demo_share: float = 0.0
+    lr_warmup: int = 0
 
 
 def constraint_weight(updates: int, full: int, zero: int) -> float:
@@ -168,6 +218,99 @@ class NewtAgent(TDMPC2Agent):
         super().__init__(cfg, tasks, device, precision)
         if cfg.rho_steps == "h1":  # the model losses take the first H of the policy loss's H+1 weights
             self.rho = self.pi_rho[:cfg.horizon].clone()
+        # upstream's model optimiser also holds the policy: it learns there from the pretraining's behaviour-cloning
+        # prior (Adam eps 1e-8, the model's learning rate); online the policy has no gradient at the model's step
+        # (its own optimiser steps it), so Adam leaves it there
+        self.wm_params = [p for n, p in self.wm.named_parameters() if not n.startswith("target_qs.")]
+        self.optim = torch.optim.Adam(self.world_model_groups(self.wm_params), lr=cfg.lr)
+        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in (self.optim, self.pi_optim)]
+        self.pretrained = 0  # pretraining updates done
+        self.pretraining = False  # inside pretrain(): the model loss takes the behaviour-cloning prior
+
+    # ---- demonstrations ----
+    def offline_data(self) -> OfflineSpec | None:
+        """cfg.demos successful scripted-expert episodes per task, pretrained on cfg.pretrain_updates times, a share
+        cfg.demo_share of every online batch, and in the online replay from the start too (upstream loads them into
+        both its buffers); until the first online update the agent acts with its policy alone (upstream's mpc=False
+        while seeding)."""
+        cfg = self.cfg
+        if not cfg.demos:
+            return None
+        return OfflineSpec(demos=cfg.demos, pretrain_updates=cfg.pretrain_updates, share=cfg.demo_share,
+                           into_replay=True, act_in_warmup=True)
+
+    def warm_up_lr(self) -> None:
+        """Upstream's warm-up: the n-th update (pretraining and online counted together, from 1) runs at
+        min(1, (n + 1) / lr_warmup) of each group's learning rate."""
+        if not self.cfg.lr_warmup:
+            return
+        n = self.pretrained + self.updates + 1
+        factor = min(1.0, (n + 1) / self.cfg.lr_warmup)
+        for optim, bases in zip((self.optim, self.pi_optim), self.base_lrs, strict=True):
+            for group, base in zip(optim.param_groups, bases, strict=True):
+                group["lr"] = base * factor
+
+    def pretrain(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        """Upstream's pretraining update on demonstrations: the world model's loss with the policy's behaviour-
+        cloning prior (prior_coef) in it, its optimiser step (the policy included), the target Qs' Polyak step; no
+        max-Q policy step, no scale update."""
+        self.warm_up_lr()
+        self.set_train(True)
+        self.pretraining = True
+        try:
+            u = self.unroll(sample(self.batch_size(), self.cfg.batch_length))
+            metrics, _ = self.model_step(u)
+            self.wm.update_targets(self.cfg.tau)
+        finally:
+            self.pretraining = False
+            self.set_train(False)
+        self.pretrained += 1
+        lrs = {"lr/encoder": self.optim.param_groups[0]["lr"], "lr/model": self.optim.param_groups[1]["lr"],
+               "lr/pi": self.pi_optim.param_groups[0]["lr"]}
+        return metrics | self.pretrain_metrics | lrs
+
+    def model_extra_terms(self, u: Unroll, zs: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+        """While pretraining: the behaviour-cloning prior on the attached latents zs[:, :H] (B, H, L), per step the
+        masked BC error plus -entropy_coef x the scaled entropy, rho-weighted, averaged over steps and samples."""
+        if not self.pretraining:
+            return {}
+        cfg, h = self.cfg, self.cfg.horizon
+        eps = torch.randn(u.action.shape, device=self.device)  # (B, H, A)
+        with self.autocast():
+            action, log_prob, _, log_std = self.wm.pi(zs[:, :h], u.task, eps)
+        mask = self.action_mask[u.task]  # (B, A)
+        padded = (~mask).sum(-1, keepdim=True).float()  # (B, 1)
+        log_prob = log_prob.float() + padded * PADDED_LOG_PROB  # (B, H)
+        entropy = self.policy_entropy(log_prob, log_std.float(), eps, u.task)  # (B, H)
+        bc = masked_bc(action.float(), u.action.float(), mask)  # (B, H)
+        prior = ((bc - cfg.entropy_coef * entropy) * u.valid * self.pi_rho[:h]).mean()  # upstream: .mean() of (H, B)
+        self.pretrain_metrics = {"pi/bc": (bc * u.valid).mean().detach(), "pi/entropy": (-log_prob).mean().detach(),
+                                 "pi/scaled_entropy": entropy.mean().detach(),
+                                 "pi/std": log_std.detach().float().exp().mean()}
+        return {"prior": (prior, cfg.prior_coef)}
+
+    def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        n = self.cfg.seed_updates if self.updates == 0 and self.cfg.seed_updates else 1
+        for _ in range(n):
+            self.warm_up_lr()
+            metrics = self.step(sample)
+            self.updates += 1
+        return metrics
+
+    def choose(self, z: torch.Tensor, task: torch.Tensor, contexts: list[FrameContext], greedy: bool) -> torch.Tensor:
+        """With demonstrations, the policy alone acts until the first online update (upstream: mpc=False while
+        seeding); then TD-MPC2's choice (MPPI)."""
+        if self.cfg.demos and self.updates == 0:
+            sampled, _, mean, _ = self.wm.pi(z, task, self.noise(contexts, (self.action_dim,)))
+            return mean if greedy else sampled
+        return super().choose(z, task, contexts, greedy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"pretrained": self.pretrained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pretrained = int(state["pretrained"])
 
     def task_vectors(self, tasks: list[TaskInfo]) -> torch.Tensor | None:
         if self.cfg.task_embedding == "learned":
@@ -249,11 +392,21 @@ class NewtAgent(TDMPC2Agent):
         return w * pi_actions.mean(1) + (1 - w) * mean, w * prior_std + (1 - w) * std
 
 
+@register_agent("newt-nodemo", NewtNoDemoConfig, multi_task=True)
+class NewtNoDemoAgent(NewtAgent):
+    """Newt without demonstrations (NewtNoDemoConfig): everything else as `newt`."""
+
+    cfg: NewtNoDemoConfig
+    DEPARTURES = ("no demonstrations: no pretraining, no demonstration half of each batch, no learning-rate warm-up "
+                  "(upstream's use_demos=False path)", *DEPARTURES[1:])
+
+
 # ---- the published code's weights and numbers (python -m mowbench.verify agent=newt; docs/verify.md) ----
 
 # the upstream protocol the reference follows: Meta-World's agent steps, the published settings (the reference's
 # sizes replace the sizes)
 VERIFY_DEFAULTS = ("env=metaworld", "preset=paper")
+VERIFY_REFERENCE = "newt"  # newt-nodemo replays it too (its online updates and planning)
 # upstream's constrained-planning schedule in env steps (config.py's defaults, as recorded): weight 1 before
 # `start`, then 1 - (step - start) / `final`, so 0 from start + final
 UPSTREAM_CONSTRAINT = {"start": 2_000_000, "final": 10_000_000}
@@ -339,7 +492,7 @@ def from_upstream(state: dict[str, torch.Tensor], sizes: dict[str, Any]) -> dict
     return out
 
 
-def reference_config(reference: dict[str, Any], agent_values: dict[str, Any]) -> NewtConfig:
+def reference_config(reference: dict[str, Any], agent_values: dict[str, Any], lr_warmup: int = 0) -> NewtConfig:
     """Our config for the reference run: the composed values (behaviour) with the reference's sizes on top (state
     observations, upstream's state encoder; the constrained-planning schedule in upstream's env steps)."""
     s = reference["sizes"]
@@ -349,10 +502,13 @@ def reference_config(reference: dict[str, Any], agent_values: dict[str, Any]) ->
              "batch_size": s["batch"], "batch_multi_task": s["batch"], "n_q": s["num_q"],
              "iterations": s["iterations"], "num_samples": s["num_samples"], "num_elites": s["num_elites"],
              "num_pi_trajs": s["num_pi_trajs"], "constrain_full_updates": UPSTREAM_CONSTRAINT["start"],
-             "constrain_zero_updates": UPSTREAM_CONSTRAINT["start"] + UPSTREAM_CONSTRAINT["final"]}
+             "constrain_zero_updates": UPSTREAM_CONSTRAINT["start"] + UPSTREAM_CONSTRAINT["final"],
+             # the online updates: upstream's path after pretraining (or without it) at a constant learning rate
+             "lr_warmup": lr_warmup}
     from mowbench.agents.base import build_config, get_agent
 
-    return build_config(get_agent("newt"), {**agent_values, **sizes})
+    name = "newt" if agent_values.get("demos", NewtConfig.demos) else "newt-nodemo"
+    return build_config(get_agent(name), {**agent_values, **sizes})
 
 
 def reference_agent(reference: dict[str, Any], cfg: NewtConfig) -> NewtAgent:
@@ -536,8 +692,73 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
         for group in OUR_GROUPS:
             rows.append(scalar_row(f"{tag}: {group.strip('_')} change sum of squares",
                                    upd["checksums"][group + "/change"][1], ours[group + "/change"][1], RTOL, "fp32"))
+    if cfg.WITH_DEMOS:  # newt-nodemo has no pretraining
+        rows += pretrain_rows(reference, agent_values)
     rows += plan_rows(reference, agent)
     return rows, TOLERANCES
+
+
+def pretrain_rows(reference: dict[str, Any], agent_values: dict[str, Any]) -> list[Any]:
+    """The reference's two demonstration-pretraining updates (its `pretrain`: prior_coef 1, no max-Q policy step,
+    learning-rate warm-up over pretrain_warmup_steps) on a fresh agent from upstream's initialisation, with the
+    batches of its first two online updates and its draws, through our NewtAgent.pretrain."""
+    from mowbench.verify import Row, draws_from, recording, scalar_row, tensor_row
+
+    s = reference["sizes"]
+    cfg = reference_config(reference, agent_values, lr_warmup=int(s["pretrain_warmup_steps"]))
+    agent = reference_agent(reference, cfg)
+    wm, h = agent.wm, s["horizon"]
+    ours_init = from_upstream(reference["init"], s)
+    wm.load_state_dict({**dict(wm.named_buffers()), **ours_init})
+    agent.scale.value = torch.tensor(float(s["scale_init"]))
+    module = sys.modules[__name__]
+    rows: list[Row] = []
+    for k, pre in enumerate(reference["pretrain"]):
+        tag = f"pretrain {k + 1}"
+        upd = reference["updates"][k]
+        t, b, _ = upd["obs"].shape
+        action = torch.zeros(b, t, s["action_dim"])
+        action[:, :h] = upd["action"].transpose(0, 1)
+        reward = torch.zeros(b, t)
+        reward[:, :h] = upd["reward"].transpose(0, 1)
+        task = upd["task"][0].long()
+        batch = Batch(upd["obs"].transpose(0, 1).contiguous(), action, reward, torch.zeros(b, t), task,
+                      torch.ones(b, s["action_dim"], dtype=torch.bool), extras={"first": torch.zeros(b, t)},
+                      task_counts=tuple(int((task == i).sum()) for i in range(len(s["action_dims"]))))
+        draws = {"randn": [pre["td_eps"].transpose(0, 1), pre["bc_eps"].transpose(0, 1)],
+                 "randperm": [torch.cat([pre["td_pair"], _others(pre["td_pair"], s["num_q"])])]}
+        try:
+            with draws_from(torch, draws), grad_norms(wm) as norms, recording(module, "masked_bc") as bcs:
+                metrics = agent.pretrain(lambda n, length, batch=batch: batch)
+        except (RuntimeError, IndexError) as err:
+            rows.append(Row(f"{tag}: upstream's draws replayed ({str(err).splitlines()[0][:80]})", float("nan"),
+                            float("nan"), float("inf"), 0.0, "exact"))
+            return rows
+        up = pre["losses"]
+        bc = bcs[0].detach().transpose(0, 1) if bcs else torch.full_like(pre["bc_per_step"], float("nan"))
+        pairs = [("consistency_loss", "wm/consistency"), ("reward_loss", "wm/reward"), ("value_loss", "wm/value"),
+                 ("pi_prior_loss", "wm/prior"), ("total_loss", "wm/loss"), ("bc_loss", "pi/bc"),
+                 ("pi_entropy", "pi/entropy"), ("pi_scaled_entropy", "pi/scaled_entropy"), ("pi_std", "pi/std"),
+                 ("grad_norm", "wm/grad_norm"), ("lr_enc", "lr/encoder"), ("lr", "lr/model"), ("lr_pi", "lr/pi")]
+        rows += [scalar_row(f"{tag}: {theirs}", up[theirs], metrics.get(ours, float("nan")), RTOL, "fp32")
+                 for theirs, ours in pairs]
+        rows.append(scalar_row(f"{tag}: entropy_loss (-entropy_coef x scaled entropy)", up["entropy_loss"],
+                               -cfg.entropy_coef * float(metrics.get("pi/scaled_entropy", float("nan"))), RTOL,
+                               "fp32"))
+        rows.append(tensor_row(f"{tag}: behaviour cloning per step and sample", pre["bc_per_step"], bc, RTOL, "fp32"))
+        model_norms = norms[0] if norms else {}
+        rows += [scalar_row(f"{tag}: {group.strip('_')} grad norm before clipping", value,
+                            model_norms.get(group, float("nan")), RTOL, "fp32")
+                 for group, value in pre["grad_norms"].items()]
+        named = dict(wm.named_parameters())
+        for group, prefix in OUR_GROUPS.items():
+            names = [n for n in named if n.startswith(prefix)]
+            change = torch.cat([(named[n].detach().double() - ours_init[n].double()).flatten() for n in names])
+            rows.append(scalar_row(f"{tag}: {group.strip('_')} change sum of squares",
+                                   pre["checksums"][group + "/change"][1], change.pow(2).sum(), RTOL, "fp32"))
+    rows.append(scalar_row("pretraining leaves S unchanged", float(s["scale_init"]), agent.scale.value, 0.0,
+                           "exact"))
+    return rows
 
 
 def plan_rows(reference: dict[str, Any], agent: NewtAgent) -> list[Any]:

@@ -174,12 +174,21 @@ class TDMPC2Agent(LatentAgent):
         terms["value"] = self.weighted(value, u.valid)
         loss = cfg.consistency_coef * terms["consistency"] + cfg.reward_coef * terms["reward"] + \
             cfg.value_coef * terms["value"]
+        extra = self.model_extra_terms(u, zs)  # name -> (weighted term, its coefficient); Newt's pretraining prior
+        for name, (term, coef) in extra.items():
+            terms[name] = term
+            loss = loss + coef * term
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wm_params, cfg.grad_clip)
         self.optim.step()
         metrics = {f"wm/{k}": v.detach() for k, v in terms.items()}
         return metrics | {"wm/loss": loss.detach(), "wm/grad_norm": grad_norm}, zs
+
+    def model_extra_terms(self, u: Unroll, zs: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+        """Terms a method adds to the world model's loss (name -> (term, coefficient)), zs (B, H+1, L) attached to
+        the graph. TD-MPC2: none."""
+        return {}
 
     def policy_step(self, zs: torch.Tensor, task: torch.Tensor) -> Metrics:
         """Maximise Q_avg / S + entropy_coef * entropy on detached latents zs (B, H+1, L), rho-weighted over t."""

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import tempfile
+import dataclasses
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from mowbench.evaluation import eval_env_seed
 from mowbench.trainer import CHECKPOINT, Diverged, TrainConfig, Trainer
 
 # OS errors of writing the run's files that are the machine's state, not a bug: reported in one line
+OFFLINE_DATA = "offline_data"  # results_dir/offline_data: offline datasets every run that shares one reads
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 def check_results_dir(root: Path) -> None:
@@ -160,7 +162,10 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
                                     if p.train.eval_mode == "reference" else 1,
                                     "random_episodes": p.train.random_episodes if p.train.random_baseline else 0}})
         R.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
-        trainer = Trainer(agent, envs, make_eval_env, p.train, folder, p.device, seed)
+        trainer = Trainer(agent, envs, make_eval_env, p.train, folder, p.device, seed,
+                          offline_cache=p.results_dir / OFFLINE_DATA)
+        if trainer.offline_spec is not None:  # what the method learnt from besides its own experience
+            meta["offline_data"] = {"spec": dataclasses.asdict(trainer.offline_spec), "tasks": trainer.offline_stats}
         # a failed session leaves the CSVs as of its last checkpoint; finished and preempted ones flush first
         opened.callback(trainer.log.close, flush=False)
         meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,

@@ -39,10 +39,12 @@ from mowbench.evaluation import (
     stream_seed,
 )
 from mowbench.logger import RunLog
-from mowbench.replay import Replay, check_host_memory, host_memory_available, replay_bytes, replay_device
+from mowbench.offline import KINDS, collect, fill, mixed_sampler
+from mowbench.replay import Batch, Replay, check_host_memory, host_memory_available, replay_bytes, replay_device
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
+OFFLINE_EVAL_KEY = 20_000  # the offline data's envs: seeded apart from every evaluation's (evaluation.eval_env_seed)
 # signals that make the trainer checkpoint at the end of the current step and leave
 PREEMPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR2", "SIGTERM") if hasattr(signal, name))
 ARTIFACTS = "artifacts"  # agent-specific files (MoW: routing heatmaps, cluster assignment)
@@ -114,6 +116,7 @@ class Counters:
     episodes: list[int] = field(default_factory=list)
     wall_time: float = 0.0  # seconds of training accumulated over all sessions of this run
     evals: int = 0
+    pretrain_updates: int = 0  # Agent.pretrain calls done (before step 0; methods with offline data)
 
 
 class Diverged(ValueError):
@@ -196,13 +199,17 @@ def largest_derived_seed(seed: int, cfg: TrainConfig, n_tasks: int, task_stride:
     evaluations = (cfg.steps // cfg.eval_every if cfg.eval_every else 0) + 1
     key = max(evaluations - 1, RANDOM_EVAL_KEY if cfg.random_baseline else 0)
     copies = max(cfg.eval_episodes, cfg.periodic_eval_episodes, cfg.random_episodes or 1, cfg.eval_parallel)
-    return eval_env_seed(seed, key, copies - 1) + task_stride * (n_tasks - 1)
+    # offline data (methods that ask for it) plays one env per episode kind under its own key
+    largest = max(eval_env_seed(seed, key, copies - 1), eval_env_seed(seed, OFFLINE_EVAL_KEY, len(KINDS) - 1))
+    return largest + task_stride * (n_tasks - 1)
 
 
 class Trainer:
     def __init__(self, agent: Agent, envs: list[TaskEnv], make_eval_env: Callable[[int, int, int], TaskEnv],
-                 cfg: TrainConfig, folder: Path, device: torch.device, seed: int) -> None:
-        """make_eval_env(evaluation, copy, task index): a new evaluation env (seeded by all three)."""
+                 cfg: TrainConfig, folder: Path, device: torch.device, seed: int,
+                 offline_cache: Path | None = None) -> None:
+        """make_eval_env(evaluation, copy, task index): a new evaluation env (seeded by all three). offline_cache:
+        where offline datasets (mowbench.offline) are kept for every run that shares them (None: not kept)."""
         self.agent, self.cfg, self.folder, self.device, self.seed = agent, cfg, folder, device, seed
         self.make_eval_env = make_eval_env
         self.tasks = [e.info for e in envs]
@@ -214,6 +221,17 @@ class Trainer:
             check_host_memory(cfg.replay_capacity, min(cfg.replay_capacity, cfg.steps),  # never more than its steps
                               step_bytes, len(self.tasks), host_memory_available())
         self.replay = Replay(cfg.replay_capacity, self.tasks, store, seed, fields, train_device=device)
+        self.sample: Callable[[int, int], Batch] = self.replay.sample  # what each update draws from
+        self.offline_spec = agent.offline_data()
+        self.offline: Replay | None = None
+        self.offline_stats: dict[str, Any] = {}
+        if self.offline_spec is not None:  # collected (or read from the cache) before any step; replay state as new
+            self.offline, self.offline_stats = collect(
+                self.offline_spec, self.tasks, lambda copy, task: make_eval_env(OFFLINE_EVAL_KEY, copy, task),
+                seed + 2, fields, store, device, offline_cache)
+            if self.offline_spec.into_replay:
+                fill(self.replay, self.offline)  # a resumed run's checkpoint then replaces the replay's state
+            self.sample = mixed_sampler(self.replay.sample, self.offline.sample, self.offline_spec.share)
         self.streams = [Stream(env, agent.new_context(env.info.index)) for env in envs]
         self.counters = Counters(episodes=[0] * len(envs))
         self.rng = np.random.default_rng(seed + 1)  # warm-up actions
@@ -242,6 +260,7 @@ class Trainer:
             # env emulator states and acting contexts are the envs' and the agent's own objects: pickled here
             "objects": pickle.dumps([{"env": s.env.get_state(), "context": s.context} for s in self.streams]),
             "log": self.log.state_dict(), "last_metrics": read_metrics(self.last_metrics),
+            "offline_rng": None if self.offline is None else self.offline.rng.bit_generator.state,
         }
 
     def save(self) -> None:
@@ -262,6 +281,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.rng.bit_generator.state = state["trainer_rng"]
         self.counters = Counters(**state["counters"])
+        if self.offline is not None:
+            self.offline.rng.bit_generator.state = state["offline_rng"]
         for stream, s, o in zip(self.streams, state["streams"], objects, strict=True):
             if o["env"] is not None:
                 stream.env.set_state(o["env"])
@@ -285,7 +306,7 @@ class Trainer:
         for s in self.streams:
             if s.obs is None:
                 restart(self.agent, s)
-        if training:
+        if training or (self.offline_spec is not None and self.offline_spec.act_in_warmup):
             actions = self.agent.act_batch([s.context for s in self.streams], [s.obs for s in self.streams])
         else:
             actions = [s.env.info.action.sample(self.rng) for s in self.streams]
@@ -346,6 +367,10 @@ class Trainer:
         start = time.time()
         last_log = (start, c.step)
         try:
+            if self.offline_spec is not None and c.pretrain_updates < self.offline_spec.pretrain_updates:
+                if not self._pretrain(on_preempt, old):
+                    return {"preempted": True, "step": c.step}
+                start = time.time()
             while c.step < cfg.steps:
                 training = c.step >= cfg.warmup
                 self._round(training)
@@ -353,7 +378,7 @@ class Trainer:
                 if training and len(self.replay) >= 1:
                     c.update_credit += cfg.updates_per_step
                     while c.update_credit >= 1.0:
-                        self.last_metrics = self.agent.update(self.replay.sample)
+                        self.last_metrics = self.agent.update(self.sample)
                         self.guard.observe(self.last_metrics, c.step)
                         c.updates += 1
                         c.update_credit -= 1.0
@@ -411,6 +436,38 @@ class Trainer:
             bar.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+
+    def _pretrain(self, on_preempt: Callable[[int], None] | None, old: dict[int, Any]) -> bool:
+        """The agent's pretraining on the offline data (before step 0), checkpointed at its end and when preempted;
+        logged at step 0 under pretrain/ every log_every updates. False: preempted (checkpointed, signal handed on)."""
+        spec, c = self.offline_spec, self.counters
+        assert spec is not None and self.offline is not None
+        start = time.time()
+        bar = tqdm(total=spec.pretrain_updates, initial=c.pretrain_updates, disable=not self.cfg.progress,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 60.0, desc="pretraining")
+        try:
+            while c.pretrain_updates < spec.pretrain_updates:
+                metrics = self.agent.pretrain(self.offline.sample)
+                self.guard.observe(metrics, 0)
+                c.pretrain_updates += 1
+                bar.update(1)
+                last = c.pretrain_updates == spec.pretrain_updates
+                if c.pretrain_updates % self.cfg.log_every == 0 or last:
+                    self.log.scalars(0, {f"pretrain/{k}": v for k, v in read_metrics(metrics).items()})
+                    self.guard.check(metrics, 0)
+                if last or self.preempted:
+                    c.wall_time += time.time() - start
+                    start = time.time()
+                    self.save()
+                if self.preempted and not last:
+                    if on_preempt is not None:
+                        on_preempt(c.step)
+                    if self.signalled:
+                        self._hand_on(old, c.step)
+                    return False
+            return True
+        finally:
+            bar.close()
 
     def _hand_on(self, old: dict[int, Any], step: int) -> None:
         """After the checkpoint: give the signal to the handler installed before the trainer's."""

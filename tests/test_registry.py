@@ -174,7 +174,7 @@ def test_help_lists_the_groups_and_the_most_used_keys(module):
     out = subprocess.run([sys.executable, "-m", f"mowbench.{module}", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
-    assert "agent     monolithic, mow, newt, pwm, scalezero, storm, tdmpc2" in out.stdout
+    assert "agent     monolithic, mow, newt, newt-nodemo, pwm, scalezero, storm, tdmpc2" in out.stdout
     assert "preset    micro, paper, tiny" in out.stdout
     assert "train.steps" in out.stdout and "seed=0" in out.stdout
     assert {"bench": "Bench options (bench.<key>=value): repeats=3", "grid": "Grids (grid=name): ablate_clusters",

@@ -25,6 +25,11 @@ POLICY_ROWS = ["behaviour cloning per step and sample", "policy prior (BC) loss"
 MODULES = ("encoder", "dynamics", "reward", "pi", "Qs.online", "Qs.target")
 UPDATE_ROWS = MODEL_ROWS + POLICY_ROWS + [f"{m} weights sum of squares" for m in MODULES] + [
     f"{m} change sum of squares" for m in MODULES]
+PRETRAIN_ROWS = ["consistency_loss", "reward_loss", "value_loss", "pi_prior_loss", "total_loss", "bc_loss",
+                 "pi_entropy", "pi_scaled_entropy", "pi_std", "grad_norm", "lr_enc", "lr", "lr_pi",
+                 "behaviour cloning per step and sample"] + [
+    f"{m} grad norm before clipping" for m in ("encoder", "dynamics", "reward", "pi", "Qs.online")] + [
+    f"{m} change sum of squares" for m in MODULES]
 PLAN_ROWS = ["policy trajectories' actions", "initial mean (constrained planning)",
              "initial std (constrained planning)", "final elite weights", "chosen elites", "final mean", "final std",
              "action (exploring)"]
@@ -42,6 +47,7 @@ def test_newt_matches_the_published_code():
     assert ok.returncode == 0, ok.stdout + ok.stderr
     rows = verdicts(ok.stdout)
     expected = (SETUP_ROWS + [f"update {k}: {q}" for k in (1, 2, 3) for q in UPDATE_ROWS]
+                + [f"pretrain {k}: {q}" for k in (1, 2) for q in PRETRAIN_ROWS] + ["pretraining leaves S unchanged"]
                 + ["plan: latent z", "plan: action (eval)"]
                 + [f"{call}: {q}" for call in ("plan", "plan, next call") for q in PLAN_ROWS])
     assert not [q for q in expected if q not in rows], sorted(rows)
@@ -85,3 +91,16 @@ def test_state_observations_are_refused_for_every_suite():
     with pytest.raises(ValueError, match="obs=state with env=metaworld: every suite here gives pixels"):
         plan(compose_config(["agent=newt", "env=metaworld", "preset=micro", "agent.obs=state",
                              "agent.state_dim=10"]))
+
+
+@pytest.mark.slow(seconds=10)
+def test_newt_pretraining_departures_fail_its_rows_and_newt_nodemo_replays_the_rest():
+    # no behaviour-cloning prior in the pretraining loss: its total, the policy's gradient and every weight change
+    rows = failed("agent.prior_coef=0")
+    assert {"pretrain 1: total_loss", "pretrain 1: pi grad norm before clipping", "pretrain 1: pi change sum of squares",
+            "pretrain 2: encoder change sum of squares"} <= rows
+    assert not {q for q in rows if not q.startswith("pretrain")}  # the online updates do not read it
+    nodemo = verify("agent=newt-nodemo")
+    assert nodemo.returncode == 0, nodemo.stdout + nodemo.stderr
+    rows = verdicts(nodemo.stdout)
+    assert "update 3: policy loss" in rows and not [q for q in rows if q.startswith("pretrain")]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mowbench.envs.base import TaskInfo
+from mowbench.offline import OfflineSpec
 from mowbench.replay import Batch, StepField
 
 
@@ -108,6 +109,17 @@ class Agent(ABC):
         (detached, 0-dim) tensors: the trainer reads them at log intervals (read_metrics), so an update on a GPU
         never waits for the device to report a number."""
 
+    def offline_data(self) -> OfflineSpec | None:
+        """Offline data this method learns from (demonstrations and other scripted episodes; mowbench.offline):
+        the trainer collects it, calls `pretrain` on it spec.pretrain_updates times before the first env step, and
+        draws spec.share of every update's batch from it. Default: none."""
+        return None
+
+    def pretrain(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        """One pretraining update on offline data (`sample` draws from it only); for methods whose offline_data
+        asks for pretraining."""
+        raise NotImplementedError(f"{type(self).__name__} has no pretraining")
+
     def per_task_batch(self) -> dict[str, int]:
         """What each task contributes to one update (e.g. world-model sequences, imagination starts);
         recorded with the update ratio in each run's metadata. Empty when the agent has no such batches."""
@@ -181,12 +193,14 @@ def get_agent(name: str) -> AgentEntry:
 
 
 def known_departures(name: str) -> list[str]:
-    """The method's known departures from its paper and published code: its baseline file's DEPARTURES (one line
-    each; the method's docs page has them as a table). Recorded in every run's metadata and printed in the
-    analysis's notes, so that a table never shows a method's numbers without saying what it is not."""
+    """The method's known departures from its paper and published code: its agent class's DEPARTURES where a file
+    registers variants (newt-nodemo), else its baseline file's (one line each; the method's docs page has them as a
+    table). Recorded in every run's metadata and printed in the analysis's notes, so that a table never shows a
+    method's numbers without saying what it is not."""
     import inspect
 
-    return list(getattr(inspect.getmodule(get_agent(name).cls), "DEPARTURES", ()))
+    cls = get_agent(name).cls
+    return list(cls.__dict__.get("DEPARTURES", getattr(inspect.getmodule(cls), "DEPARTURES", ())))
 
 
 def build_config(entry: AgentEntry, values: dict[str, Any]) -> Any:

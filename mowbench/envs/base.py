@@ -84,5 +84,10 @@ class TaskEnv(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def expert_action(self) -> np.ndarray | int:
+        """The suite's scripted expert's action for the current state (demonstrations, mowbench.offline); a suite
+        without experts says so."""
+        raise NotImplementedError(f"suite {self.info.suite} has no scripted expert policies")
+
     def train_terminal(self, step: Step) -> bool:
         return step.terminated or (self.life_loss_terminal and step.life_loss)

@@ -19,6 +19,7 @@ import copy
 import functools
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ GL_BACKENDS = ("auto", "egl", "osmesa", "glfw")
 
 EVAL_ENVS = 8  # evaluation envs alive at once by default (train.eval_envs): one with its renderer takes ~160 MiB
 DISCRETE_ACTIONS = False  # agents for one kind of action space refuse the other (AgentConfig.check_suite)
+EXPERTS = True  # every task has a scripted expert (metaworld.policies): demonstrations (mowbench.offline)
 
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +161,9 @@ class MetaWorldEnv(TaskEnv):
                                        "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl,
                                        "goal_seed": goal_seed})
         self.t = 0
+        self.task = task
+        self.state: np.ndarray | None = None  # the simulator's 39-d observation, read by the scripted expert
+        self.expert: Any = None  # made at the first expert_action
 
     def make_renderer(self) -> Any:
         """The offscreen renderer (its GL context reads the model's offsamples), shadows and reflections off with
@@ -193,7 +198,7 @@ class MetaWorldEnv(TaskEnv):
 
     def reset(self) -> np.ndarray:
         self.env.set_task(self.tasks[int(self.rng.integers(len(self.tasks)))])
-        self.env.reset()
+        self.state = self.env.reset()[0]
         self.t = 0
         return self.render()
 
@@ -201,12 +206,25 @@ class MetaWorldEnv(TaskEnv):
         action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
         reward, success = 0.0, 0.0
         for _ in range(self.repeat):
-            _, r, _, _, info = self.env.step(action)
+            self.state, r, _, _, info = self.env.step(action)
             reward += float(r)
             success = max(success, float(info["success"]))
         self.t += 1
         # Meta-World never terminates; episodes end by the time limit only.
         return Step(self.render(), reward, False, self.t >= self.length, success=success)
+
+    def expert_action(self) -> np.ndarray:
+        """Meta-World's scripted policy for this task (metaworld.policies) on the simulator's current state: the
+        action the trainer repeats action_repeat times, as it repeats the agent's. (4,) float32 in [-1, 1]."""
+        if self.state is None:
+            raise RuntimeError("expert_action before reset")
+        if self.expert is None:
+            from metaworld.policies import ENV_POLICY_MAP
+
+            self.expert = ENV_POLICY_MAP[self.task]()
+        with warnings.catch_warnings():  # "Constant(s) may be too high": the step clips them, as Meta-World's does
+            warnings.simplefilter("ignore", UserWarning)
+            return np.clip(self.expert.get_action(self.state), -1.0, 1.0).astype(np.float32)
 
     def close(self) -> None:
         if self.renderer is not None:
