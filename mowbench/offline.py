@@ -92,6 +92,21 @@ def play(env: TaskEnv, choose: Callable[[], Any]) -> Episode:
                    np.asarray(r, np.float32), np.asarray(d, np.float32), float(np.sum(r)), success >= 1.0)
 
 
+def chooser(kind: str, env: TaskEnv, rng: np.random.Generator, noise_std: float) -> Callable[[], Any]:
+    """The action source of one episode kind on `env`: the scripted expert, the expert plus N(0, noise_std^2) noise
+    (clipped to [-1, 1]), or uniform random actions; noise and random actions drawn from `rng`."""
+    if kind == "demos":
+        return env.expert_action
+    if kind == "random":
+        return lambda: env.info.action.sample(rng)
+
+    def noisy() -> np.ndarray:
+        a = np.asarray(env.expert_action(), np.float32)
+        return np.clip(a + rng.normal(0.0, noise_std, a.shape), -1.0, 1.0).astype(np.float32)
+
+    return noisy
+
+
 def task_episodes(spec: OfflineSpec, env: Callable[[int], TaskEnv], seed: int) -> tuple[list[Episode], dict[str, Any]]:
     """A task's episodes of every kind, in KINDS order, and what it took (tries, successes, mean returns).
     env(copy) makes the task's env for one kind (copy = its index in KINDS): each kind draws its goals and noise from
@@ -105,15 +120,7 @@ def task_episodes(spec: OfflineSpec, env: Callable[[int], TaskEnv], seed: int) -
         e = env(copy)
         rng = np.random.default_rng([seed, copy])
         try:
-            if kind == "random":
-                def choose() -> Any:
-                    return e.info.action.sample(rng)
-            elif kind == "noisy":
-                def choose() -> Any:
-                    a = np.asarray(e.expert_action(), np.float32)
-                    return np.clip(a + rng.normal(0.0, spec.noise_std, a.shape), -1.0, 1.0).astype(np.float32)
-            else:
-                choose = e.expert_action
+            choose = chooser(kind, e, rng, spec.noise_std)
             kept, tries = [], 0
             limit = ATTEMPTS * wanted + 5 if kind == "demos" and spec.success_only else wanted
             while len(kept) < wanted and tries < limit:

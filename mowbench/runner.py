@@ -3,12 +3,12 @@ with everything it opens closed on every path, preemption included. Trains a val
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
 import signal
 import tempfile
-import dataclasses
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass

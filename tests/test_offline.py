@@ -91,7 +91,7 @@ def test_demonstration_pixels_are_our_envs_frames_and_the_cache_is_reused(tmp_pa
 def test_mixed_batches_take_their_share_from_the_offline_data():
     info = make_env("metaworld", ["reach-v3"], 0, env_cfg(), 0).info
     online, offline = Replay(50, [info], CPU, 0, FIRST), Replay(50, [info], CPU, 1, FIRST)
-    for i in range(50):
+    for _ in range(50):
         online.add(0, np.zeros((16, 16, 3), np.uint8), np.zeros(4, np.float32), 1.0, False, first=0.0)
         offline.add(0, np.zeros((16, 16, 3), np.uint8), np.zeros(4, np.float32), 2.0, False, first=0.0)
     batch = mixed_sampler(online.sample, offline.sample, 0.5)(10, 4)
@@ -128,7 +128,8 @@ def test_newt_pretrains_on_demonstrations_in_a_run_and_resumes_exactly(tmp_path,
 
     def run(folder):
         cfg = compose_config(["agent=newt", "env=metaworld", "preset=micro", "task=[reach-v3,drawer-close-v3]",
-                              "train.steps=40", "train.warmup=20", "train.eval_episodes=1", "train.random_baseline=false",
+                              "train.steps=40", "train.warmup=20", "train.eval_episodes=1",
+                              "train.random_baseline=false",
                               "train.keep_checkpoint=true", f"results_dir={folder}"])
         return execute(cfg)
 

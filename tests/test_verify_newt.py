@@ -97,8 +97,8 @@ def test_state_observations_are_refused_for_every_suite():
 def test_newt_pretraining_departures_fail_its_rows_and_newt_nodemo_replays_the_rest():
     # no behaviour-cloning prior in the pretraining loss: its total, the policy's gradient and every weight change
     rows = failed("agent.prior_coef=0")
-    assert {"pretrain 1: total_loss", "pretrain 1: pi grad norm before clipping", "pretrain 1: pi change sum of squares",
-            "pretrain 2: encoder change sum of squares"} <= rows
+    assert {"pretrain 1: total_loss", "pretrain 1: pi grad norm before clipping",
+            "pretrain 1: pi change sum of squares", "pretrain 2: encoder change sum of squares"} <= rows
     assert not {q for q in rows if not q.startswith("pretrain")}  # the online updates do not read it
     nodemo = verify("agent=newt-nodemo")
     assert nodemo.returncode == 0, nodemo.stdout + nodemo.stderr
