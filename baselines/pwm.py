@@ -4,14 +4,14 @@ horizon 16 and rho 0.99, and per task an actor and three critics trained by firs
 world model: 16-step imagined returns differentiated through the (frozen for that step) dynamics and reward, and
 critics regressed on one-step targets of the imagined rollouts. Acting: the task's actor, no planning.
 
-`pwm` as built is the ONLINE variant of PWM, not the published method: the published multi-task results pretrain a
-48M world model offline (TD-MPC2's loss on TD-MPC2's datasets) and then freeze it (`finetune_wm: False`) while one
-run per task trains that task's actor and critics. Here the world model trains online from the per-task replays
-(Dyna-style, TD-MPC2's loss, the paper preset's 5M model), interleaved with the actor and critic updates; the
-offline pretraining is not built, and the learning-rate decay runs over lr_decay_updates (150k, one update per
-round of the MT50 budget) where upstream's runs over its 10k epochs of a frozen model.
+`pwm-online` as built is the ONLINE variant of PWM, not the published method: the published multi-task results pretrain
+a 48M world model offline (TD-MPC2's loss on TD-MPC2's datasets) and then freeze it (`finetune_wm: False`) while one run
+per task trains that task's actor and critics, with no env interaction. Here the world model trains online from the
+per-task replays (Dyna-style, TD-MPC2's loss, the paper preset's 5M model), interleaved with the actor and critic
+updates; the offline pretraining is not built, and the learning-rate decay runs over lr_decay_updates (150k, one update
+per round of the MT50 budget) where upstream's runs over its 10k epochs of a frozen model.
 
-Checked against the published code by `python -m mowbench.verify agent=pwm` (docs/verify.md): its multi-task
+Checked against the published code by `python -m mowbench.verify agent=pwm-online` (docs/verify.md): its multi-task
 flow with a given (frozen) world model, one task's updates replayed through ours. The defaults follow it; each
 old behaviour of this file is an ablation (ablations/README.md):
 - the actor's input latent detached (upstream `detach: True`; ablation attached_actor_input);
@@ -160,7 +160,7 @@ def orthogonal_init(mlp: TaskMLP, gain: float) -> None:
             bias.zero_()
 
 
-@register_agent("pwm", PWMConfig, multi_task=True)
+@register_agent("pwm-online", PWMConfig, multi_task=True)
 class PWMAgent(LatentAgent):
     """PWM (see the module docstring)."""
 
@@ -421,10 +421,11 @@ class PWMAgent(LatentAgent):
         return counts | {"total": sum(counts.values())}
 
 
-# ---- the published code's weights and numbers (python -m mowbench.verify agent=pwm; docs/verify.md) ----
+# ---- the published code's weights and numbers (python -m mowbench.verify agent=pwm-online; docs/verify.md) ----
 
 # the upstream protocol: Meta-World's suite, PWM's published settings (the paper preset's dataclass defaults)
 VERIFY_DEFAULTS = ("env=metaworld", "preset=paper")
+VERIFY_REFERENCE = "pwm"  # mowbench/data/reference/pwm: recorded from PWM's published code
 
 # Upstream (imgeorgiev/PWM: models/world_model.py's WorldModel after PWM.load_wm) world-model parameter names ->
 # ours, the first matching rule applies ("{last}": the encoder's last layer, len(encoder_units)). Its MLPs are
@@ -528,7 +529,7 @@ def reference_config(reference: dict[str, Any], agent_values: dict[str, Any]) ->
              "critic_minibatches": s["critic_batches"], "lr_decay_updates": s["max_epochs"]}
     from mowbench.agents.base import build_config, get_agent
 
-    return build_config(get_agent("pwm"), {**agent_values, **sizes})
+    return build_config(get_agent("pwm-online"), {**agent_values, **sizes})
 
 
 def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:

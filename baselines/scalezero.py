@@ -283,7 +283,7 @@ def smoothed_support_ce(logits: torch.Tensor, target: torch.Tensor, bins: torch.
     return (1.0 - eps) * support_ce(logits, target, bins) - eps * log_p.mean(-1)
 
 
-@register_agent("scalezero", ScaleZeroConfig, multi_task=True)
+@register_agent("scalezero-lite", ScaleZeroConfig, multi_task=True)
 class ScaleZeroAgent(Agent):
     """ScaleZero-lite (see the module docstring)."""
 
@@ -632,6 +632,7 @@ class ScaleZeroAgent(Agent):
 
 
 # ---- mowbench.verify: replaying ScaleZero's upstream numbers (LightZero; mowbench/data/reference/scalezero) ----
+VERIFY_REFERENCE = "scalezero"  # mowbench/data/reference/scalezero: recorded from LightZero's ScaleZero
 
 # the reference's sizes as our config (SOURCES.md, "Sizes"): UniZero's ResNet option (the recorder's encoder),
 # 2 tasks x 2 sequences, 4 unroll steps; td_steps 1 makes a replayed sequence the recorded 5 frames (upstream's
@@ -817,7 +818,7 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
 
     module = sys.modules[__name__]
     s = reference["sizes"]
-    cfg = build_config(get_agent("scalezero"), {**agent_values, **VERIFY_SIZES})
+    cfg = build_config(get_agent("scalezero-lite"), {**agent_values, **VERIFY_SIZES})
     k_tasks, a = s["tasks"], s["actions"]
     infos = [TaskInfo("atari100k", f"upstream{k}", k, s["image_size"], ActionSpace(True, a)) for k in range(k_tasks)]
     torch.manual_seed(0)

@@ -53,18 +53,18 @@ def test_main_grid_has_all_methods_and_seeds(tmp_path):
     by_method = {}
     for u in units:
         by_method.setdefault(u.key.split("/")[1], []).append(u)
-    assert len(by_method["mow"]) == 5 and len(by_method["monolithic"]) == 5 and len(by_method["scalezero"]) == 5
+    assert len(by_method["mow"]) == 5 and len(by_method["monolithic"]) == 5 and len(by_method["scalezero-lite"]) == 5
     assert len(by_method["storm"]) == 26 * 5  # one run per game and seed
 
 
 def test_moe_ablation_grid_runs_scalezero_with_and_without_moe(tmp_path):
     units = expand(parse_args(["grid=ablate_moe", "seeds=[0]", f"results_dir={tmp_path}"]))
     cells = {u.key.split("/")[1]: u for u in units}
-    assert set(cells) == {"scalezero", "scalezero-dense"}
+    assert set(cells) == {"scalezero-lite", "scalezero-lite-dense"}
     assert all(u.key.endswith("/all26/seed_0") for u in units)
-    assert compose_config(cells["scalezero"].overrides)["agent"]["moe"] is True
-    dense = compose_config(cells["scalezero-dense"].overrides)
-    assert dense["agent"]["moe"] is False and dense["agent"]["name"] == "scalezero"
+    assert compose_config(cells["scalezero-lite"].overrides)["agent"]["moe"] is True
+    dense = compose_config(cells["scalezero-lite-dense"].overrides)
+    assert dense["agent"]["moe"] is False and dense["agent"]["name"] == "scalezero-lite"
 
 
 def test_update_ratio_grid_has_a_storm_matched_cell(tmp_path):
@@ -234,7 +234,7 @@ def test_mt50_grids_hold_the_tdmpc2_family(tmp_path):
     (a learned embedding) and tdmpc2, each composing to what its name says."""
     main = expand(parse_args(["grid=main_mt50", "seeds=[0]", f"results_dir={tmp_path}"]))
     methods = {u.key.split("/")[1] for u in main}
-    assert methods == {"mow", "monolithic", "tdmpc2", "newt", "pwm"}
+    assert methods == {"mow", "monolithic", "tdmpc2", "newt", "pwm-online"}
     units = expand(parse_args(["grid=ablate_language", "seeds=[0]", f"results_dir={tmp_path}"]))
     cells = {u.key.split("/")[1]: u for u in units}
     assert set(cells) == {"newt", "newt-onehot", "tdmpc2"} and all("/all50/" in u.key for u in units)

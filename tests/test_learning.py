@@ -72,7 +72,7 @@ def test_tiny_scalezero_beats_random_on_minatar_breakout(seed, tmp_path):
     updates to climb. 2500 steps instead: 1.90 and 3.10 at +33% time. Cheaper variants failed a seed: 1500 steps 1.65
     and 0.65; 4 collect simulations 0.75 at seed 0; epsilon-greedy collection (1 -> 0.05 over 500 or 1000 updates, at
     min_span 0.01) 0.10 and 0.05 at seed 0."""
-    cfg = compose_config(["agent=scalezero", "task=breakout", f"seed={seed}", f"results_dir={tmp_path}",
+    cfg = compose_config(["agent=scalezero-lite", "task=breakout", f"seed={seed}", f"results_dir={tmp_path}",
                           "train.warmup=300", "train.eval_episodes=20", "train.progress=false",
                           "train.tensorboard=false"])
     assert cfg["train"]["steps"] == 2000 and cfg["agent"]["simulations"] == 8 and cfg["agent"]["lr"] == 1e-3
@@ -132,7 +132,7 @@ def test_tdmpc_family_beats_random_on_two_metaworld_tasks_from_pixels(agent, see
 def test_pwm_beats_random_on_two_metaworld_tasks_from_pixels(tmp_path):
     """The family's run for pwm at seeds 0 and 1: the two seeds' mean score is at least 1.3 and neither seed scores
     below a random policy (PWM's online score at this budget is a lottery: the comment above)."""
-    scores = [family_score("pwm", seed, tmp_path / f"seed{seed}", PWM)[0] for seed in (0, 1)]
+    scores = [family_score("pwm-online", seed, tmp_path / f"seed{seed}", PWM)[0] for seed in (0, 1)]
     assert sum(scores) / 2 >= 1.3 and min(scores) >= 1.0, scores
 
 

@@ -96,11 +96,11 @@ def test_paper_preset_over_26_games_trains_every_task_and_reaches_every_expert()
     per game) and two simulations: the search acts for 26 streams in one batch with legal actions only; one update
     gives every game's heads a gradient, has every game in its batch, and every MoE layer's router reaches all 8
     experts over the batch's tokens."""
-    cfg = compose_config(["agent=scalezero", "env=atari100k", "preset=paper", "agent.batch_size=26",
+    cfg = compose_config(["agent=scalezero-lite", "env=atari100k", "preset=paper", "agent.batch_size=26",
                           "agent.simulations=2"])
     infos = atari26()
     torch.manual_seed(0)
-    agent = make_agent("scalezero", dict(cfg["agent"]), infos, CPU, "fp32")
+    agent = make_agent("scalezero-lite", dict(cfg["agent"]), infos, CPU, "fp32")
     counts = agent.parameter_counts()
     assert counts["total"] == 339_229_208 and agent.active_parameters() == 62_636_188
     replay = Replay(40, infos, CPU, 0, agent.replay_fields())
@@ -135,7 +135,7 @@ def test_search_statistics_go_to_replay_and_the_run_resumes_exactly(tmp_path):
     """A micro run stopped at step 30 and resumed ends as one that never stopped: weights, target network,
     optimiser, replay with its visit distributions and root values, episodes and evaluation. Warm-up (random) steps
     hold no search statistics; searched steps hold a distribution over legal actions."""
-    common = [*MICRO, "agent=scalezero", "task=[breakout,asterix]", "train.steps=50", "train.warmup=20",
+    common = [*MICRO, "agent=scalezero-lite", "task=[breakout,asterix]", "train.steps=50", "train.warmup=20",
               "train.checkpoint_every=0", "train.keep_checkpoint=true", "train.eval_episodes=1",
               "train.eval_max_steps=20", "train.replay_capacity=500"]
     execute(compose_config([*common, f"results_dir={tmp_path / 'a'}"]))
@@ -143,7 +143,7 @@ def test_search_statistics_go_to_replay_and_the_run_resumes_exactly(tmp_path):
     execute(interrupted)
     interrupted["train"]["stop_at"] = 0
     execute(interrupted)
-    folder_a, folder_b = (tmp_path / x / "minatar" / "scalezero" / "all2" / "seed_0" for x in "ab")
+    folder_a, folder_b = (tmp_path / x / "minatar" / "scalezero-lite" / "all2" / "seed_0" for x in "ab")
     a, b = (torch.load(f / CHECKPOINT, weights_only=True) for f in (folder_a, folder_b))
     for part in ("wm", "target"):
         for key, value in a["agent"][part].items():
@@ -179,4 +179,4 @@ def test_search_statistics_go_to_replay_and_the_run_resumes_exactly(tmp_path):
 ])
 def test_bad_scalezero_values_are_refused_before_any_work(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
-        plan(compose_config(["agent=scalezero", "preset=tiny", override]))
+        plan(compose_config(["agent=scalezero-lite", "preset=tiny", override]))

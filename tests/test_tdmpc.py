@@ -246,7 +246,7 @@ TRUNK_64 = (9 * 32 * 49 + 32) + (32 * 32 * 25 + 32) + 2 * (32 * 32 * 9 + 32)  # 
                     "reward": mlp(1028, (1024, 1024), 101), "policy": mlp(1024, (1024, 1024), 8),
                     "q_ensemble": 5 * mlp(1028, (1024, 1024), 101), "task_embedding": 0}),
     # PWM on MT10: TD-MPC2's 5M world model without Q and policy, per task an actor (+ log-std) and 3 critics
-    ("pwm", MT50[:10], {"encoder": TRUNK_64 + 576 * 512 + 512, "dynamics": dynamics(580, (512, 512), 512),
+    ("pwm-online", MT50[:10], {"encoder": TRUNK_64 + 576 * 512 + 512, "dynamics": dynamics(580, (512, 512), 512),
                         "reward": mlp(580, (512, 512), 101), "task_embedding": 10 * 64,
                         "actors": 10 * (mlp(512, (400, 200, 100), 4) + 4),
                         "critics": 10 * 3 * mlp(512, (400, 200), 1)}),
@@ -297,7 +297,7 @@ def test_newt_constrained_planning_schedule():
 
 # ---- refusals ----
 
-@pytest.mark.parametrize("agent", ["tdmpc2", "newt", "pwm"])
+@pytest.mark.parametrize("agent", ["tdmpc2", "newt", "pwm-online"])
 @pytest.mark.parametrize("env", ["atari100k", "minatar"])
 def test_discrete_suites_are_refused_in_one_line_before_any_work(agent, env):
     with pytest.raises(ValueError, match=f"env={env} has discrete actions; the TD-MPC2 family"):
@@ -318,7 +318,7 @@ def test_bad_family_values_are_refused():
 
 # ---- exact resume of the agents' state ----
 
-@pytest.mark.parametrize("agent_name", ["tdmpc2", "newt", "pwm"])
+@pytest.mark.parametrize("agent_name", ["tdmpc2", "newt", "pwm-online"])
 def test_agent_state_and_contexts_resume_exactly(agent_name, tmp_path):
     """Updates and actions after a save/load (state_dict through torch.save, contexts through pickle, the RNG
     restored) equal those of the agent that never stopped, on a replay of real Meta-World pixels."""
@@ -361,7 +361,7 @@ def test_agent_state_and_contexts_resume_exactly(agent_name, tmp_path):
         e.close()
 
 
-@pytest.mark.parametrize("agent_name", ["tdmpc2", "newt", "pwm"])
+@pytest.mark.parametrize("agent_name", ["tdmpc2", "newt", "pwm-online"])
 def test_fifty_tasks_every_task_in_every_batch_and_one_acting_pass(agent_name):
     """MT50 scale at micro sizes (more tasks than the preset's batch of 8 rows): every batch holds every task,
     every learned task vector gets a gradient, PWM's start states hold starts_per_task rows of each task, and
@@ -386,7 +386,7 @@ def test_fifty_tasks_every_task_in_every_batch_and_one_acting_pass(agent_name):
     metrics = agent.update(sample)
     assert all(math.isfinite(float(v)) for v in metrics.values())
     assert all(int(c.min()) >= 1 and int(c.min()) == int(c.max()) for c in counts)  # every task, evenly
-    if agent_name == "pwm":
+    if agent_name == "pwm-online":
         assert int(counts[-1][0]) == cfg["agent"]["starts_per_task"]
     embedding = agent.wm.task_embedding
     if embedding.learned:

@@ -1,5 +1,5 @@
-"""`python -m mowbench.verify agent=scalezero`, run as a user runs it: our ScaleZero replays the numbers recorded from
-LightZero's ScaleZero (mowbench/data/reference/scalezero: three multi-task updates, the third after a DPS stage
+"""`python -m mowbench.verify agent=scalezero-lite`, run as a user runs it: our ScaleZero replays the numbers recorded
+from LightZero's ScaleZero (mowbench/data/reference/scalezero: three multi-task updates, the third after a DPS stage
 switch, then one collect search per task) within tolerance at its defaults, and each documented departure (an
 ablation) fails the rows it should."""
 
@@ -13,7 +13,7 @@ from tests.test_verify import verdicts
 
 
 def verify(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mowbench.verify", "agent=scalezero", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mowbench.verify", "agent=scalezero-lite", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=300)
 
 

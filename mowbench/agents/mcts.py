@@ -8,8 +8,8 @@ node s + 1) and return its reward (B,), value (B,) and prior logits (B, A). The 
 state its model needs (latents, token windows) indexed by (tree, node).
 
 The tree follows LightZero's C++ tree (ctree_muzero, the search ScaleZero is built on; `python -m mowbench.verify
-agent=scalezero` replays one of its searches). The flags named below switch back to this module's earlier conventions
-(ScaleZero's search ablations):
+agent=scalezero-lite` replays one of its searches). The flags named below switch back to this module's earlier
+conventions (ScaleZero's search ablations):
 - Edge statistics: N(s, a), W(s, a) (the sum of the returns backed up from the child) and R(s, a); the child's
   value is W / N and Q(s, a) = R(s, a) + gamma W(s, a) / N(s, a).
 - The root's value is the sum of the returns backed up to it / (simulations + 1): LightZero's `prepare` gives the
