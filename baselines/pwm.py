@@ -60,6 +60,7 @@ from mowbench.agents.imagination import check_positive
 from mowbench.agents.latent import FrameContext, LatentAgent, LatentConfig
 from mowbench.envs.base import TaskInfo
 from mowbench.models.tdmpc import TaskMLP, TDMPCWorldModel
+from mowbench.offline import OfflineSpec
 from mowbench.ops import lambda_returns, stack_frames, symexp
 from mowbench.replay import Batch
 
@@ -237,8 +238,12 @@ class PWMAgent(LatentAgent):
 
     # ---- learning ----
     def train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
-        cfg = self.cfg
         self.set_rates()
+        return self.world_model_step(sample) | self.policy_step(sample)
+
+    def world_model_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        """One optimiser step of the world model: the consistency and reward losses (TD-MPC2's, without Q)."""
+        cfg = self.cfg
         u = self.unroll(sample(self.batch_size(), cfg.batch_length))
         terms, _, _ = self.world_model_terms(u)
         loss = cfg.consistency_coef * terms["consistency"] + cfg.reward_coef * terms["reward"]
@@ -246,8 +251,7 @@ class PWMAgent(LatentAgent):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), cfg.grad_clip)
         self.optim.step()
-        return {f"wm/{k}": v.detach() for k, v in terms.items()} | {"wm/loss": loss.detach(), "wm/grad_norm": grad_norm,
-                                                                  **self.policy_step(sample)}
+        return {f"wm/{k}": v.detach() for k, v in terms.items()} | {"wm/loss": loss.detach(), "wm/grad_norm": grad_norm}
 
     def start_states(self, sample: Callable[[int, int], Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """starts_per_task replayed states of each task in the batch, encoded -> z0 (K', M, L), rows grouped by
@@ -421,6 +425,92 @@ class PWMAgent(LatentAgent):
         return counts | {"total": sum(counts.values())}
 
 
+# ---- PWM's published recipe: a world model pretrained offline, then frozen while the policies are extracted ----
+
+# known departures of `pwm` (the offline recipe) from the paper and the published code
+OFFLINE_DEPARTURES = (
+    "offline data from Meta-World's scripted experts (successful or not), the same with Gaussian action noise, and "
+    "random actions (upstream: TD-MPC2's datasets, 345M-550M transitions of its training runs)",
+    "pretraining scaled to the data: 20k world-model updates at the paper preset (upstream: 10M)",
+    "the world model pretrained with the consistency and reward losses only (upstream: TD-MPC2's full loss, its Q "
+    "heads and policy then dropped)",
+    "a 5M world model at the paper preset (upstream's multi-task results: 48M)",
+    "every task's actor and critics in one step, with per-task statistics and clips (upstream: one run per task)",
+)
+
+
+@dataclass
+class PWMOfflineConfig(PWMConfig):
+    """`pwm`: PWM's published multi-task recipe (docs/methods/pwm.md). Per task an offline dataset of `offline_demos`
+    scripted-expert episodes (successful or not), `offline_noisy` of the expert with N(0, offline_noise_std^2)
+    action noise and `offline_random` of uniform actions; `wm_pretrain_updates` world-model updates on all of it;
+    then `policy_updates` updates of every task's actor and critics from its states with the world model frozen
+    (finetune_wm false, upstream's setting) and no env step; the learning rates decay over those updates (upstream:
+    over its 10k epochs)."""
+
+    offline_demos: int = 20
+    offline_noisy: int = 20
+    offline_noise_std: float = 0.3
+    offline_random: int = 20
+    # upstream pretrains 10M updates on 345M+ transitions; 20k passes over 60 x 50 x 100 = 300k MT50 steps at batch
+    # 256 ~17 times
+    wm_pretrain_updates: int = 20_000
+    policy_updates: int = 10_000  # upstream's epochs per task (max_epochs), here every task's in each update
+    lr_decay_updates: int = 10_000
+    finetune_wm: bool = False  # upstream: False, the world model stays as pretrained
+    seed_updates: int = 0  # no burst: each policy update is one of upstream's epochs
+
+    def check(self) -> None:
+        super().check()
+        check_positive(self, ("wm_pretrain_updates", "policy_updates"))
+        if self.offline_demos + self.offline_noisy + self.offline_random < 1:
+            raise ValueError("offline_demos + offline_noisy + offline_random = 0; allowed: at least one episode")
+        if self.offline_noise_std < 0:
+            raise ValueError(f"offline_noise_std={self.offline_noise_std}; allowed: >= 0")
+
+
+@register_agent("pwm", PWMOfflineConfig, multi_task=True)
+class PWMOfflineAgent(PWMAgent):
+    """PWM's published recipe (PWMOfflineConfig): pretraining (Agent.pretrain: the world model's step) on the offline
+    data, then policy extraction (update: PWMAgent's actor and critic step, the world model's step only with
+    finetune_wm) on it, with no env interaction."""
+
+    cfg: PWMOfflineConfig
+    DEPARTURES = OFFLINE_DEPARTURES
+
+    def __init__(self, cfg: PWMOfflineConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
+        super().__init__(cfg, tasks, device, precision)
+        self.pretrained = 0
+
+    def offline_data(self) -> OfflineSpec:
+        cfg = self.cfg
+        return OfflineSpec(demos=cfg.offline_demos, noisy=cfg.offline_noisy, noise_std=cfg.offline_noise_std,
+                           random=cfg.offline_random, success_only=False, pretrain_updates=cfg.wm_pretrain_updates,
+                           online=False, updates=cfg.policy_updates)
+
+    def pretrain(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        self.set_train(True)
+        try:
+            metrics = self.world_model_step(sample)
+        finally:
+            self.set_train(False)
+        self.pretrained += 1
+        return metrics
+
+    def train_step(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        if self.cfg.finetune_wm:
+            return super().train_step(sample)
+        self.set_rates()
+        return self.policy_step(sample)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"pretrained": self.pretrained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pretrained = int(state["pretrained"])
+
+
 # ---- the published code's weights and numbers (python -m mowbench.verify agent=pwm-online; docs/verify.md) ----
 
 # the upstream protocol: Meta-World's suite, PWM's published settings (the paper preset's dataclass defaults)
@@ -527,9 +617,12 @@ def reference_config(reference: dict[str, Any], agent_values: dict[str, Any]) ->
              "critic_hidden": list(s["critic_units"]), "n_critics": s["num_critics"], "starts_per_task": s["batch"],
              "imag_horizon": s["horizon"], "critic_epochs": s["critic_iterations"],
              "critic_minibatches": s["critic_batches"], "lr_decay_updates": s["max_epochs"]}
+    from dataclasses import fields
+
     from mowbench.agents.base import build_config, get_agent
 
-    return build_config(get_agent("pwm-online"), {**agent_values, **sizes})
+    shared = {f.name for f in fields(PWMConfig)}  # `pwm`'s offline fields do not apply to the replayed steps
+    return build_config(get_agent("pwm-online"), {**{k: v for k, v in agent_values.items() if k in shared}, **sizes})
 
 
 def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:

@@ -1,10 +1,11 @@
-"""Offline data a method learns from before and beside its own experience: per task, episodes of the suite's
+"""Offline data a method learns from before, beside or instead of its own experience: per task, episodes of the suite's
 scripted expert (demonstrations), of the expert with Gaussian action noise, and of a uniformly random policy, played
 through the run's own envs (the same pixels, action repeat and goal variations as training), stored in a Replay of
 their own and cached on disk so that seeds and reruns sharing a dataset generate it once.
 
 An agent asks for it through Agent.offline_data (an OfflineSpec); the trainer collects it (collect), pretrains the
-agent on it (Agent.pretrain) and hands each update a batch of which `share` comes from it (mixed_sampler).
+agent on it (Agent.pretrain) and hands each update a batch of which `share` comes from it (mixed_sampler), or, for an
+offline method, only batches from it and no env step.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class OfflineSpec:
     episodes of uniform actions; `pretrain_updates` Agent.pretrain calls before the first env step; `share` of every
     online update's batch drawn from them; `into_replay`: also stored in the online replay at the start (upstream
     Newt loads them into both); `act_in_warmup`: the agent acts during warm-up instead of random actions (it chooses
-    how, e.g. with its policy prior alone)."""
+    how, e.g. with its policy prior alone). `online=False`: an offline method (PWM's policy extraction): after
+    pretraining, `updates` updates that draw only from the offline data and no env step at all (train.steps,
+    warm-up and share do not apply; evaluations are the env's as always)."""
 
     demos: int = 0
     noisy: int = 0
@@ -46,13 +49,17 @@ class OfflineSpec:
     share: float = 0.0
     into_replay: bool = False
     act_in_warmup: bool = False
+    online: bool = True
+    updates: int = 0
 
     def check(self) -> None:
-        for name in ("demos", "noisy", "random", "pretrain_updates"):
+        for name in ("demos", "noisy", "random", "pretrain_updates", "updates"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: a non-negative integer")
         if self.demos + self.noisy + self.random == 0:
             raise ValueError("an offline dataset of no episode; allowed: demos, noisy or random > 0")
+        if not self.online and self.updates < 1:
+            raise ValueError(f"updates={self.updates}; allowed: a positive integer for an offline method")
         if not 0.0 <= self.share < 1.0:
             raise ValueError(f"share={self.share}; allowed: 0 <= share < 1 (the rest comes from the online replay)")
         if self.noise_std < 0:

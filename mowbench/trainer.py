@@ -231,7 +231,11 @@ class Trainer:
                 seed + 2, fields, store, device, offline_cache)
             if self.offline_spec.into_replay:
                 fill(self.replay, self.offline)  # a resumed run's checkpoint then replaces the replay's state
-            self.sample = mixed_sampler(self.replay.sample, self.offline.sample, self.offline_spec.share)
+            self.sample = (mixed_sampler(self.replay.sample, self.offline.sample, self.offline_spec.share)
+                           if self.offline_spec.online else self.offline.sample)
+        # an offline method takes no env step: each step of the loop is an update on the offline data
+        self.online = self.offline_spec is None or self.offline_spec.online
+        self.steps = cfg.steps if self.online else self.offline_spec.updates  # the loop's length
         self.streams = [Stream(env, agent.new_context(env.info.index)) for env in envs]
         self.counters = Counters(episodes=[0] * len(envs))
         self.rng = np.random.default_rng(seed + 1)  # warm-up actions
@@ -362,7 +366,7 @@ class Trainer:
         self.signalled = 0
         old = {sig: signal.signal(sig, self._handle_signal) for sig in PREEMPT_SIGNALS}
         # in a log file (e.g. a SLURM job's output) redraw rarely instead of several times a second
-        bar = tqdm(total=cfg.steps, initial=c.step, disable=not cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=self.steps, initial=c.step, disable=not cfg.progress, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 60.0, desc="/".join(t.name for t in self.tasks)[:40])
         start = time.time()
         last_log = (start, c.step)
@@ -371,11 +375,12 @@ class Trainer:
                 if not self._pretrain(on_preempt, old):
                     return {"preempted": True, "step": c.step}
                 start = time.time()
-            while c.step < cfg.steps:
-                training = c.step >= cfg.warmup
-                self._round(training)
+            while c.step < self.steps:
+                training = c.step >= cfg.warmup or not self.online
+                if self.online:
+                    self._round(training)
                 c.step += 1
-                if training and len(self.replay) >= 1:
+                if training and (len(self.replay) >= 1 or not self.online):
                     c.update_credit += cfg.updates_per_step
                     while c.update_credit >= 1.0:
                         self.last_metrics = self.agent.update(self.sample)
@@ -392,11 +397,11 @@ class Trainer:
                     bar.set_postfix(sps=f"{sps:.1f}", ret=f"{np.mean(last):.2f}" if last else "-")
                     self.agent.write_artifacts(self.folder / ARTIFACTS, final=False)
                 bar.update(1)
-                if cfg.eval_every and c.step % cfg.eval_every == 0 and c.step < cfg.steps:
+                if cfg.eval_every and c.step % cfg.eval_every == 0 and c.step < self.steps:
                     self.guard.check(self.last_metrics, c.step)  # no evaluation of diverged weights is logged
                     self._evaluate(cfg.periodic_eval_episodes)
                     self.log.flush()  # so progress can be watched; a resume rewrites these files anyway
-                if (cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0 and c.step < cfg.steps) or \
+                if (cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0 and c.step < self.steps) or \
                         (cfg.stop_at and c.step == cfg.stop_at) or self.preempted:
                     c.wall_time += time.time() - start
                     start = time.time()

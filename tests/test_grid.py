@@ -234,7 +234,7 @@ def test_mt50_grids_hold_the_tdmpc2_family(tmp_path):
     (a learned embedding) and tdmpc2, each composing to what its name says."""
     main = expand(parse_args(["grid=main_mt50", "seeds=[0]", f"results_dir={tmp_path}"]))
     methods = {u.key.split("/")[1] for u in main}
-    assert methods == {"mow", "monolithic", "tdmpc2", "newt", "pwm-online"}
+    assert methods == {"mow", "monolithic", "tdmpc2", "newt", "pwm"}
     units = expand(parse_args(["grid=ablate_language", "seeds=[0]", f"results_dir={tmp_path}"]))
     cells = {u.key.split("/")[1]: u for u in units}
     assert set(cells) == {"newt", "newt-onehot", "tdmpc2"} and all("/all50/" in u.key for u in units)

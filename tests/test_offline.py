@@ -163,3 +163,40 @@ def test_newt_pretrains_on_demonstrations_in_a_run_and_resumes_exactly(tmp_path,
     for name, value in states[0]["agent"]["wm"].items():
         assert torch.equal(value, states[1]["agent"]["wm"][name]), name
     assert len(list((tmp_path / "a" / "offline_data").iterdir())) == 2
+
+
+def test_pwm_pretrains_its_world_model_offline_then_extracts_policies_with_it_frozen(tmp_path, monkeypatch):
+    """`pwm`, PWM's published recipe, in a real micro run: the offline dataset of each task holds one scripted-expert,
+    one noisy-expert and one random episode; 4 world-model updates on it, then 6 policy updates that leave the world
+    model exactly as pretrained and move the actors; no env step (no training episode); recorded in metadata."""
+    from mowbench.baselines.pwm import PWMOfflineAgent
+    from mowbench.runner import execute
+
+    seen = []
+    train_step = PWMOfflineAgent.train_step
+
+    def recording(self, sample):
+        seen.append(({k: v.clone() for k, v in self.wm.state_dict().items()},
+                     {k: v.clone() for k, v in self.actor.state_dict().items()}))
+        return train_step(self, sample)
+
+    monkeypatch.setattr(PWMOfflineAgent, "train_step", recording)
+    cfg = compose_config(["agent=pwm", "env=metaworld", "preset=micro", "task=[reach-v3,drawer-close-v3]",
+                          "train.eval_episodes=1", "train.random_baseline=false", "train.keep_checkpoint=true",
+                          f"results_dir={tmp_path}"])
+    execute(cfg)
+    folder = tmp_path / "metaworld" / "pwm" / "all2" / "seed_0"
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["step_budget"]["agent_steps_per_task"] == 0 and meta["step_budget"]["offline_updates"] == 6
+    assert meta["offline_data"]["spec"]["online"] is False
+    for stats in meta["offline_data"]["tasks"].values():
+        assert {k: stats[k]["episodes"] for k in ("demos", "noisy", "random")} == {"demos": 1, "noisy": 1,
+                                                                                    "random": 1}
+    assert (folder / "episodes.csv").read_text().count("\n") == 1  # the header: no training episode
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert state["agent"]["pretrained"] == 4 and state["agent"]["updates"] == 6 and len(seen) == 6
+    pretrained_wm, first_actor = seen[0]
+    for name, value in state["agent"]["wm"].items():
+        assert torch.equal(value, pretrained_wm[name]), name  # frozen after pretraining
+    assert any(not torch.equal(state["agent"]["actor"][k], v) for k, v in first_actor.items())
+    assert any("pretrain/wm/loss" in line for line in (folder / "metrics.csv").read_text().splitlines())

@@ -64,7 +64,7 @@ def assert_packed_weights_are_fresh(modules):
 
 
 def test_the_builtin_agents_are_registered_and_every_preset_is_listed():
-    assert set(AGENT_NAMES) == {"storm", "monolithic", "mow", "tdmpc2", "newt", "newt-nodemo", "pwm-online",
+    assert set(AGENT_NAMES) == {"storm", "monolithic", "mow", "tdmpc2", "newt", "newt-nodemo", "pwm", "pwm-online",
                                 "scalezero-lite"}
     assert presets() == ["micro", "paper", "tiny"]
 
@@ -175,7 +175,7 @@ def test_help_lists_the_groups_and_the_most_used_keys(module):
     out = subprocess.run([sys.executable, "-m", f"mowbench.{module}", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
-    assert "agent     monolithic, mow, newt, newt-nodemo, pwm-online, scalezero-lite, storm, tdmpc2" in out.stdout
+    assert "agent     monolithic, mow, newt, newt-nodemo, pwm, pwm-online, scalezero-lite, storm, tdmpc2" in out.stdout
     assert "preset    micro, paper, tiny" in out.stdout
     assert "train.steps" in out.stdout and "seed=0" in out.stdout
     assert {"bench": "Bench options (bench.<key>=value): repeats=3", "grid": "Grids (grid=name): ablate_clusters",

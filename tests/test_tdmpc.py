@@ -361,11 +361,12 @@ def test_agent_state_and_contexts_resume_exactly(agent_name, tmp_path):
         e.close()
 
 
-@pytest.mark.parametrize("agent_name", ["tdmpc2", "newt", "pwm-online"])
+@pytest.mark.parametrize("agent_name", ["tdmpc2", "newt", "pwm-online", "pwm"])
 def test_fifty_tasks_every_task_in_every_batch_and_one_acting_pass(agent_name):
     """MT50 scale at micro sizes (more tasks than the preset's batch of 8 rows): every batch holds every task,
-    every learned task vector gets a gradient, PWM's start states hold starts_per_task rows of each task, and
-    the 50 streams act in one batch."""
+    every learned task vector gets a gradient, PWM's start states hold starts_per_task rows of each task and its
+    return statistics move per task, Newt's and PWM's pretraining updates run on all 50 (Newt's behaviour cloning
+    non-zero), and the 50 streams act in one batch."""
     infos = mw_tasks(MT50, 16)
     torch.manual_seed(0)
     cfg = compose_config([f"agent={agent_name}", "env=metaworld", "preset=micro"])
@@ -383,11 +384,18 @@ def test_fifty_tasks_every_task_in_every_batch_and_one_acting_pass(agent_name):
         counts.append(torch.bincount(batch.task, minlength=50))
         return batch
 
+    if agent_name in ("newt", "pwm"):  # their pretraining update on offline data, at MT50 scale too
+        pre = agent.pretrain(sample)
+        assert all(math.isfinite(float(v)) for v in pre.values())
+        if agent_name == "newt":  # the behaviour-cloning prior reaches the policy from every task's rows
+            assert float(pre["wm/prior"]) != 0 and float(pre["pi/bc"]) > 0
     metrics = agent.update(sample)
     assert all(math.isfinite(float(v)) for v in metrics.values())
     assert all(int(c.min()) >= 1 and int(c.min()) == int(c.max()) for c in counts)  # every task, evenly
-    if agent_name == "pwm-online":
+    if agent_name.startswith("pwm"):
         assert int(counts[-1][0]) == cfg["agent"]["starts_per_task"]
+        # per-task return statistics: every task's own count and variance moved by its own rows
+        assert bool((agent.ret_count > 1).all()) and len(set(agent.ret_var.tolist())) == 50
     embedding = agent.wm.task_embedding
     if embedding.learned:
         assert int((embedding.table.weight.grad.abs().sum(1) > 0).sum()) == 50

@@ -139,8 +139,8 @@ def test_deterministic_kernels_are_set_on_cuda_only(monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["agent=dreamer"],
-     "error: unknown agent 'dreamer'; allowed: monolithic, mow, newt, newt-nodemo, pwm-online, scalezero-lite, "
-     "storm, tdmpc2"),
+     "error: unknown agent 'dreamer'; allowed: monolithic, mow, newt, newt-nodemo, pwm, pwm-online, "
+     "scalezero-lite, storm, tdmpc2"),
     (["env=atari57"], "error: unknown env 'atari57'; allowed: atari100k, metaworld, minatar"),
     (["preset=huge"], "error: unknown preset 'huge'; allowed: micro, paper, tiny"),
     (["env=atari100k", "task=Pongg"], "error: unknown task 'Pongg' for suite 'atari100k'"),

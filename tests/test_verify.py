@@ -85,8 +85,8 @@ def test_unknown_agent_or_missing_reference_is_one_line_naming_the_agents_with_d
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {what}"), lines
-        assert lines[0].endswith("agents with reference data: mow, newt, newt-nodemo, pwm-online, scalezero-lite, "
-                                 "storm, tdmpc2")
+        assert lines[0].endswith("agents with reference data: mow, newt, newt-nodemo, pwm, pwm-online, "
+                                 "scalezero-lite, storm, tdmpc2")
 
 
 def test_all_verifies_every_agent_with_reference_data():

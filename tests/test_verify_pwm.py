@@ -1,4 +1,4 @@
-"""`python -m mowbench.verify agent=pwm-online`, run as a user runs it: our PWM replays numbers recorded from PWM's
+"""`python -m mowbench.verify agent=pwm`, run as a user runs it: our PWM replays numbers recorded from PWM's
 published code (mowbench/data/reference/pwm: its multi-task flow, one task's actor and critics trained on a frozen
 world model shared by three tasks, padded observation and action dims) within tolerance, and the old behaviours kept as
 ablations fail the rows they should."""
@@ -37,7 +37,7 @@ FINAL_ROWS = ([f"update 3: {m} change sum of squares" for m in ("actor.mu_net", 
 
 
 def failed(*args: str) -> set[str]:
-    result = verify("agent=pwm-online", *args)
+    result = verify("agent=pwm", *args)
     assert result.returncode != 0
     return {q for q, v in verdicts(result.stdout).items() if v == "FAIL"}
 
@@ -48,7 +48,7 @@ def rows_of(update: int, names: list[str]) -> set[str]:
 
 @pytest.mark.slow(seconds=5)
 def test_pwm_matches_the_published_code():
-    ok = verify("agent=pwm-online")
+    ok = verify("agent=pwm")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     rows = verdicts(ok.stdout)
     expected = SETUP_ROWS + [f"update {k}: {q}" for k in (1, 2, 3) for q in UPDATE_ROWS] + FINAL_ROWS
