@@ -18,8 +18,10 @@ Deviations from upstream (each named in the README):
   parameters, so at its first stage switch (>= 50k updates) the LoRA adapters it switches on get gradients but
   never change, and the transformer's frozen weights stop learning; `transformer_freeze_after` reproduces that
   (0, the default: never).
-- The encoder is a ResNet, not the paper's ViT. encoder='resnet' (ours: pre-activation blocks, GroupNorm instead
-  of BatchNorm, non-affine final LayerNorm) or encoder='lightzero' (UniZero's ResNet option, verified).
+- The encoder is LightZero's ViT at the paper preset (encoder='vit': 'base' for more than 8 tasks, else 'small', as
+  upstream picks; verified against upstream's with its weights, dropout included); encoder='resnet' (ours:
+  pre-activation blocks, GroupNorm instead of BatchNorm, non-affine final LayerNorm; the tiny and micro presets) or
+  encoder='lightzero' (UniZero's ResNet option, verified).
 - The router, the transformer, the heads and the losses follow upstream (mowbench.verify); each earlier choice of
   ours is an ablation (ablations/README.md): learned_router, ffn_dropout, plain_latent_head, no_label_smoothing,
   fixed_entropy_weight, decay_all_params.
@@ -65,14 +67,13 @@ from mowbench.agents.mcts import SearchResult, draws_needed, search, visit_polic
 from mowbench.envs.base import TaskInfo
 from mowbench.models.moe import StackedLinear, StackedNorm
 from mowbench.models.transformer import KVCache
-from mowbench.models.unizero import ENCODERS, ROUTERS, UniZeroWorldModel, resnet_out
+from mowbench.models.unizero import ENCODERS, ROUTERS, VIT_SIZES, UniZeroWorldModel, resnet_out
 from mowbench.ops import ema_, sample_categorical, support_bins, support_ce, support_value
 from mowbench.replay import Batch, StepField
 
 # known departures from the paper and the published code (one line each; docs/methods/scalezero.md has them
 # as a table): recorded in every run's metadata.json and printed in the analysis's notes
 DEPARTURES = (
-    "a ResNet encoder (the paper: a ViT)",
     "DPS not built (as upstream runs it, a freeze of the transformer at its first stage switch: "
     "agent.transformer_freeze_after, off)",
     "the search context recomputed exactly (upstream: a one-token cached context)",
@@ -98,7 +99,13 @@ class ScaleZeroConfig:
     router: str = "upstream"  # upstream (softmax over the chosen logit: weight 1, no grad) | learned (over all)
     ffn_dropout: bool = False  # also drop the FFN's output (upstream drops only attention probabilities and output)
     latent_head: str = "upstream"  # upstream (zero-init last layer, affine LayerNorm) | plain (random, no affine)
-    encoder: str = "resnet"  # resnet (ours) | lightzero (UniZero's ResNet option; the paper's is a ViT, not built)
+    # vit: LightZero's ViT, the paper's and upstream's multi-task Atari setting | resnet (ours: pre-activation blocks,
+    # GroupNorm) | lightzero (UniZero's ResNet option)
+    encoder: str = "vit"
+    vit_size: str = "auto"  # small (768 wide, 6 blocks) | base (768, 12) | auto: base for more than 8 tasks (upstream)
+    vit_patch: int = 8  # patch side (64x64 -> 64 patches)
+    vit_head_dim: int = 64  # per attention head (vit-pytorch's default, upstream keeps it)
+    vit_dropout: float = 0.1  # attention, feed-forward and embedding dropout (upstream: 0.1 each)
     ffn: int = 3072  # dense feed-forward hidden size (moe=false)
     head_hidden: int = 768  # hidden size of the per-task heads
     channels: tuple[int, ...] = (32, 64, 128, 128)  # ResNet stage widths (64x64 -> 4x4 at strides 2, 2, 2, 2)
@@ -170,6 +177,11 @@ class ScaleZeroConfig:
             raise ValueError(f"router={self.router!r}; allowed: {', '.join(ROUTERS)}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder={self.encoder!r}; allowed: {', '.join(ENCODERS)}")
+        if self.vit_size not in ("auto", *VIT_SIZES):
+            raise ValueError(f"vit_size={self.vit_size!r}; allowed: auto, {', '.join(VIT_SIZES)}")
+        check_positive(self, ("vit_patch", "vit_head_dim"))
+        if not 0.0 <= self.vit_dropout < 1.0:
+            raise ValueError(f"vit_dropout={self.vit_dropout}; allowed: 0 <= vit_dropout < 1")
         if self.latent_head not in ("upstream", "plain"):
             raise ValueError(f"latent_head={self.latent_head!r}; allowed: upstream, plain")
         if self.latent_dim % self.heads:
@@ -195,6 +207,11 @@ class ScaleZeroConfig:
             raise ValueError(f"betas={list(self.betas)}; allowed: two numbers")
 
     def check_image_size(self, image_size: int) -> None:
+        if self.encoder == "vit":
+            if image_size % self.vit_patch:
+                raise ValueError(f"image_size={image_size}; allowed with encoder=vit: a multiple of vit_patch="
+                                 f"{self.vit_patch}")
+            return
         if self.encoder == "lightzero":
             if image_size % 8:
                 raise ValueError(f"image_size={image_size}; allowed with encoder=lightzero: a multiple of 8")
@@ -302,7 +319,7 @@ class ScaleZeroAgent(Agent):
                                     cfg.max_tokens, cfg.dropout, cfg.moe, cfg.n_experts, cfg.expert_hidden,
                                     cfg.shared_hidden, cfg.router, cfg.ffn, cfg.head_hidden, cfg.bins,
                                     decoder=cfg.recon_coef > 0, encoder=cfg.encoder, ffn_dropout=cfg.ffn_dropout,
-                                    latent_head=cfg.latent_head).to(device)
+                                    latent_head=cfg.latent_head, vit=self.vit_sizes(len(tasks))).to(device)
         self.target = copy.deepcopy(self.wm).requires_grad_(False).eval()
         self.bins = support_bins(cfg.bins).to(device)
         decay, keep = decay_groups(self.wm, cfg.decay_all)
@@ -315,6 +332,12 @@ class ScaleZeroAgent(Agent):
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    def vit_sizes(self, n_tasks: int) -> dict[str, Any]:
+        """The ViT encoder's sizes: upstream's 'base' for more than 8 tasks, else 'small' (vit_size=auto)."""
+        cfg = self.cfg
+        size = cfg.vit_size if cfg.vit_size != "auto" else ("base" if n_tasks > 8 else "small")
+        return {**VIT_SIZES[size], "patch": cfg.vit_patch, "head_dim": cfg.vit_head_dim, "dropout": cfg.vit_dropout}
 
     # ---- acting ----
     def new_context(self, task: int, seed: int | None = None) -> ZeroContext:
@@ -965,7 +988,75 @@ def verify_reference(reference: dict[str, Any], agent_values: dict[str, Any]) ->
         for blk, d in zip(wm.transformer.blocks, drops[1:], strict=True):
             blk.drop = d
     rows += search_rows(agent, reference, names)
+    rows += vit_rows()
     return rows, TOLERANCES
+
+
+# upstream's ViT (lzero/model/vit.py) parameter names -> ours (mowbench.models.unizero.ViTEncoder)
+VIT_NAMES = (
+    (r"pos_embedding", "position"), (r"cls_token", "cls"),
+    (r"to_patch_embedding\.1\.(weight|bias)", r"patch_norm_in.\1"),
+    (r"to_patch_embedding\.2\.(weight|bias)", r"patch_proj.\1"),
+    (r"to_patch_embedding\.3\.(weight|bias)", r"patch_norm_out.\1"),
+    (r"transformer\.norm\.(weight|bias)", r"norm.\1"),
+    (r"transformer\.layers\.(\d+)\.0\.norm\.(weight|bias)", r"blocks.\1.attn_norm.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.to_qkv\.weight", r"blocks.\1.qkv.weight"),
+    (r"transformer\.layers\.(\d+)\.0\.to_out\.0\.(weight|bias)", r"blocks.\1.attn_out.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.net\.0\.(weight|bias)", r"blocks.\1.ff_norm.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.net\.1\.(weight|bias)", r"blocks.\1.ff_in.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.net\.4\.(weight|bias)", r"blocks.\1.ff_out.\2"),
+    (r"last_linear\.(weight|bias)", r"project.\1"), (r"final_norm\.(weight|bias)", r"out_norm.\1"),
+)
+
+
+def vit_rows() -> list[Any]:
+    """Upstream's ViT encoder (mowbench/data/reference/scalezero/vit.pt: LightZero's ViT at small sizes, LoRA off as
+    the Atari multi-task config leaves it) through ours with its weights: the patch embeddings, the transformer's
+    tokens, the head before and after its LayerNorm (eval mode), the output with dropout active from upstream's
+    seed (train mode: the same draws in the same order), and the parameter counts of upstream's two sizes at 768
+    outputs."""
+    import re
+
+    from mowbench.models.unizero import VIT_SIZES, ViTEncoder
+    from mowbench.verify import REFERENCE_DIR, Row, scalar_row, tensor_row
+
+    ref = torch.load(REFERENCE_DIR / "scalezero" / "vit.pt", map_location="cpu", weights_only=True)
+    c = ref["config"]
+    rows: list[Row] = []
+    for size in ("small", "base"):
+        v = VIT_SIZES[size]
+        ours = ViTEncoder(64, 8, v["dim"], v["depth"], v["heads"], 64, v["mlp"], 768, 0.1, 0.1)
+        rows.append(scalar_row(f"vit {size} parameters (768 out)", ref[f"param_count_{size}_768"],
+                               count_parameters(ours.parameters()), 0.0, "exact"))
+    torch.manual_seed(0)
+    vit = ViTEncoder(c["image_size"], c["patch_size"], c["dim"], c["depth"], c["heads"], c["dim_head"], c["mlp_dim"],
+                     c["num_classes"], c["dropout"], c["emb_dropout"])
+    state = {}
+    for name, value in ref["state_dict"].items():
+        ours_name = next((re.sub(p, t, name) for p, t in VIT_NAMES if re.fullmatch(p, name)), name)
+        state[ours_name] = value
+    try:
+        vit.load_state_dict(state)
+    except RuntimeError as err:
+        return rows + [Row(f"vit: upstream weights load into ours ({str(err).splitlines()[0][:80]})", float("nan"),
+                           float("nan"), float("inf"), 0.0, "exact")]
+    x = ref["input"].permute(0, 2, 3, 1).contiguous()  # upstream's (B, 3, S, S) in [0, 1] -> ours (B, S, S, 3)
+    vit.eval()
+    with torch.no_grad():
+        patches = vit.patches(x)
+        tokens = vit.tokens(patches)
+        pre_norm = vit.project(tokens[:, 0])
+        out = vit.out_norm(pre_norm)
+        vit.train()
+        torch.manual_seed(c["train_forward_seed"])
+        train_out = vit.head(vit.tokens(vit.patches(x)))
+    rows += [tensor_row("vit: patch embeddings", ref["patch_embeddings"], patches, RTOL, "fp32"),
+             tensor_row("vit: transformer tokens (normalised)", ref["transformer_tokens"], tokens, RTOL, "fp32"),
+             tensor_row("vit: head before its LayerNorm", ref["head_pre_norm"], pre_norm, RTOL, "fp32"),
+             tensor_row("vit: output (eval)", ref["output_eval"], out, RTOL, "fp32"),
+             tensor_row("vit: output (train, dropout from upstream's seed)", ref["output_train_seed2"], train_out,
+                        RTOL, "fp32")]
+    return rows
 
 
 def upstream_context_expand(agent: ScaleZeroAgent, init: dict[str, torch.Tensor], task: torch.Tensor,

@@ -38,6 +38,11 @@ def test_scalezero_matches_lightzero_at_its_defaults():
         for what in ("predicted value", "predicted policy logits", "root visit counts", "rand() draws consumed",
                      "root value", "sampled action (temperature 0.25)"):
             assert f"search task {k}: {what}" in table
+    # LightZero's ViT encoder (the paper preset's) with upstream's weights, and its two real sizes
+    for what in ("patch embeddings", "transformer tokens (normalised)", "head before its LayerNorm", "output (eval)",
+                 "output (train, dropout from upstream's seed)"):
+        assert f"vit: {what}" in table
+    assert "vit small parameters (768 out)" in table and "vit base parameters (768 out)" in table
 
 
 @pytest.mark.slow(seconds=15)

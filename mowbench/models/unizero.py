@@ -16,7 +16,10 @@ from mowbench.models.transformer import KVCache, attend, layer_mask, position_em
 from mowbench.models.vae import ConvDecoder
 
 ROUTERS = ("learned", "upstream")
-ENCODERS = ("resnet", "lightzero")
+ENCODERS = ("resnet", "lightzero", "vit")
+# LightZero's ViT sizes for ScaleZero (UniZeroMTModel: 'base' when a run has more than 8 tasks, else 'small')
+VIT_SIZES = {"small": {"dim": 768, "depth": 6, "heads": 6, "mlp": 2048},
+             "base": {"dim": 768, "depth": 12, "heads": 12, "mlp": 3072}}
 
 
 class ResidualBlock(nn.Module):
@@ -114,6 +117,84 @@ class LightZeroResNetEncoder(nn.Module):
         x = obs.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, S, S)
         x = self.stage(self.act(self.norm1(self.conv1(x))))  # (B, C, S/8, S/8)
         return self.norm(self.project(x.flatten(1)))  # (B, D)
+
+
+class ViTBlock(nn.Module):
+    """One block of LightZero's ViT: x + Attn(x), then x + FF(x). Attn: LayerNorm -> q, k, v from one Linear without
+    bias (heads x head_dim each) -> softmax(q k^T / sqrt(head_dim)) (dropout on the weights) -> Linear back to dim
+    (dropout). FF: LayerNorm -> Linear(dim, mlp) -> GELU (exact) -> dropout -> Linear(mlp, dim) -> dropout."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.attn_norm = nn.LayerNorm(dim)
+        self.qkv = Linear(dim, 3 * heads * head_dim, bias=False)
+        self.attn_out = Linear(heads * head_dim, dim)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff_in = Linear(dim, mlp)
+        self.ff_out = Linear(mlp, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape  # (B, N, dim)
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        weights = self.dropout(torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1))  # (B, h, N, N)
+        x = x + self.dropout(self.attn_out((weights @ v).transpose(1, 2).reshape(b, n, -1)))
+        return x + self.dropout(self.ff_out(self.dropout(F.gelu(self.ff_in(self.ff_norm(x))))))
+
+
+class ViTEncoder(nn.Module):
+    """LightZero's ViT encoder option, the one ScaleZero's paper uses (vit-pytorch's ViT with a final LayerNorm):
+    obs (B, S, S, 3) uint8 -> z (B, out_dim). Pixels in [0, 1]; p x p patches flattened in (row, column, channel)
+    order -> LayerNorm -> Linear(3 p^2, dim) -> LayerNorm; a learned class token prepended and a learned position
+    embedding added (both N(0, 1) at init), dropout `emb_dropout`; `depth` ViTBlocks; LayerNorm; the class token ->
+    Linear(dim, out_dim) -> LayerNorm(out_dim) (upstream's final_norm_option_in_encoder 'LayerNorm'). Initialised as
+    upstream's world model re-initialises it: Linear weights Xavier-uniform, biases 0."""
+
+    def __init__(self, image_size: int, patch: int, dim: int, depth: int, heads: int, head_dim: int, mlp: int,
+                 out_dim: int, dropout: float, emb_dropout: float) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size}; allowed with encoder=vit: a multiple of vit_patch={patch}")
+        self.patch = patch
+        n, patch_dim = (image_size // patch) ** 2, 3 * patch * patch
+        self.patch_norm_in = nn.LayerNorm(patch_dim)
+        self.patch_proj = Linear(patch_dim, dim)
+        self.patch_norm_out = nn.LayerNorm(dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(1, n + 1, dim))
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, head_dim, mlp, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.project = Linear(dim, out_dim)
+        self.out_norm = nn.LayerNorm(out_dim)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (B, S, S, 3) uint8 -> z (B, out_dim)."""
+        return self.head(self.tokens(self.patches(obs.float().div(255.0))))
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, S, S, 3) in [0, 1] -> patch embeddings (B, N, dim)."""
+        b, s, p = x.shape[0], x.shape[1], self.patch
+        x = x.view(b, s // p, p, s // p, p, 3).permute(0, 1, 3, 2, 4, 5)  # (B, h, w, p, p, 3)
+        return self.patch_norm_out(self.patch_proj(self.patch_norm_in(x.reshape(b, (s // p) ** 2, 3 * p * p))))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (B, N, dim) -> the transformer's normalised tokens (B, N+1, dim), the class token first."""
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.position
+        x = self.emb_dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The class token (B, N+1, dim)[:, 0] -> z (B, out_dim)."""
+        return self.out_norm(self.project(tokens[:, 0]))
 
 
 class MoEFeedForward(nn.Module):
@@ -282,14 +363,15 @@ class UniZeroWorldModel(nn.Module):
     latent_head='upstream' (UniZero's): the next-latent head's last Linear starts at zero like the other heads' and
     ends in a per-task affine LayerNorm. 'plain' (ablation `plain_latent_head`): a random last Linear and a
     LayerNorm without affine (the predictions live where a non-affine encoder's latents do).
-    encoder: 'resnet' (ours: pre-activation blocks, GroupNorm, non-affine final LayerNorm) or 'lightzero'
-    (UniZero's ResNet option, LightZeroResNetEncoder; channels[-1] channels)."""
+    encoder: 'resnet' (ours: pre-activation blocks, GroupNorm, non-affine final LayerNorm), 'lightzero' (UniZero's
+    ResNet option, LightZeroResNetEncoder; channels[-1] channels) or 'vit' (LightZero's ViT, ViTEncoder; `vit` its
+    sizes: dim, depth, heads, mlp, patch, head_dim, dropout; default upstream's 'small')."""
 
     def __init__(self, image_size: int, n_actions: int, n_tasks: int, latent_dim: int, channels: tuple[int, ...],
                  strides: tuple[int, ...], res_blocks: int, depth: int, heads: int, max_tokens: int, dropout: float,
                  moe: bool, n_experts: int, expert_hidden: int, shared_hidden: int, router: str, ffn: int,
                  head_hidden: int, bins: int, decoder: bool = False, encoder: str = "resnet",
-                 ffn_dropout: bool = False, latent_head: str = "upstream") -> None:
+                 ffn_dropout: bool = False, latent_head: str = "upstream", vit: dict | None = None) -> None:
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder={encoder!r}; allowed: {', '.join(ENCODERS)}")
@@ -298,6 +380,10 @@ class UniZeroWorldModel(nn.Module):
         self.n_tasks, self.latent_dim, self.bins = n_tasks, latent_dim, bins
         if encoder == "lightzero":
             self.encoder: nn.Module = LightZeroResNetEncoder(image_size, channels[-1], res_blocks, latent_dim)
+        elif encoder == "vit":
+            v = vit or {**VIT_SIZES["small"], "patch": 8, "head_dim": 64, "dropout": 0.1}
+            self.encoder = ViTEncoder(image_size, v["patch"], v["dim"], v["depth"], v["heads"], v["head_dim"],
+                                      v["mlp"], latent_dim, v["dropout"], v["dropout"])
         else:
             self.encoder = ResNetEncoder(image_size, channels, strides, res_blocks, latent_dim)
         # UniZero's optional latent reconstruction (its latent_recon_loss): z -> frame, training only
