@@ -14,10 +14,12 @@ sums equal per-task micro-batches (batch_size rows in all); target = EMA 0.95 of
 Acting: a batched tensor MCTS per env step, 25 simulations while collecting and 50 at evaluation.
 
 Deviations from upstream (each named in the README):
-- DPS (dynamic parameter scaling, LoRA stages) is not built. Upstream's optimizer holds only the stage-0 trainable
-  parameters, so at its first stage switch (>= 50k updates) the LoRA adapters it switches on get gradients but
-  never change, and the transformer's frozen weights stop learning; `transformer_freeze_after` reproduces that
-  (0, the default: never).
+- DPS (dynamic parameter scaling, LoRA stages) as upstream's code runs it: its optimizer holds only the stage-0
+  trainable parameters, so at its first stage switch the LoRA adapters it switches on get gradients but never
+  change (they add exactly zero: lora_B starts at 0), and the transformer's frozen weights stop learning. The first
+  switch comes at 50k updates (min_stage0_iters; max_stage_iters 20k has passed by then), so
+  `transformer_freeze_after` 50000 at the paper preset is that; the adapters themselves, which the paper describes
+  as learning, are not built (the name stays scalezero-lite).
 - The encoder is LightZero's ViT at the paper preset (encoder='vit': 'base' for more than 8 tasks, else 'small', as
   upstream picks; verified against upstream's with its weights, dropout included); encoder='resnet' (ours:
   pre-activation blocks, GroupNorm instead of BatchNorm, non-affine final LayerNorm; the tiny and micro presets) or
@@ -74,8 +76,8 @@ from mowbench.replay import Batch, StepField
 # known departures from the paper and the published code (one line each; docs/methods/scalezero.md has them
 # as a table): recorded in every run's metadata.json and printed in the analysis's notes
 DEPARTURES = (
-    "DPS not built (as upstream runs it, a freeze of the transformer at its first stage switch: "
-    "agent.transformer_freeze_after, off)",
+    "DPS as upstream's code runs it: the transformer frozen at its first stage switch (50k updates); the LoRA "
+    "adapters, which upstream's optimizer never steps, are not built",
     "the search context recomputed exactly (upstream: a one-token cached context)",
     "legal-action masks at every node (upstream: below the root every action is legal)",
     "stacked experts share one Adam state (an expert without tokens still steps)",
@@ -140,10 +142,11 @@ class ScaleZeroConfig:
     betas: tuple[float, ...] = (0.9, 0.95)  # AdamW betas
     weight_decay: float = 1e-4  # AdamW weight decay (upstream's nanoGPT groups: matrices, convs, embeddings only)
     decay_all: bool = False  # weight decay on every parameter (biases and norms too)
-    # freeze the transformer after this many updates (0: never). Upstream's DPS at its first stage switch freezes
-    # the transformer's non-LoRA weights; its optimizer holds only stage-0 parameters, so the LoRA adapters it
-    # switches on get gradients but never change: the transformer just stops learning
-    transformer_freeze_after: int = 0
+    # freeze the transformer after this many updates (0: never). Upstream's DPS at its first stage switch (50k
+    # updates: min_stage0_iters, with max_stage_iters 20k passed) freezes the transformer's non-LoRA weights; its
+    # optimizer holds only stage-0 parameters, so the LoRA adapters it switches on get gradients but never change:
+    # the transformer just stops learning
+    transformer_freeze_after: int = 50_000
     grad_clip: float = 5.0  # grad-norm clip
     target_decay: float = 0.95  # EMA of the target network per update: target = 0.95 target + 0.05 online
     batch_size: int = 512  # sequences per update, equal micro-batches per task (at least one each)
