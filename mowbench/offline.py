@@ -25,7 +25,8 @@ from mowbench.replay import Batch, Replay, StepField
 from mowbench.results import atomic_torch_save
 
 KINDS = ("demos", "noisy", "random")  # the episode kinds, in the order they are played and stored
-DATA_VERSION = 1  # bump when what a cached file holds changes: older caches are then regenerated, not read
+DATA_VERSION = 2  # bump when what a cached file holds changes (or how its envs are seeded): older caches are then
+# regenerated, not read
 ATTEMPTS = 5  # a task's scripted expert may fail an episode: up to ATTEMPTS x demos + 5 tries for `demos` successes
 
 

@@ -44,7 +44,9 @@ from mowbench.replay import Batch, Replay, check_host_memory, host_memory_availa
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
-OFFLINE_EVAL_KEY = 20_000  # the offline data's envs: seeded apart from every evaluation's (evaluation.eval_env_seed)
+# the offline data's envs: evaluation.eval_env_seed(seed, -1, 1 + kind) = seed + 104,729 x (1 + kind), apart from the
+# training envs (seed + 1000 x task) and below the largest seed the evaluations derive, so the seed limit stays exact
+OFFLINE_EVAL_KEY = -1
 # signals that make the trainer checkpoint at the end of the current step and leave
 PREEMPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR2", "SIGTERM") if hasattr(signal, name))
 ARTIFACTS = "artifacts"  # agent-specific files (MoW: routing heatmaps, cluster assignment)
@@ -199,8 +201,9 @@ def largest_derived_seed(seed: int, cfg: TrainConfig, n_tasks: int, task_stride:
     evaluations = (cfg.steps // cfg.eval_every if cfg.eval_every else 0) + 1
     key = max(evaluations - 1, RANDOM_EVAL_KEY if cfg.random_baseline else 0)
     copies = max(cfg.eval_episodes, cfg.periodic_eval_episodes, cfg.random_episodes or 1, cfg.eval_parallel)
-    # offline data (methods that ask for it) plays one env per episode kind under its own key
-    largest = max(eval_env_seed(seed, key, copies - 1), eval_env_seed(seed, OFFLINE_EVAL_KEY, len(KINDS) - 1))
+    # offline data (methods that ask for it) plays one env per episode kind under its own key: below the evaluations'
+    # largest seed unless a run has a single small evaluation and no random baseline
+    largest = max(eval_env_seed(seed, key, copies - 1), eval_env_seed(seed, OFFLINE_EVAL_KEY, len(KINDS)))
     return largest + task_stride * (n_tasks - 1)
 
 
@@ -227,7 +230,7 @@ class Trainer:
         self.offline_stats: dict[str, Any] = {}
         if self.offline_spec is not None:  # collected (or read from the cache) before any step; replay state as new
             self.offline, self.offline_stats = collect(
-                self.offline_spec, self.tasks, lambda copy, task: make_eval_env(OFFLINE_EVAL_KEY, copy, task),
+                self.offline_spec, self.tasks, lambda copy, task: make_eval_env(OFFLINE_EVAL_KEY, 1 + copy, task),
                 seed + 2, fields, store, device, offline_cache)
             if self.offline_spec.into_replay:
                 fill(self.replay, self.offline)  # a resumed run's checkpoint then replaces the replay's state
