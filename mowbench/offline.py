@@ -72,15 +72,18 @@ class OfflineSpec:
 
 @dataclass
 class Episode:
-    """One played episode: obs (T, S, S, 3) uint8, action (T, A) or (T,), reward, terminal (T,), its return and
-    whether it succeeded."""
+    """One played episode: obs (T, S, S, 3) uint8, action (T, A) or (T,), reward, terminal (T,), and whether it
+    succeeded."""
 
     obs: np.ndarray
     action: np.ndarray
     reward: np.ndarray
     terminal: np.ndarray
-    ret: float
     success: bool
+
+    @property
+    def ret(self) -> float:
+        return float(self.reward.sum(dtype=np.float64))
 
 
 def play(env: TaskEnv, choose: Callable[[], Any]) -> Episode:
@@ -97,7 +100,7 @@ def play(env: TaskEnv, choose: Callable[[], Any]) -> Episode:
             break
     o, a, r, d = zip(*rows, strict=True)
     return Episode(np.stack(o), np.stack(a).astype(np.float32 if np.asarray(a[0]).dtype.kind == "f" else np.int64),
-                   np.asarray(r, np.float32), np.asarray(d, np.float32), float(np.sum(r)), success >= 1.0)
+                   np.asarray(r, np.float32), np.asarray(d, np.float32), success >= 1.0)
 
 
 def chooser(kind: str, env: TaskEnv, rng: np.random.Generator, noise_std: float) -> Callable[[], Any]:
@@ -191,13 +194,10 @@ def collect(spec: OfflineSpec, tasks: list[TaskInfo], make_env: Callable[[int, i
         stats[info.name] = json.loads(data["stats"]) | ({"file": str(path)} if path is not None else {})
     capacity = max(len(d["reward"]) for d in per_task)
     replay = Replay(capacity, tasks, device, seed, fields, train_device=train_device)
-    for buf, d in zip(replay.buffers, per_task, strict=True):
+    for buf, d in zip(replay.buffers, per_task, strict=True):  # each task's rows in order, as a saved replay holds them
         n = len(d["reward"])
-        for name in ("obs", "action", "reward", "terminal"):
-            getattr(buf, name)[:n] = d[name].to(buf.device)
-        if "first" in buf.extras:
-            buf.extras["first"][:n] = d["first"].to(buf.device)
-        buf.size, buf.head = n, n % capacity
+        buf.load_state_dict({**d, "size": n, "head": n % capacity,
+                             "extras": {name: d[name] for name in buf.extras}})
     return replay, stats
 
 
