@@ -278,24 +278,27 @@ class NewtAgent(TDMPC2Agent):
         eps = torch.randn(u.action.shape, device=self.device)  # (B, H, A)
         with self.autocast():
             action, log_prob, _, log_std = self.wm.pi(zs[:, :h], u.task, eps)
-        mask = self.action_mask[u.task]  # (B, A)
-        padded = (~mask).sum(-1, keepdim=True).float()  # (B, 1)
-        log_prob = log_prob.float() + padded * PADDED_LOG_PROB  # (B, H)
-        entropy = self.policy_entropy(log_prob, log_std.float(), eps, u.task)  # (B, H)
-        bc = masked_bc(action.float(), u.action.float(), mask)  # (B, H)
+        log_prob, entropy, bc = self.prior_parts(action, log_prob, log_std, eps, u)  # each (B, H)
         prior = ((bc - cfg.entropy_coef * entropy) * u.valid * self.pi_rho[:h]).mean()  # upstream: .mean() of (H, B)
         self.pretrain_metrics = {"pi/bc": (bc * u.valid).mean().detach(), "pi/entropy": (-log_prob).mean().detach(),
                                  "pi/scaled_entropy": entropy.mean().detach(),
                                  "pi/std": log_std.detach().float().exp().mean()}
         return {"prior": (prior, cfg.prior_coef)}
 
-    def update(self, sample: Callable[[int, int], Batch]) -> Metrics:
-        n = self.cfg.seed_updates if self.updates == 0 and self.cfg.seed_updates else 1
-        for _ in range(n):
-            self.warm_up_lr()
-            metrics = self.step(sample)
-            self.updates += 1
-        return metrics
+    def prior_parts(self, action: torch.Tensor, log_prob: torch.Tensor, log_std: torch.Tensor, eps: torch.Tensor,
+                    u: Unroll) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's sampled actions (B, T, A) with their log-prob (B, T), log-std and noise -> upstream's log-prob
+        with the padded dims counted (B, T), the scaled entropy (B, T), and the behaviour cloning of the first H
+        actions to the replayed ones (B, H): shared by the online policy step and the pretraining prior."""
+        mask = self.action_mask[u.task]  # (B, A)
+        log_prob = log_prob.float() + (~mask).sum(-1, keepdim=True).float() * PADDED_LOG_PROB
+        entropy = self.policy_entropy(log_prob, log_std.float(), eps, u.task)
+        bc = masked_bc(action[:, :self.cfg.horizon].float(), u.action.float(), mask)
+        return log_prob, entropy, bc
+
+    def step(self, sample: Callable[[int, int], Batch]) -> Metrics:
+        self.warm_up_lr()  # every online update at its warm-up rate (pretrain sets its own)
+        return super().step(sample)
 
     def choose(self, z: torch.Tensor, task: torch.Tensor, contexts: list[FrameContext], greedy: bool) -> torch.Tensor:
         """With demonstrations, the policy alone acts until the first online update (upstream: mpc=False while
@@ -347,12 +350,8 @@ class NewtAgent(TDMPC2Agent):
         if cfg.scale_update == "before":
             self.scale.update(q[:, 0])
         scale_used = self.scale.value.clamp(min=1.0)  # what self.scale divides by
-        mask = self.action_mask[task]  # (B, A)
-        padded = (~mask).sum(-1, keepdim=True).float()  # (B, 1)
-        log_prob = log_prob.float() + padded * PADDED_LOG_PROB  # (B, H+1): upstream's, padded dims counted
-        entropy = self.policy_entropy(log_prob, log_std.float(), eps, task)  # (B, H+1)
+        log_prob, entropy, bc = self.prior_parts(action, log_prob, log_std, eps, u)  # (B, H+1), (B, H+1), (B, H)
         objective = cfg.entropy_coef * entropy + self.scale(q.float())  # (B, H+1)
-        bc = masked_bc(action[:, :h].float(), u.action.float(), mask)  # (B, H)
         prior = (bc * u.valid * self.pi_rho[:h]).sum(1)  # (B,)
         loss = (cfg.bc_coef * prior - (objective * self.pi_rho).sum(1)).mean()
         self.pi_optim.zero_grad(set_to_none=True)
