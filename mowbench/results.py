@@ -442,13 +442,17 @@ def pid_alive(pid: Any) -> bool:
     return True
 
 
-def step_budget(env: dict[str, Any], steps: int) -> dict[str, Any]:
+def step_budget(env: dict[str, Any], steps: int, offline_updates: int | None = None) -> dict[str, Any]:
     """metadata.json's step_budget: what train.steps (agent steps per task) counts. `reading` is how a budget the
     paper gives in "steps" was read where the suite's paper preset offers a choice (env.paper_steps: simulator |
     agent, Meta-World's "300k steps" at action_repeat 2), "train.steps" where train.steps was set to something
     else, and null where no reading applies. simulator_steps_per_task only where the env config has an
     action_repeat (Atari's frame skip is the protocol's: atari100k.yaml)."""
     repeat = env.get("action_repeat")
+    if offline_updates is not None:  # an offline method: no env step, its loop counts updates
+        return {"agent_steps_per_task": 0, "offline_updates": offline_updates,
+                "action_repeat": None if repeat is None else int(repeat), "simulator_steps_per_task": 0,
+                "reading": None}
     reading, budgets = env.get("paper_steps"), env.get("paper_step_budgets") or {}
     if reading is not None and budgets.get(reading) != steps:
         reading = "train.steps"  # an explicit train.steps won over the preset's reading

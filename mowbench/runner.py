@@ -167,9 +167,7 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         if trainer.offline_spec is not None:  # what the method learnt from besides its own experience
             meta["offline_data"] = {"spec": dataclasses.asdict(trainer.offline_spec), "tasks": trainer.offline_stats}
             if not trainer.online:  # an offline method: no env step; its loop counts updates on the offline data
-                meta["step_budget"] = {"agent_steps_per_task": 0, "offline_updates": trainer.steps,
-                                       "action_repeat": meta["step_budget"]["action_repeat"],
-                                       "simulator_steps_per_task": 0, "reading": None}
+                meta["step_budget"] = R.step_budget(cfg["env"], 0, offline_updates=trainer.steps)
         # a failed session leaves the CSVs as of its last checkpoint; finished and preempted ones flush first
         opened.callback(trainer.log.close, flush=False)
         meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,
