@@ -50,9 +50,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mowbench import results as R
+from mowbench import machine, results
 from mowbench.analysis import figures
-from mowbench.analysis.grids import grid_table, load_cells
+from mowbench.analysis.ablation_table import grid_table, load_cells
 from mowbench.analysis.metrics import interval_estimates, iqm_curves
 from mowbench.analysis.report import Report
 from mowbench.analysis.scores import (
@@ -106,7 +106,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 # A folder holding any of these is a run folder (results/README.md): tables written there would mix with the run's
 # files, and a rerun or a cleanup of the run would take them along
-RUN_FILES = ("metadata.json", R.DONE, R.FAILED, "config.yaml", "checkpoint.pt", R.LOCK, "eval.csv")
+RUN_FILES = ("metadata.json", results.DONE, results.FAILED, "config.yaml", "checkpoint.pt", results.LOCK, "eval.csv")
 
 
 def run_folder_around(path: Path) -> Path | None:
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             figure(f"ablation_{args.grid}", f"Ablation {args.grid}")
     (out / "notes.txt").write_text("".join(f"- {n}\n" for n in notes))
     command = shlex.join(["python", "-m", "mowbench.analysis", *argv])
-    R.atomic_write_text(out / "report.html", report.render(command, notes, R.git_state()["commit"]))
+    results.atomic_write_text(out / "report.html", report.render(command, notes, machine.git_state()["commit"]))
     for note in notes:
         print(f"note: {note}")
     print(f"[mowbench.analysis] wrote tables, figures and report.html to {out}")

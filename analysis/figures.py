@@ -1,8 +1,10 @@
-"""Figures of the analysis (PNG and PDF, headless): interval estimates, performance profiles, probability
-of improvement, sample-efficiency curves, per-task learning curves and a grid's ablation plot."""
+"""Figures (PNG and PDF, headless): the analysis's interval estimates, performance profiles, probability of
+improvement, sample-efficiency curves, per-task learning curves and a grid's ablation plot; and the labelled heatmap
+that runs write as artifacts (MoW's clusters and routing)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,26 @@ def _save(fig, path: Path, rect: tuple[float, float, float, float] | None = None
     for ext in ("png", "pdf"):
         fig.savefig(path.with_suffix(f".{ext}"), dpi=150)
     _plt().close(fig)
+
+
+def heatmap_png(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, cbar: str,
+                vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis") -> bytes:
+    """A labelled heatmap of matrix (len(rows), len(cols)) as PNG bytes."""
+    plt = _plt()
+    h, w = matrix.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * w + 2.5), max(3.0, 0.3 * h + 1.5 + 0.06 * max(
+        (len(c) for c in cols), default=0))))
+    im = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    long_labels = w > 8 or max((len(c) for c in cols), default=0) > 4
+    ax.set_xticks(range(w), cols, rotation=90 if long_labels else 0, fontsize=7)
+    ax.set_yticks(range(h), rows, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=cbar)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 GREY = "#8c8c8c"

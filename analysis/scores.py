@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mowbench import results as R
+from mowbench import results
 
 SUITES = ("atari100k", "metaworld", "minatar")
 COLUMNS = ("method", "task", "seed", "score")
@@ -163,7 +163,7 @@ def read_scores_csv(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise AnalysisError(f"{path}: no such file")
     try:
-        header, rows = R.read_csv_rows(path, COLUMNS)
+        header, rows = results.read_csv_rows(path, COLUMNS)
     except ValueError as err:
         raise AnalysisError(str(err)) from None
     extra = [c for c in header if c not in COLUMNS + OPTIONAL_COLUMNS]
@@ -174,7 +174,7 @@ def read_scores_csv(path: Path) -> pd.DataFrame:
         for line, row in rows:
             record = {"method": row["method"], "task": row["task"], "source": row.get("source") or str(path)}
             for column in ("seed", "score") + (("step",) if "step" in row else ()):
-                record[column] = R.finite_number(row[column], path, line, column, integer=column != "score")
+                record[column] = results.finite_number(row[column], path, line, column, integer=column != "score")
             records.append(record)
     except ValueError as err:
         raise AnalysisError(str(err)) from None
@@ -217,11 +217,11 @@ def run_history(folder: Path, done: bool, column: str) -> tuple[dict[str, dict[i
     missing or corrupt, its eval.csv missing or truncated, or (finished) without the final evaluation, at
     DONE.json's step, of every task it trained. A bad value in eval.csv is an AnalysisError."""
     read = {}
-    for name in ["metadata.json", *([R.DONE] if done else [])]:
+    for name in ["metadata.json", *([results.DONE] if done else [])]:
         if not (folder / name).exists():
             return {}, f"has no {name}"
         try:
-            read[name] = R.read_json(folder / name)
+            read[name] = results.read_json(folder / name)
         except ValueError:
             read[name] = None
         if not isinstance(read[name], dict):
@@ -229,12 +229,12 @@ def run_history(folder: Path, done: bool, column: str) -> tuple[dict[str, dict[i
     if not (folder / "eval.csv").exists():
         return {}, "has no eval.csv"
     try:
-        history = R.evaluations(folder, column)
-    except R.TruncatedFile as err:
+        history = results.evaluations(folder, column)
+    except results.TruncatedFile as err:
         return {}, str(err).removeprefix(f"{folder}{os.sep}")
     except ValueError as err:
         raise AnalysisError(str(err)) from None
-    final, tasks = read.get(R.DONE, {}).get("step"), read["metadata.json"].get("tasks", [])
+    final, tasks = read.get(results.DONE, {}).get("step"), read["metadata.json"].get("tasks", [])
     lacking = [t for t in tasks if final is not None and final not in history.get(t, {})]
     if lacking:
         return {}, f"eval.csv has no final evaluation (step {final}) of {', '.join(lacking[:5])}"
@@ -244,15 +244,15 @@ def run_history(folder: Path, done: bool, column: str) -> tuple[dict[str, dict[i
 def failure_text(folder: Path) -> str:
     """Why a run failed, in one line, from its FAILED.json (whatever state that file is in)."""
     try:
-        data = R.read_failure(folder) or {}
+        data = results.read_failure(folder) or {}
     except (OSError, ValueError):
-        return f"its {R.FAILED} is unreadable"
+        return f"its {results.FAILED} is unreadable"
     reason = " ".join(str(data.get("reason") or "no reason given").split())
     kind = data.get("kind") or "diverged"  # FAILED marks a run that diverged unless it says otherwise
     return reason if kind in reason else f"{kind}: {reason}"
 
 
-# Settings that legitimately differ between the runs of one experiment (beside R.INERT_KEYS)
+# Settings that legitimately differ between the runs of one experiment (beside results.INERT_KEYS)
 PER_RUN_KEYS = ("seed", "device", "task")
 # config.yaml holds null for "the protocol's default": metadata.json's `evaluation` holds what was in force
 RESOLVED_EVALUATION = {"mode": "train.eval_mode", "episodes": "train.eval_episodes", "greedy": "train.eval_greedy",
@@ -263,13 +263,13 @@ def fingerprint(config: dict[str, Any], metadata: dict[str, Any]) -> dict[str, A
     """A run's result-changing settings as dotted keys -> values: its config less the inert and per-run keys,
     with the evaluation protocol and precision as resolved at run time ('auto' or null would otherwise differ
     from an explicit equal value)."""
-    flat = R.flat_items(config)
+    flat = results.flat_items(config)
     evaluation = metadata.get("evaluation")
     if isinstance(evaluation, dict):
         flat.update({key: evaluation[name] for name, key in RESOLVED_EVALUATION.items() if name in evaluation})
     if "precision" in flat and metadata.get("precision") is not None:
         flat["precision"] = metadata["precision"]
-    return {k: v for k, v in sorted(flat.items()) if k not in R.INERT_KEYS and k not in PER_RUN_KEYS}
+    return {k: v for k, v in sorted(flat.items()) if k not in results.INERT_KEYS and k not in PER_RUN_KEYS}
 
 
 def run_settings(folder: Path) -> tuple[str | None, str | None]:
@@ -282,14 +282,14 @@ def run_settings(folder: Path) -> tuple[str | None, str | None]:
         config = None
     if not isinstance(config, dict):
         return None, "has a corrupt config.yaml (not a YAML mapping)"
-    metadata = R.read_json(folder / "metadata.json")  # run_history read it already
+    metadata = results.read_json(folder / "metadata.json")  # run_history read it already
     return json.dumps(fingerprint(config, metadata), sort_keys=True, default=str), None
 
 
 def episode_counts(folder: Path) -> dict[tuple[str, int], int]:
     """(task, step) -> how many episodes that evaluation averages, counted from eval.csv's rows (run_history has
     checked every value already, so no number is parsed but the step)."""
-    _, rows = R.read_csv_rows(folder / "eval.csv", ("step", "task"))
+    _, rows = results.read_csv_rows(folder / "eval.csv", ("step", "task"))
     return dict(collections.Counter((row["task"], int(float(row["step"]))) for _, row in rows))
 
 
@@ -317,10 +317,10 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
         if not seed.isdigit():
             notes.append(f"{where}: not a run folder (seed_<integer>), left out")
             continue
-        if (folder / R.FAILED).exists():  # before DONE.json: a failed run's numbers are never used
+        if (folder / results.FAILED).exists():  # before DONE.json: a failed run's numbers are never used
             notes.append(f"{where} failed ({failure_text(folder)}): left out")
             continue
-        done = R.is_done(folder)
+        done = results.is_done(folder)
         if not done and not include_partial:
             if (folder / "metadata.json").exists():
                 partial.append(str(where))
@@ -331,7 +331,7 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
             notes.append(f"{where} ({'finished' if done else 'unfinished'}) {problem}: left out")
             continue
         counts = episode_counts(folder)
-        recorded = R.read_json(folder / "metadata.json").get("departures")
+        recorded = results.read_json(folder / "metadata.json").get("departures")
         if recorded and method not in departures:
             departures[method] = list(recorded)
         for task, steps in history.items():
@@ -364,7 +364,7 @@ ABSENT = "(not set)"  # a key a run's (older or newer) mowbench did not have
 
 def differing_keys(prints: list[dict[str, Any]]) -> list[str]:
     """Keys whose value differs among the fingerprints that have them. A key only some have (a field a later
-    mowbench added or removed) is no difference on its own, as in R.changed_settings."""
+    mowbench added or removed) is no difference on its own, as in results.changed_settings."""
     values: dict[str, set[str]] = {}
     for fp in prints:
         for key, value in fp.items():

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from mowbench.agents.base import register_agent
-from mowbench.baselines.storm import STORMAgent, STORMConfig, STORMWorldModel
+from mowbench.baselines.storm import STORMAgent, STORMConfig
 from mowbench.envs.base import TaskInfo
+from mowbench.models.storm import STORMSizes, STORMWorldModel
 
 # known departures from the paper and the published code (one line each; docs/methods/monolithic.md has them
 # as a table): recorded in every run's metadata.json and printed in the analysis's notes
@@ -37,4 +38,5 @@ class MonolithicAgent(STORMAgent):
     """STORM's agent around a STORM world model conditioned on the task embedding."""
 
     def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
-        return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim, len(tasks), self.cfg.embed_dim)
+        return STORMWorldModel(STORMSizes.of(self.cfg), tasks[0].image_size, self.action_dim, len(tasks),
+                               self.cfg.embed_dim)

@@ -24,13 +24,12 @@ update each task gets `batch_per_task` sequences and `imag_per_task` imagination
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mowbench import results as R
+from mowbench import results
 from mowbench.agents.base import Metrics, adam, build_config, count_parameters, get_agent, register_agent
 from mowbench.agents.imagination import ImaginationAgent
+from mowbench.analysis.figures import heatmap_png
 from mowbench.baselines import storm
 from mowbench.baselines.storm import (
     STORMConfig,
     replay_actor_critic_round,
-    separate_storm_figures,
     storm_loss,
     storm_terms,
 )
@@ -59,11 +58,9 @@ from mowbench.clustering import (
     random_assignment,
 )
 from mowbench.envs.base import ActionSpace, TaskInfo
-from mowbench.figures import heatmap_png
-from mowbench.models import MLP, CategoricalHead, CausalTransformer, ConvDecoder, ConvEncoder, KVCache, encode_frames
-from mowbench.models.moe import KERNELS, ExpertBank, ExpertCache, padding_ratio, resolve_kernel
-from mowbench.models.packed import Linear
-from mowbench.ops import Grouping, Routing, balance_loss, counts_of, group_mean, harmonious_loss, topk_route
+from mowbench.models.experts import KERNELS
+from mowbench.models.mow import MoWSizes, MoWWorldModel
+from mowbench.ops import balance_loss, group_mean, harmonious_loss
 from mowbench.replay import Batch
 
 # known departures from the paper and the published code (one line each; docs/methods/mow.md has them
@@ -93,7 +90,7 @@ class MoWConfig(STORMConfig):
     tau_anneal_updates: int = 10_000  # world-model updates over which tau reaches 1
     expert_depth: int = 1  # blocks of each expert's small causal Transformer (width D, STORM's heads/FFN)
     expert_transformers: bool = True  # False: experts are token mixers only (ablation)
-    expert_kernel: str = "auto"  # how each expert runs on its pairs: auto | grouped | loop (models/moe.py)
+    expert_kernel: str = "auto"  # how each expert runs on its pairs: auto | grouped | loop (models/experts.py)
     shared_transformer: bool = True  # False: no shared Transformer F after the experts (ablation)
     task_loss: bool = True  # task-ID head and its cross-entropy (ablation: False)
     task_loss_scale: float = 1.0  # weight of the task-ID cross-entropy inside each task's loss
@@ -153,297 +150,6 @@ def tau_schedule(updates: int, tau_start: float, anneal: int) -> float:
     return 1.0 + (tau_start - 1.0) * max(0.0, 1.0 - updates / anneal)
 
 
-class ClusterModule(nn.Module):
-    """One VAE cluster: STORM's encoder/decoder with the posterior and decoder conditioned on e_k, and the
-    cluster's next-latent (prior), reward and termination heads on (h, e_k)."""
-
-    def __init__(self, cfg: MoWConfig, image_size: int) -> None:
-        super().__init__()
-        latent, e = cfg.n_vars * cfg.n_classes, cfg.embed_dim
-        self.encoder = ConvEncoder(image_size, cfg.channels)
-        self.posterior_head = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, e, cfg.unimix)
-        self.decoder = ConvDecoder(image_size, cfg.channels, latent, e, cfg.decoder_stem_norm)
-        self.prior_head = CategoricalHead(cfg.width, cfg.n_vars, cfg.n_classes, e, cfg.unimix)
-        self.reward_head = MLP(cfg.width + e, cfg.head_width, cfg.head_depth, cfg.bins)
-        self.termination_head = MLP(cfg.width + e, cfg.head_width, cfg.head_depth, 1)
-
-
-@dataclass
-class MoWCache:
-    """Inference state for imagination: the experts' caches and the shared Transformer's."""
-
-    experts: ExpertCache
-    shared: KVCache | None
-
-
-class TaskLevelRouting:
-    """MoW's routing (docs/methods/mow.md): S_k = softmax(MLP(e_k) / tau) from the task embedding alone, so every token
-    of task k goes to the same TopK experts J_k and each expert sees whole, coherent sequences."""
-
-    def router_inputs(self, latent_dim: int, action_dim: int, embed_dim: int) -> int:
-        return embed_dim
-
-    def logits(self, router: nn.Module, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return router(e)  # (B, N_e)
-
-    def chosen(self, experts: ExpertBank, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor,
-               routing: Routing, cache: ExpertCache | None) -> torch.Tensor:
-        """The K chosen experts' outputs weighted by W_k -> (B, T, K, D): B*K (sequence, expert) pairs."""
-        b, k = routing.index.shape
-        rows = torch.arange(b, device=z.device).repeat_interleave(k)
-        out = experts(z, action, e, rows, routing.index.flatten(), cache=cache)  # (B*K, T, D)
-        chosen = out.unflatten(0, (b, k)) * routing.weight[:, :, None, None].to(out.dtype)  # (B, K, T, D)
-        return chosen.transpose(1, 2)
-
-    def balance_weights(self, wm: MoWWorldModel, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor
-                        ) -> tuple[torch.Tensor, float | None, torch.Tensor | None]:
-        """Routing weights for the balance loss: one row per task (N, N_e), whatever the batch holds."""
-        return wm.route_tasks().dense, None, None
-
-    def matrix(self, wm: MoWWorldModel, token_means: torch.Tensor) -> torch.Tensor:
-        """Tasks x experts routing weights for the heatmaps: the router's W_k."""
-        return wm.route_tasks().dense
-
-
-class TokenLevelRouting:
-    """The `routing=token` ablation: each token routed by its own (z_t, a_t, e_k), as in token-level MoE; expert
-    j attends only to the tokens routed to it, so sequences are fragmented (what the paper argues against)."""
-
-    def router_inputs(self, latent_dim: int, action_dim: int, embed_dim: int) -> int:
-        return latent_dim + action_dim + embed_dim
-
-    def logits(self, router: nn.Module, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return router(torch.cat([z, action, e[:, None].expand(*z.shape[:2], -1)], dim=-1))  # (B, T, N_e)
-
-    def chosen(self, experts: ExpertBank, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor,
-               routing: Routing, cache: ExpertCache | None) -> torch.Tensor:
-        """Every (sequence, expert) pair, each expert seeing only its tokens; then each token's K chosen
-        outputs weighted by W -> (B, T, K, D)."""
-        b, n_e = z.shape[0], routing.dense.shape[-1]
-        member = (routing.dense > 0).transpose(1, 2).flatten(0, 1)  # (B*N_e, T)
-        rows, expert = torch.arange(b, device=z.device).repeat_interleave(n_e), torch.arange(n_e, device=z.device)
-        out = experts(z, action, e, rows, expert.repeat(b), member, cache)  # (B*N_e, T, D)
-        dense = out.unflatten(0, (b, n_e)).transpose(1, 2)  # (B, T, N_e, D)
-        index = routing.index[..., None].expand(-1, -1, -1, dense.shape[-1])  # (B, T, K, D)
-        return dense.gather(2, index) * routing.weight[..., None].to(out.dtype)
-
-    def balance_weights(self, wm: MoWWorldModel, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor
-                        ) -> tuple[torch.Tensor, float | None, torch.Tensor | None]:
-        """Every token's weights (B*T, N_e) counted as N task rows, and each row's mean weights (B, N_e)."""
-        dense = wm.route(z, action, task).dense  # (B, T, N_e)
-        return dense.flatten(0, 1), float(wm.n_tasks), dense.detach().mean(1)
-
-    def matrix(self, wm: MoWWorldModel, token_means: torch.Tensor) -> torch.Tensor:
-        """Tasks x experts: the mean weights of each task's tokens in the latest batch holding it."""
-        return token_means
-
-
-ROUTINGS = {"task": TaskLevelRouting, "token": TokenLevelRouting}
-
-
-class MoWWorldModel(nn.Module):
-    """MoW's world model with the same paper-named methods as STORMWorldModel (each takes the rows'
-    task indices (B,)). e_k: L2-normalised task embedding; `assignment` (N,): task -> VAE cluster (all 0
-    until the warm-up clustering); `tau`: the router temperature."""
-
-
-    def __init__(self, cfg: MoWConfig, n_tasks: int, image_size: int, action_dim: int) -> None:
-        super().__init__()
-        self.cfg, self.n_tasks = cfg, n_tasks
-        self.latent_vars, self.latent_dim = cfg.n_vars, cfg.n_vars * cfg.n_classes
-        e = cfg.embed_dim
-        self.feature_dim = self.latent_dim + cfg.width + e  # [z, h, sg(e_k)]
-        self.n_critics = cfg.n_clusters  # one critic per VAE cluster
-        self.task_embedding = nn.Embedding(n_tasks, e)
-        self.clusters = nn.ModuleList(ClusterModule(cfg, image_size) for _ in range(cfg.n_clusters))
-        self.routing = ROUTINGS[cfg.routing]()  # the one place task- vs token-level routing is chosen
-        self.router = MLP(self.routing.router_inputs(self.latent_dim, action_dim, e), cfg.router_width, 1,
-                          cfg.n_experts)
-        self.experts = ExpertBank(
-            cfg.n_experts, latent_dim=self.latent_dim, action_dim=action_dim, embed_dim=e, width=cfg.width,
-            depth=cfg.expert_depth, heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout, max_len=cfg.max_len,
-            transformer=cfg.expert_transformers, attn_dropout=cfg.attn_dropout, ln_eps=cfg.block_ln_eps,
-            kernel=cfg.expert_kernel)
-        self.mix = nn.Sequential(Linear(cfg.top_k * cfg.width + e, cfg.width, bias=False), nn.LayerNorm(cfg.width))
-        self.shared = (CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len,
-                                         cfg.attn_dropout, cfg.block_ln_eps) if cfg.shared_transformer else None)
-        head_in = cfg.width if cfg.task_head_input == "h" else self.latent_dim
-        self.task_head = MLP(head_in, cfg.head_width, 1, n_tasks) if cfg.task_loss else None
-        self.register_buffer("assignment", torch.zeros(n_tasks, dtype=torch.long))
-        self.register_buffer("tau", torch.tensor(float(cfg.tau_start)))
-        self._memo: tuple[torch.Tensor, Grouping] | None = None
-        self._sizes: tuple[int, ...] | None = None  # rows per cluster inside host_layout
-        self._host_assignment: tuple[torch.Tensor, int, tuple[int, ...]] | None = None  # host_assignment's memo
-        self._embed_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
-
-    # ---- task embedding, clusters ----
-    def embed(self, task: torch.Tensor) -> torch.Tensor:
-        """task (B,) -> e_k (B, E), ||e_k|| = 1. Without autograd (imagination, acting) it is reused while
-        the same `task` tensor comes back and the embedding is unchanged: a rollout asks for it ~5 times a step
-        (a CUDA graph's capture gets a `task` of its own: agents/graphs.py)."""
-        if torch.is_grad_enabled():
-            return F.normalize(self.task_embedding(task), dim=-1)
-        version = self.task_embedding.weight._version
-        if self._embed_memo is None or self._embed_memo[0] is not task or self._embed_memo[1] != version:
-            self._embed_memo = (task, version, F.normalize(self.task_embedding(task), dim=-1))
-        return self._embed_memo[2]
-
-    @property
-    def capturable(self) -> bool:
-        """Whether a rollout or an act inside host_layout waits for nothing (WorldModel.capturable): with task routing
-        and the grouped expert kernel, whose group offsets stay on the device. The loop kernel reads each
-        layout's group sizes; token-level routing builds key masks with host-made indices."""
-        return self.cfg.routing == "task" and resolve_kernel(self.experts.kernel, self.assignment.device) == "grouped"
-
-    @contextlib.contextmanager
-    def host_layout(self, task: torch.Tensor, task_counts: tuple[int, ...] | None = None
-                    ) -> Iterator[tuple[int, ...]]:
-        """Rows of these tasks per VAE cluster, which the groupings made inside (by cluster: the VAEs and heads)
-        take instead of reading their own (WorldModel.host_layout): from the rows per task where the host knows
-        them (a replay batch, acting streams), else read from the device once."""
-        if task_counts is None:
-            sizes = tuple(counts_of(self.assignment[task], len(self.clusters)).tolist())
-        else:
-            assert len(task_counts) == self.n_tasks and sum(task_counts) == len(task), (task_counts, len(task))
-            cluster, per = self.host_assignment(), [0] * len(self.clusters)
-            for k, rows in enumerate(task_counts):
-                per[cluster[k]] += rows
-            sizes = tuple(per)
-        self._sizes = sizes
-        try:
-            yield sizes
-        finally:
-            self._sizes = None
-
-    def host_assignment(self) -> tuple[int, ...]:
-        """`assignment` on the host, read from the device once each time it changes (the clustering, a load)."""
-        memo = self._host_assignment
-        if memo is None or memo[0] is not self.assignment or memo[1] != self.assignment._version:
-            memo = self._host_assignment = (self.assignment, self.assignment._version, tuple(self.assignment.tolist()))
-        return memo[2]
-
-    def by_cluster(self, task: torch.Tensor) -> Grouping:
-        """Rows grouped by their task's VAE cluster; reused while the same `task` tensor is passed (one
-        imagination rollout; a CUDA graph's capture gets a `task` of its own: agents/graphs.py), so the grouping's
-        device sync happens once per rollout, or never inside host_layout."""
-        if self._memo is None or self._memo[0] is not task:
-            self._memo = (task, Grouping(self.assignment[task], len(self.clusters), self._sizes))
-        return self._memo[1]
-
-    def start_clusters(self, assignment: torch.Tensor) -> None:
-        """After the warm-up: every cluster starts from the shared (cluster 0) weights; tasks are assigned."""
-        state = self.clusters[0].state_dict()
-        for cluster in self.clusters[1:]:
-            cluster.load_state_dict(state)
-        self.assignment.copy_(assignment)
-        self._memo = None
-
-    # ---- perception ----
-    def encode(self, obs: torch.Tensor, task: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C), each row by its cluster's VAE."""
-        t = obs.shape[1]
-
-        def run(g: int, parts: list[torch.Tensor]) -> torch.Tensor:
-            obs_g, e_g = parts
-            cond = e_g[:, None].expand(-1, t, -1).flatten(0, 1)  # (b*T, E)
-            c = self.clusters[g]
-            return encode_frames(c.encoder, c.posterior_head, obs_g.flatten(0, 1), cond, chunk).unflatten(0, (-1, t))
-
-        return self.by_cluster(task).apply(run, obs, self.embed(task))
-
-    def decode(self, z: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """z (B, T, V*C) -> image (B, T, 3, S, S)."""
-        t = z.shape[1]
-
-        def run(g: int, parts: list[torch.Tensor]) -> torch.Tensor:
-            z_g, e_g = parts
-            cond = e_g[:, None].expand(-1, t, -1).flatten(0, 1)
-            return self.clusters[g].decoder(z_g.flatten(0, 1), cond).unflatten(0, (-1, t))
-
-        return self.by_cluster(task).apply(run, z, self.embed(task))
-
-    # ---- temporal module ----
-    def route(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor) -> Routing:
-        """Task-level: S_k = softmax(MLP(e_k) / tau) -> (B, N_e); token-level: from each token's
-        (z_t, a_t, e_k) -> (B, T, N_e). Then TopK."""
-        logits = self.routing.logits(self.router, z, action, self.embed(task))
-        return topk_route(logits, self.tau, self.cfg.top_k)
-
-    def route_tasks(self) -> Routing:
-        """Task-level routing of every task (N, N_e) (independent of the batch)."""
-        task = torch.arange(self.n_tasks, device=self.assignment.device)
-        return topk_route(self.router(self.embed(task)), self.tau, self.cfg.top_k)
-
-    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype, offset: torch.Tensor | None = None) -> MoWCache:
-        shared = None if self.shared is None else self.shared.empty_cache(task.shape[0], task.device, dtype, offset)
-        return MoWCache(ExpertCache(dtype, offset=offset), shared)
-
-    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor,
-                 cache: MoWCache | None = None, last: bool = False) -> torch.Tensor:
-        """z (B, T, V*C), action (B, T, A) -> h (B, T, D), or (B, 1, D) of the last step with `last`; with a cache,
-        appends after cached steps. The experts run on every step either way (the shared Transformer attends to
-        all of their outputs); `last` saves the shared Transformer's final block all but the last step's query.
-
-        The chosen experts' outputs, weighted by their routing weights (so the router gets gradient),
-        are concatenated in rank order with e_k, projected to D and fed to the shared Transformer."""
-        b, t = z.shape[:2]
-        e = self.embed(task)  # (B, E)
-        chosen = self.routing.chosen(self.experts, z, action, e, self.route(z, action, task),
-                                     None if cache is None else cache.experts)  # (B, T, K, D)
-        if last and self.shared is None:  # nothing attends to the earlier steps: mix the last one only
-            chosen, t = chosen[:, -1:], 1
-        x = self.mix(torch.cat([chosen.flatten(2), e[:, None].expand(b, t, -1).to(chosen.dtype)], dim=-1))
-        if self.shared is None:
-            return x  # (B, 1 or T, D)
-        return self.shared(x, None if cache is None else cache.shared, last=last)  # (B, 1 or T, D)
-
-    # ---- what the actor-critic sees ----
-    def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """[z, h, sg(e_k)] (B, T, V*C + D + E): the shared actor knows the task through e_k."""
-        e = self.embed(task).detach()[:, None].expand(*h.shape[:2], -1).to(h.dtype)
-        return torch.cat([z, h, e], dim=-1)
-
-    def task_logits(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The task-ID head's logits (B, T, N) from h (B, T, D) or z (B, T, V*C) (`task_head_input`).
-
-        h by default, the faithful reading: the task-ID loss is one of the world model's losses on its temporal
-        module, whose output h the next-latent, reward and termination heads read too, and what it asks is that
-        h itself carry the task (so the shared Transformer's state separates the tasks the experts mix). h follows
-        the mix layer, which reads e_k directly, so the head can read the task off e_k's trace in h and its loss
-        may be nearly free; but the paper conditions the experts on e_k too (m_j(z, a, e_k)), so that path is the
-        paper's own, and h stays the default. z (the posterior latent of the task's cluster VAE, whose
-        posterior head also reads e_k, through a categorical bottleneck) is the other reading, kept as an
-        option and the ablation task_head_on_z."""
-        return self.task_head(h if self.cfg.task_head_input == "h" else z)
-
-    def critic_index(self, task: torch.Tensor) -> torch.Tensor:
-        """Rows are judged by their task's cluster critic (B,)."""
-        return self.assignment[task]
-
-    # ---- per-cluster heads on (h, e_k) ----
-    def _heads(self, h: torch.Tensor, task: torch.Tensor, head: str) -> torch.Tensor:
-        def run(g: int, parts: list[torch.Tensor]) -> torch.Tensor:
-            h_g, e_g = parts
-            module = getattr(self.clusters[g], head)
-            if head == "prior_head":
-                return module(h_g, e_g[:, None])
-            return module(torch.cat([h_g, e_g[:, None].expand(-1, h_g.shape[1], -1).to(h_g.dtype)], dim=-1))
-
-        return self.by_cluster(task).apply(run, h, self.embed(task))
-
-    def prior(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D) -> next-latent logits (B, T, V, C) from the task's cluster head."""
-        return self._heads(h, task, "prior_head")
-
-    def reward(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D) -> symlog two-hot logits (B, T, bins)."""
-        return self._heads(h, task, "reward_head")
-
-    def termination(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D) -> termination logits (B, T)."""
-        return self._heads(h, task, "termination_head").squeeze(-1)
-
-
 @register_agent("mow", MoWConfig, multi_task=True)
 class MoWAgent(ImaginationAgent):
     """The shared imagination agent (world-model update, imagination, actor-critic, acting) around MoW's
@@ -470,7 +176,7 @@ class MoWAgent(ImaginationAgent):
         return self.wm.capturable
 
     def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
-        return MoWWorldModel(self.cfg, len(tasks), tasks[0].image_size, self.action_dim)
+        return MoWWorldModel(MoWSizes.of(self.cfg), len(tasks), tasks[0].image_size, self.action_dim)
 
     def world_model_parameters(self) -> list[torch.Tensor]:
         return list(self.wm.parameters()) + ([self.log_sigma] if self.log_sigma is not None else [])
@@ -599,8 +305,10 @@ class MoWAgent(ImaginationAgent):
                      figures: dict[str, Any]) -> dict[str, Any]:
         """MoW's size beside one STORM per task (the paper: about half) and beside the paper's 972.5 MB, and its experts
         at the current routing."""
+        from mowbench.bench_extras import expert_figures, separate_storm_figures
+
         return (super().bench_extras(sample, time, figures) | separate_storm_figures(self, figures)
-                | self.size_figures() | self.expert_figures(sample, time))
+                | self.size_figures() | expert_figures(self, sample, time))
 
     def size_figures(self) -> dict[str, Any]:
         """The checkpoint's size as the paper counts it (every state_dict tensor, slow critics and buffers included,
@@ -610,37 +318,6 @@ class MoWAgent(ImaginationAgent):
         tensors += [self.log_sigma] if self.log_sigma is not None else []
         return {"state_dict_mib": sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20,
                 "state_dict_elements": sum(t.numel() for t in tensors), "paper_state_dict_mb": PAPER_STATE_DICT_MB}
-
-    def expert_figures(self, sample: Callable[[int, int], Batch], time: Callable[[Callable[[], Any]], float]
-                       ) -> dict[str, Any]:
-        """On one world-model batch at the current routing (in the bench: the initial one): the padding that
-        running the experts on groups padded to the largest would cost, and the experts' forward + backward
-        seconds with each kernel."""
-        wm, cfg = self.wm, self.cfg
-        batch = sample(cfg.batch_per_task * self.n_tasks, cfg.batch_length)
-        b, t = batch.action.shape[:2]
-        z = torch.randn(b, t, wm.latent_dim, device=self.device)  # timing only needs the shapes
-        action = self.action_input(batch.action)
-        with torch.no_grad():
-            e, routing = wm.embed(batch.task), wm.route(z, action, batch.task)
-        pair_expert = (routing.index.flatten() if cfg.routing == "task"
-                       else torch.arange(cfg.n_experts, device=self.device).repeat(b))  # token: every pair
-
-        def forward_backward() -> None:
-            wm.experts.zero_grad(set_to_none=True)
-            with self.autocast():
-                out = wm.routing.chosen(wm.experts, z, action, e, routing, None)
-            out.float().square().mean().backward()
-
-        seconds = {}
-        for kernel in ("grouped", "loop"):
-            wm.experts.kernel = kernel
-            seconds[kernel] = time(forward_backward)
-        wm.experts.kernel = cfg.expert_kernel
-        wm.experts.zero_grad(set_to_none=True)
-        return {"expert_pairs": len(pair_expert), "expert_padding_ratio_avoided": padding_ratio(pair_expert,
-                                                                                               cfg.n_experts),
-                "s_experts_fwd_bwd": seconds}
 
     # ---- seeing inside ----
     @torch.no_grad()
@@ -659,25 +336,25 @@ class MoWAgent(ImaginationAgent):
         experts = [f"e{j}" for j in range(self.cfg.n_experts)]
         if not (folder / "routing_warmup.csv").exists():
             assignment = dict(zip(names, rep["assignment"], strict=True))
-            R.atomic_write_json(folder / "clusters.json", {**{k: v for k, v in rep.items() if k != "routing_warmup"},
-                                                            "tasks": names, "assignment": assignment})
-            R.atomic_write_text(folder / "clusters.csv", "task,cluster\n" + "".join(
+            summary = {k: v for k, v in rep.items() if k != "routing_warmup"}
+            results.atomic_write_json(folder / "clusters.json", {**summary, "tasks": names, "assignment": assignment})
+            results.atomic_write_text(folder / "clusters.csv", "task,cluster\n" + "".join(
                 f"{n},{c}\n" for n, c in assignment.items()))
-            R.atomic_write_bytes(folder / "clusters.png", cluster_png(rep, names, self.cfg.n_clusters))
+            results.atomic_write_bytes(folder / "clusters.png", cluster_png(rep, names, self.cfg.n_clusters))
             if rep["gradient_similarity"] is not None:
                 sim = np.asarray(rep["gradient_similarity"])
-                R.atomic_write_text(folder / "gradient_similarity.csv", matrix_csv(sim, labelled, labelled))
-                R.atomic_write_bytes(folder / "gradient_similarity.png", heatmap_png(
+                results.atomic_write_text(folder / "gradient_similarity.csv", matrix_csv(sim, labelled, labelled))
+                results.atomic_write_bytes(folder / "gradient_similarity.png", heatmap_png(
                     sim, labelled, labelled, "warm-up task-gradient cosine similarity", "cosine", -1, 1, "RdBu_r"))
             self._write_routing(folder, "warmup", np.asarray(rep["routing_warmup"]), labelled, experts)
         if final:
             self._write_routing(folder, "final", self.routing_matrix(), labelled, experts)
 
     def _write_routing(self, folder: Path, tag: str, matrix: np.ndarray, rows: list[str], cols: list[str]) -> None:
-        R.atomic_write_bytes(folder / f"routing_{tag}.png", heatmap_png(
+        results.atomic_write_bytes(folder / f"routing_{tag}.png", heatmap_png(
             matrix, rows, cols, f"expert routing weights ({tag}, {self.cfg.routing}-level, top_k={self.cfg.top_k})",
             "routing weight", 0, None))
-        R.atomic_write_text(folder / f"routing_{tag}.csv", matrix_csv(matrix, rows, cols))  # last: marks done
+        results.atomic_write_text(folder / f"routing_{tag}.csv", matrix_csv(matrix, rows, cols))  # last: marks done
 
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:
@@ -847,7 +524,7 @@ def neutralise(wm: MoWWorldModel, state: dict[str, torch.Tensor]) -> list[str]:
     expert), and the verify checks it is not moved. The router keeps its initial weights (any weights give the one
     expert weight 1). `mix` is the scaled identity on the expert's output with STORM's last LayerNorm affine after
     it, the expert's last affine the identity, these two frozen (MIX_SCALE)."""
-    d, e = wm.cfg.width, wm.cfg.embed_dim
+    d, e = wm.sizes.width, wm.sizes.embed_dim
     last = f"experts.blocks.{len(wm.experts.blocks) - 1}.norm2"
     state["task_embedding.weight"] = torch.zeros_like(state["task_embedding.weight"])
     state["mix.0.weight"] = torch.cat([MIX_SCALE * torch.eye(d), torch.zeros(d, e)], 1)  # (D, D + E)

@@ -67,8 +67,7 @@ import numpy as np
 import torch
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
-from mowbench.agents.imagination import check_non_negative
-from mowbench.agents.latent import FrameContext, Unroll
+from mowbench.agents.tdmpc_family import FrameContext, Unroll
 from mowbench.baselines.tdmpc2 import (
     MLP_RULES,
     UPSTREAM_CONSTANTS,
@@ -161,7 +160,7 @@ class NewtConfig(TDMPC2Config):
             raise ValueError(f"scale_update={self.scale_update!r}; allowed: after, before")
         if self.bc_coef < 0:
             raise ValueError(f"bc_coef={self.bc_coef}; allowed: >= 0")
-        check_non_negative(self, ("demos", "pretrain_updates", "lr_warmup", "prior_coef"))
+        self.check_non_negative(("demos", "pretrain_updates", "lr_warmup", "prior_coef"))
         if not 0 <= self.demo_share < 1:
             raise ValueError(f"demo_share={self.demo_share}; allowed: 0 <= demo_share < 1")
         # `newt` is the method with demonstrations; without them it is `newt-nodemo` (NewtNoDemoConfig)

@@ -56,8 +56,7 @@ from typing import Any
 import torch
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
-from mowbench.agents.imagination import check_positive
-from mowbench.agents.latent import FrameContext, LatentAgent, LatentConfig
+from mowbench.agents.tdmpc_family import FrameContext, TDMPCFamilyAgent, TDMPCFamilyConfig
 from mowbench.envs.base import TaskInfo
 from mowbench.models.tdmpc import TaskMLP, TDMPCWorldModel
 from mowbench.offline import OfflineSpec
@@ -75,9 +74,9 @@ DEPARTURES = (
 
 
 @dataclass
-class PWMConfig(LatentConfig):
-    """PWM's settings (docs/methods/pwm.md, upstream's pwm_48M.yaml); the world-model fields are LatentConfig's with
-    PWM's horizon and rho. The choices after ret_norm_rate follow the published code (the module docstring)."""
+class PWMConfig(TDMPCFamilyConfig):
+    """PWM's settings (docs/methods/pwm.md, upstream's pwm_48M.yaml); the world-model fields are TDMPCFamilyConfig's
+    with PWM's horizon and rho. The choices after ret_norm_rate follow the published code (the module docstring)."""
 
     horizon: int = 16  # world-model unroll (the authors stress 16 and rho 0.99)
     rho: float = 0.99
@@ -114,7 +113,7 @@ class PWMConfig(LatentConfig):
 
     def check(self) -> None:
         super().check()
-        check_positive(self, ("n_critics", "starts_per_task", "imag_horizon", "critic_epochs", "critic_minibatches",
+        self.check_positive(("n_critics", "starts_per_task", "imag_horizon", "critic_epochs", "critic_minibatches",
                               "actor_lr", "critic_lr", "lr_end", "lr_decay_updates", "actor_grad_clip",
                               "critic_grad_clip", "ret_norm_rate"))
         if not self.actor_hidden or not self.critic_hidden:
@@ -162,7 +161,7 @@ def orthogonal_init(mlp: TaskMLP, gain: float) -> None:
 
 
 @register_agent("pwm-online", PWMConfig, multi_task=True)
-class PWMAgent(LatentAgent):
+class PWMAgent(TDMPCFamilyAgent):
     """PWM (see the module docstring)."""
 
     cfg: PWMConfig
@@ -462,7 +461,7 @@ class PWMOfflineConfig(PWMConfig):
 
     def check(self) -> None:
         super().check()
-        check_positive(self, ("wm_pretrain_updates", "policy_updates"))
+        self.check_positive(("wm_pretrain_updates", "policy_updates"))
         if self.offline_demos + self.offline_noisy + self.offline_random < 1:
             raise ValueError("offline_demos + offline_noisy + offline_random = 0; allowed: at least one episode")
         if self.offline_noise_std < 0:

@@ -63,11 +63,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mowbench.agents.base import Agent, Metrics, PicklesGenerator, bumps_versions, count_parameters, register_agent
-from mowbench.agents.imagination import check_non_negative, check_positive
+from mowbench.agents.base import (
+    Agent,
+    AgentConfig,
+    Autocast,
+    Metrics,
+    PicklesGenerator,
+    bumps_versions,
+    count_parameters,
+    register_agent,
+)
 from mowbench.agents.mcts import SearchResult, draws_needed, search, visit_policy
 from mowbench.envs.base import TaskInfo
-from mowbench.models.moe import StackedLinear, StackedNorm
+from mowbench.models.experts import StackedLinear, StackedNorm
 from mowbench.models.transformer import KVCache
 from mowbench.models.unizero import ENCODERS, ROUTERS, VIT_SIZES, UniZeroWorldModel, resnet_out
 from mowbench.ops import ema_, sample_categorical, support_bins, support_ce, support_value
@@ -86,7 +94,7 @@ DEPARTURES = (
 
 
 @dataclass
-class ScaleZeroConfig:
+class ScaleZeroConfig(AgentConfig):
     """ScaleZero-lite's hyperparameters; defaults are the paper's (docs/methods/scalezero.md) = the `paper` preset."""
 
     latent_dim: int = 768  # transformer width D = latent size
@@ -167,11 +175,11 @@ class ScaleZeroConfig:
     bench_search_batches: tuple[int, ...] = (1, 26, 256)  # trees per search timed by mowbench.bench
 
     def check(self) -> None:
-        check_positive(self, ("latent_dim", "depth", "heads", "max_tokens", "n_experts", "expert_hidden",
+        self.check_positive(("latent_dim", "depth", "heads", "max_tokens", "n_experts", "expert_hidden",
                               "shared_hidden", "ffn", "head_hidden", "bins", "unroll_steps", "td_steps", "lr",
                               "grad_clip", "batch_size", "simulations", "eval_simulations", "c1", "c2",
                               "dirichlet_alpha"))
-        check_non_negative(self, ("alpha_lr", "target_entropy_decay_steps", "label_smoothing",
+        self.check_non_negative(("alpha_lr", "target_entropy_decay_steps", "label_smoothing",
                                   "transformer_freeze_after", "dropout", "latent_coef", "reward_coef", "policy_coef",
                                   "value_coef",
                                   "entropy_coef", "recon_coef", "reward_clip", "weight_decay", "res_blocks",
@@ -182,7 +190,7 @@ class ScaleZeroConfig:
             raise ValueError(f"encoder={self.encoder!r}; allowed: {', '.join(ENCODERS)}")
         if self.vit_size not in ("auto", *VIT_SIZES):
             raise ValueError(f"vit_size={self.vit_size!r}; allowed: auto, {', '.join(VIT_SIZES)}")
-        check_positive(self, ("vit_patch", "vit_head_dim"))
+        self.check_positive(("vit_patch", "vit_head_dim"))
         if not 0.0 <= self.vit_dropout < 1.0:
             raise ValueError(f"vit_dropout={self.vit_dropout}; allowed: 0 <= vit_dropout < 1")
         if self.latent_head not in ("upstream", "plain"):
@@ -304,7 +312,7 @@ def smoothed_support_ce(logits: torch.Tensor, target: torch.Tensor, bins: torch.
 
 
 @register_agent("scalezero-lite", ScaleZeroConfig, multi_task=True)
-class ScaleZeroAgent(Agent):
+class ScaleZeroAgent(Autocast, Agent):
     """ScaleZero-lite (see the module docstring)."""
 
     def __init__(self, cfg: ScaleZeroConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
@@ -332,9 +340,6 @@ class ScaleZeroAgent(Agent):
         self.log_alpha = torch.zeros(1, device=device, requires_grad=True)  # adaptive entropy weight, log
         self.alpha_optim = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
         self.updates = 0
-
-    def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
     def vit_sizes(self, n_tasks: int) -> dict[str, Any]:
         """The ViT encoder's sizes: upstream's 'base' for more than 8 tasks, else 'small' (vit_size=auto)."""

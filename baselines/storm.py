@@ -5,8 +5,6 @@ live here; the update, imagination and acting are the shared ImaginationAgent's.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -22,22 +20,11 @@ from mowbench.agents.base import Metrics, count_parameters, register_agent
 from mowbench.agents.imagination import (
     ImaginationAgent,
     ImaginationConfig,
-    check_non_negative,
-    check_positive,
     sample_z,
 )
 from mowbench.envs.base import ActionSpace, TaskInfo
-from mowbench.models import (
-    MLP,
-    CategoricalHead,
-    CausalTransformer,
-    ConvDecoder,
-    ConvEncoder,
-    KVCache,
-    TokenStem,
-    conv_stages,
-    encode_frames,
-)
+from mowbench.models.storm import STORMSizes, STORMWorldModel
+from mowbench.models.vae import conv_stages
 from mowbench.ops import categorical_kl, free_bits, symlog_twohot_ce
 from mowbench.replay import Batch
 
@@ -85,8 +72,8 @@ class STORMConfig(ImaginationConfig):
         super().check()
         if not self.channels or any(c < 1 for c in self.channels):
             raise ValueError(f"channels={list(self.channels)}; allowed: a non-empty list of positive integers")
-        check_positive(self, ("n_vars", "n_classes", "width", "depth", "heads", "ffn", "max_len", "head_width"))
-        check_non_negative(self, ("head_depth", "free_nats", "dyn_scale", "rep_scale"))
+        self.check_positive(("n_vars", "n_classes", "width", "depth", "heads", "ffn", "max_len", "head_width"))
+        self.check_non_negative(("head_depth", "free_nats", "dyn_scale", "rep_scale"))
         if not 0.0 <= self.unimix < 1.0:
             raise ValueError(f"unimix={self.unimix}; allowed: 0 <= unimix < 1")
         if self.decoder_stem_norm not in ("bn2d", "bn1d"):
@@ -107,92 +94,6 @@ class STORMConfig(ImaginationConfig):
     def check_image_size(self, image_size: int) -> None:
         """Refuse, before any env or network is built, an image size the encoder cannot take."""
         conv_stages(image_size, len(self.channels))
-
-
-class STORMWorldModel(nn.Module):
-    """Categorical VAE + stochastic Transformer + reward/termination heads, with paper-named methods
-    (encode, decode, sequence, prior, reward, termination). z: (..., V*C) one-hot; h: (..., D).
-
-    Every method takes the rows' task indices (B,): STORM ignores them; with `embed_dim` > 0 (the
-    monolithic multi-task baseline) a learnable, L2-normalised task embedding e_k conditions the
-    posterior, the decoder and the token stem. MoW's world model offers the same methods."""
-
-    capturable = True  # imagination and acting never wait for the device (fixed shapes, no host reads)
-
-    def __init__(self, cfg: STORMConfig, image_size: int, action_dim: int, n_tasks: int = 1,
-                 embed_dim: int = 0) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.latent_vars, self.latent_dim = cfg.n_vars, cfg.n_vars * cfg.n_classes
-        self.embed_dim = embed_dim
-        self.feature_dim = self.latent_dim + cfg.width  # [z, h]
-        self.n_critics = 1
-        self.task_embedding = nn.Embedding(n_tasks, embed_dim) if embed_dim else None
-        self.encoder = ConvEncoder(image_size, cfg.channels)
-        self.posterior_head = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, embed_dim, cfg.unimix)
-        self.decoder = ConvDecoder(image_size, cfg.channels, self.latent_dim, embed_dim, cfg.decoder_stem_norm)
-        self.stem = TokenStem(self.latent_dim, action_dim, cfg.width, embed_dim)
-        self.transformer = CausalTransformer(cfg.width, cfg.depth, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len,
-                                             cfg.attn_dropout, cfg.block_ln_eps)
-        self.prior_head = CategoricalHead(cfg.width, cfg.n_vars, cfg.n_classes, unimix=cfg.unimix)
-        self.reward_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, cfg.bins)
-        self.termination_head = MLP(cfg.width, cfg.head_width, cfg.head_depth, 1)
-
-    def host_layout(self, task: torch.Tensor, task_counts: tuple[int, ...] | None = None
-                    ) -> contextlib.nullcontext[None]:
-        """Nothing of the batch is read on the host (WorldModel.host_layout)."""
-        return contextlib.nullcontext()
-
-    def embed(self, task: torch.Tensor) -> torch.Tensor | None:
-        """task (B,) -> e_k (B, E) with ||e_k|| = 1, or None without task conditioning."""
-        if self.task_embedding is None:
-            return None
-        return F.normalize(self.task_embedding(task), dim=-1)
-
-    def encode(self, obs: torch.Tensor, task: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C)."""
-        b, t = obs.shape[:2]
-        e = self.embed(task)
-        cond = None if e is None else e[:, None].expand(b, t, -1).flatten(0, 1)  # (B*T, E)
-        return rearrange(encode_frames(self.encoder, self.posterior_head, obs.flatten(0, 1), cond, chunk),
-                         "(b t) v c -> b t v c", b=b)
-
-    def decode(self, z: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """z (B, T, V*C) -> image (B, T, 3, S, S) in ~[0, 1]."""
-        b, t = z.shape[:2]
-        e = self.embed(task)
-        cond = None if e is None else e[:, None].expand(b, t, -1).flatten(0, 1)
-        return rearrange(self.decoder(z.flatten(0, 1), cond), "(b t) c h w -> b t c h w", b=b)
-
-    def empty_cache(self, task: torch.Tensor, dtype: torch.dtype, offset: torch.Tensor | None = None) -> KVCache:
-        return self.transformer.empty_cache(task.shape[0], task.device, dtype, offset)
-
-    def sequence(self, z: torch.Tensor, action: torch.Tensor, task: torch.Tensor, cache: Any = None,
-                 last: bool = False) -> torch.Tensor:
-        """z (B, T, V*C), action (B, T, A) -> h (B, T, D), or (B, 1, D) of the last step with `last`; with a cache,
-        appends after cached steps."""
-        e = self.embed(task)
-        return self.transformer(self.stem(z, action, None if e is None else e[:, None]), cache, last=last)
-
-    def prior(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D) -> logits (B, T, V, C) of the next step's latent."""
-        return self.prior_head(h)
-
-    def reward(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D) -> symlog two-hot logits (B, T, bins)."""
-        return self.reward_head(h)
-
-    def termination(self, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D) -> termination logits (B, T)."""
-        return self.termination_head(h).squeeze(-1)
-
-    def features(self, z: torch.Tensor, h: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """Actor/critic input: [z, h] (B, T, V*C + D)."""
-        return torch.cat([z, h], dim=-1)
-
-    def critic_index(self, task: torch.Tensor) -> None:
-        """One critic for every row."""
-        return None
 
 
 def storm_terms(wm: STORMWorldModel, batch: Batch, action: torch.Tensor, bins: torch.Tensor,
@@ -241,7 +142,7 @@ class STORMAgent(ImaginationAgent):
     capturable_updates = True  # one critic, per-task return scales without a host read (tests/test_graphs.py)
 
     def build_world_model(self, tasks: list[TaskInfo]) -> nn.Module:
-        return STORMWorldModel(self.cfg, tasks[0].image_size, self.action_dim)
+        return STORMWorldModel(STORMSizes.of(self.cfg), tasks[0].image_size, self.action_dim)
 
     def world_model_loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         terms, _, _ = storm_terms(self.wm, batch, self.action_input(batch.action), self.bins, self.autocast())
@@ -254,6 +155,8 @@ class STORMAgent(ImaginationAgent):
         """Multi-task (the monolithic STORM): its size beside one STORM per task. One task: imagination timed
         the way the reference code caches (imagine_reference_cache) and the training step with it; at the
         paper's sizes, the reference's world-model parameter count."""
+        from mowbench.bench_extras import imagine_reference_cache, separate_storm_figures
+
         if self.multi_task:
             return super().bench_extras(sample, time, figures) | separate_storm_figures(self, figures)
         cfg, out = self.cfg, super().bench_extras(sample, time, figures)
@@ -268,69 +171,6 @@ class STORMAgent(ImaginationAgent):
             out["reference_world_model_parameters"] = reference
             out["world_model_parameters_match_reference"] = figures["parameters"]["world_model"] == reference
         return out
-
-
-def separate_storm_parameters(tasks: list[TaskInfo], cfg: STORMConfig) -> dict[str, int]:
-    """Parameters of one STORM per task with the component sizes of `cfg` (its STORMConfig fields; a MoW or
-    monolithic config gives its STORM-sized parts), each with its task's own (minimal) action count."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(STORMConfig)}
-    storm: dict[str, int] = {}
-    for info in tasks:
-        legal = int(info.action.legal_mask().sum()) if info.action.discrete else info.action.n
-        single = TaskInfo(info.suite, info.name, 0, info.image_size, ActionSpace(info.action.discrete, legal))
-        counts = STORMAgent(STORMConfig(**values), [single], torch.device("cpu"), "fp32").parameter_counts()
-        for key, value in counts.items():
-            storm[key] = storm.get(key, 0) + value
-    return storm
-
-
-def separate_storm_figures(agent: ImaginationAgent, figures: dict[str, Any]) -> dict[str, Any]:
-    """A multi-task agent's size beside one STORM per task (the paper: MoW is about half)."""
-    storm = separate_storm_parameters(agent.tasks, agent.cfg)
-    mine = figures["parameters"]["world_model"] + figures["parameters"]["actor_critic"]
-    return {"parameters_separate_storm": storm,
-            "parameter_ratio_vs_separate_storm": mine / (storm["world_model"] + storm["actor_critic"])}
-
-
-@torch.no_grad()
-def imagine_reference_cache(agent: STORMAgent, batch: Batch) -> torch.Tensor:
-    """Imagination as STORM's reference does it: the cache keeps each layer's *inputs*, and every step
-    re-projects K and V for the whole history (O(T^2) projections). Same outputs as agent.imagine (same
-    random draws in the same order), more work. Returns the features (B, H+1, F)."""
-    wm, cfg = agent.wm, agent.cfg
-    wm.eval()
-    tf = wm.transformer
-
-    def step(tokens: torch.Tensor, inputs: list[torch.Tensor], start: int) -> torch.Tensor:
-        x = tf.norm(tokens + tf.position(torch.arange(start, start + tokens.shape[1], device=tokens.device)))
-        for i, block in enumerate(tf.blocks):
-            inputs[i] = x if inputs[i] is None else torch.cat([inputs[i], x], 1)
-            _, k, v = rearrange(block.qkv(inputs[i]), "b t (n h d) -> n b h t d", n=3, h=block.heads)
-            q = rearrange(block.qkv(x), "b t (n h d) -> n b h t d", n=3, h=block.heads)[0]
-            n_new, total = x.shape[1], inputs[i].shape[1]
-            mask = torch.ones(n_new, total, dtype=torch.bool, device=x.device).tril(total - n_new)
-            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = block.norm1(x + block.out(rearrange(attn, "b h t d -> b t (h d)")))
-            x = block.norm2(x + block.ffn(x))
-        return x
-
-    with agent.autocast():
-        inputs: list = [None] * len(tf.blocks)
-        task = batch.task
-        z_ctx = sample_z(wm.encode(batch.obs, task))
-        a_ctx = agent.action_input(batch.action)
-        for t in range(z_ctx.shape[1]):  # the reference feeds the context one step at a time too
-            h = step(wm.stem(z_ctx[:, t:t + 1], a_ctx[:, t:t + 1]), inputs, t)
-        z = sample_z(wm.prior(h, task))
-        feats = []
-        for i in range(cfg.imag_horizon):
-            feats.append(torch.cat([z, h], -1))
-            action = agent.ac.actor(feats[-1], batch.legal[:, None]).sample()
-            h = step(wm.stem(z, agent.action_input(action)), inputs, cfg.imag_context + i)
-            wm.reward(h, task), wm.termination(h, task)
-            z = sample_z(wm.prior(h, task))
-        feats.append(torch.cat([z, h], -1))
-    return torch.cat(feats, 1).float()
 
 
 # ---- the published code's weights and numbers (python -m mowbench.verify agent=storm; docs/verify.md) ----

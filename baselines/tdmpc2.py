@@ -14,7 +14,7 @@ Deviations from upstream, each for a reason:
   evaluation (the chosen elite's first action, no exploration noise); the MT50 protocol's sampled evaluation
   adds the plan's std as noise, as TD-MPC2 does while training.
 - Modes as upstream: the model is in eval mode while planning and train mode only inside an update
-  (LatentAgent.step), and the target Qs are always in eval mode (TDMPCWorldModel.train), so Q dropout acts on the
+  (TDMPCFamilyAgent.step), and the target Qs are always in eval mode (TDMPCWorldModel.train), so Q dropout acts on the
   predicted Qs and the policy's Q only (an earlier version also dropped out in the TD targets).
 - Acting encodes the frames unshifted; upstream's encoder applies its random shift while planning too (its ShiftAug
   ignores the mode), so its acting latents are randomised (kept: not compared by mowbench.verify).
@@ -38,8 +38,7 @@ import torch
 from torch import nn
 
 from mowbench.agents.base import Metrics, count_parameters, register_agent
-from mowbench.agents.imagination import check_non_negative, check_positive
-from mowbench.agents.latent import FrameContext, LatentAgent, LatentConfig, Unroll
+from mowbench.agents.tdmpc_family import FrameContext, TDMPCFamilyAgent, TDMPCFamilyConfig, Unroll
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.models.tdmpc import TDMPCWorldModel, pair_values
 from mowbench.ops import mppi_elites, mppi_moments, rho_weights, sample_categorical, symlog_twohot_ce, tdmpc_discount
@@ -56,8 +55,8 @@ DEPARTURES = (
 
 
 @dataclass
-class TDMPC2Config(LatentConfig):
-    """TD-MPC2's hyperparameters (docs/methods/tdmpc2.md); the world-model fields are LatentConfig's."""
+class TDMPC2Config(TDMPCFamilyConfig):
+    """TD-MPC2's hyperparameters (docs/methods/tdmpc2.md); the world-model fields are TDMPCFamilyConfig's."""
 
     n_q: int = 5  # Q ensemble heads
     q_dropout: float = 0.01  # dropout in the Q heads' first layer
@@ -84,9 +83,9 @@ class TDMPC2Config(LatentConfig):
 
     def check(self) -> None:
         super().check()
-        check_positive(self, ("n_q", "iterations", "num_samples", "num_elites", "min_std", "max_std", "temperature",
+        self.check_positive(("n_q", "iterations", "num_samples", "num_elites", "min_std", "max_std", "temperature",
                               "pi_lr"))
-        check_non_negative(self, ("num_pi_trajs", "value_coef", "entropy_coef"))
+        self.check_non_negative(("num_pi_trajs", "value_coef", "entropy_coef"))
         if self.n_q < 2:
             raise ValueError(f"n_q={self.n_q}; allowed: >= 2 (Q min and mean over two random heads)")
         if self.num_elites > self.num_samples or self.num_pi_trajs >= self.num_samples:
@@ -123,7 +122,7 @@ class RunningScale:
 
 
 @register_agent("tdmpc2", TDMPC2Config, multi_task=True)
-class TDMPC2Agent(LatentAgent):
+class TDMPC2Agent(TDMPCFamilyAgent):
     """TD-MPC2 (see the module docstring); Newt (baselines/newt.py) is this agent with other settings."""
 
     cfg: TDMPC2Config

@@ -37,9 +37,9 @@ from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, deterministic_kernels, plan, resolve_device, resolve_precision
 from mowbench.envs import make_env, make_envs, resolve_tasks
 from mowbench.evaluation import evaluate_in_mode
+from mowbench.machine import peak_memory_gib
 from mowbench.models.packed import unpacked
 from mowbench.replay import random_batch
-from mowbench.results import peak_memory_gib
 
 # repeats: timed calls (median); task: task(s) (default: Pong, or the suite's list for a multi-task agent);
 # reference: also the agent's own extras (STORM: its reference-style cache); act_steps: env steps per timed block

@@ -15,13 +15,12 @@ from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mowbench import results as R
+from mowbench import results
 from mowbench.agents.base import build_config, get_agent, registered_agents
 from mowbench.envs import TASK_SEED_STRIDE, resolve_tasks, suite_module
-from mowbench.gridspec import ablation_dir
+from mowbench.experiments import CONF, ablation_dir
 from mowbench.trainer import SEED_LIMIT, TrainConfig, largest_derived_seed
 
-CONF = Path(__file__).parent / "conf"
 GROUPS = ("env", "agent", "preset", "ablation")
 
 
@@ -31,7 +30,7 @@ def _group_dir(group: str) -> Path:
 
 def usage() -> str:
     """The config groups with their options and the most used keys: the common part of every --help."""
-    from mowbench.gridspec import ablation_names
+    from mowbench.experiments import ablation_names
 
     groups = {"env": sorted(p.stem for p in (CONF / "env").glob("*.yaml")), "agent": sorted(registered_agents()),
               "preset": presets(), "ablation": ablation_names()}
@@ -144,7 +143,7 @@ class Plan:
 
     def run_dir(self, name: str) -> Path:
         """The folder of run `name` (one of `runs`' names) under results_dir."""
-        return R.run_dir(self.results_dir, self.suite, self.method, name, self.seed)
+        return results.run_dir(self.results_dir, self.suite, self.method, name, self.seed)
 
 
 def plan(cfg: dict[str, Any]) -> Plan:
@@ -159,12 +158,9 @@ def plan(cfg: dict[str, Any]) -> Plan:
         cfg = {**cfg, "env": env_cfg}
     mod.check(env_cfg)
     agent_cfg = build_config(entry, dict(cfg["agent"]))
-    if hasattr(agent_cfg, "check_image_size"):
-        agent_cfg.check_image_size(int(env_cfg.get("image_size", 64)))
-    if hasattr(agent_cfg, "check_suite"):  # e.g. continuous-action methods refuse discrete suites
-        agent_cfg.check_suite(suite, bool(mod.DISCRETE_ACTIONS))
-    if hasattr(agent_cfg, "check_tasks"):
-        agent_cfg.check_tasks(len(tasks))
+    agent_cfg.check_image_size(int(env_cfg.get("image_size", 64)))
+    agent_cfg.check_suite(suite, bool(mod.DISCRETE_ACTIONS))
+    agent_cfg.check_tasks(len(tasks))
     train_values = dict(cfg["train"])
     proto = mod.eval_protocol(env_cfg)
     for key in ("eval_episodes", "eval_greedy", "eval_mode"):
@@ -205,7 +201,7 @@ def plan(cfg: dict[str, Any]) -> Plan:
     deterministic = cfg.get("deterministic", True)
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic={deterministic!r}; allowed: true, false")
-    method = R.check_name("method", cfg.get("method") or entry.name)
+    method = results.check_name("method", cfg.get("method") or entry.name)
     if entry.multi_task:
         runs = [(tasks[0] if len(tasks) == 1 else f"all{len(tasks)}", tasks)]
     else:

@@ -27,9 +27,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mowbench import results as R
+from mowbench import results
 from mowbench.config import compose_config, plan, quote_hint, quoted_override
-from mowbench.gridspec import cell_method, cells, grid_names, load_grid
+from mowbench.experiments import cell_method, cells, grid_names, load_grid
 from mowbench.runner import execute, settings_diff
 
 LAUNCHERS = ("auto", "slurm", "local", "debug")
@@ -114,7 +114,7 @@ def parse_args(argv: list[str]) -> Request:
             overrides.append(arg)
     if grid is None:
         raise ValueError(f"no grid given; allowed: grid=<{'|'.join(grid_names())}>")
-    spec = load_grid(R.check_name("grid", grid))
+    spec = load_grid(results.check_name("grid", grid))
     if seeds is not None:
         spec["seeds"] = seeds
     swept = spec.get("axes") or {}
@@ -185,7 +185,7 @@ def expand(req: Request) -> list[Unit]:
                 agent, method = cell_method(spec, req.overrides, point, variant, defining)
                 cell = [*[o for o in spec.get("overrides", []) if not o.startswith("results_dir=")],
                         *(spec.get("agent_overrides") or {}).get(agent, []), *req.overrides, *defining,
-                        f"seed={seed}", f"method='{R.check_name('method', method)}'",
+                        f"seed={seed}", f"method='{results.check_name('method', method)}'",
                         f"results_dir={hydra_quote(str(req.results_dir))}"]
                 p = plan(compose_config(cell))
                 for name, tasks in p.runs:
@@ -231,7 +231,7 @@ def jobs_path(req: Request) -> Path:
 def read_jobs(req: Request) -> dict[str, Any]:
     path = jobs_path(req)
     try:
-        return R.read_json(path) if path.exists() else {}
+        return results.read_json(path) if path.exists() else {}
     except ValueError as err:  # the run folders are the truth: status and resubmission go on without the record
         print(f"[mowbench] warning: {err}; going on without it (runs are judged from their folders)", file=sys.stderr)
         return {}
@@ -274,16 +274,16 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
             state, reason = "mismatch", "other settings: " + "; ".join(u.mismatch)
         elif failure:
             state, reason = "failed", failure
-        elif R.is_done(u.folder):
+        elif results.is_done(u.folder):
             state = "done"
-        elif R.lock_owner(u.folder / R.LOCK) is not None:
+        elif results.lock_owner(u.folder / results.LOCK) is not None:
             state = "running"
         elif job:
             if job["launcher"] == "slurm":
                 q = queue.get(job["job_id"])
                 state = "pending" if q in QUEUED else "running" if q in ACTIVE else "failed"
             else:
-                state = "running" if R.pid_alive(job.get("pid")) else "failed"
+                state = "running" if results.pid_alive(job.get("pid")) else "failed"
             preempted = last_preemption(u.folder) if state == "failed" else None
             if preempted:
                 state, reason = "preempted", f"checkpointed on {preempted}; resubmit the grid to resume it"
@@ -296,7 +296,7 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
 def failure_reason(folder: Path) -> str | None:
     """Why the run in `folder` failed (its results.FAILED record: it diverged), or None."""
     try:
-        failure = R.read_failure(folder)
+        failure = results.read_failure(folder)
     except ValueError as err:
         return str(err)
     return None if failure is None else str(failure.get("reason"))
@@ -306,7 +306,7 @@ def last_preemption(folder: Path) -> str | None:
     """What preempted the run's last session (a signal, or train.stop_at), if it ended by checkpointing and
     leaving; None if it ended otherwise (crashed, killed) or never started."""
     try:
-        sessions = R.read_json(folder / "metadata.json").get("sessions") or []
+        sessions = results.read_json(folder / "metadata.json").get("sessions") or []
     except (OSError, ValueError, AttributeError):
         return None
     return sessions[-1].get("preempted") if sessions else None
@@ -323,7 +323,7 @@ def progress(folder: Path) -> tuple[int | None, float | None]:
 
 
 def read_progress(folder: Path) -> tuple[int | None, float | None]:
-    summary = R.read_summary(folder)
+    summary = results.read_summary(folder)
     if summary:
         final = summary.get("final_return") or {}
         return summary.get("step"), (sum(final.values()) / len(final)) if final else None
@@ -332,7 +332,7 @@ def read_progress(folder: Path) -> tuple[int | None, float | None]:
     if metrics.exists():
         lines = metrics.read_text().splitlines()
         step = int(lines[-1].split(",")[0]) if len(lines) > 1 else None
-    final = R.last_evaluation(folder)
+    final = results.last_evaluation(folder)
     score = sum(v for _, v in final.values()) / len(final) if final else None
     return step, score
 
@@ -350,7 +350,7 @@ class GridJob:
         # handler (checkpoint() below, requeue, exit), so a preempted job does not come back here
         [(name, summary)] = execute(cfg, p)
         folder = p.run_dir(name)
-        if not R.is_done(folder):  # stopped by train.stop_at, or no handler to hand the signal to
+        if not results.is_done(folder):  # stopped by train.stop_at, or no handler to hand the signal to
             return {"unit": str(folder), "state": "preempted"}
         return {"unit": str(folder), "state": "done", "summary": summary}
 
@@ -413,7 +413,7 @@ def submit(req: Request) -> dict[str, Any]:
                          "those folders to train them again")
     record_dir = jobs_path(req).parent
     record_dir.mkdir(parents=True, exist_ok=True)
-    with R.exclusive(record_dir / ".submit.lock"):  # a second submission waits, then sees this one's jobs
+    with results.exclusive(record_dir / ".submit.lock"):  # a second submission waits, then sees this one's jobs
         out = _submit(req, units)
     if out["submitted"] and req.wait:
         watch(req, units)
@@ -437,7 +437,7 @@ def _submit(req: Request, units: list[Unit]) -> dict[str, Any]:
             record[u.key] = {"job_id": str(job.job_id), "launcher": executor.cluster, "submitted": now,
                              "stderr": str(job.paths.stderr), "stdout": str(job.paths.stdout),
                              "pid": local_pid(executor.cluster, str(job.job_id))}
-        R.atomic_write_json(jobs_path(req), record)
+        results.atomic_write_json(jobs_path(req), record)
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
         print(f"[mowbench] grid {req.grid}: submitted {len(todo)} run(s) as job(s) {', '.join(ids)} "
               f"({executor.cluster}); skipped {counts['done']} done, {counts['running']} running, "
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         from mowbench.config import usage
-        from mowbench.gridspec import grid_names
+        from mowbench.experiments import grid_names
 
         print(__doc__)
         print(f"Grids (grid=name): {', '.join(grid_names())}")

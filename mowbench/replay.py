@@ -4,7 +4,6 @@ stratified by task for multi-task agents."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,47 +175,6 @@ def replay_device(setting: bool | None, device: torch.device, nbytes: int, free_
     return device if setting else torch.device("cpu")
 
 
-NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number (9223372036854771712), v2 as "max"
-
-
-def host_memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")
-                          ) -> tuple[int, str] | None:
-    """(bytes this process can still take, where that figure came from), or None where nothing can be read.
-
-    The kernel's MemAvailable, and, where this process's memory cgroup (SLURM's --mem, a container's limit) or one
-    above it has a limit, that limit less its usage: the smallest. cgroup v2 (memory.max, memory.current) and v1
-    (memory.limit_in_bytes, memory.usage_in_bytes); a cgroup whose folder is not mounted here (a container sees its
-    own cgroup as the root) is read at the mount's root."""
-    found: list[tuple[int, str]] = []
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append((int(line.split()[1]) * 1024, "MemAvailable"))
-    except OSError:
-        pass
-    try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2's unified hierarchy
-            root, files = cgroups, ("memory.max", "memory.current")
-        elif "memory" in controllers.split(","):
-            root, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
-        else:
-            continue
-        folder = root / path.lstrip("/")
-        for f in [folder, *folder.parents] if folder.is_dir() else [root]:
-            if not f.is_relative_to(root):  # above the mount
-                break
-            try:
-                limit, usage = ((f / name).read_text().strip() for name in files)
-            except OSError:
-                continue
-            if limit != "max" and int(limit) < NO_LIMIT:
-                found.append((max(0, int(limit) - int(usage)), f"the memory limit of cgroup {f}"))
-    return min(found) if found else None
 
 
 def check_host_memory(capacity: int, stored: int, step_bytes: int, n_tasks: int,

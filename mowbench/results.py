@@ -12,11 +12,9 @@ import math
 import os
 import platform
 import re
-import subprocess
 import tempfile
 import threading
 import time
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,6 @@ SCHEMA_VERSION = 1
 DONE = "DONE.json"
 # a run that went wrong in a way a rerun would repeat (diverged): {"reason", "step", "last_checkpoint", ...}
 FAILED = "FAILED.json"
-PACKAGES = ["torch", "numpy", "gymnasium", "ale-py", "metaworld", "mujoco", "minatar", "hydra-core",
-            "submitit", "opencv-python-headless", "rliable", "pandas"]
-
-
 # Config keys a rerun may change: where the run is written, how it is shown, when it checkpoints, which tasks
 # the command named (the folder fixes the run's own tasks, compared from metadata.json), and how the same maths is
 # computed (evaluation envs at once, replay placement, compile, CUDA graphs, expert kernel: equal up to float
@@ -183,54 +177,6 @@ class _RecordingWriter:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def git_state(cwd: Path | None = None) -> dict[str, Any]:
-    """Commit and dirty flag of the code that runs (None outside a git checkout)."""
-    cwd = cwd or Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
-        return {"commit": commit, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def device_description(device: Any) -> dict[str, Any]:
-    """What a run trained on (device, host, CPU, torch threads; GPU name and CUDA version on CUDA)."""
-    import torch
-
-    info: dict[str, Any] = {"device": str(device), "host": platform.node(), "cpu": platform.processor(),
-                            "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["deterministic_kernels"] = torch.are_deterministic_algorithms_enabled()  # config `deterministic`
-    return info
-
-
-def peak_memory_gib(device: Any) -> dict[str, float]:
-    """Peak resident memory of this process so far, and peak CUDA memory allocated on a CUDA device (GiB)."""
-    import resource
-
-    import torch
-
-    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
-    if device.type == "cuda":
-        out["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
 
 
 def read_json(path: Path, recovery: str = "restore it or delete it") -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from mowbench import results as R
+from mowbench import machine, results
 from mowbench.agents.base import known_departures, make_agent
 from mowbench.config import Plan, deterministic_kernels, plan
 from mowbench.envs import make_env, make_envs
@@ -57,10 +57,10 @@ def settings_diff(cfg: dict[str, Any], folder: Path, tasks: list[str]) -> list[s
     except Exception as err:  # noqa: BLE001 - any parse failure: the file is named, not a traceback
         raise ValueError(f"{path} is unreadable ({type(err).__name__}); restore it or delete the run folder "
                          f"{folder} to start the run again") from None
-    diff = R.changed_settings(old, cfg)
+    diff = results.changed_settings(old, cfg)
     meta_path = folder / "metadata.json"
     if meta_path.exists():
-        run_tasks = R.read_json(meta_path, "restore it, or delete the run folder to start again").get("tasks")
+        run_tasks = results.read_json(meta_path, "restore it, or delete the run folder to start again").get("tasks")
         if run_tasks is not None and list(run_tasks) != list(tasks):
             diff.insert(0, f"tasks: {run_tasks} -> {tasks}")
     return diff
@@ -74,7 +74,7 @@ def check_unchanged(p: Plan) -> None:
         folder = p.run_dir(name)
         diff = settings_diff(p.cfg, folder, tasks)
         if diff:
-            state = "finished" if R.is_done(folder) else "started"
+            state = "finished" if results.is_done(folder) else "started"
             raise ValueError(f"{folder} was {state} with other settings ({'; '.join(diff)}); to run these settings "
                              f"use another results_dir or method=<name>, or delete that folder to start it again")
 
@@ -100,23 +100,23 @@ def run_one(p: Plan, name: str, tasks: list[str]) -> dict[str, Any] | Skipped | 
     live process holds it, or Failed when it diverged (now or in an earlier session: the same settings and seed
     diverge again). A finished run is never touched again."""
     folder = p.run_dir(name)
-    failure = R.read_failure(folder)
+    failure = results.read_failure(folder)
     if failure is not None:
         return Failed(folder, f"{folder} failed ({failure.get('reason')}); the same settings and seed fail the same "
                               "way: change them under another method=<name> or results_dir (e.g. lower the learning "
                               "rates), try another seed, or delete that folder to run it again")
-    if R.is_done(folder):
+    if results.is_done(folder):
         print(f"[mowbench] {folder} is already finished; nothing to do (delete the folder to rerun)")
-        return R.read_summary(folder)
-    lock = R.RunLock(folder)
+        return results.read_summary(folder)
+    lock = results.RunLock(folder)
     if not lock.acquire():
         print(f"[mowbench] {folder} is being trained by another process ({lock.owner}); skipping it")
         return Skipped(folder, lock.owner or {})
     try:
-        R.remove_partial_writes(folder)
+        results.remove_partial_writes(folder)
         return _train_run(p, folder, tasks)
     except Diverged as err:  # a failed run, never a finished one: marked, and named in one line
-        return Failed(folder, f"{folder}: {err}; {err.last_checkpoint}; marked failed in {R.FAILED} (lower the "
+        return Failed(folder, f"{folder}: {err}; {err.last_checkpoint}; marked failed in {results.FAILED} (lower the "
                               "learning rates or try another seed: see the docs' 'When a run fails')")
     except OSError as err:  # full disk, read-only or no permission: one line naming the file and what to do
         if err.errno in WRITE_ERRNOS:
@@ -147,40 +147,41 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
         folder.mkdir(parents=True, exist_ok=True)
         resuming = (folder / CHECKPOINT).exists()
         meta_path = folder / "metadata.json"
-        meta = R.read_json(meta_path, "restore it, or delete the run folder to start again") if (
+        meta = results.read_json(meta_path, "restore it, or delete the run folder to start again") if (
             resuming and meta_path.exists()) else {
-            "schema_version": R.SCHEMA_VERSION, "suite": p.suite, "method": p.method, "agent": p.agent,
+            "schema_version": results.SCHEMA_VERSION, "suite": p.suite, "method": p.method, "agent": p.agent,
             "tasks": tasks, "seed": seed, "preset": cfg.get("preset_name"), "started": _now(), "sessions": []}
-        meta.update({"git": R.git_state(), "versions": R.versions(), "device": R.device_description(p.device),
+        meta.update({"git": machine.git_state(), "versions": machine.versions(),
+                     "device": machine.device_description(p.device),
                      "precision": p.precision, "protocol": {e.info.name: e.info.protocol for e in envs},
                      "parameters": agent.parameter_counts(),
                      "per_task_signal": per_task_signal(agent.per_task_batch(), p.train),
-                     "step_budget": R.step_budget(cfg["env"], p.train.steps),
+                     "step_budget": results.step_budget(cfg["env"], p.train.steps),
                      "departures": known_departures(p.agent),
                      "evaluation": {"mode": p.train.eval_mode, "episodes": p.train.eval_episodes,
                                     "greedy": p.train.eval_greedy, "parallel_envs": p.train.eval_parallel
                                     if p.train.eval_mode == "reference" else 1,
                                     "random_episodes": p.train.random_episodes if p.train.random_baseline else 0}})
-        R.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        results.atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
         trainer = Trainer(agent, envs, make_eval_env, p.train, folder, p.device, seed,
                           offline_cache=p.results_dir / OFFLINE_DATA)
         if trainer.offline_spec is not None:  # what the method learnt from besides its own experience
             meta["offline_data"] = {"spec": dataclasses.asdict(trainer.offline_spec), "tasks": trainer.offline_stats}
             if not trainer.online:  # an offline method: no env step; its loop counts updates on the offline data
-                meta["step_budget"] = R.step_budget(cfg["env"], 0, offline_updates=trainer.steps)
+                meta["step_budget"] = results.step_budget(cfg["env"], 0, offline_updates=trainer.steps)
         # a failed session leaves the CSVs as of its last checkpoint; finished and preempted ones flush first
         opened.callback(trainer.log.close, flush=False)
         meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,
                                  "env_restart": trainer.env_restore_failed})
-        R.atomic_write_json(meta_path, meta)
+        results.atomic_write_json(meta_path, meta)
         t0 = time.time()
 
         def end_session(step: int) -> None:  # also called by the trainer before it hands a signal on
             meta["sessions"][-1].update({"ended": _now(), "seconds": time.time() - t0, "last_step": step,
-                                      "peak_memory_gib": R.peak_memory_gib(p.device)})
+                                      "peak_memory_gib": machine.peak_memory_gib(p.device)})
             if trainer.preempted:  # checkpointed and left, to be resumed: grid status shows it as preempted
                 meta["sessions"][-1]["preempted"] = signal_name(trainer.signalled) or "train.stop_at"
-            R.atomic_write_json(meta_path, meta)
+            results.atomic_write_json(meta_path, meta)
 
         try:
             summary = trainer.train(on_preempt=end_session)
@@ -191,22 +192,22 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
             trainer.log.flush()  # the metrics that show the divergence
             meta["sessions"][-1]["failed"] = str(err)
             end_session(trainer.counters.step)
-            R.atomic_write_json(folder / R.FAILED, {
+            results.atomic_write_json(folder / results.FAILED, {
                 "reason": str(err), "kind": "diverged", "step": err.step, "detected_at": trainer.counters.step,
                 "metrics": err.names, "last_checkpoint": trainer.checkpointed, "failed": _now(),
-                "schema_version": R.SCHEMA_VERSION})
+                "schema_version": results.SCHEMA_VERSION})
             raise
         if summary["preempted"]:
             print(f"[mowbench] {folder}: checkpointed at step {summary['step']}; rerun the same command to resume")
             return None
         end_session(summary["step"])
         meta.update({"finished": _now(), "wall_time_s": trainer.counters.wall_time, "updates": summary["updates"]})
-        R.atomic_torch_save(folder / "model.pt", agent.state_dict())
-        R.atomic_write_json(folder / "summary.json", summary)
-        R.atomic_write_json(meta_path, meta)
+        results.atomic_torch_save(folder / "model.pt", agent.state_dict())
+        results.atomic_write_json(folder / "summary.json", summary)
+        results.atomic_write_json(meta_path, meta)
         trainer.log.flush()
-        R.atomic_write_json(folder / R.DONE, {"finished": meta["finished"], "step": summary["step"],
-                                              "schema_version": R.SCHEMA_VERSION})
+        results.atomic_write_json(folder / results.DONE, {"finished": meta["finished"], "step": summary["step"],
+                                              "schema_version": results.SCHEMA_VERSION})
         if not p.train.keep_checkpoint:
             (folder / CHECKPOINT).unlink(missing_ok=True)
         return summary

@@ -39,8 +39,9 @@ from mowbench.evaluation import (
     stream_seed,
 )
 from mowbench.logger import RunLog
+from mowbench.machine import host_memory_available
 from mowbench.offline import KINDS, collect, fill, mixed_sampler
-from mowbench.replay import Batch, Replay, check_host_memory, host_memory_available, replay_bytes, replay_device
+from mowbench.replay import Batch, Replay, check_host_memory, replay_bytes, replay_device
 from mowbench.results import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"

@@ -58,8 +58,7 @@ def refuses_suite(agent: str, suite: str, discrete: bool) -> bool:
 
     cfg = registered_agents()[agent].config()
     try:
-        if hasattr(cfg, "check_suite"):
-            cfg.check_suite(suite, discrete)
+        cfg.check_suite(suite, discrete)
     except ValueError:
         return True
     return False

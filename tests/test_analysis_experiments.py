@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from mowbench import results as R
+from mowbench import results
 from mowbench.analysis.__main__ import main
 from mowbench.analysis.scores import AnalysisError, episode_notes, read_results, split_settings
 from mowbench.config import compose_config, plan
@@ -37,7 +37,7 @@ def real_run(tmp_path_factory):
 
 
 def copy_run(run: Path, root: Path, seed: int, method: str = "storm") -> Path:
-    folder = R.run_dir(root, "minatar", method, "breakout", seed)
+    folder = results.run_dir(root, "minatar", method, "breakout", seed)
     shutil.copytree(run, folder)
     return folder
 
@@ -61,7 +61,7 @@ def atari_run(root: Path, method: str, task: str, seed: int, evals: list[tuple[i
               *overrides: str, settings: bool = True) -> Path:
     """A finished Atari run folder (no emulator needed): eval.csv rows per (step, task, episode returns); with
     `settings`, the config.yaml and metadata.json the runner would write for `overrides`."""
-    folder = R.run_dir(root, "atari100k", method, task, seed)
+    folder = results.run_dir(root, "atari100k", method, task, seed)
     folder.mkdir(parents=True)
     tasks = sorted({t for _, t, _ in evals})
     (folder / "metadata.json").write_text(json.dumps({"method": method, "tasks": tasks}))
@@ -70,7 +70,7 @@ def atari_run(root: Path, method: str, task: str, seed: int, evals: list[tuple[i
     lines = ["step,task,episode,return,length,success,mode"]
     lines += [f"{step},{t},{i},{ret},100,,full" for step, t, rets in evals for i, ret in enumerate(rets)]
     (folder / "eval.csv").write_text("\n".join(lines) + "\n")
-    (folder / R.DONE).write_text(json.dumps({"step": max(step for step, _, _ in evals)}))
+    (folder / results.DONE).write_text(json.dumps({"step": max(step for step, _, _ in evals)}))
     return folder
 
 
@@ -95,11 +95,11 @@ def test_failed_runs_are_left_out_and_named(real_run, tmp_path, capsys, include_
     root = tmp_path / "results"
     copy_run(real_run, root, 0)
     failed = copy_run(real_run, root, 1)  # failed after a DONE.json (e.g. copied over): FAILED wins
-    (failed / R.FAILED).write_text(json.dumps({"reason": "loss wm/total is nan at step 57", "step": 57,
+    (failed / results.FAILED).write_text(json.dumps({"reason": "loss wm/total is nan at step 57", "step": 57,
                                                "last_checkpoint": 40}))
     unfinished = copy_run(real_run, root, 2)
-    (unfinished / R.DONE).unlink()
-    (unfinished / R.FAILED).write_text(json.dumps({  # the trainer's fields; a reason of two lines stays one note
+    (unfinished / results.DONE).unlink()
+    (unfinished / results.FAILED).write_text(json.dumps({  # the trainer's fields; a reason of two lines stays one note
         "kind": "diverged", "reason": "training diverged: wm/total=nan\n(first non-finite update at step 30, "
         "detected at step 40)", "step": 30, "detected_at": 40, "last_checkpoint": None}))
     for folder in (failed, unfinished):  # a score that would show in every table if the run were used
@@ -236,9 +236,9 @@ def test_evaluation_points_of_different_episode_counts_are_noted(real_run, tmp_p
 def test_out_inside_a_run_folder_is_refused(real_run, tmp_path, capsys):
     root = tmp_path / "results"
     folder = copy_run(real_run, root, 0)
-    failed = R.run_dir(root, "minatar", "storm", "breakout", 1)
+    failed = results.run_dir(root, "minatar", "storm", "breakout", 1)
     failed.mkdir()
-    (failed / R.FAILED).write_text("{}")  # a failed run's folder holds nothing else, and is one still
+    (failed / results.FAILED).write_text("{}")  # a failed run's folder holds nothing else, and is one still
     before = sorted(root.rglob("*"))
     done = analyse(str(root), "--suite", "minatar", "--out", str(folder / "tables"), "--reps", "50")
     assert done.returncode == 2 and done.stdout == ""

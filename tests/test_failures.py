@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from mowbench import results as R
 from mowbench.grid import expand, parse_args, unit_states
+from mowbench.results import FAILED, is_done, run_dir
 from mowbench.trainer import CHECKPOINT, SEED_LIMIT, Diverged, DivergenceGuard
 from tests.conftest import REPO
 
@@ -69,16 +69,16 @@ def test_a_diverged_run_is_failed_never_finished(tmp_path):
     the same settings, shows as failed with its reason in grid status, is not resubmitted, and the analysis leaves it
     out and names it."""
     out = run(*SM, "seed=1", "train.log_every=20", *DIVERGE, f"results_dir={tmp_path}")
-    folder = R.run_dir(tmp_path, "minatar", "storm", "breakout", 1)
+    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 1)
     line = one_line_error(out)
-    failure = json.loads((folder / R.FAILED).read_text())
+    failure = json.loads((folder / FAILED).read_text())
     first = failure["step"]  # the first update (step 41) makes the weights huge, a later one NaN
     assert 41 <= first < 60
     assert line == (f"error: {folder}: training diverged: wm/loss=nan, ac/policy_loss=nan, ac/value_loss=nan and 11 "
                     f"more metrics (first non-finite update at step {first}, detected at step 60); last good "
                     f"checkpoint: {folder / CHECKPOINT} (step 40); marked failed in FAILED.json (lower the learning "
                     "rates or try another seed: see the docs' 'When a run fails')")
-    assert not R.is_done(folder) and not (folder / "summary.json").exists()
+    assert not is_done(folder) and not (folder / "summary.json").exists()
     assert (failure["kind"], failure["detected_at"], failure["last_checkpoint"]) == ("diverged", 60, 40)
     state = torch.load(folder / CHECKPOINT, weights_only=True)
     assert state["counters"]["step"] == 40
@@ -89,7 +89,7 @@ def test_a_diverged_run_is_failed_never_finished(tmp_path):
     both = run(*SM, "task=[breakout,space_invaders]", "seed=3", *DIVERGE, f"results_dir={tmp_path}")
     line = one_line_error(both)
     assert line.startswith("error: 2 runs failed: ") and line.count("training diverged: wm/loss=nan") == 2
-    assert all((R.run_dir(tmp_path, "minatar", "storm", game, 3) / R.FAILED).exists()
+    assert all((run_dir(tmp_path, "minatar", "storm", game, 3) / FAILED).exists()
                for game in ("breakout", "space_invaders"))
     # a grid's diverged run: failed with the reason in status, and not submitted again
     grid = ["grid=smoke", "seeds=[2]", "agent=[storm]", "task=breakout", f"results_dir={tmp_path}", *DIVERGE]
@@ -142,20 +142,20 @@ def test_a_signal_during_the_final_evaluation_loses_no_training_and_ends_as_if_n
     reference = long_final_evaluation(tmp_path / "ref")
     assert reference.wait(timeout=600) == 0, reference.communicate()
     proc = long_final_evaluation(tmp_path / "cut")
-    folder = R.run_dir(tmp_path / "cut", "minatar", "storm", "breakout", 0)
+    folder = run_dir(tmp_path / "cut", "minatar", "storm", "breakout", 0)
     wait_for(lambda: (folder / CHECKPOINT).exists(), proc)  # the end of training: the final evaluation runs now
     time.sleep(0.5)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
-    assert "checkpointed at step 160" in out and not R.is_done(folder)
+    assert "checkpointed at step 160" in out and not is_done(folder)
     sessions = json.loads((folder / "metadata.json").read_text())["sessions"]
     assert sessions[0]["last_step"] == 160 and sessions[0]["preempted"] == signal.Signals(sig).name
     again = long_final_evaluation(tmp_path / "cut")
     assert again.wait(timeout=600) == 0, again.communicate()
     sessions = json.loads((folder / "metadata.json").read_text())["sessions"]
     assert sessions[1]["resumed_from_step"] == 160  # nothing trained again
-    ref = R.run_dir(tmp_path / "ref", "minatar", "storm", "breakout", 0)
+    ref = run_dir(tmp_path / "ref", "minatar", "storm", "breakout", 0)
     assert (folder / "eval.csv").read_text() == (ref / "eval.csv").read_text()
     mine, theirs = (json.loads((f / "summary.json").read_text()) for f in (folder, ref))
     assert mine["final_return"] == theirs["final_return"] and mine["random_return"] == theirs["random_return"]
@@ -206,7 +206,7 @@ def test_results_checkpoints_and_reports_keep_the_umasks_mode(tmp_path, umask):
                                "--out", str(tmp_path / "report"), "--reps", "100"], capture_output=True, text=True,
                               cwd=REPO, timeout=300, preexec_fn=lambda: os.umask(umask))
     assert analysis.returncode == 0, analysis.stderr
-    folder = R.run_dir(tmp_path, "minatar", "storm", "breakout", 0)
+    folder = run_dir(tmp_path, "minatar", "storm", "breakout", 0)
     files = [*folder.iterdir(), tmp_path / "report" / "report.html", tmp_path / "report" / "aggregate.csv"]
     assert {"DONE.json", "summary.json", "model.pt", CHECKPOINT, "metadata.json", "eval.csv"} <= {f.name for f in files}
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files if f.is_file()}

@@ -102,7 +102,7 @@ def close(a: Any, b: Any, path: str, bad: list[str]) -> None:
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             bad.append(f"{path}: length {len(a)} != {len(b)}")
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             close(x, y, f"{path}[{i}]", bad)
     elif not math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-6) and not (math.isnan(a) and math.isnan(b)):
         bad.append(f"{path}: {a!r} != recorded {b!r}")

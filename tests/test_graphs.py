@@ -111,7 +111,7 @@ def test_a_capturable_rollout_never_waits_for_the_device(name):
     imagines."""
     agent = agent_of(name)
     if name == "mow":
-        agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
+        agent.wm.experts.pad_inputs = True  # CUDA's default (models/experts.py)
 
     def sample(n, length):
         return random_batch(agent.tasks, n, length, torch.device("cpu"))
@@ -140,7 +140,7 @@ def test_capturable_acting_never_waits_for_the_device(name, reencode):
     the envs comes after it."""
     agent = agent_of(name, f"agent.act_reencode={reencode}")
     if name == "mow":
-        agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
+        agent.wm.experts.pad_inputs = True  # CUDA's default (models/experts.py)
     contexts = [agent.new_context(i, seed=i) for i in range(len(agent.tasks))]
     obs = [torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy() for _ in contexts]
     for _ in range(agent.cfg.act_context):
@@ -198,7 +198,7 @@ def test_capturable_updates_never_wait_for_the_device(name):
     phase outside what a graph holds; token-routed MoW is not capturable and reads inside."""
     agent = agent_of(name.split("_")[0], *(["agent.routing=token"] if name == "mow_token" else []))
     if name.startswith("mow"):
-        agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
+        agent.wm.experts.pad_inputs = True  # CUDA's default (models/experts.py)
 
     def sample(n, length):
         return random_batch(agent.tasks, n, length, torch.device("cpu"))
@@ -386,7 +386,7 @@ def test_graphed_agent_takes_the_updates_eager_takes(name):
     for graphs in (False, True):
         agent = agent_of(name, f"agent.cuda_graphs={graphs}")
         if name == "mow":
-            agent.wm.experts.pad_inputs = True  # CUDA's default (models/moe.py)
+            agent.wm.experts.pad_inputs = True  # CUDA's default (models/experts.py)
         calls = (agent.rollout, agent.wm_step, agent.ac_step, *agent.act_steps.values())
         for call in calls:
             call.backend = EagerGraphs()

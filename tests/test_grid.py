@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from mowbench import results as R
 from mowbench.config import compose_config
+from mowbench.experiments import method_name
 from mowbench.grid import QUEUED, expand, parse_args, unit_states
-from mowbench.gridspec import method_name
+from mowbench.results import LOCK, atomic_write_json, is_done, run_dir
 from tests.conftest import REPO
 
 SLURM = shutil.which("sbatch") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
@@ -127,12 +127,12 @@ def test_a_failed_run_is_resubmitted(tmp_path):
             f"results_dir={tmp_path}"]
     req = parse_args(args)
     [unit] = expand(req)
-    R.atomic_write_json(tmp_path / "grids" / "smoke" / "jobs.json",
+    atomic_write_json(tmp_path / "grids" / "smoke" / "jobs.json",
                         {unit.key: {"job_id": "424242", "launcher": "slurm", "stderr": "/nowhere/424242_0_log.err"}})
     [row] = unit_states(req, [unit])
     assert row["state"] == "failed" and row["log"] == "/nowhere/424242_0_log.err"
     assert "submitted 1 run(s)" in run_grid(*args)
-    assert R.is_done(unit.folder)
+    assert is_done(unit.folder)
 
 
 def test_a_resubmission_stops_when_squeue_cannot_answer(tmp_path):
@@ -147,7 +147,7 @@ def test_a_resubmission_stops_when_squeue_cannot_answer(tmp_path):
     args = ["grid=smoke", "seeds=[1]", "agent=[storm]", "task=breakout", "launcher=local", f"results_dir={tmp_path}"]
     [unit] = expand(parse_args(args))
     jobs = tmp_path / "grids" / "smoke" / "jobs.json"
-    R.atomic_write_json(jobs, {unit.key: {"job_id": "424242", "launcher": "slurm", "stderr": "/nowhere/x.err"}})
+    atomic_write_json(jobs, {unit.key: {"job_id": "424242", "launcher": "slurm", "stderr": "/nowhere/x.err"}})
     before = jobs.read_text()
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
     out = subprocess.run([sys.executable, "-m", "mowbench.run", *args], capture_output=True, text=True, cwd=REPO,
@@ -188,7 +188,7 @@ def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tm
     assert len({j["job_id"].split("_")[0] for j in jobs.values()}) == 1  # one job array
     # preempt one run in the middle: SLURM's USR2, as before a time limit
     victim = next(u for u in units if u.key == "minatar/storm/breakout/seed_0")
-    wait_for(lambda: (victim.folder / "checkpoint.pt").exists() and (victim.folder / R.LOCK).exists(), 240,
+    wait_for(lambda: (victim.folder / "checkpoint.pt").exists() and (victim.folder / LOCK).exists(), 240,
              "the victim's first checkpoint")
     job_id = jobs[victim.key]["job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id])  # its exit code can be non-zero while the job handles it
@@ -197,7 +197,7 @@ def test_smoke_grid_on_real_slurm_survives_preemption_and_is_never_duplicated(tm
     # a resubmission while runs are queued or running submits none of them again
     assert "nothing to submit" in run_grid(*args)
     release_requeued(job_id)
-    wait_for(lambda: all(R.is_done(u.folder) for u in units), 600, "every run of the grid to finish")
+    wait_for(lambda: all(is_done(u.folder) for u in units), 600, "every run of the grid to finish")
     summary = json.loads((victim.folder / "summary.json").read_text())
     assert summary["step"] == 160  # the full budget, after the requeue
     sessions = json.loads(meta.read_text())["sessions"]
@@ -269,7 +269,7 @@ def test_a_grid_refuses_cells_whose_folders_hold_other_settings(tmp_path):
     assert "minatar/storm/breakout/seed_0  mismatch" in status and "other settings: agent." in status
     assert "done: 0" in status and "mismatch: 1" in status
     # an unreadable config.yaml: that cell is named, the rest of the grid is still listed
-    config = R.run_dir(tmp_path, "minatar", "storm", "breakout", 0) / "config.yaml"
+    config = run_dir(tmp_path, "minatar", "storm", "breakout", 0) / "config.yaml"
     config.write_text("{unclosed: [")
     status = subprocess.run([sys.executable, "-m", "mowbench.grid", "status", *args], capture_output=True,
                             text=True, cwd=REPO, timeout=300)
@@ -336,7 +336,7 @@ def test_on_slurm_a_cancelled_run_is_preempted_and_a_signal_in_the_final_evaluat
     meta, ckpt = unit.folder / "metadata.json", unit.folder / "checkpoint.pt"
     assert "submitted 1 run(s)" in run_grid(*args)
     job = json.loads((results / "grids" / "smoke" / "jobs.json").read_text())[unit.key]["job_id"]
-    wait_for(lambda: meta.exists() and (unit.folder / R.LOCK).exists(), 240, "the run to start")
+    wait_for(lambda: meta.exists() and (unit.folder / LOCK).exists(), 240, "the run to start")
     time.sleep(1.0)  # the trainer's handlers are installed once it trains (training takes seconds: the signal may
     subprocess.run(["scancel", job])  # come in training or in the final evaluation; either is checkpointed)
     wait_for(lambda: json.loads(meta.read_text())["sessions"][0].get("preempted") == "SIGTERM", 120,
@@ -361,7 +361,7 @@ def test_on_slurm_a_cancelled_run_is_preempted_and_a_signal_in_the_final_evaluat
     wait_for(lambda: json.loads(meta.read_text())["sessions"][1].get("preempted") == "SIGUSR2", 120,
              "the final evaluation to stop on USR2")
     release_requeued(job)
-    wait_for(lambda: R.is_done(unit.folder), 400, "the run to finish")
+    wait_for(lambda: is_done(unit.folder), 400, "the run to finish")
     sessions = json.loads(meta.read_text())["sessions"]
     assert [s.get("preempted") for s in sessions] == ["SIGTERM", "SIGUSR2", None]
     assert sessions[1]["last_step"] == 160 and sessions[2]["resumed_from_step"] == 160  # no training done twice

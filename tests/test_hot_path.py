@@ -11,8 +11,9 @@ import torch
 from mowbench.agents.base import make_agent, read_metrics
 from mowbench.config import compose_config
 from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.machine import host_memory_available
 from mowbench.ops import harmonious_loss
-from mowbench.replay import host_memory_available, random_batch, replay_bytes, replay_device
+from mowbench.replay import random_batch, replay_bytes, replay_device
 from tests.conftest import MICRO
 from tests.test_mow import make_mow
 

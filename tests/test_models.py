@@ -262,7 +262,7 @@ def test_bf16_autocast_path_runs():
 
 def test_bench_reference_cache_imagination_equals_ours():
     """The benchmark's emulation of STORM's reference cache does the same computation as our KV cache."""
-    from mowbench.baselines.storm import imagine_reference_cache
+    from mowbench.bench_extras import imagine_reference_cache
     from mowbench.replay import random_batch
 
     entry = get_agent("storm")

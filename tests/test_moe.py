@@ -5,7 +5,8 @@ expert groups included; both kernels give equal gradients; the cached pass equal
 import pytest
 import torch
 
-from mowbench.models.moe import ExpertBank, ExpertCache, PairLayout, expert_matmul, padding_ratio
+from mowbench.models.experts import PairLayout, expert_matmul, padding_ratio
+from mowbench.models.mow import ExpertBank, ExpertCache
 from mowbench.models.transformer import CausalTransformer, TokenStem
 
 LATENT, ACTION, EMBED, WIDTH, HEADS, FFN, DEPTH, MAX_LEN, N_E = 24, 5, 3, 32, 4, 48, 2, 8, 6
@@ -138,7 +139,7 @@ def test_grouped_matmul_takes_a_broadcast_gradient():
 
 @pytest.mark.parametrize(("capability", "kernel"), [((8, 0), "loop"), ((9, 0), "grouped"), ((10, 0), "grouped")])
 def test_auto_kernel_on_cuda_is_grouped_from_hopper_on(monkeypatch, capability, kernel):
-    from mowbench.models.moe import auto_kernel
+    from mowbench.models.experts import auto_kernel
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert auto_kernel(torch.device("cuda")) == kernel

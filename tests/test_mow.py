@@ -487,7 +487,7 @@ def test_paper_preset_mow_has_at_most_half_the_parameters_of_26_storms():
     """The paper: MoW is about half the size of 26 separate STORM models. Counted at the paper preset
     (N_m = 12, N_e = 12, STORM-sized components, 18 shared actions) against 26 STORMs with each game's
     minimal action set (counts without the slow critics, which are EMA copies)."""
-    from mowbench.baselines.storm import separate_storm_parameters
+    from mowbench.bench_extras import separate_storm_parameters
     from mowbench.envs.atari import TASKS
 
     cfg = compose_config(["agent=mow", "env=atari100k", "preset=paper"])

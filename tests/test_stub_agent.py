@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from mowbench import results as R
-from mowbench.agents.base import AGENTS, Agent, register_agent
+from mowbench.agents.base import AGENTS, Agent, AgentConfig, register_agent
 from mowbench.config import compose_config
 from mowbench.envs.base import ActionSpace, TaskInfo
 from mowbench.replay import Batch, Replay, StepField
+from mowbench.results import is_done, read_json, run_dir
 from mowbench.runner import execute
 from mowbench.trainer import CHECKPOINT
 
 
 @dataclass
-class StubConfig:
+class StubConfig(AgentConfig):
     lr: float = 0.2  # step size of each action value towards the sampled rewards
 
 
@@ -79,12 +79,12 @@ def stub_cfg(results: Any, *extra: str) -> dict[str, Any]:
 def test_a_stub_agent_trains_resumes_exactly_and_evaluates(stub_registered, tmp_path):
     [(_, whole)] = execute(stub_cfg(tmp_path / "whole"))
     assert execute(stub_cfg(tmp_path / "cut", "train.stop_at=40")) == [("breakout", None)]  # preempted
-    folder = R.run_dir(tmp_path / "cut", "minatar", "stub", "breakout", 0)
-    assert (folder / "checkpoint.pt").exists() and not R.is_done(folder)
+    folder = run_dir(tmp_path / "cut", "minatar", "stub", "breakout", 0)
+    assert (folder / "checkpoint.pt").exists() and not is_done(folder)
     [(_, resumed)] = execute(stub_cfg(tmp_path / "cut"))
-    assert R.is_done(folder)
+    assert is_done(folder)
     assert whole["updates"] == resumed["updates"] == 60 and whole["final_return"] == resumed["final_return"]
-    whole_folder = R.run_dir(tmp_path / "whole", "minatar", "stub", "breakout", 0)
+    whole_folder = run_dir(tmp_path / "whole", "minatar", "stub", "breakout", 0)
     for name in ("eval.csv", "episodes.csv", "metrics.csv"):  # every row but the wall-clock speed
         rows = [[line for line in (f / name).read_text().splitlines() if ",perf/" not in line]
                 for f in (folder, whole_folder)]
@@ -93,7 +93,7 @@ def test_a_stub_agent_trains_resumes_exactly_and_evaluates(stub_registered, tmp_
     assert model["visits"].sum() == 60 * 4 * 2  # every update learned from its whole batch
     whole_model = torch.load(whole_folder / "model.pt", weights_only=True)
     assert torch.equal(model["q"], whole_model["q"]) and torch.equal(model["visits"], whole_model["visits"])
-    meta = R.read_json(folder / "metadata.json")
+    meta = read_json(folder / "metadata.json")
     assert meta["agent"] == "stub" and meta["parameters"] == {"values": 6} and meta["per_task_signal"][
         "updates_per_round"] == 1.0
     assert [s["resumed_from_step"] for s in meta["sessions"]] == [None, 40]
@@ -140,7 +140,7 @@ def test_a_method_declares_optional_replay_fields_without_touching_other_agents(
     finally:
         del AGENTS["stub_fields"]
     assert FieldsStubAgent.checked == summary["updates"] == 200
-    state = torch.load(R.run_dir(tmp_path, "minatar", "stub_fields", "breakout", 0) / CHECKPOINT, weights_only=True)
+    state = torch.load(run_dir(tmp_path, "minatar", "stub_fields", "breakout", 0) / CHECKPOINT, weights_only=True)
     extras = state["replay"]["buffers"][0]["extras"]
     assert extras["first"][0] == 1.0 and extras["first"].sum() >= 2  # episodes of 300 steps of breakout: several
     assert bool((extras["chosen_q"][:100] == 0).all()) and bool((extras["chosen_q"][100:] >= 1).all())

@@ -53,6 +53,22 @@ class PicklesGenerator:
         self.__dict__.update(state)
 
 
+class Autocast:
+    """Mixin of agents with a device and a precision: `autocast()` is bf16 autocast on the run's device when the run's
+    precision is bf16 (CUDA), else a no-op context. The agent sets `device` and `autocast_bf16`."""
+
+    device: torch.device
+    autocast_bf16: bool = False
+
+    def autocast_cache(self) -> bool:
+        """Whether the cast weights are cached across a context (torch's default); off under CUDA graph capture."""
+        return True
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16,
+                              cache_enabled=self.autocast_cache())
+
+
 Metrics = dict[str, float | torch.Tensor]  # what an update returns: names -> numbers or 0-dim tensors
 
 
@@ -155,19 +171,54 @@ class Agent(ABC):
     def parameter_counts(self) -> dict[str, int]: ...
 
 
+@dataclass
+class AgentConfig:
+    """Base of every agent's config dataclass (its fields are the agent's hyperparameters, its defaults the paper
+    preset): the checks mowbench.config runs on it before any env or network is built. Each raises a one-line
+    ValueError naming the bad value and what is allowed; the defaults accept everything."""
+
+    def check(self) -> None:
+        """The fields on their own (sizes > 0, coefficients in range)."""
+
+    def check_image_size(self, image_size: int) -> None:
+        """The suite's observation side in pixels (e.g. an encoder whose strides need a multiple of 16)."""
+
+    def check_suite(self, suite: str, discrete: bool) -> None:
+        """The suite and whether its actions are discrete (e.g. continuous-action methods refuse MinAtar)."""
+
+    def check_tasks(self, n_tasks: int) -> None:
+        """The run's task count (e.g. MoW's clusters cannot outnumber its tasks)."""
+
+    def check_positive(self, names: tuple[str, ...]) -> None:
+        """One-line errors for fields that must be > 0."""
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: > 0")
+
+    def check_non_negative(self, names: tuple[str, ...]) -> None:
+        """One-line errors for fields that must be >= 0."""
+        for name in names:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: >= 0")
+
+
 @dataclass(frozen=True)
 class AgentEntry:
     name: str
     cls: type[Agent]
-    config: type  # dataclass of hyperparameters; its defaults are the 'paper' preset
+    config: type[AgentConfig]  # dataclass of hyperparameters; its defaults are the 'paper' preset
     multi_task: bool
 
 
 AGENTS: dict[str, AgentEntry] = {}
 
 
-def register_agent(name: str, config: type, multi_task: bool = False) -> Callable[[type[Agent]], type[Agent]]:
+def register_agent(name: str, config: type[AgentConfig],
+                   multi_task: bool = False) -> Callable[[type[Agent]], type[Agent]]:
     """Class decorator: a baseline file registers itself under `name` with its config dataclass."""
+
+    if not (dataclasses.is_dataclass(config) and issubclass(config, AgentConfig)):
+        raise TypeError(f"agent {name!r}: its config {config!r} must be a dataclass deriving from AgentConfig")
 
     def wrap(cls: type[Agent]) -> type[Agent]:
         if name in AGENTS:
@@ -211,12 +262,11 @@ def build_config(entry: AgentEntry, values: dict[str, Any]) -> Any:
         raise ValueError(f"unknown {entry.name} option(s) {unknown}; allowed: {', '.join(sorted(fields))}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
     cfg = entry.config(**kwargs)
-    if hasattr(cfg, "check"):
-        try:
-            cfg.check()
-        except ValueError as err:  # "width=0; allowed: > 0" -> "agent.width=0; ...": the key as it is typed
-            text = str(err)
-            raise ValueError(f"agent.{text}" if text.split("=", 1)[0] in fields else text) from None
+    try:
+        cfg.check()
+    except ValueError as err:  # "width=0; allowed: > 0" -> "agent.width=0; ...": the key as it is typed
+        text = str(err)
+        raise ValueError(f"agent.{text}" if text.split("=", 1)[0] in fields else text) from None
     return cfg
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mowbench.agents.actor_critic import ActorCritic, ActorCriticLearner, Imagined
-from mowbench.agents.base import Agent, Metrics, adam, count_parameters
+from mowbench.agents.base import Agent, AgentConfig, Autocast, Metrics, adam, count_parameters
 from mowbench.agents.graphs import GraphedCall, graphs_wanted, optimizer_tensors
 from mowbench.envs.base import TaskInfo
 from mowbench.ops import one_hot, sample_onehot_st, twohot_decode, uniform_bins
@@ -78,7 +78,7 @@ class WorldModel(Protocol):
 
 
 @dataclass
-class ImaginationConfig:
+class ImaginationConfig(AgentConfig):
     """Batches, imagination, acting and actor-critic settings shared by every imagination agent; defaults are
     STORM's (arXiv 2310.09615, docs/methods/storm.md). A method's config subclasses it with its world model's sizes."""
 
@@ -143,10 +143,10 @@ class ImaginationConfig:
             raise ValueError(f"return_percentiles={self.return_percentiles!r}; allowed: kth, linear")
         if self.return_norm not in ("task", "critic", "global"):
             raise ValueError(f"return_norm={self.return_norm!r}; allowed: task, critic, global")
-        check_positive(self, ("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon",
+        self.check_positive(("batch_per_task", "batch_length", "imag_per_task", "imag_context", "imag_horizon",
                               "act_context", "act_refresh", "ac_width", "wm_lr", "wm_grad_clip", "ac_lr", "ac_eps",
                               "ac_grad_clip"))
-        check_non_negative(self, ("ac_depth", "entropy_coef"))
+        self.check_non_negative(("ac_depth", "entropy_coef"))
         if self.act_refresh > self.act_context:
             raise ValueError(f"act_refresh={self.act_refresh}; allowed: 1..act_context={self.act_context}")
         if self.cuda_graphs not in (True, False, "auto"):
@@ -158,20 +158,6 @@ class ImaginationConfig:
         for name in ("lam", "slow_decay", "norm_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}; allowed: 0 <= {name} <= 1")
-
-
-def check_positive(cfg: Any, names: tuple[str, ...]) -> None:
-    """One-line errors for fields that must be > 0."""
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name}={getattr(cfg, name)}; allowed: > 0")
-
-
-def check_non_negative(cfg: Any, names: tuple[str, ...]) -> None:
-    """One-line errors for fields that must be >= 0."""
-    for name in names:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name}={getattr(cfg, name)}; allowed: >= 0")
 
 
 def sample_z(logits: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,7 +246,7 @@ def compile_networks(*roots: nn.Module) -> list[str]:
     return compiled
 
 
-class ImaginationAgent(Agent):
+class ImaginationAgent(Autocast, Agent):
     """World-model update -> imagination with a KV cache -> actor-critic in imagination, and acting from the
     world model's context. A subclass gives `build_world_model` and `world_model_loss`; everything that
     depends on the method (task conditioning, features, which critic judges a task) is the world model's."""
@@ -340,11 +326,10 @@ class ImaginationAgent(Agent):
         return list(self.wm.parameters())
 
     # ---- helpers ----
-    def autocast(self) -> Any:
-        """bf16 autocast on the run's device when the run's precision is bf16, else a no-op context. With CUDA
-        graphs the cast weights are not cached across a context (torch's advice for capture); the same values."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16,
-                              cache_enabled=not self.graphs)
+    def autocast_cache(self) -> bool:
+        """With CUDA graphs the cast weights are not cached across a context (torch's advice for capture); the same
+        values."""
+        return not self.graphs
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """Env actions (B, T) long or (B, T, A) float -> world-model input (B, T, A) float."""

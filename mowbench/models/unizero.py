@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mowbench.models.moe import PairLayout, StackedLinear, StackedNorm
+from mowbench.models.experts import PairLayout, StackedLinear, StackedNorm
 from mowbench.models.packed import Linear
 from mowbench.models.transformer import KVCache, attend, layer_mask, position_embedding
 from mowbench.models.vae import ConvDecoder

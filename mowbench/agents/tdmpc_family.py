@@ -1,8 +1,8 @@
-"""The shared base of TD-MPC2-style latent world-model agents (TD-MPC2, Newt, PWM; docs/methods/tdmpc2.md): the
-world model of mowbench.models.tdmpc trained online from the per-task replays by latent consistency and reward
-prediction over an H-step unroll, frame-stacked pixel contexts, and the refusal of discrete-action suites.
-A method adds how it acts and what else it learns (TD-MPC2: Q ensemble, policy prior and MPPI; PWM: per-task
-actors and critics by first-order gradients)."""
+"""The TD-MPC2 family's shared base: agents around TD-MPC2's latent world model (TD-MPC2, Newt, PWM;
+docs/methods/tdmpc2.md). The world model of mowbench.models.tdmpc is trained online from the per-task replays by
+latent consistency and reward prediction over an H-step unroll, on frame-stacked pixel contexts; discrete-action
+suites are refused. A method adds how it acts and what else it learns (TD-MPC2: Q ensemble, policy prior and MPPI;
+PWM: per-task actors and critics by first-order gradients)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mowbench.agents.base import Agent, Metrics, PicklesGenerator, count_parameters
-from mowbench.agents.imagination import check_non_negative, check_positive
+from mowbench.agents.base import Agent, AgentConfig, Autocast, Metrics, PicklesGenerator, count_parameters
 from mowbench.envs.base import TaskInfo
 from mowbench.models.tdmpc import SIZES, TDMPCWorldModel, conv_out
 from mowbench.ops import random_shift, rho_weights, stack_frames, symlog_twohot_ce
@@ -24,7 +23,7 @@ from mowbench.replay import Batch, StepField
 
 
 @dataclass
-class LatentConfig:
+class TDMPCFamilyConfig(AgentConfig):
     """World-model settings shared by the TD-MPC2 family; defaults are TD-MPC2's (5M, docs/methods/tdmpc2.md)."""
 
     model_size: str = "5M"  # 1M | 5M | 19M | L (Newt) | custom (enc_dim, mlp_dim, latent_dim below)
@@ -65,9 +64,9 @@ class LatentConfig:
     def check(self) -> None:
         if self.model_size not in (*SIZES, "custom"):
             raise ValueError(f"model_size={self.model_size!r}; allowed: {', '.join(SIZES)}, custom")
-        check_positive(self, ("enc_dim", "mlp_dim", "latent_dim", "simnorm_group", "frames", "channels", "bins",
+        self.check_positive(("enc_dim", "mlp_dim", "latent_dim", "simnorm_group", "frames", "channels", "bins",
                               "horizon", "lr", "grad_clip", "batch_size", "batch_multi_task", "enc_lr_scale"))
-        check_non_negative(self, ("shift_pad", "task_dim", "consistency_coef", "reward_coef", "seed_updates"))
+        self.check_non_negative(("shift_pad", "task_dim", "consistency_coef", "reward_coef", "seed_updates"))
         if self.sizes()[2] % self.simnorm_group:
             raise ValueError(f"latent_dim={self.sizes()[2]}; allowed: a multiple of simnorm_group={self.simnorm_group}")
         if len(self.kernels) != len(self.strides) or not self.kernels:
@@ -146,13 +145,13 @@ class Unroll:
     task: torch.Tensor
 
 
-class LatentAgent(Agent):
+class TDMPCFamilyAgent(Autocast, Agent):
     """TD-MPC2-style agent base: the world model, its optimizer and loss, frame-stacked contexts, replay of the
     `first` flags. Subclasses build the world model's extra parts and implement acting and their own learning."""
 
-    cfg: LatentConfig
+    cfg: TDMPCFamilyConfig
 
-    def __init__(self, cfg: LatentConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
+    def __init__(self, cfg: TDMPCFamilyConfig, tasks: list[TaskInfo], device: torch.device, precision: str) -> None:
         check_continuous(tasks)
         if len(tasks) != 1 and not self.multi_task:
             raise ValueError(f"{type(self).__name__} is single-task; got {len(tasks)} tasks")
@@ -202,9 +201,6 @@ class LatentAgent(Agent):
                     strides=tuple(cfg.strides), action_mask=action_mask, dynamics_norm=cfg.dynamics_norm,
                     init=cfg.init, obs=cfg.obs, state_dim=cfg.state_dim, enc_dim=cfg.sizes()[0],
                     enc_layers=cfg.enc_layers)
-
-    def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
     def batch_size(self) -> int:
         """Sequences per update: batch_size for one task, batch_multi_task rounded down to a multiple of the task

@@ -1,20 +1,20 @@
-"""MoW's temporal-module experts (docs/methods/mow.md): N_e experts, each a token mixer followed by a
-small causal Transformer, with their weights stacked so that the chosen experts run together.
+"""Stacked experts: n independent layers with their weights stacked along a leading expert dimension, so that
+the chosen experts run together (MoW's temporal-module experts, models/mow.py; ScaleZero-lite's MoE feed-forwards,
+models/unizero.py).
 
-Every parameter has a leading expert dimension. A call takes (sequence, expert) pairs; the pairs are sorted
-by expert (PairLayout) so that each expert's pairs are one contiguous slice, and every projection runs each
-expert's weights on its own slice only: the work is that of the real pairs (B x TopK for task-level routing),
-with no padding of small groups to the largest one. Two kernels do this, with equal results (tests):
+A call takes (sequence, expert) pairs; the pairs are sorted by expert (PairLayout) so that each expert's pairs are
+one contiguous slice, and every projection runs each expert's weights on its own slice only: the work is that of
+the real pairs, with no padding of small groups to the largest one. Two kernels do this, with equal results
+(tests/test_moe.py):
 - `grouped`: one grouped matmul (torch's F.grouped_mm) per projection; no host synchronisation at all. Used
   where the call fits the kernel (rows of 16-byte multiples; on CPU in any precision, on CUDA in bf16). An input
-  width that does not fit (the token mixer's z + a + e_k: 1106 at the paper preset on Atari) is padded with zero
-  columns on CUDA (`pad_inputs`), so that no projection falls back to the loop and its host read; equal up to
-  float rounding. On CPU, where a host read costs nothing, such a projection takes the loop (exact).
+  width that does not fit (MoW's token mixer reads z + a + e_k, 1106 wide at the paper preset on Atari) is padded
+  with zero columns on CUDA (`pad_inputs`), so that no projection falls back to the loop and its host read; equal
+  up to float rounding. On CPU, where a host read costs nothing, such a projection takes the loop (exact).
 - `loop`: a Python loop over the experts present, one matmul per slice (the slice sizes are read from the
   device once per layout: a rollout or a training batch).
-`expert_kernel=auto` takes `grouped` on CPU, where it was measured fastest (forward and backward at the paper
-preset's initial routing; see `mowbench.bench`), and `loop` on CUDA, where no GPU has measured it yet.
-Attention is per sequence and needs no expert weights, so it runs over all pairs at once.
+`auto` takes auto_kernel's choice for the device. Attention is per sequence and needs no expert weights, so it
+runs over all pairs at once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mowbench.models.transformer import KVCache, attend, layer_mask, positions
+from mowbench.models.transformer import KVCache, attend
 from mowbench.ops import Grouping, counts_of
 
 KERNELS = ("auto", "grouped", "loop")
@@ -67,9 +67,9 @@ class PairLayout:
 
 
 def auto_kernel(device: torch.device) -> str:
-    """'grouped' where it measured faster than 'loop' (the experts' forward + backward at the paper preset's
-    initial routing of 26 games: on 2 CPU cores 0.51 s vs 0.60 s; on an H100 in bf16 8.8 ms vs 11.5 ms), 'loop' on
-    GPUs older than Hopper (capability 9), where grouped_mm's CUDA kernels are not measured (or not built)."""
+    """'grouped' on CPU and on Hopper or newer GPUs (capability 9+), where it measured faster than 'loop' for MoW's
+    experts at the paper preset (docs/performance.md); 'loop' on older GPUs, where grouped_mm's CUDA kernels are not
+    measured (or not built)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         return "loop"
     return "grouped"
@@ -176,85 +176,6 @@ class StackedBlock(nn.Module):
         attn = attn.transpose(1, 2).reshape(p, t, width)
         x = self.norm1(x + self.drop(self.out(attn, layout)), layout)
         return self.norm2(x + self.drop(self.ffn_out(F.relu(self.ffn_in(x, layout)), layout)), layout)
-
-
-@dataclass
-class ExpertCache:
-    """Inference state of an ExpertBank over a fixed set of pairs (a rollout: task-level routing does not
-    change within it; token-level routing runs every pair): the pair layout and one KV cache over the pairs
-    in slot order, created on the first call. offset (B,): per-sequence left padding (see KVCache)."""
-
-    dtype: torch.dtype
-    layout: PairLayout | None = None
-    kv: KVCache | None = None
-    offset: torch.Tensor | None = None
-
-
-class ExpertBank(nn.Module):
-    """N_e experts j = token mixer m_j(z_t, a_t, e_k) (STORM's stem: Linear -> LN -> ReLU -> Linear -> LN)
-    followed by a causal Transformer f_j (learned positions, LN, post-LN blocks; absent when
-    `transformer` is False: the 'no expert Transformers' ablation), all with stacked weights. `kernel`:
-    one of KERNELS (module docstring)."""
-
-    def __init__(self, n_experts: int, latent_dim: int, action_dim: int, embed_dim: int, width: int, depth: int,
-                 heads: int, ffn: int, dropout: float, max_len: int, transformer: bool = True,
-                 attn_dropout: float = 0.0, ln_eps: float = 1e-5, kernel: str = "auto") -> None:
-        super().__init__()
-        assert kernel in KERNELS, f"kernel={kernel!r}; allowed: {', '.join(KERNELS)}"
-        n = self.n_experts = n_experts
-        self.depth, self.heads, self.width, self.max_len, self.kernel = depth, heads, width, max_len, kernel
-        self.pad_inputs: bool | None = None  # PairLayout.pad_inputs (None: on CUDA)
-        self.mix_in = StackedLinear(n, latent_dim + action_dim + embed_dim, width, bias=False)
-        self.mix_norm1 = StackedNorm(n, width)
-        self.mix_out = StackedLinear(n, width, width, bias=False)
-        self.mix_norm2 = StackedNorm(n, width)
-        self.transformer = transformer
-        if transformer:
-            self.position = nn.Parameter(torch.randn(n, max_len, width))  # as nn.Embedding's N(0, 1)
-            self.norm = StackedNorm(n, width, eps=1e-6)
-            self.blocks = nn.ModuleList(StackedBlock(n, width, heads, ffn, dropout, attn_dropout, ln_eps)
-                                        for _ in range(depth))
-
-    def expert_parameters(self, j: int) -> list[torch.Tensor]:
-        """Views of expert j's parameters (for inspection and tests)."""
-        return [p[j] for p in self.parameters()]
-
-    def forward(self, z: torch.Tensor, action: torch.Tensor, e: torch.Tensor, pair_row: torch.Tensor,
-                pair_expert: torch.Tensor, key_mask: torch.Tensor | None = None,
-                cache: ExpertCache | None = None) -> torch.Tensor:
-        """z (B, T, L), action (B, T, A), e (B, E); pair_row, pair_expert (P,); key_mask (P, T) or None
-        -> outputs (P, T, D) in pair order."""
-        if cache is not None and cache.layout is not None:
-            layout = cache.layout
-        else:
-            layout = PairLayout.of(pair_expert, self.n_experts, self.kernel, self.pad_inputs)
-            if cache is not None:
-                cache.layout = layout
-        rows = pair_row[layout.order]  # (P,) the sequence of each slot
-        t = z.shape[1]
-        inputs = torch.cat([z[rows], action[rows], e[rows][:, None].expand(-1, t, -1)], -1)  # (P, T, in)
-        x = self.mix_norm2(self.mix_out(F.relu(self.mix_norm1(self.mix_in(inputs, layout), layout)), layout),
-                           layout)  # (P, T, D)
-        if self.transformer:
-            kv = None
-            if cache is not None:
-                if cache.kv is None:
-                    offset = None if cache.offset is None else cache.offset[rows]  # (P,) in slot order
-                    cache.kv = KVCache.empty(self.depth, len(rows), self.heads, self.max_len, self.width // self.heads,
-                                             z.device, cache.dtype, offset)
-                kv = cache.kv
-            mask = layer_mask(kv, None if key_mask is None else key_mask[layout.order], t, self.max_len, z.device)
-            if kv is None or kv.offset is None:
-                start = 0 if kv is None else kv.length
-                pos = self.position[:, start:start + t][layout.expert]  # (P, T, D)
-            else:  # per-sequence offsets (batched acting)
-                pos = self.position[layout.expert[:, None], positions(kv, t, z.device)]  # (P, T, D)
-            x = self.norm(x + pos, layout)
-            for i, block in enumerate(self.blocks):
-                x = block(x, layout, kv, i, mask)
-            if kv is not None:
-                kv.length += t
-        return x[layout.inverse]  # (P, T, D) in pair order
 
 
 def padding_ratio(pair_expert: torch.Tensor, n_experts: int) -> float:

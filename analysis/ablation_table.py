@@ -35,21 +35,21 @@ def sort_key(value: Any, position: int) -> tuple:
 
 def load_cells(name: str) -> tuple[list[Cell], str, dict[str, Any]]:
     """The grid's cells and the name of what it sweeps; an unknown grid is a one-line error."""
-    from mowbench import gridspec as G
+    from mowbench import experiments
 
     try:
-        spec = G.load_grid(name)
+        spec = experiments.load_grid(name)
     except ValueError as err:
         raise AnalysisError(str(err)) from None
     out = []
-    for i, (point, variant, defining) in enumerate(G.cells(spec)):
+    for i, (point, variant, defining) in enumerate(experiments.cells(spec)):
         try:
-            _, method = G.cell_method(spec, [], point, variant, defining)
+            _, method = experiments.cell_method(spec, [], point, variant, defining)
         except ValueError as err:
             raise AnalysisError(f"grid {name}: {err}") from None
         label = variant or ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
         value = next(iter(point.values())) if len(point) == 1 and not variant else None
-        out.append(Cell(label, method, G.is_default(spec, point, variant), sort_key(value, i)))
+        out.append(Cell(label, method, experiments.is_default(spec, point, variant), sort_key(value, i)))
     swept = [k.split(".")[-1] for k in spec.get("axes") or {}] + (["variant"] if spec.get("variants") else [])
     return out, ", ".join(swept) or "cell", spec
 

@@ -1,6 +1,7 @@
-"""Grid files (mowbench/conf/grid/<name>.yaml) read without composing configurations or importing torch:
-their cells, the results method name of each cell, and which cell is the default. mowbench.grid dispatches
-them; mowbench.analysis names their rows with them."""
+"""Named experiments, read without composing configurations or importing torch: the ablation files (config diffs,
+ablations/ablation/<name>.yaml) and the grid files (mowbench/conf/grid/<name>.yaml) with their cells, the results
+method name of each cell, and which cell is the default. mowbench.grid dispatches grids; mowbench.analysis names
+their rows with them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from mowbench.results import flat_items
 
 CONF = Path(__file__).parent / "conf"
 CONFIG = CONF / "config.yaml"
@@ -33,12 +36,7 @@ def ablation_overrides(name: str) -> list[str]:
     combines with an `ablation=` the whole grid selects."""
     values = OmegaConf.to_container(OmegaConf.load(ablation_dir() / f"{name}.yaml"), resolve=False) or {}
 
-    def flat(prefix: str, node: Any) -> list[str]:
-        if isinstance(node, dict):
-            return [o for k, v in node.items() for o in flat(f"{prefix}{k}.", v)]
-        return [f"{prefix[:-1]}={_fmt(node)}"]
-
-    return flat("", values)
+    return [f"{key}={_fmt(value)}" for key, value in flat_items(values).items()]
 
 
 def grid_names() -> list[str]:
