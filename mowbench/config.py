@@ -106,8 +106,8 @@ def deterministic_kernels(device: torch.device, on: bool) -> bool:
 
     Why attention by math: the fused backends' backward passes (cuDNN, flash, memory-efficient) accumulate with
     atomics unless torch's deterministic mode is strict (warn_only=False), and strict mode would also stop a run
-    at any op without a deterministic kernel. On an H100 (torch 2.11) SDPA picked cuDNN and warned that its
-    backward is not deterministic; no other op warned. The math backend (matmul, softmax, matmul) is
+    at any op without a deterministic kernel. On Hopper GPUs SDPA picks cuDNN, whose backward is not
+    deterministic. The math backend (matmul, softmax, matmul) is
     deterministic, and at these sequence lengths (at most 64 tokens) its score matrices are small."""
     if device.type != "cuda":
         return False

@@ -338,7 +338,7 @@ def simnorm(x: torch.Tensor, group: int = 8) -> torch.Tensor:
     (..., L) -> (..., L), L divisible by `group`; each group sums to 1.
 
     On CPU written out (exp of x minus the group's max, over the group's sum), in fp32 at least: torch's CPU
-    softmax runs row by row, and rows of 8 made it 4x slower than these vectorised ops. The max is detached: a
+    softmax runs row by row, which for rows of 8 is much slower than these vectorised ops. The max is detached: a
     softmax does not depend on the constant subtracted, so its gradient would be zero (rounding). Elsewhere
     torch.softmax, one fused kernel (fp32 under autocast, as the CPU path)."""
     shape = x.shape

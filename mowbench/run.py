@@ -15,8 +15,8 @@ import sys
 from mowbench.config import compose_config
 from mowbench.runner import execute
 
-# `python -m mowbench.run` with no arguments: tiny STORM on two MinAtar games, 2000 steps each (about
-# 5 minutes each on 2 CPU cores); the table compares each game's final return with a random policy's.
+# `python -m mowbench.run` with no arguments: tiny STORM on MinAtar, a CPU's minutes (README); the table compares
+# each game's final return with a random policy's.
 QUICKSTART = ["env=minatar", "agent=storm", "preset=tiny", "task=[breakout,space_invaders]"]
 
 

@@ -18,10 +18,10 @@ from mowbench.replay import Batch, StepField
 
 
 def adam(params: Any, lr: float, eps: float = 1e-8, capturable: bool = False) -> torch.optim.Optimizer:
-    """Adam with the fused kernel (CPU and CUDA): the same update as the default per-parameter loop, one
-    kernel for all parameters (about 4x faster on CPU for the tiny models' ~200 tensors). capturable (CUDA): its
-    step can be captured in a CUDA graph (agents.graphs); the fused kernel reads its step count from the device
-    either way."""
+    """Adam with the fused kernel (CPU and CUDA): the same update as the default per-parameter loop, one kernel for
+    all parameters (much faster on CPU for models of a few hundred small tensors). capturable (CUDA): its step can
+    be captured in a CUDA graph (agents.graphs); the fused kernel reads its step count from the device either
+    way."""
     return bumps_versions(torch.optim.Adam(params, lr=lr, eps=eps, fused=True, capturable=capturable))
 
 

@@ -129,10 +129,9 @@ class ImaginationConfig(AgentConfig):
     compile: bool = False
     # replay imagination, acting on full contexts, and the updates where `capturable_updates`, from CUDA graphs
     # (mowbench.agents.graphs.GraphedCall): the same numbers (a replay is checked bitwise against eager when
-    # captured), one launch instead of ~170 kernels a horizon step (on an H100: a STORM step 2.9x, a MoW step
-    # 4.6x faster). auto: on a CUDA device, what is capturable; true: the same, warning about what is not
-    # (token routing, the expert loop); false: never. What is not capturable, a CPU run, or a failed check runs
-    # eagerly
+    # captured), one launch instead of ~170 kernels a horizon step (the speed-ups: docs/performance.md). auto: on a
+    # CUDA device, what is capturable; true: the same, warning about what is not (token routing, the expert loop);
+    # false: never. What is not capturable, a CPU run, or a failed check runs eagerly
     cuda_graphs: bool | str = "auto"
 
     def check(self) -> None:

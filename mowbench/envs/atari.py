@@ -74,7 +74,7 @@ class AtariEnv(TaskEnv):
     sums rewards, reports life loss (episode continues) and truncates at `max_episode_steps` agent steps.
 
     The ALE is driven directly rather than through gymnasium's AtariEnv, which loads the ROM when made and again
-    when seeded (~0.09 s each, paid by every evaluation env); the settings and seed are AtariEnv's."""
+    when seeded (a cost every evaluation env would pay twice); the settings and seed are AtariEnv's."""
 
     def __init__(self, game: str, index: int, cfg: dict[str, Any], seed: int) -> None:
         import ale_py  # lazy: only this suite needs the ALE

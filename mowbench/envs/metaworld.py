@@ -88,7 +88,7 @@ def choose_gl(requested: str = "auto") -> str:
 def goal_variations(task: str, seed: int) -> tuple[Any, ...]:
     """The task's 50 goal variations (metaworld.MT1's train tasks) drawn with `seed`: a pure function of its
     arguments (MT1 seeds numpy's global generator and restores it), cached because drawing them resets a fresh
-    simulator 50 times (~1 s), once for every env of a run otherwise."""
+    simulator 50 times, once for every env of a run otherwise."""
     import metaworld
 
     return tuple(metaworld.MT1(task, seed=seed).train_tasks)
@@ -106,7 +106,7 @@ def parsed_model(path: str) -> Any:
 def env_class(task: str) -> type:
     """Meta-World's class for the task, changed only in where its MjModel comes from: a copy of the model parsed
     once per process instead of a parse in every constructor (gymnasium's MujocoEnv parses its XML file each
-    time, ~0.13 s of an env's ~0.17 s; an MT50 evaluation builds 500 envs and its random baseline 1,000). The
+    time, most of an env's construction; an MT50 evaluation builds 500 envs and its random baseline 1,000). The
     offscreen buffer is grown as gymnasium grows it; a test checks that a built env equals Meta-World's own."""
     import mujoco
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
@@ -169,8 +169,8 @@ class MetaWorldEnv(TaskEnv):
         """The offscreen renderer (its GL context reads the model's offsamples), shadows and reflections off with
         fast_render. Its context's buffers are made only as large as the frames need: an offscreen buffer of the
         image's size instead of Meta-World's 640 x 480, and no shadow map when shadows are off (a 4096^2 depth
-        map). The frames are the same bits (a test checks it) and an env takes ~18 MiB (fast_render: ~82 MiB) less
-        of its ~180 MiB: osmesa keeps them in host memory, EGL in the GPU's."""
+        map). The frames are the same bits (a test checks it) and each env takes less memory (docs/performance.md):
+        osmesa keeps the buffers in host memory, EGL in the GPU's."""
         import mujoco
 
         vis = self.env.model.vis

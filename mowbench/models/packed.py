@@ -12,15 +12,13 @@ from torch import nn
 
 # torch's CPU matmul (MKL) repacks the weight at every call, and its convolution reorders the weight to oneDNN's
 # layout at every call: at acting's few rows (one frame, 16 tokens) that costs more than the product, and MKL's
-# kernels on AMD CPUs are slower than oneDNN's (STORM's 16-row qkv: 0.23 ms with F.linear, 0.13 ms packed; its
-# encoder's last convolution at batch 1: 0.58 ms vs 0.18 ms; 2 EPYC cores). oneDNN takes a weight packed once
-# (torch's inductor does the same on CPU).
+# kernels on AMD CPUs are slower than oneDNN's (docs/performance.md has the timings). oneDNN takes a weight
+# packed once (torch's inductor does the same on CPU).
 ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
           and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
-# Linear weights of fewer elements stay with F.linear: oneDNN's ~15 us a call outweighs what packing saves below
-# ~2^17-2^18 (F.linear vs packed at 1 / 16 / 1024 rows on 2 EPYC cores: 256 x 256: 7 / 22 / 685 us vs
-# 19 / 27 / 647 us; 512 x 512: 27 / 79 / 2744 us vs 25 / 58 / 2444 us). The tiny preset's networks are below it,
-# the paper's Transformer, encoder, heads and actor-critic above.
+# Linear weights of fewer elements stay with F.linear: oneDNN's fixed cost a call outweighs what packing saves
+# below about 2^17-2^18 elements (docs/performance.md). The tiny preset's networks are below it, the paper's
+# Transformer, encoder, heads and actor-critic above.
 PACK_MIN_ELEMENTS = 1 << 18
 # The linear packing's row-count hint. oneDNN picks its kernel from it for one-row inputs, so it is a constant: a
 # run's numbers must not depend on which call packed first.
@@ -102,7 +100,7 @@ class Linear(nn.Linear):
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict keys) whose calls without gradients on CPU in fp32 use a copy of
     the weight reordered once for oneDNN (PackedWeights), instead of at every call: the same bits as nn.Conv2d's
-    (tested), ~3x faster at batch 1 for STORM's 128 -> 256 channels. Zero padding only (the encoder's)."""
+    (tested), and faster at acting's batch 1. Zero padding only (the encoder's)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

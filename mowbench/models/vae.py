@@ -23,11 +23,10 @@ def conv_stages(image_size: int, n_stages: int) -> int:
 def channels_last_weights(module: nn.Module) -> None:
     """Store the module's 4-d weights channels-last, the layout of the images it convolves (frames stay in their
     stored (S, S, 3) layout; the decoder asks for it). With contiguous weights, every convolution first copies
-    its weight to the input's layout: STORM's batch-1 act on CPU at the paper preset took 8.2 ms instead of 10.7
-    before any update (in one process; after updates, whose large buffers change how memory is reused, the
-    copies cost less). The forward values are the same bits; gradients are too at STORM's sizes, and differ in
-    the last bits (~1e-8) for some shapes (MoW's micro-preset update). Moving the module to a device keeps the
-    layout (`to` preserves strides); optimizer states and gradients follow the parameters' layout."""
+    its weight to the input's layout, a cost that dominates acting's batch-1 convolutions on CPU. The forward values
+    are the same bits; gradients are too at STORM's sizes, and differ in the last bits (~1e-8) for some shapes (MoW's
+    micro-preset update). Moving the module to a device keeps the layout (`to` preserves strides); optimizer states
+    and gradients follow the parameters' layout."""
     module.to(memory_format=torch.channels_last)
 
 
@@ -134,8 +133,8 @@ class ConvDecoder(nn.Module):
         if self.stem_norm == "bn2d":
             x = self.norm(x)
         x = torch.relu(x)
-        # channels-last lets oneDNN run the transposed convolutions (~1.6x faster forward+backward on
-        # CPU than the default path); the values are the same.
+        # channels-last lets oneDNN run the transposed convolutions (faster forward+backward on CPU than the
+        # default path); the values are the same.
         return self.net(x.contiguous(memory_format=torch.channels_last))  # (B, 3, S, S)
 
 
