@@ -34,6 +34,7 @@ Flags:
   --out DIR          where everything is written (created; never inside a run folder)
   --seed N           bootstrap seed (default 0); --reps N bootstrap resamples (default 50000)
   --include-partial  also use unfinished runs (their last evaluation; noted); failed runs are never used
+  --evaluation NAME  each finished run's final evaluation from RUN_DIR/evaluations/NAME (mowbench evaluate)
   --split-settings   a method whose runs differ in settings becomes one method per settings, labelled by the
                      values that tell them apart, e.g. "storm [env.protocol=standard]" (default: refused)
   --grid NAME        also the ablation table and plot of grid NAME (mowbench/conf/grid/NAME.yaml)
@@ -91,6 +92,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples")
     parser.add_argument("--include-partial", action="store_true", help="use unfinished runs' last evaluation")
+    parser.add_argument("--evaluation", metavar="NAME", help="each run's final evaluation from its evaluation NAME "
+                        "(`mowbench evaluate RUN_DIR name=NAME`) instead of its own")
     parser.add_argument("--split-settings", action="store_true",
                         help="label a method's runs of different settings apart instead of refusing them")
     parser.add_argument("--grid", help="grid name: its ablation table and plot")
@@ -134,7 +137,7 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
     roots = args.results or ([] if args.scores else [Path("results")])
     frames, notes = [], []
     for root in roots:
-        frame, more = read_results(root, args.suite, args.include_partial)
+        frame, more = read_results(root, args.suite, args.include_partial, args.evaluation)
         frames.append(frame)
         notes += more
     frames += [read_scores_csv(path) for path in args.scores]

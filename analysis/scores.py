@@ -293,7 +293,29 @@ def episode_counts(folder: Path) -> dict[tuple[str, int], int]:
     return dict(collections.Counter((row["task"], int(float(row["step"]))) for _, row in rows))
 
 
-def read_results(results_dir: Path, suite: str, include_partial: bool = False) -> tuple[pd.DataFrame, list[str]]:
+def with_evaluation(folder: Path, name: str, column: str, history: dict[str, dict[int, float]]
+                    ) -> tuple[dict[str, dict[int, float]], Path | None, str | None]:
+    """A finished run's history with its final evaluation replaced by its evaluation `name` (`mowbench evaluate`:
+    RUN_DIR/evaluations/<name>/, at the run's final step), that evaluation's folder (its config and metadata
+    then give the run's settings), or why it cannot be used."""
+    other = folder / "evaluations" / name
+    if not results.is_done(other):
+        return {}, None, f"has no finished evaluation {name!r} (mowbench evaluate {folder} name={name})"
+    try:
+        replaced = results.evaluations(other, column)
+    except results.TruncatedFile as err:
+        return {}, None, str(err).removeprefix(f"{folder}{os.sep}")
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
+    out = {task: dict(steps) for task, steps in history.items()}
+    for task, steps in replaced.items():
+        for step, score in steps.items():
+            out.setdefault(task, {})[step] = score
+    return out, other, None
+
+
+def read_results(results_dir: Path, suite: str, include_partial: bool = False, evaluation: str | None = None
+                 ) -> tuple[pd.DataFrame, list[str]]:
     """Every evaluation of every run of `suite` under results_dir (the results/README.md layout).
 
     Failed runs (FAILED.json: diverged) are always left out and named in the notes. Unfinished runs (no
@@ -302,7 +324,9 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
     (config.yaml may be: older runs), corrupt or truncated is left out and named in the notes; a non-numeric or
     infinite value in an eval.csv is an AnalysisError. Meta-World scores are success rates, others returns.
     Each row also has `settings` (the run's fingerprint as JSON, None without config.yaml) and `episodes`
-    (how many episodes its evaluation averages)."""
+    (how many episodes its evaluation averages). With `evaluation`, each finished run's final evaluation is its
+    evaluation of that name (mowbench evaluate), its settings that evaluation's; runs without it are left out and
+    named, unfinished runs too."""
     root = Path(results_dir)
     if not root.is_dir():
         raise AnalysisError(f"{root}: no such results directory")
@@ -326,21 +350,30 @@ def read_results(results_dir: Path, suite: str, include_partial: bool = False) -
                 partial.append(str(where))
             continue
         history, problem = run_history(folder, done, column)
-        settings, problem = run_settings(folder) if not problem else (None, problem)
+        source = folder
+        if evaluation is not None and not problem:
+            if not done:
+                notes.append(f"{where} is unfinished, so it has no evaluation {evaluation!r}: left out")
+                continue
+            history, source, problem = with_evaluation(folder, evaluation, column, history)
+        settings, problem = run_settings(source) if not problem else (None, problem)
         if problem:
             notes.append(f"{where} ({'finished' if done else 'unfinished'}) {problem}: left out")
             continue
-        counts = episode_counts(folder)
+        counts = episode_counts(folder) | (episode_counts(source) if source != folder else {})
         recorded = results.read_json(folder / "metadata.json").get("departures")
         if recorded and method not in departures:
             departures[method] = list(recorded)
         for task, steps in history.items():
             rows += [{"method": method, "task": task, "seed": int(seed), "score": score, "step": step,
-                      "source": str(folder), "partial": not done, "settings": settings,
+                      "source": str(source), "partial": not done, "settings": settings,
                       "episodes": counts[(task, step)]} for step, score in steps.items()]
         if not done:
             last = max((max(steps) for steps in history.values()), default="none")
             notes.append(f"{where} is unfinished: its last evaluation (step {last}) is used")
+    if evaluation is not None:
+        notes.append(f"final scores: each run's re-evaluation {evaluation!r} (RUN_DIR/evaluations/{evaluation}, "
+                     "mowbench evaluate), not the evaluation it made when it finished")
     for method, items in departures.items():
         notes.append(f"{method}: known departures from its paper and published code (recorded by its runs): "
                      + "; ".join(items))

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("mowbench.run", "train and evaluate runs (resumable); grid=NAME dispatches a grid"),
     "grid": ("mowbench.grid", "a grid's status (`mowbench grid status grid=NAME`) and submission"),
     "analyze": ("mowbench.analysis.__main__", "tables, figures and report.html from results/ (rliable intervals)"),
+    "evaluate": ("mowbench.evaluate", "evaluate a finished run's weights again (another protocol, more episodes)"),
     "bench": ("mowbench.bench", "speed and size of an agent: acting, updates, evaluation, memory"),
     "verify": ("mowbench.verify", "replay numbers recorded from a method's published code through ours"),
 }
