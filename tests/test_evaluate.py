@@ -139,7 +139,8 @@ def test_the_analysis_takes_the_evaluations_instead_of_the_runs_own(minatar_run)
 @pytest.mark.parametrize("agent", sorted(registered_agents()))
 def test_every_agent_replays_its_final_evaluation(agent, micro_cfg):
     """In process: a micro run of the agent, then its default evaluation equals the run's final one."""
-    suite, tasks = ("metaworld", "reach-v3,push-v3") if continuous_only(agent) else ("minatar", "space_invaders,asterix")
+    discrete = not continuous_only(agent)
+    suite, tasks = ("minatar", "space_invaders,asterix") if discrete else ("metaworld", "reach-v3,push-v3")
     if not registered_agents()[agent].multi_task:
         tasks = tasks.split(",")[0]
     cfg = micro_cfg(f"agent={agent}", f"env={suite}", f"task=[{tasks}]", "train.eval_episodes=2",
