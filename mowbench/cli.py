@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grid": ("mowbench.grid", "a grid's status (`mowbench grid status grid=NAME`) and submission"),
     "analyze": ("mowbench.analysis.__main__", "tables, figures and report.html from results/ (rliable intervals)"),
     "evaluate": ("mowbench.evaluate", "evaluate a finished run's weights again (another protocol, more episodes)"),
+    "video": ("mowbench.video", "watch a run's policy and its world model's open-loop predictions (MP4, GIF)"),
     "bench": ("mowbench.bench", "speed and size of an agent: acting, updates, evaluation, memory"),
     "verify": ("mowbench.verify", "replay numbers recorded from a method's published code through ours"),
 }

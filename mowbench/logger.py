@@ -34,6 +34,18 @@ class RunLog:
             if self.writer:
                 self.writer.add_scalar(name, value, step)
 
+    def gif(self, tag: str, frames: Any, step: int, fps: int = 15) -> None:
+        """An animation (T, H, W, 3) uint8 in TensorBoard's image panel, encoded as a GIF (what torch's add_video
+        writes, without its moviepy dependency)."""
+        if not self.writer:
+            return
+        import imageio.v3 as iio
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+        image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=data)
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
     def episode(self, step: int, task: str, ret: float, length: int, success: float | None) -> None:
         self.rows["episodes.csv"].append({"step": step, "task": task, "return": ret, "length": length,
                                           "success": "" if success is None else success})

@@ -89,6 +89,10 @@ class TrainConfig:
     log_every: int = 250  # steps between scalar logs
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also write TensorBoard events
+    # every N-th evaluation, each task's policy episode and (methods with a decoder) its open-loop prediction as
+    # GIFs in TensorBoard (mowbench.video; 0: never). The global random state is set aside while it runs: the
+    # run's numbers are the same either way
+    video_every: int = 0
     keep_checkpoint: bool = False  # keep the full resume checkpoint (with replay) after finishing
 
     def check(self) -> None:
@@ -99,7 +103,7 @@ class TrainConfig:
         for name in ("eval_episodes", "periodic_eval_episodes"):  # an evaluation of no episode has no return
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
-        for name in ("warmup", "eval_every", "checkpoint_every", "stop_at", "eval_max_steps"):
+        for name in ("warmup", "eval_every", "checkpoint_every", "stop_at", "eval_max_steps", "video_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
         if self.updates_per_step < 0:
@@ -354,7 +358,29 @@ class Trainer:
                 self.log.evaluation(self.counters.step, task, i, ret, length, success, self.cfg.eval_mode)
             means[task] = float(np.mean([r[0] for r in rows]))
             self.log.scalars(self.counters.step, {f"eval_return/{task}": means[task]})
+        key = self.counters.evals - 1
+        if self.cfg.video_every and self.log.writer is not None and key % self.cfg.video_every == 0:
+            self._log_videos(key)
         return means
+
+    def _log_videos(self, key: int) -> None:
+        """Each task's policy episode (on evaluation `key`'s first env) and open-loop prediction, as TensorBoard GIFs;
+        the global random states are restored afterwards, so training goes on as without it."""
+        from mowbench.video import VIDEO_STEPS, open_loop_panel, task_videos, upscale
+
+        np_state = np.random.get_state()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            cfg = getattr(self.agent, "cfg", None)
+            context, max_len = getattr(cfg, "imag_context", 8), getattr(cfg, "max_len", None)
+            for k, info in enumerate(self.tasks):
+                videos = task_videos(self.agent, lambda task: self.make_eval_env(key, 0, task), k,
+                                     self.cfg.eval_greedy, VIDEO_STEPS, context, max_len, self.seed)
+                self.log.gif(f"policy/{info.name}", upscale(videos["policy"], 2), self.counters.step)
+                if videos["open_loop"] is not None:
+                    self.log.gif(f"open_loop/{info.name}", open_loop_panel(*videos["open_loop"], context, 2),
+                                 self.counters.step)
+        np.random.set_state(np_state)
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
         self.preempted = True  # checkpoint at the end of the current step, then leave

@@ -136,6 +136,14 @@ class Agent(ABC):
         asks for pretraining."""
         raise NotImplementedError(f"{type(self).__name__} has no pretraining")
 
+    def open_loop(self, obs: np.ndarray, action: np.ndarray, task: int, context: int
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The world model's open-loop prediction of a real segment (mowbench.video): obs (T, S, S, 3) uint8 and
+        the actions taken, (T,) or (T, A). The first `context` frames are encoded (their reconstructions come
+        back), then every later frame is predicted from the actions alone. Returns the frames (T, S, S, 3) uint8
+        and the predicted reward of each step's action (T,); None for a method without a decoder (default)."""
+        return None
+
     def per_task_batch(self) -> dict[str, int]:
         """What each task contributes to one update (e.g. world-model sequences, imagination starts);
         recorded with the update ratio in each run's metadata. Empty when the agent has no such batches."""

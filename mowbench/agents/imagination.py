@@ -396,6 +396,31 @@ class ImaginationAgent(Autocast, Agent):
             conts = (wm.termination(h_all, task) <= 0).float()  # (B, H): 1 - predicted termination
         return torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts
 
+    @torch.no_grad()
+    def open_loop(self, obs: np.ndarray, action: np.ndarray, task: int, context: int
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Agent.open_loop: posterior latents of the `context` real frames, then latents drawn from the prior step
+        by step, fed the real actions; every latent decoded. T <= the Transformer's max_len."""
+        wm = self.wm
+        wm.eval()
+        o = torch.as_tensor(obs, device=self.device)[None]  # (1, T, S, S, 3)
+        a = torch.as_tensor(action, device=self.device)[None]  # (1, T) or (1, T, A)
+        t = torch.tensor([task], device=self.device)
+        with wm.host_layout(t), self.autocast():
+            cache = wm.empty_cache(t, torch.bfloat16 if self.autocast_bf16 else torch.float32)
+            z = sample_z(wm.encode(o[:, :context], t))  # (1, C, V*C)
+            h = wm.sequence(z, self.action_input(a[:, :context]), t, cache)  # (1, C, D)
+            zs, hs = [z], [h]
+            for i in range(context, o.shape[1]):
+                z = sample_z(wm.prior(h[:, -1:], t))  # (1, 1, V*C): the next latent, predicted
+                h = wm.sequence(z, self.action_input(a[:, i:i + 1]), t, cache)  # (1, 1, D)
+                zs.append(z)
+                hs.append(h)
+            frames = wm.decode(torch.cat(zs, 1), t).float()  # (1, T, 3, S, S) in ~[0, 1]
+            rewards = twohot_decode(wm.reward(torch.cat(hs, 1), t), self.bins).float()  # (1, T)
+        pixels = (frames[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # (T, S, S, 3)
+        return pixels.cpu().numpy(), rewards[0].cpu().numpy()
+
     def update_actor_critic(self, traj: Imagined) -> Metrics:
         self.ac.train()
         with self.ac.critic_layout(traj.critic_sizes):
