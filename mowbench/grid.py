@@ -184,7 +184,8 @@ def expand(req: Request) -> list[Unit]:
             try:
                 agent, method = cell_method(spec, req.overrides, point, variant, defining)
                 cell = [*[o for o in spec.get("overrides", []) if not o.startswith("results_dir=")],
-                        *(spec.get("agent_overrides") or {}).get(agent, []), *req.overrides, *defining,
+                        *(spec.get("agent_overrides") or {}).get(agent, []), f"logger.group={req.grid}",
+                        *req.overrides, *defining,
                         f"seed={seed}", f"method='{results.check_name('method', method)}'",
                         f"results_dir={hydra_quote(str(req.results_dir))}"]
                 p = plan(compose_config(cell))

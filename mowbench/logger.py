@@ -1,7 +1,9 @@
-"""Scalar logs keyed by env step: kept in memory, flushed atomically to CSV, mirrored to TensorBoard."""
+"""Scalar logs keyed by env step: kept in memory, flushed atomically to CSV (the source of truth), mirrored to
+TensorBoard and, optionally, to Weights & Biases."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ class RunLog:
         self.folder = folder
         self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in self.TABLES}
         self.writer = None
+        self.wandb: Any = None  # a wandb Run (start_wandb), or None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -33,6 +36,8 @@ class RunLog:
             self.rows["metrics.csv"].append({"step": step, "name": name, "value": float(value)})
             if self.writer:
                 self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log({name: float(value) for name, value in values.items()}, step=step)
 
     def gif(self, tag: str, frames: Any, step: int, fps: int = 15) -> None:
         """An animation (T, H, W, 3) uint8 in TensorBoard's image panel, encoded as a GIF (what torch's add_video
@@ -51,6 +56,8 @@ class RunLog:
                                           "success": "" if success is None else success})
         if self.writer:
             self.writer.add_scalar(f"train_return/{task}", ret, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train_return/{task}": ret}, step=step)
 
     def evaluation(self, step: int, task: str, episode: int, ret: float, length: int, success: float | None,
                    mode: str = "full") -> None:
@@ -77,3 +84,25 @@ class RunLog:
         if self.writer:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def start_wandb(folder: Path, cfg: dict[str, Any], meta: dict[str, Any], method: str, task: str, seed: int) -> Any:
+    """A W&B run for the run folder (config `logger.wandb=true`): project, entity and group from `logger`, tags
+    method, task and seed, the run's config uploaded. Its id is kept in metadata.json (`wandb.id`), so every session
+    of the run folder, a resumed one included, logs to the same W&B run. WANDB_MODE=offline writes it under
+    `folder/wandb/` without a network (`wandb sync` uploads it later). Steps a killed session logged after its last
+    checkpoint are not logged twice: W&B keeps a run's first value of a step (the CSV files and TensorBoard are the
+    record)."""
+    import wandb
+
+    settings = cfg.get("logger") or {}
+    old = meta.get("wandb") or {}
+    run_id = old.get("id") or secrets.token_hex(4)  # W&B ids: lower-case letters and digits
+    meta["wandb"] = {"id": run_id, "project": settings.get("project"), "entity": settings.get("entity"),
+                     "group": settings.get("group")}
+    return wandb.init(id=run_id, resume="allow", dir=str(folder), project=settings.get("project"),
+                      entity=settings.get("entity"), group=settings.get("group"), name=f"{method}/{task}/seed_{seed}",
+                      tags=[method, task, f"seed_{seed}"], config=cfg, reinit="create_new")

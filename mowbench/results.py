@@ -30,7 +30,8 @@ FAILED = "FAILED.json"
 INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
               "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint",
               "train.eval_envs", "train.replay_on_device", "train.video_every",
-              "agent.compile", "agent.cuda_graphs", "agent.expert_kernel", "deterministic")
+              "agent.compile", "agent.cuda_graphs", "agent.expert_kernel", "deterministic", "logger.wandb",
+              "logger.project", "logger.entity", "logger.group")
 
 
 def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -25,6 +25,7 @@ from mowbench.agents.base import known_departures, make_agent
 from mowbench.config import Plan, deterministic_kernels, plan
 from mowbench.envs import make_env, make_envs
 from mowbench.evaluation import eval_env_seed
+from mowbench.logger import start_wandb
 from mowbench.trainer import CHECKPOINT, Diverged, TrainConfig, Trainer
 
 # OS errors of writing the run's files that are the machine's state, not a bug: reported in one line
@@ -171,6 +172,8 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
                 meta["step_budget"] = results.step_budget(cfg["env"], 0, offline_updates=trainer.steps)
         # a failed session leaves the CSVs as of its last checkpoint; finished and preempted ones flush first
         opened.callback(trainer.log.close, flush=False)
+        if (cfg.get("logger") or {}).get("wandb"):
+            trainer.log.wandb = start_wandb(folder, cfg, meta, p.method, folder.parent.name, seed)
         meta["sessions"].append({"started": _now(), "resumed_from_step": trainer.resumed_from,
                                  "env_restart": trainer.env_restore_failed})
         results.atomic_write_json(meta_path, meta)
