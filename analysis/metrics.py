@@ -63,8 +63,11 @@ def bootstrap(scores: dict[str, np.ndarray | tuple[np.ndarray, ...]], fn: Callab
     method's interval does not change when other methods are added to the comparison."""
     from rliable import library
 
+    from mowbench.logger import Ticker
+
     out = {}
     saved = np.random.get_state()
+    ticker = Ticker(f"bootstrap of {getattr(fn, '__name__', 'a metric').strip('<>')} ({reps:,} resamples)", len(scores))
     try:
         for key, value in scores.items():
             np.random.seed(seed)
@@ -75,6 +78,7 @@ def bootstrap(scores: dict[str, np.ndarray | tuple[np.ndarray, ...]], fn: Callab
                     random_state=np.random.RandomState(seed))
             out[key] = (np.atleast_1d(points[key]), np.atleast_1d(intervals[key][0]),
                         np.atleast_1d(intervals[key][1]))
+            ticker.tick()
     finally:
         np.random.set_state(saved)
     return out

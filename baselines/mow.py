@@ -58,6 +58,7 @@ from mowbench.clustering import (
     random_assignment,
 )
 from mowbench.envs.base import ActionSpace, TaskInfo
+from mowbench.logger import Ticker
 from mowbench.models.experts import KERNELS
 from mowbench.models.mow import MoWSizes, MoWWorldModel
 from mowbench.ops import balance_loss, group_mean, harmonious_loss
@@ -234,7 +235,8 @@ class MoWAgent(ImaginationAgent):
         return metrics
 
     # ---- warm-up clustering (docs/methods/mow.md) ----
-    def task_gradient_vectors(self, sample: Callable[[int, int], Batch]) -> torch.Tensor:
+    def task_gradient_vectors(self, sample: Callable[[int, int], Batch], done: Callable[[], None] = lambda: None
+                              ) -> torch.Tensor:
         """Per task k, the gradient of L_k w.r.t. the shared parameters (everything but the task embeddings
         and the not-yet-used clusters 1..N_m-1), averaged over `cluster_grad_batches` batches of k's own
         rows only (`cluster_grad_seqs` sequences each) and reduced per layer to one vector
@@ -263,6 +265,7 @@ class MoWAgent(ImaginationAgent):
                         acc += g
             vectors.append(gradient_vector([s / len(batches) for s in sums], cfg.cluster_grad_reduce,
                                            cfg.cluster_grad_dim).cpu())
+            done()  # progress: one task's gradient
         return torch.stack(vectors)
 
     def warm_up(self, sample: Callable[[int, int], Batch]) -> Metrics:
@@ -270,12 +273,16 @@ class MoWAgent(ImaginationAgent):
         start every cluster's VAE, heads and critic from the warm-up weights."""
         cfg, start = self.cfg, time.time()
         metrics: Metrics = {}
+        gradients = self.n_tasks if cfg.clustering == "gradient" else 0
+        ticker = Ticker(f"MoW clustering warm-up ({cfg.cluster_warmup_updates} shared updates, then {gradients} task "
+                        "gradients)", cfg.cluster_warmup_updates + gradients)
         for _ in range(cfg.cluster_warmup_updates):
             metrics = self.update_world_model(sample(cfg.batch_per_task * self.n_tasks, cfg.batch_length))
+            ticker.tick()
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the run's seeded torch RNG
         similarity, quality = None, {"silhouette_cosine": None, "within_cluster_cosine": None}
         if cfg.clustering == "gradient":
-            vectors = self.task_gradient_vectors(sample)
+            vectors = self.task_gradient_vectors(sample, ticker.tick)
             labels = kmeans_cosine(vectors, cfg.n_clusters, cfg.cluster_n_init, seed, cfg.cluster_select)
             similarity = cosine_similarity_matrix(vectors).tolist()
             quality = cluster_quality(np.asarray(similarity), labels)  # how similar the kept grouping is

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from mowbench import results
 from mowbench.config import compose_config, plan, quote_hint, quoted_override
 from mowbench.experiments import cell_method, cells, grid_names, load_grid
+from mowbench.logger import duration
 from mowbench.runner import execute, settings_diff
 
 LAUNCHERS = ("auto", "slurm", "local", "debug")
@@ -490,12 +491,12 @@ def local_pid(launcher: str, job_id: str) -> int | None:
 
 def watch(req: Request, units: list[Unit], interval: float = 10.0) -> None:
     """Live progress until every unit is done or failed; polls after 1 s, then less often, up to `interval`."""
-    delay = 1.0
+    delay, start = 1.0, time.time()
     while True:
         rows = unit_states(req, units)
         counts = count_states(rows)
         line = " ".join(f"{k} {v}" for k, v in counts.items() if k != "missing")
-        print(f"\r[mowbench] {req.grid}: {line} of {len(units)}", end="", flush=True)
+        print(f"\r[mowbench] {req.grid}: {line} of {len(units)} ({duration(time.time() - start)})", end="", flush=True)
         if counts["done"] + counts["failed"] + counts["preempted"] + counts["mismatch"] == len(units):
             print()
             return

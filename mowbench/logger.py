@@ -106,3 +106,42 @@ def start_wandb(folder: Path, cfg: dict[str, Any], meta: dict[str, Any], method:
     return wandb.init(id=run_id, resume="allow", dir=str(folder), project=settings.get("project"),
                       entity=settings.get("entity"), group=settings.get("group"), name=f"{method}/{task}/seed_{seed}",
                       tags=[method, task, f"seed_{seed}"], config=cfg, reinit="create_new")
+
+
+class Ticker:
+    """Progress of a long phase that would otherwise print nothing (MoW's clustering warm-up, the analysis's
+    bootstrap): a line on stderr when it starts, then at most one every `every_s` seconds, and one at the end, each
+    with the count, the elapsed time and the time left at the rate so far."""
+
+    def __init__(self, label: str, total: int, every_s: float = 10.0, stream: Any = None) -> None:
+        import sys
+        import time
+
+        self.label, self.total, self.every_s = label, max(total, 1), every_s
+        self.stream = stream or sys.stderr
+        self.clock = time.monotonic
+        self.start = self.last = self.clock()
+        self.done = 0
+        print(f"[mowbench] {label}: 0/{total}", file=self.stream, flush=True)
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        end = "done" if self.done >= self.total else f"~{duration(left)} left"
+        print(f"[mowbench] {self.label}: {self.done}/{self.total}, {duration(elapsed)}, {end}", file=self.stream,
+              flush=True)
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3 min 5 s, 2 h 4 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

@@ -24,6 +24,18 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def thread_warning(threads: int, torch_threads: int) -> str | None:
+    """A warning when torch's CPU threads (`threads`, or torch's default `torch_threads` when it is 0) outnumber the
+    CPUs this process may use: oversubscribed threads wait for each other and run slower than fewer would."""
+    usable = usable_cpus()
+    used = threads or torch_threads
+    if used <= usable:
+        return None
+    how = f"threads={threads}" if threads else f"torch's default of {torch_threads} threads"
+    return (f"[mowbench] warning: {how} on {usable} usable CPU(s) (the process's affinity: SLURM's --cpus-per-task, "
+            f"taskset, a container's cpuset); set threads={usable} or fewer")
+
+
 def git_state(cwd: Path | None = None) -> dict[str, Any]:
     """Commit and dirty flag of the code that runs (None outside a git checkout)."""
     cwd = cwd or Path(__file__).resolve().parent.parent

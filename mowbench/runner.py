@@ -8,6 +8,7 @@ import errno
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -259,6 +260,8 @@ def execute(cfg: dict[str, Any], p: Plan | None = None) -> list[tuple[str, dict[
     check_unchanged(p)
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))
+    if (warning := machine.thread_warning(int(cfg.get("threads") or 0), torch.get_num_threads())) is not None:
+        print(warning, file=sys.stderr)
     out = []
     for name, tasks in p.runs:
         out.append((name, run_one(p, name, tasks)))
