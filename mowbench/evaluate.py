@@ -155,6 +155,8 @@ def load_run(folder: Path, overrides: dict[str, str], checkpoint: str | None = N
     state = read_weights(weights)
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))
+    if (warning := machine.thread_warning(int(cfg.get("threads") or 0), torch.get_num_threads())) is not None:
+        print(warning, file=sys.stderr)
     env_cfg = {**cfg["env"], "run_seed": p.seed}
     envs = make_envs(p.suite, tasks, env_cfg, p.seed)  # for the tasks' infos (action spaces, image sizes)
     try:
