@@ -161,6 +161,37 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], set[str]]:
     return scores, notes, shipped
 
 
+HUMAN_SCORED = ("atari100k",)  # suites whose scores are normalised by human (and random) references
+GAP_SUITES = ("atari100k", "metaworld")  # scores with a level of 1 (human, success): the optimality gap applies
+
+
+def with_random_row(aggregate: pd.DataFrame, final: pd.DataFrame, reps: int, seed: int, scale: float
+                    ) -> tuple[pd.DataFrame, list[str]]:
+    """The aggregate table with a 'random policy' row: the random-policy returns the runs recorded beside their
+    final evaluation (summary.json's random_return, one per run and task; the same (task, seed) in several methods'
+    runs averaged), aggregated as the methods are."""
+    rows = []
+    for source in sorted(final["source"].dropna().unique()):
+        folder = Path(source)
+        if folder.parent.name == "evaluations":  # a re-evaluation (mowbench evaluate): its run's summary
+            folder = folder.parent.parent
+        try:
+            summary = results.read_json(folder / "summary.json")
+        except (OSError, ValueError):
+            continue
+        seed_ = int(folder.name.removeprefix("seed_")) if folder.name.startswith("seed_") else None
+        for task, ret in ((summary or {}).get("random_return") or {}).items():
+            rows.append({"task": task, "seed": seed_, "score": float(ret)})
+    if not rows:
+        return aggregate, ["no random-policy returns recorded (train.random_baseline=false): no random row"]
+    frame = pd.DataFrame(rows).groupby(["seed", "task"], as_index=False)["score"].mean()
+    matrix = frame.pivot_table(index="seed", columns="task", values="score").dropna(axis=1).to_numpy()
+    estimate = interval_estimates({"random policy": matrix}, reps=reps, seed=seed)["random policy"]
+    row = {k: interval_text(*estimate[k], scale) for k in aggregate.columns if k in estimate}
+    row |= {"tasks": str(matrix.shape[1]), "runs": str(matrix.shape[0])}
+    return pd.concat([aggregate, pd.DataFrame([row], index=["random policy"])]).fillna("–"), []
+
+
 def coverage_label(method: str, tasks: list[str] | None, suite: str) -> str:
     """A method's aggregate_table row name, saying when it aggregates fewer tasks than the suite has."""
     from mowbench.envs import suite_module
@@ -195,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     matrices, tasks, more = score_matrices(final, column)
     notes += more
     estimates = interval_estimates(matrices, reps=args.reps, seed=args.seed)
+    if args.suite not in GAP_SUITES:  # raw returns have no level the gap could be measured from
+        estimates = {m: {k: v for k, v in e.items() if k != "og"} for m, e in estimates.items()}
     order = figures.by_iqm(estimates)
+    figures.set_palette(order, shipped)  # one colour per method in every figure
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     report = Report(f"mowbench analysis: {args.suite}")
@@ -204,17 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     pd.DataFrame(rows).to_csv(out / "aggregate.csv", index=False)
     scale = 100.0 if args.suite in ("atari100k", "metaworld") else 1.0
     unit = " (%)" if scale == 100.0 else ""
-    aggregate = pd.DataFrame({m: {k: interval_text(*v, scale) for k, v in metrics.items()}
-                              for m, metrics in estimates.items()}).T
+    aggregate = pd.DataFrame({m: {k: interval_text(*estimates[m][k], scale) for k in estimates[m]}
+                              for m in order}).T  # by IQM, the best first
+    aggregate["tasks"] = [str(matrices[m].shape[1]) for m in order]  # what each row aggregates: its matrix
+    aggregate["runs"] = [str(matrices[m].shape[0]) for m in order]  # runs (seeds) per task
+    if args.suite not in HUMAN_SCORED:  # no human reference: a random policy's returns are the floor to read from
+        aggregate, more = with_random_row(aggregate, final, args.reps, args.seed, scale)
+        notes += more
     partial_suite = suite_coverage(final, args.suite)
     notes += [coverage_note(m, tasks_, args.suite) for m, tasks_ in partial_suite.items()]
     aggregate.index = [coverage_label(m, partial_suite.get(m), args.suite) for m in aggregate.index]
+    printed_rows = False
     if args.with_published and args.suite == "atari100k":
         printed, more = published_aggregates(args.suite)
         aggregate = pd.concat([aggregate, printed]).fillna("–")
+        printed_rows = not printed.empty
         notes += more
     aggregate.index.name = "method"
-    aggregate.columns = [f"{c}{unit}" for c in aggregate.columns]
+    aggregate.columns = [f"{c}{unit}" if c not in ("tasks", "runs") else c for c in aggregate.columns]
     raw, norm = per_task_tables(final, column, scale)
     intervals = f"95% CIs ({args.reps} bootstrap resamples, seed {args.seed})"
     print(f"# {args.suite}: {label}, {len(tasks)} tasks, {intervals}\n")
@@ -225,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         report.table(name, heading, frame, bold, caption, rules)
 
     table("aggregate_table", f"Aggregates of the {label}{unit}", aggregate,
-          f"Point estimate [{intervals}]; rows 'as printed' are the papers' own numbers, without intervals.")
+          f"Point estimate [{intervals}], methods by IQM; the tasks and the runs (seeds) per task each row "
+          "aggregates."
+          + (" Rows 'as printed' are the papers' own numbers, without intervals." if printed_rows else "")
+          + (" The random policy: each run's own uniformly random legal actions, same protocol."
+             if "random policy" in aggregate.index else ""))
     if args.suite == "atari100k":
         ours = [m for m in matrices if m not in shipped]
         layout, bold = atari_layout(final, {m: e["iqm"][0] for m, e in estimates.items()},
@@ -233,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         table("atari_table", "Atari 100k: raw score per game (mean over runs) and HNS aggregates", layout,
               "Best of each row in bold. Mean and median: over games of the per-game mean HNS; IQM: over all runs "
               "and games; superhuman: games with mean HNS >= 1 (at least human).", bold, rules=(len(layout) - 4,))
-    table("per_task_raw", "Raw score per task (mean ± std over runs)", raw)
+    if args.suite != "metaworld":  # Meta-World's raw score is its success rate: the next table, in percent
+        table("per_task_raw", "Raw score per task (mean ± std over runs)", raw)
     table("per_task_normalised", f"{label.capitalize()} per task{unit} (mean ± std over runs)", norm)
     if args.suite == "metaworld" and args.with_published:
         table("metaworld_literature", "Meta-World in the literature (success %, as reported)",
@@ -260,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         figures.sample_efficiency(iqm_curves(curves, reps=args.reps, seed=args.seed), label, scale,
                                   out / "sample_efficiency")
         figure("sample_efficiency", "Sample efficiency (IQM against agent steps)")
-        figures.learning_curves(scores, out / "learning_curves", "success" if args.suite == "metaworld" else "return")
+        figures.learning_curves(scores, out / "learning_curves",
+                                "success (%)" if args.suite == "metaworld" else "return",
+                                scale if args.suite == "metaworld" else 1.0)
         figure("learning_curves", "Learning curves per task")
     else:
         notes.append("no evaluation histories (only final scores): no sample-efficiency or learning curves")

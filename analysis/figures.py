@@ -17,6 +17,10 @@ def _plt():  # noqa: ANN202 - pyplot, imported headless on first use
     import matplotlib
 
     matplotlib.use("Agg")
+    # TrueType (Type 42) fonts in PDF and PostScript: venues' checks refuse the Type 3 fonts matplotlib embeds by
+    # default
+    matplotlib.rcParams["pdf.fonttype"] = 42
+    matplotlib.rcParams["ps.fonttype"] = 42
     import matplotlib.pyplot as plt
 
     return plt
@@ -52,12 +56,26 @@ def heatmap_png(matrix: np.ndarray, rows: list[str], cols: list[str], title: str
 GREY = "#8c8c8c"
 
 
+PALETTE: dict[str, str] = {}  # method -> colour, the same in every figure of a report (set_palette)
+
+
+def set_palette(methods: list[str], published: frozenset[str] | set[str] = frozenset()) -> None:
+    """One colour per method of ours for every figure of the report: tab10 in `methods`' order (e.g. by IQM)."""
+    PALETTE.clear()
+    PALETTE.update({m: f"C{i % 10}" for i, m in enumerate(m for m in methods if m not in published)})
+
+
+def colour(method: str, fallback: int = 0) -> str:
+    return PALETTE.get(method, f"C{fallback % 10}")
+
+
 def styles(methods: list[str], published: frozenset[str] | set[str]) -> dict[str, dict]:
-    """Line/bar style per method: ours in colour (tab10, thick), published ones in grey (thin; line styles
-    tell them apart), so 15+ methods stay readable and ours stand out."""
+    """Line/bar style per method: ours in colour (the report's palette; tab10, thick), published ones in grey (thin;
+    line styles tell them apart), so 15+ methods stay readable and ours stand out."""
     ours = [m for m in methods if m not in published]
     dashes = ["-", "--", ":", "-."]
-    out: dict[str, dict] = {m: {"color": f"C{i % 10}", "linewidth": 2.0, "linestyle": "-"} for i, m in enumerate(ours)}
+    out: dict[str, dict] = {m: {"color": colour(m, i), "linewidth": 2.0, "linestyle": "-"}
+                            for i, m in enumerate(ours)}
     for i, m in enumerate(m for m in methods if m in published):
         out[m] = {"color": GREY, "linewidth": 1.0, "linestyle": dashes[i % len(dashes)], "alpha": 0.8}
     return out
@@ -107,17 +125,30 @@ def performance_profiles(matrices: dict[str, np.ndarray], label: str, path: Path
     values = np.concatenate([m.ravel() for m in matrices.values()])
     # up to the 99th percentile: a few games far above human (Boxing, Krull) would squash every curve to the left
     taus = np.linspace(min(0.0, values.min()), max(np.percentile(values, 99), 1.0), 201)
-    fig, ax = plt.subplots(figsize=(5 + (2.5 if len(methods) > 6 else 0), 3.5 + 0.05 * len(methods)))
-    for method in methods:
-        m = matrices[method]
-        ax.plot(taus, [(m > t).mean() for t in taus], label=method, **style[method])
+    profile = {m: np.array([(matrices[m] > t).mean() for t in taus]) for m in methods}
+    theirs = [m for m in methods if m in published]
+    # many published methods: their range as one grey band and the best BAND_LABELLED of them (in `order`) as
+    # labelled lines, instead of a line each that no reader can tell apart
+    banded = len(theirs) > BAND_ABOVE
+    shown = [m for m in methods if m not in published] + (theirs[:BAND_LABELLED] if banded else theirs)
+    fig, ax = plt.subplots(figsize=(5 + (2.5 if len(shown) > 6 else 0), 3.5 + 0.05 * len(shown)))
+    if banded:
+        stack = np.stack([profile[m] for m in theirs])
+        ax.fill_between(taus, stack.min(0), stack.max(0), color=GREY, alpha=0.25, linewidth=0,
+                        label=f"published: range of {len(theirs)} methods")
+    for method in shown:
+        ax.plot(taus, profile[method], label=method, **style[method])
     ax.set_xlabel(f"{label} (tau)")
     ax.set_ylabel("fraction of runs with score > tau")
-    if len(methods) > 6:
+    if len(shown) > 6:
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=7)
     _save(fig, path)
+
+
+BAND_ABOVE = 4  # published methods beyond which a performance profile draws them as a band
+BAND_LABELLED = 3  # the best published methods still drawn as labelled lines beside the band
 
 
 def probability_of_improvement(matrices: dict[str, np.ndarray], path: Path,
@@ -169,17 +200,24 @@ def sample_efficiency(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray
     """IQM against agent steps per task, with its 95% interval as a band."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, (steps, point, lo, hi) in curves.items():
-        ax.plot(steps, point * scale, marker="o", markersize=3, label=method)
-        ax.fill_between(steps, lo * scale, hi * scale, alpha=0.2)
+    for i, (method, (steps, point, lo, hi)) in enumerate(curves.items()):
+        c = colour(method, i)
+        if len(steps) == 1:  # one evaluation: a point with its interval, not a line of one point
+            ax.errorbar(steps, point * scale, yerr=[(point - lo) * scale, (hi - point) * scale], fmt="o", color=c,
+                        markersize=5, capsize=3, label=method)
+            continue
+        ax.plot(steps, point * scale, marker="o", markersize=3, label=method, color=c)
+        ax.fill_between(steps, lo * scale, hi * scale, alpha=0.2, color=c)
     ax.set_xlabel("agent steps per task")
     ax.set_ylabel(f"IQM {label}")
     ax.legend(fontsize=7)
     _save(fig, path)
 
 
-def learning_curves(scores, path: Path, ylabel: str = "return") -> None:  # noqa: ANN001 - DataFrame
-    """One panel per task: each method's mean over seeds of the raw score against steps, min-max band."""
+def learning_curves(scores, path: Path, ylabel: str = "return", scale: float = 1.0) -> None:  # noqa: ANN001
+    """One panel per task: each method's mean over seeds of the raw score (times `scale`: the report's unit)
+    against steps, min-max band; a method with one evaluation is a marker. Each panel's x axis spans the budgets
+    of the methods it shows."""
     plt = _plt()
     frame = scores.dropna(subset=["step"])
     tasks = sorted(frame["task"].unique())
@@ -188,16 +226,25 @@ def learning_curves(scores, path: Path, ylabel: str = "return") -> None:  # noqa
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows + 0.6), squeeze=False)
     for ax, task in zip(axes.ravel(), tasks, strict=False):
         here = frame[frame["task"] == task]
-        for method in sorted(here["method"].unique(), key=natural_key):
+        for i, method in enumerate(sorted(here["method"].unique(), key=natural_key)):
             mine = here[here["method"] == method]
-            stats = mine.groupby("step")["score"].agg(["mean", "min", "max"])
-            ax.plot(stats.index, stats["mean"], label=method)
-            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
+            stats = mine.groupby("step")["score"].agg(["mean", "min", "max"]) * scale
+            c = colour(method, i)
+            if len(stats) == 1:
+                ax.plot(stats.index, stats["mean"], "o", markersize=5, color=c, label=method)
+                ax.vlines(stats.index, stats["min"], stats["max"], color=c, alpha=0.5)
+                continue
+            ax.plot(stats.index, stats["mean"], label=method, color=c)
+            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2, color=c)
         ax.set_title(task, fontsize=8)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[len(tasks):]:
         ax.axis("off")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    legend: dict[str, object] = {}  # every method of every panel, once
+    for ax in axes.ravel():
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), fontsize=7)
     fig.supxlabel("agent steps", fontsize=8)
     fig.supylabel(ylabel, fontsize=8)

@@ -155,8 +155,8 @@ def test_split_settings_labels_each_experiment_with_its_own_numbers(tmp_path, ca
     assert (out / "per_task_raw.md").read_text().splitlines()[0::2] == [
         "| task | storm [env.protocol=standard] | storm [env.protocol=storm] |", "| Pong | -10.0 ± 10.0 | 12.0 ± 1.6 |"]
     table = pd.read_csv(out / "aggregate_table.csv")
-    assert table["method"].tolist() == ["storm [env.protocol=standard] (1 of 26 tasks)",
-                                        "storm [env.protocol=storm] (1 of 26 tasks)"]
+    assert table["method"].tolist() == ["storm [env.protocol=storm] (1 of 26 tasks)",  # by IQM, the best first
+                                        "storm [env.protocol=standard] (1 of 26 tasks)"]
     notes = notes_of(out)
     assert ("storm: runs of different settings (env.protocol, train.eval_episodes, train.eval_mode, "
             "train.random_episodes) are shown apart, labelled by env.protocol: storm [env.protocol=standard] "
