@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mowbench.evaluate", "evaluate a finished run's weights again (another protocol, more episodes)"),
     "video": ("mowbench.video", "watch a run's policy and its world model's open-loop predictions (MP4, GIF)"),
     "bench": ("mowbench.bench", "speed and size of an agent: acting, updates, evaluation, memory"),
+    "cost": ("mowbench.cost", "a grid's projected device-hours per cell and in total, before it is submitted"),
     "verify": ("mowbench.verify", "replay numbers recorded from a method's published code through ours"),
 }
 

@@ -22,14 +22,15 @@ def test_help_lists_every_command_with_one_line():
     out = run(str(MOWBENCH), "--help")
     assert out.returncode == 0
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["run", "grid", "analyze", "evaluate", "video", "bench", "verify"] == list(COMMANDS)
+    assert listed == ["run", "grid", "analyze", "evaluate", "video", "bench", "cost", "verify"] == list(COMMANDS)
 
 
 @pytest.mark.slow(seconds=40)
 def test_each_command_is_its_module_form():
     for command, module in (("run", "mowbench.run"), ("bench", "mowbench.bench"), ("grid", "mowbench.grid"),
                             ("verify", "mowbench.verify"), ("analyze", "mowbench.analysis"),
-                            ("evaluate", "mowbench.evaluate"), ("video", "mowbench.video")):
+                            ("evaluate", "mowbench.evaluate"), ("video", "mowbench.video"),
+                            ("cost", "mowbench.cost")):
         ours, theirs = run(str(MOWBENCH), command, "--help"), run(sys.executable, "-m", module, "--help")
         assert ours.returncode == theirs.returncode == 0, (command, ours.stderr)
         assert ours.stdout == theirs.stdout and ours.stdout.strip(), command
@@ -45,4 +46,4 @@ def test_an_unknown_command_is_one_line():
     out = run(str(MOWBENCH), "evalute")
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [
-        "error: unknown command 'evalute'; allowed: run, grid, analyze, evaluate, video, bench, verify"]
+        "error: unknown command 'evalute'; allowed: run, grid, analyze, evaluate, video, bench, cost, verify"]
