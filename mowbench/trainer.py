@@ -366,7 +366,7 @@ class Trainer:
     def _log_videos(self, key: int) -> None:
         """Each task's policy episode (on evaluation `key`'s first env) and open-loop prediction, as TensorBoard GIFs;
         the global random states are restored afterwards, so training goes on as without it."""
-        from mowbench.video import VIDEO_STEPS, open_loop_panel, task_videos, upscale
+        from mowbench.frames import VIDEO_STEPS, open_loop_panel, task_videos, upscale
 
         np_state = np.random.get_state()
         devices = [self.device] if self.device.type == "cuda" else []

@@ -12,9 +12,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from mowbench.frames import CAPTION
 from mowbench.results import DONE, read_csv_rows
 from mowbench.runner import execute
-from mowbench.video import CAPTION, video_command
+from mowbench.video import video_command
 from tests.conftest import REPO
 from tests.test_evaluate import micro_run
 
