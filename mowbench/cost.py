@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any
 
 from mowbench.bench import EVAL_EPISODE_STEPS, projection
-from mowbench.config import compose_config, plan
+from mowbench.config import compose_config
 
 
 def recorded_devices() -> list[str]:
@@ -54,12 +54,14 @@ def parse(argv: list[str]) -> tuple[str, bool, list[str]]:
     return device, measure, rest
 
 
-def measured(cfg: dict[str, Any], cache: dict[tuple, dict[str, Any]], key: tuple) -> dict[str, Any]:
-    """A bench on this machine of the cell's agent, suite and preset (once per distinct key)."""
+def measured(overrides: list[str], cache: dict[tuple, dict[str, Any]], key: tuple) -> dict[str, Any]:
+    """A bench on this machine of the cell's agent, suite and preset (once per distinct key: the first run's
+    configuration, composed from its overrides, is benched)."""
     from mowbench.bench import BENCH_DEFAULTS, bench
 
     if key not in cache:
         print(f"[mowbench.cost] benching {key[0]} on {key[1]} ({key[2]}) here ...", file=sys.stderr, flush=True)
+        cfg = compose_config(overrides)
         cache[key] = bench({**cfg, "bench": {**BENCH_DEFAULTS, "reference": False, "flops": False}})
     return cache[key]
 
@@ -75,12 +77,11 @@ def cost(argv: list[str]) -> dict[str, Any]:
     used: dict[str, str] = {}
     benches: dict[tuple, dict[str, Any]] = {}
     for unit in units:
-        cfg = compose_config(unit.overrides)
-        p = plan(cfg)
-        preset = str(cfg.get("preset_name"))
+        p = unit.plan  # validated by expand (one unit per run folder; a per-task agent's plan holds every task)
+        preset = str(p.cfg.get("preset_name"))
         key = (p.agent, p.suite, preset)
         if measure:
-            figures, source = measured(cfg, benches, key), "measured here"
+            figures, source = measured(unit.overrides, benches, key), "measured here"
         else:
             figures, source = recorded(device, *key)
         cell = cells[unit.cell.rsplit("/seed_", 1)[0]]

@@ -86,17 +86,22 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> list[Path]:
     return written
 
 
-def task_videos(agent: Agent, make: Any, task: int, greedy: bool, steps: int, context: int, max_len: int | None,
-                seed: int) -> dict[str, Any]:
+def task_videos(agent: Agent, make: Any, task: int, greedy: bool, steps: int, seed: int,
+                context: int | None = None) -> dict[str, Any]:
     """The policy episode of one task and, where the agent has a decoder, the open-loop prediction of its first
-    steps: {"policy": frames, "open_loop": (real, predicted, real rewards, predicted rewards) or None}."""
+    steps (`context` real frames, default the agent's own; Agent.open_loop_window): {"policy": frames,
+    "open_loop": (real, predicted, real rewards, predicted rewards, context) or None}."""
     env = make(task)
     try:
         frames, actions, rewards = play(agent, env, task, greedy, steps, stream_seed(seed, task))
     finally:
         env.close()
     out: dict[str, Any] = {"policy": frames, "open_loop": None}
-    n = min(len(actions), max_len or len(actions))
+    window = agent.open_loop_window()
+    if window is None:
+        return out
+    context = context or window[0]
+    n = min(len(actions), window[1])
     if n > context:
         torch.manual_seed(stream_seed(seed, task, 1) % 2**63)  # the prior's draws
         predicted = agent.open_loop(frames[:n], actions[:n], task, context)
@@ -104,5 +109,5 @@ def task_videos(agent: Agent, make: Any, task: int, greedy: bool, steps: int, co
             # frame t+1 follows action t: rewards shift so that each frame shows the reward of the step into it
             real_reward = np.concatenate([[0.0], rewards[:n - 1]])
             predicted_reward = np.concatenate([[0.0], predicted[1][:n - 1]])
-            out["open_loop"] = (frames[:n], predicted[0], real_reward, predicted_reward)
+            out["open_loop"] = (frames[:n], predicted[0], real_reward, predicted_reward, context)
     return out

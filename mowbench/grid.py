@@ -59,6 +59,7 @@ class Unit:
     overrides: list[str]
     folder: Path
     mismatch: list[str] = dataclasses.field(default_factory=list)  # settings in which the folder's run differs
+    plan: Any = None  # its validated config.Plan (expand made it; mowbench.cost projects from it)
 
 
 @dataclasses.dataclass
@@ -194,7 +195,7 @@ def expand(req: Request) -> list[Unit]:
                     folder = p.run_dir(name)
                     extra = [f"task={tasks[0]}"] if len(p.runs) > 1 else []
                     units.append(Unit(str(folder.relative_to(req.results_dir)), f"{p.method}/seed_{seed}",
-                                      cell + extra, folder, folder_mismatch(p.cfg, folder, tasks)))
+                                      cell + extra, folder, folder_mismatch(p.cfg, folder, tasks), p))
             except Exception as err:  # noqa: BLE001 - every bad cell is reported, then nothing submitted
                 errors.append(f"{' '.join(base)} seed={seed}: {err}")
                 continue

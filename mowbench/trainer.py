@@ -371,14 +371,12 @@ class Trainer:
         np_state = np.random.get_state()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            cfg = getattr(self.agent, "cfg", None)
-            context, max_len = getattr(cfg, "imag_context", 8), getattr(cfg, "max_len", None)
             for k, info in enumerate(self.tasks):
                 videos = task_videos(self.agent, lambda task: self.make_eval_env(key, 0, task), k,
-                                     self.cfg.eval_greedy, VIDEO_STEPS, context, max_len, self.seed)
+                                     self.cfg.eval_greedy, VIDEO_STEPS, self.seed)
                 self.log.gif(f"policy/{info.name}", upscale(videos["policy"], 2), self.counters.step)
                 if videos["open_loop"] is not None:
-                    self.log.gif(f"open_loop/{info.name}", open_loop_panel(*videos["open_loop"], context, 2),
+                    self.log.gif(f"open_loop/{info.name}", open_loop_panel(*videos["open_loop"], 2),
                                  self.counters.step)
         np.random.set_state(np_state)
 

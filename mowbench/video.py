@@ -73,11 +73,10 @@ def video_command(args: list[str]) -> list[Path]:
         if own["task"] not in tasks:
             raise ValueError(f"task={own['task']}; allowed: the run's tasks ({', '.join(tasks)})")
         tasks = [own["task"]]
-    cfg = run.plan.agent_config
-    context = positive(own, "context", getattr(cfg, "imag_context", 8))
-    max_len = getattr(cfg, "max_len", None)
-    if max_len is not None and context >= max_len:
-        raise ValueError(f"context={context}; allowed: 1..{max_len - 1} (the world model's max_len is {max_len})")
+    window = run.agent.open_loop_window()  # None: no decoder, no open-loop video
+    context = positive(own, "context", window[0] if window else 1)
+    if window is not None and context >= window[1]:
+        raise ValueError(f"context={context}; allowed: 1..{window[1] - 1} (the world model's max_len is {window[1]})")
     seed = int(own.get("seed", run.plan.seed))
     out = Path(own.get("out", folder / "videos"))
 
@@ -88,10 +87,10 @@ def video_command(args: list[str]) -> list[Path]:
     written: list[Path] = []
     for name in tasks:
         k = run.tasks.index(name)
-        videos = task_videos(run.agent, make, k, run.plan.train.eval_greedy, steps, context, max_len, seed)
+        videos = task_videos(run.agent, make, k, run.plan.train.eval_greedy, steps, seed, context)
         written += write_video(out / f"{name}_policy", upscale(videos["policy"], scale), fps)
         if videos["open_loop"] is not None:
-            panel = open_loop_panel(*videos["open_loop"], context, scale)
+            panel = open_loop_panel(*videos["open_loop"], scale)
             written += write_video(out / f"{name}_open_loop", panel, fps)
     return written
 

@@ -136,6 +136,11 @@ class Agent(ABC):
         asks for pretraining."""
         raise NotImplementedError(f"{type(self).__name__} has no pretraining")
 
+    def open_loop_window(self) -> tuple[int, int] | None:
+        """(default context, longest segment) of `open_loop`: the real frames it is given by default and the most
+        steps it predicts in one segment; None for a method without a decoder (default)."""
+        return None
+
     def open_loop(self, obs: np.ndarray, action: np.ndarray, task: int, context: int
                   ) -> tuple[np.ndarray, np.ndarray] | None:
         """The world model's open-loop prediction of a real segment (mowbench.video): obs (T, S, S, 3) uint8 and

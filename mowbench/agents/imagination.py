@@ -33,6 +33,7 @@ class WorldModel(Protocol):
     feature_dim: int  # size of the actor/critic input `features` builds
     latent_vars: int  # V, the categorical variables of z (acting draws V uniforms for each sample of z)
     n_critics: int  # critics the agent keeps (MoW: one per VAE cluster)
+    max_len: int  # the longest sequence `sequence` takes (learned positions, cache slots)
 
     def encode(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """obs (B, T, S, S, 3) uint8 -> posterior logits (B, T, V, C)."""
@@ -395,6 +396,10 @@ class ImaginationAgent(Autocast, Agent):
             rewards = twohot_decode(wm.reward(h_all, task), self.bins)  # (B, H)
             conts = (wm.termination(h_all, task) <= 0).float()  # (B, H): 1 - predicted termination
         return torch.cat(feats, 1).float(), torch.cat(actions, 1), rewards.float(), conts
+
+    def open_loop_window(self) -> tuple[int, int]:
+        """Agent.open_loop_window: imagination's context, and the world model's longest sequence."""
+        return self.cfg.imag_context, self.wm.max_len
 
     @torch.no_grad()
     def open_loop(self, obs: np.ndarray, action: np.ndarray, task: int, context: int

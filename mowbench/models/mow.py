@@ -222,6 +222,7 @@ class MoWWorldModel(nn.Module):
         e = cfg.embed_dim
         self.feature_dim = self.latent_dim + cfg.width + e  # [z, h, sg(e_k)]
         self.n_critics = cfg.n_clusters  # one critic per VAE cluster
+        self.max_len = cfg.max_len
         self.task_embedding = nn.Embedding(n_tasks, e)
         self.clusters = nn.ModuleList(ClusterModule(cfg, image_size) for _ in range(cfg.n_clusters))
         self.routing = ROUTINGS[cfg.routing]()  # the one place task- vs token-level routing is chosen

@@ -65,6 +65,7 @@ class STORMWorldModel(nn.Module):
         self.embed_dim = embed_dim
         self.feature_dim = self.latent_dim + cfg.width  # [z, h]
         self.n_critics = 1
+        self.max_len = cfg.max_len
         self.task_embedding = nn.Embedding(n_tasks, embed_dim) if embed_dim else None
         self.encoder = ConvEncoder(image_size, cfg.channels)
         self.posterior_head = CategoricalHead(self.encoder.out_dim, cfg.n_vars, cfg.n_classes, embed_dim, cfg.unimix)
