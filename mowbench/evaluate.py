@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from mowbench import machine, results
 from mowbench.agents.base import Agent, make_agent
 from mowbench.config import Plan, plan
-from mowbench.envs import make_env, make_envs
+from mowbench.envs import make_env
 from mowbench.envs.base import TaskEnv
 from mowbench.evaluation import eval_env_seed, evaluate_in_mode, stream_seed
 
@@ -158,12 +158,12 @@ def load_run(folder: Path, overrides: dict[str, str], checkpoint: str | None = N
     if (warning := machine.thread_warning(int(cfg.get("threads") or 0), torch.get_num_threads())) is not None:
         print(warning, file=sys.stderr)
     env_cfg = {**cfg["env"], "run_seed": p.seed}
-    envs = make_envs(p.suite, tasks, env_cfg, p.seed)  # for the tasks' infos (action spaces, image sizes)
-    try:
-        agent = make_agent(p.agent, dict(cfg["agent"]), [e.info for e in envs], p.device, p.precision)
-    finally:
-        for env in envs:
-            env.close()
+    infos = []  # the tasks' infos (action spaces, image sizes): one env at a time, not 50 renderers at once
+    for k in range(len(tasks)):
+        env = make_env(p.suite, tasks, k, env_cfg, p.seed)
+        infos.append(env.info)
+        env.close()
+    agent = make_agent(p.agent, dict(cfg["agent"]), infos, p.device, p.precision)
     try:
         agent.load_state_dict(state)
     except Exception as err:  # noqa: BLE001 - keys or shapes that do not fit: the file is named
