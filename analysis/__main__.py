@@ -69,6 +69,7 @@ from mowbench.analysis.scores import (
     list_published,
     published,
     published_aggregates,
+    random_returns,
     read_results,
     read_scores_csv,
     reference_table,
@@ -168,24 +169,9 @@ GAP_SUITES = ("atari100k", "metaworld")  # scores with a level of 1 (human, succ
 def with_random_row(aggregate: pd.DataFrame, final: pd.DataFrame, reps: int, seed: int, scale: float
                     ) -> tuple[pd.DataFrame, list[str]]:
     """The aggregate table with a 'random policy' row: the random-policy returns the runs recorded beside their
-    final evaluation (summary.json's random_return, one per run and task; the same (task, seed) in several methods'
-    runs averaged), aggregated as the methods are."""
-    rows = []
-    for source in sorted(final["source"].dropna().unique()):
-        folder = Path(source)
-        if folder.parent.name == "evaluations":  # a re-evaluation (mowbench evaluate): its run's summary
-            folder = folder.parent.parent
-        try:
-            summary = results.read_json(folder / "summary.json")
-        except (OSError, ValueError):
-            continue
-        seed_ = int(folder.name.removeprefix("seed_")) if folder.name.startswith("seed_") else None
-        for task, ret in ((summary or {}).get("random_return") or {}).items():
-            rows.append({"task": task, "seed": seed_, "score": float(ret)})
-    if not rows:
-        return aggregate, ["no random-policy returns recorded (train.random_baseline=false): no random row"]
-    frame = pd.DataFrame(rows).groupby(["seed", "task"], as_index=False)["score"].mean()
-    matrix = frame.pivot_table(index="seed", columns="task", values="score").dropna(axis=1).to_numpy()
+    final evaluation (scores.random_returns), aggregated as the methods are."""
+    rows = random_returns(final)
+    matrix = rows.pivot_table(index="seed", columns="task", values="score").dropna(axis=1).to_numpy()
     estimate = interval_estimates({"random policy": matrix}, reps=reps, seed=seed)["random policy"]
     row = {k: interval_text(*estimate[k], scale) for k in aggregate.columns if k in estimate}
     row |= {"tasks": str(matrix.shape[1]), "runs": str(matrix.shape[0])}

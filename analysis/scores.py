@@ -504,6 +504,26 @@ def coverage_note(method: str, tasks: list[str], suite: str) -> str:
             f"({listed if names is tasks else 'all but ' + listed}): not comparable with full-suite aggregates")
 
 
+def random_returns(final: pd.DataFrame) -> pd.DataFrame:
+    """The random policy's returns the runs behind `final` recorded beside their final evaluation (summary.json's
+    random_return, one per run and task; a re-evaluation's run is read): task, seed, score, the same (task, seed)
+    in several methods' runs averaged."""
+    rows = []
+    for source in sorted(final["source"].dropna().unique()):
+        folder = Path(source)
+        if folder.parent.name == "evaluations":  # a re-evaluation (mowbench evaluate): its run's summary
+            folder = folder.parent.parent
+        try:
+            summary = results.read_json(folder / "summary.json")
+        except (OSError, ValueError):
+            continue
+        seed = int(folder.name.removeprefix("seed_")) if folder.name.startswith("seed_") else None
+        for task, ret in ((summary or {}).get("random_return") or {}).items():
+            rows.append({"task": task, "seed": seed, "score": float(ret)})
+    frame = pd.DataFrame(rows, columns=["task", "seed", "score"])
+    return frame.groupby(["seed", "task"], as_index=False)["score"].mean()
+
+
 def final_scores(scores: pd.DataFrame) -> pd.DataFrame:
     """The last evaluation of each (method, task, seed); rows without a step are final scores already."""
     if "step" not in scores.columns:

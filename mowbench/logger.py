@@ -4,6 +4,8 @@ TensorBoard and, optionally, to Weights & Biases."""
 from __future__ import annotations
 
 import secrets
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,6 @@ class Ticker:
     with the count, the elapsed time and the time left at the rate so far."""
 
     def __init__(self, label: str, total: int, every_s: float = 10.0, stream: Any = None) -> None:
-        import sys
-        import time
-
         self.label, self.total, self.every_s = label, max(total, 1), every_s
         self.stream = stream or sys.stderr
         self.clock = time.monotonic
