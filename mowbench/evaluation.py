@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mowbench.agents.base import Agent
-from mowbench.envs.base import Step, TaskEnv
+from mowbench.envs.base import Step, TaskEnv, reset_all, step_all
 
 EVAL_MODES = ("full", "reference")
 
@@ -66,17 +66,23 @@ class EvalStream(Stream):
     index: int = 0  # full mode: the episode it plays; reference mode: its copy
 
 
-def open_stream(agent: Agent | None, env: TaskEnv, task: int, index: int, seed: int) -> EvalStream:
-    env.observe = agent is not None  # a random policy needs no frames
-    s = EvalStream(env, agent.new_context(task, seed) if agent else np.random.default_rng(seed), task=task, index=index)
-    restart(agent, s)
-    return s
+def open_streams(agent: Agent | None, opened: list[tuple[TaskEnv, int, int, int]]) -> list[EvalStream]:
+    """Streams on new envs, (env, task, index, acting seed) each, their first frames reset at once (envs in
+    worker processes in parallel)."""
+    for env, *_ in opened:
+        env.observe = agent is not None  # a random policy needs no frames
+    streams = [EvalStream(env, agent.new_context(task, seed) if agent else np.random.default_rng(seed), task=task,
+                          index=index) for env, task, index, seed in opened]
+    restart(agent, streams)
+    return streams
 
 
-def restart(agent: Agent | None, s: Stream) -> None:
-    s.obs, s.ret, s.length, s.success = s.env.reset(), 0.0, 0, None
-    if agent:
-        agent.episode_start(s.context)
+def restart(agent: Agent | None, streams: list[Any]) -> None:
+    """New episodes in `streams` (Stream or EvalStream), their envs reset at once."""
+    for s, obs in zip(streams, reset_all([s.env for s in streams]), strict=True):
+        s.obs, s.ret, s.length, s.success = obs, 0.0, 0, None
+        if agent:
+            agent.episode_start(s.context)
 
 
 def act_round(agent: Agent | None, streams: list[EvalStream], greedy: bool) -> list[Any]:
@@ -86,13 +92,16 @@ def act_round(agent: Agent | None, streams: list[EvalStream], greedy: bool) -> l
     return [s.env.info.action.sample(s.context) for s in streams]
 
 
-def advance(s: Stream, action: Any, max_steps: int = 0) -> tuple[Step, bool]:
-    """Step the stream's env; returns the step and whether its episode is over (done, or max_steps reached)."""
-    step = s.env.step(action)
-    s.length += 1
-    if step.success is not None:
-        s.success = max(s.success or 0.0, step.success)  # success at any step of the episode
-    return step, bool(step.done or (max_steps and s.length >= max_steps))
+def advance(streams: list[Any], actions: list[Any], max_steps: int = 0) -> list[tuple[Step, bool]]:
+    """Step every stream's env (at once: envs in worker processes in parallel); per stream, the step and whether
+    its episode is over (done, or max_steps reached)."""
+    out = []
+    for s, step in zip(streams, step_all([s.env for s in streams], actions), strict=True):
+        s.length += 1
+        if step.success is not None:
+            s.success = max(s.success or 0.0, step.success)  # success at any step of the episode
+        out.append((step, bool(step.done or (max_steps and s.length >= max_steps))))
+    return out
 
 
 class EvaluationInterrupted(Exception):
@@ -118,11 +127,12 @@ def evaluate(agent: Agent | None, make_env: EnvMaker, n_tasks: int, episodes: in
     live: list[EvalStream] = []
     while pending or live:
         _check_stop(stop, live)
-        while pending and len(live) < max_envs:
+        opened = []
+        while pending and len(live) + len(opened) < max_envs:
             t, i = pending.popleft()
-            live.append(open_stream(agent, make_env(i, t), t, i, stream_seed(seed, t, i)))
-        for s, action in zip(live, act_round(agent, live, greedy), strict=True):
-            step, over = advance(s, action, max_steps)
+            opened.append((make_env(i, t), t, i, stream_seed(seed, t, i)))
+        live += open_streams(agent, opened)
+        for s, (step, over) in zip(live, advance(live, act_round(agent, live, greedy), max_steps), strict=True):
             s.ret += step.reward
             s.obs = step.obs
             if over:
@@ -140,21 +150,22 @@ def evaluate_reference(agent: Agent | None, make_env: EnvMaker, n_tasks: int, ep
     reward*, and the first `episodes` episodes to finish are kept (ties within a round in env order), so
     long episodes are under-represented. All tasks' envs step together, the agent acting on all of them in one
     batch. Per task, `episodes` x (return, length, success)."""
-    streams = [open_stream(agent, make_env(c, t), t, c, stream_seed(seed, t, c))
-               for t in range(n_tasks) for c in range(parallel)]
+    streams = open_streams(agent, [(make_env(c, t), t, c, stream_seed(seed, t, c))
+                                   for t in range(n_tasks) for c in range(parallel)])
     results: list[list[tuple[float, int, float | None]]] = [[] for _ in range(n_tasks)]
     live = streams
     while live:
         _check_stop(stop, streams)
-        for s, action in zip(live, act_round(agent, live, greedy), strict=True):
-            step, over = advance(s, action, max_steps)
+        ended = []
+        for s, (step, over) in zip(live, advance(live, act_round(agent, live, greedy), max_steps), strict=True):
             if over:
                 if len(results[s.task]) < episodes:
                     results[s.task].append((s.ret, s.length, s.success))  # the last reward is not added
-                restart(agent, s)
+                ended.append(s)
             else:
                 s.ret += step.reward
                 s.obs = step.obs
+        restart(agent, ended)
         live = [s for s in live if len(results[s.task]) < episodes]
     for s in streams:
         s.env.close()

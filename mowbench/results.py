@@ -29,7 +29,7 @@ FAILED = "FAILED.json"
 # refused. The analysis groups runs by the same rule.
 INERT_KEYS = ("results_dir", "threads", "task", "method", "preset_name", "train.progress", "train.tensorboard",
               "train.log_every", "train.checkpoint_every", "train.stop_at", "train.keep_checkpoint",
-              "train.eval_envs", "train.replay_on_device", "train.video_every",
+              "train.eval_envs", "train.replay_on_device", "train.video_every", "train.env_workers",
               "agent.compile", "agent.cuda_graphs", "agent.expert_kernel", "deterministic", "logger.wandb",
               "logger.project", "logger.entity", "logger.group")
 

@@ -94,6 +94,10 @@ class TrainConfig:
     # run's numbers are the same either way
     video_every: int = 0
     keep_checkpoint: bool = False  # keep the full resume checkpoint (with replay) after finishing
+    # N > 0: the run's envs (training streams, evaluations, the random baseline, offline data) live in N worker
+    # processes that step and render them at the same time (mowbench.envs.workers); the same seeds give the same
+    # frames and results as 0, in this process. Worth it where frames cost time: Meta-World from pixels
+    env_workers: int = 0
 
     def check(self) -> None:
         """After the protocol filled eval_episodes, eval_greedy, eval_mode and random_episodes (config.plan)."""
@@ -103,7 +107,8 @@ class TrainConfig:
         for name in ("eval_episodes", "periodic_eval_episodes"):  # an evaluation of no episode has no return
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a positive integer")
-        for name in ("warmup", "eval_every", "checkpoint_every", "stop_at", "eval_max_steps", "video_every"):
+        for name in ("warmup", "eval_every", "checkpoint_every", "stop_at", "eval_max_steps", "video_every",
+                     "env_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)}; allowed: a non-negative integer")
         if self.updates_per_step < 0:
@@ -315,19 +320,19 @@ class Trainer:
     # ---- loop ----
     def _round(self, training: bool) -> None:
         """One env step in every task: the agent acts on all streams in one batch (warm-up: random actions)."""
-        for s in self.streams:
-            if s.obs is None:
-                restart(self.agent, s)
+        restart(self.agent, [s for s in self.streams if s.obs is None])
         if training or (self.offline_spec is not None and self.offline_spec.act_in_warmup):
             actions = self.agent.act_batch([s.context for s in self.streams], [s.obs for s in self.streams])
         else:
             actions = [s.env.info.action.sample(self.rng) for s in self.streams]
-        for k, (s, action) in enumerate(zip(self.streams, actions, strict=True)):
-            extras: dict[str, Any] = self.agent.step_extras(s.context) if training and self.replay.fields else {}
+        extras: list[dict[str, Any]] = []  # what the replay stores beside each transition, as of before the step
+        for s in self.streams:
+            extras.append(self.agent.step_extras(s.context) if training and self.replay.fields else {})
             if "first" in self.replay.fields:
-                extras["first"] = float(s.length == 0)
-            step, _ = advance(s, action)
-            self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step), **extras)
+                extras[-1]["first"] = float(s.length == 0)
+        for k, (s, action, (step, _)) in enumerate(zip(self.streams, actions, advance(self.streams, actions),
+                                                       strict=True)):
+            self.replay.add(k, s.obs, action, step.reward, s.env.train_terminal(step), **extras[k])
             s.ret += step.reward
             s.obs = step.obs
             if step.done:

@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Sequence
 from typing import Any
 
-from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo
+from mowbench.envs.base import ActionSpace, Step, TaskEnv, TaskInfo, reset_all, step_all
 
 TASK_SEED_STRIDE = 1000  # the env of task i in a run seeded s is seeded s + 1000 * i
 
@@ -20,7 +20,7 @@ SUITES: dict[str, str] = {
 }
 
 __all__ = ["ActionSpace", "Step", "TaskEnv", "TaskInfo", "SUITES", "suite_module", "resolve_tasks", "make_envs",
-           "make_env"]
+           "make_env", "step_all", "reset_all", "env_workers"]
 
 
 def suite_module(suite: str) -> Any:
@@ -65,3 +65,12 @@ def make_env(suite: str, tasks: Sequence[str], index: int, cfg: dict[str, Any], 
     except ImportError as err:  # an optional dependency of this suite only
         raise ImportError(f"suite {suite!r} needs the package {err.name!r}, which is not importable: "
                           f"install it (pip install -c constraints.txt -e .)") from err
+
+
+def env_workers(n: int, suite: str, tasks: Sequence[str], cfg: dict[str, Any]) -> Any:
+    """`n` env worker processes for a run of `tasks` (mowbench.envs.workers.EnvWorkers; close it when done): their
+    `make(index, seed, evaluation)` builds the env make_env builds, in a worker."""
+    from mowbench.envs.workers import EnvWorkers
+
+    size = int(cfg.get("image_size", 64))
+    return EnvWorkers(n, suite, tasks, cfg, frame_bytes=size * size * 3)

@@ -91,3 +91,31 @@ class TaskEnv(ABC):
 
     def train_terminal(self, step: Step) -> bool:
         return step.terminated or (self.life_loss_terminal and step.life_loss)
+
+
+
+def step_all(envs: list[TaskEnv], actions: list[Any]) -> list[Step]:
+    """Step every env with its action. Envs living in worker processes (mowbench.envs.workers) step at the same
+    time: every worker gets its requests before any reply is read, and the envs of this process step meanwhile."""
+    return _each(envs, "step", actions)
+
+
+def reset_all(envs: list[TaskEnv]) -> list[np.ndarray]:
+    """Reset every env (their first frames); envs in worker processes reset at the same time, as in step_all."""
+    return _each(envs, "reset", [None] * len(envs))
+
+
+def _each(envs: list[TaskEnv], op: str, args: list[Any]) -> list[Any]:
+    pools: dict[int, tuple[Any, list[int]]] = {}
+    for i, env in enumerate(envs):
+        if (workers := getattr(env, "workers", None)) is not None:
+            pools.setdefault(id(workers), (workers, []))[1].append(i)
+    sent = [(w, idx, w.send(op, [envs[i] for i in idx], [args[i] for i in idx])) for w, idx in pools.values()]
+    out: list[Any] = [None] * len(envs)
+    for i, env in enumerate(envs):
+        if getattr(env, "workers", None) is None:
+            out[i] = env.step(args[i]) if op == "step" else env.reset()
+    for workers, idx, ticket in sent:
+        for i, value in zip(idx, workers.gather(ticket), strict=True):
+            out[i] = value
+    return out

@@ -235,3 +235,9 @@ class MetaWorldEnv(TaskEnv):
 def make(task: str, index: int, cfg: dict[str, Any], seed: int, evaluation: bool = False,
          n_tasks: int = 1) -> MetaWorldEnv:
     return MetaWorldEnv(task, index, cfg, seed)
+
+
+def prepare_workers(cfg: dict[str, Any]) -> None:
+    """Before env worker processes start (mowbench.envs.workers): MUJOCO_GL chosen here, once, and inherited by
+    them, so that each worker does not import torch to look for a GPU."""
+    choose_gl(cfg.get("gl", "auto"))

@@ -1,0 +1,143 @@
+"""train.env_workers=N: the run's envs in N worker processes (mowbench.envs.workers) give the frames, episodes and
+results the same envs give in the training process; a worker's death or an env's error is one clear exception;
+the workers outlive the signals the training process checkpoints on."""
+
+import hashlib
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mowbench.config import compose_config
+from mowbench.envs import env_workers, make_env, reset_all, step_all
+from mowbench.envs.atari import TASKS as ATARI26
+from mowbench.envs.workers import RemoteEnv, WorkerDied
+from mowbench.results import run_dir
+from mowbench.runner import execute
+from tests.conftest import MICRO
+
+
+def atari_cfg() -> dict:
+    cfg = compose_config(["env=atari100k", "env.image_size=16"])["env"]
+    return {**cfg, "action_set": "full", "run_seed": 0}
+
+
+@pytest.mark.slow(seconds=30)
+def test_the_26_atari_games_in_two_workers_step_as_in_process():
+    """All 26 games, 2 workers: the same frames, rewards, life losses and ends for 40 random steps (sticky actions,
+    resets included), mid-episode states that carry across processes, one env stepped alone, and close."""
+    cfg, rng = atari_cfg(), np.random.default_rng(0)
+    local = [make_env("atari100k", ATARI26, i, cfg, 3) for i in range(26)]
+    with env_workers(2, "atari100k", ATARI26, cfg) as workers:
+        remote = [workers.make(i, 3) for i in range(26)]
+        assert all(isinstance(e, RemoteEnv) for e in remote) and sorted(workers.live) == [13, 13]
+        assert [e.info for e in remote] == [e.info for e in local]
+        assert [e.life_loss_terminal for e in remote] == [e.life_loss_terminal for e in local]
+        for a, b in zip(reset_all(remote), reset_all(local), strict=True):
+            assert a.shape == (16, 16, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+        for t in range(40):
+            actions = [int(rng.integers(18)) for _ in local]
+            for i, (a, b) in enumerate(zip(step_all(remote, actions), step_all(local, actions), strict=True)):
+                assert np.array_equal(a.obs, b.obs), (t, ATARI26[i])
+                assert (a.reward, a.terminated, a.truncated, a.life_loss) == (b.reward, b.terminated, b.truncated,
+                                                                              b.life_loss)
+        # a state read from a worker continues in this process exactly, and one from here in a worker
+        fresh = make_env("atari100k", ATARI26, 7, cfg, 99)
+        fresh.set_state(remote[7].get_state())
+        other = workers.make(7, 98)
+        other.set_state(local[7].get_state())
+        for _ in range(20):
+            a, b, c = fresh.step(1), local[7].step(1), other.step(1)
+            remote[7].step(1)
+            assert np.array_equal(a.obs, b.obs) and np.array_equal(b.obs, c.obs) and a.reward == b.reward == c.reward
+        for e in remote:
+            e.close()
+        assert sorted(workers.live) == [0, 1] and len(workers.free[0]) + len(workers.free[1]) == 2 * 256 - 1
+    for e in [*local, fresh]:
+        e.close()
+
+
+def test_a_worker_error_is_the_envs_own_and_a_dead_worker_is_named():
+    """An env that fails to build raises its own exception in the training process (with the worker's traceback as
+    a note); a worker ignores the signals the trainer checkpoints on; a killed worker is named in one line."""
+    cfg = {**compose_config(["env=minatar"])["env"], "run_seed": 0}
+    tasks = ["breakout", "asterix"]
+    with pytest.raises(ValueError, match="train.env_workers=0; allowed: a positive integer"):
+        env_workers(0, "minatar", tasks, cfg)
+    with env_workers(2, "minatar", tasks, cfg) as workers:
+        env = workers.make(0, 1)
+        broken = workers.make(5, 1)  # no task 5: make_env's IndexError, raised when the env is first used
+        with pytest.raises(IndexError) as err:
+            broken.reset()
+        assert any("in env worker" in note for note in err.value.__notes__)
+        env.reset()
+        for name in ("SIGTERM", "SIGUSR2", "SIGINT"):
+            os.kill(workers.procs[env.worker].pid, getattr(signal, name))
+        time.sleep(0.3)
+        assert env.step(0).obs.shape == (16, 16, 3)  # still there
+        workers.procs[env.worker].kill()
+        workers.procs[env.worker].wait()
+        with pytest.raises(WorkerDied, match=rf"env worker {env.worker} \(pid \d+\) ended with exit code -9"):
+            env.step(0)
+
+
+def run_files(folder):
+    """What a run wrote that its results are: returns, episodes, metrics (timing aside), the final weights."""
+    metrics = [line for line in (folder / "metrics.csv").read_text().splitlines() if "perf/" not in line]
+    weights = torch.load(folder / "model.pt", weights_only=True)
+    digest = hashlib.sha256()
+    for key, value in sorted(flatten(weights)):
+        digest.update(key.encode() + value.float().numpy().tobytes())
+    summary = json.loads((folder / "summary.json").read_text())
+    return {"eval": (folder / "eval.csv").read_text(), "episodes": (folder / "episodes.csv").read_text(),
+            "metrics": metrics, "weights": digest.hexdigest(), "summary": summary}
+
+
+def flatten(state, prefix=""):
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.slow(seconds=150)
+def test_an_mt10_run_with_two_env_workers_is_the_in_process_run(tmp_path):
+    """MT10 from pixels, a multi-task agent (monolithic STORM, micro): training streams, the final evaluation and the
+    random baseline with env_workers=2 give the returns, episodes, metrics and weights of env_workers=0."""
+    base = ["agent=monolithic", "env=metaworld", "task=MT10", "train.warmup=12", "train.steps=24",
+            "train.updates_per_step=0.5", "train.eval_episodes=2", "train.eval_max_steps=10", "train.eval_envs=6",
+            "train.replay_capacity=100", "env.image_size=16", "env.episode_length=10", "env.fast_render=true",
+            *MICRO]
+    files = []
+    for n in (0, 2):
+        out = tmp_path / f"workers_{n}"
+        [(_, summary)] = execute(compose_config([*base, f"train.env_workers={n}", f"results_dir={out}"]))
+        assert summary["step"] == 24 and len(summary["final_return"]) == 10 and len(summary["random_return"]) == 10
+        files.append(run_files(run_dir(out, "metaworld", "monolithic", "all10", 0)))
+    assert files[0]["summary"]["episodes"] == dict.fromkeys(files[0]["summary"]["final_return"], 2)
+    assert files[0] == files[1]
+
+
+@pytest.mark.slow(seconds=60)
+def test_an_atari_run_preempted_and_resumed_in_env_workers_is_the_uninterrupted_in_process_run(tmp_path):
+    """Three Atari games (monolithic STORM, micro): a run with env_workers=2, stopped mid-episode and resumed (the
+    envs' emulator states cross the checkpoint through the workers), ends as the same run with env_workers=0 and no
+    stop; the worker count is not a setting of the run (a resume may change it)."""
+    base = ["agent=monolithic", "env=atari100k", "task=[Pong,Breakout,Boxing]", "train.warmup=20", "train.steps=50",
+            "train.updates_per_step=0.25", "train.eval_episodes=2", "train.eval_max_steps=30", "train.eval_mode=full",
+            "train.replay_capacity=100", "env.image_size=16", *MICRO]
+    alone = tmp_path / "alone"
+    execute(compose_config([*base, f"results_dir={alone}"]))
+    split = tmp_path / "split"
+    [(_, first)] = execute(compose_config([*base, "train.env_workers=2", "train.stop_at=33", f"results_dir={split}"]))
+    assert first is None  # preempted, checkpointed at step 33
+    execute(compose_config([*base, "train.env_workers=1", f"results_dir={split}"]))
+    folder = run_dir(split, "atari100k", "monolithic", "all3", 0)
+    sessions = json.loads((folder / "metadata.json").read_text())["sessions"]
+    assert [s["resumed_from_step"] for s in sessions] == [None, 33] and sessions[1]["env_restart"] == []
+    assert run_files(folder) == run_files(run_dir(alone, "atari100k", "monolithic", "all3", 0))
