@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, deterministic_kernels, plan, resolve_device, resolve_precision
-from mowbench.envs import make_env, make_envs, resolve_tasks
+from mowbench.envs import env_workers, make_env, make_envs, reset_all, resolve_tasks, step_all
 from mowbench.evaluation import evaluate_in_mode
-from mowbench.machine import peak_memory_gib
+from mowbench.machine import peak_memory_gib, usable_cpus
 from mowbench.models.packed import unpacked
 from mowbench.replay import random_batch
 
@@ -52,8 +53,11 @@ from mowbench.replay import random_batch
 # context, so that most steps act as a long episode's do); eval_episode_steps: the episode length the
 # projection assumes (0: the suite's, EVAL_EPISODE_STEPS); profile: N > 0 adds each phase's N ops of most self time
 # under torch.profiler (on CUDA: device time, and the host's calls, where waits on the device show), one untimed call
+# only: "acting" measures acting alone (the agent's and random actions'), e.g. to compare train.env_workers values
 BENCH_DEFAULTS = {"repeats": 3, "task": None, "reference": True, "act_steps": 200, "warm_up": True,
-                  "flops": True, "eval_episodes": 2, "eval_steps": 40, "eval_episode_steps": 0, "profile": 0}
+                  "flops": True, "eval_episodes": 2, "eval_steps": 40, "eval_episode_steps": 0, "profile": 0,
+                  "only": None}
+ONLY = (None, "acting")
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -147,9 +151,28 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     p = plan(cfg)  # validates and resolves the env config (e.g. the shared Atari action set)
     deterministic_kernels(device, p.deterministic)  # as a run of this config would
     env_cfg = {**p.cfg["env"], "run_seed": 0}  # as a run of seed 0 (the runner adds its seed)
-    envs = make_envs(suite, p.tasks, env_cfg, seed=0)
-    env = envs[0]
-    agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [e.info for e in envs], device, precision)
+    if opts["only"] not in ONLY:
+        raise ValueError(f"bench.only={opts['only']!r}; allowed: {', '.join(map(str, ONLY))}")
+    with ExitStack() as opened:
+        workers = (opened.enter_context(env_workers(p.train.env_workers, suite, p.tasks, env_cfg))
+                   if p.train.env_workers else None)
+        envs = [workers.make(i, 0) for i in range(len(p.tasks))] if workers else make_envs(suite, p.tasks, env_cfg, 0)
+        opened.callback(lambda: [e.close() for e in envs])
+        agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [e.info for e in envs], device, precision)
+        if opts["only"] == "acting":
+            return {"agent": cfg["agent"]["name"], "preset": cfg.get("preset_name"), "suite": suite,
+                    "n_tasks": len(envs), "env_workers": p.train.env_workers, "device": str(device),
+                    "torch_threads": torch.get_num_threads(), "usable_cpus": usable_cpus(),
+                    **acting_figures(agent, envs, int(opts["act_steps"]), int(opts["repeats"])),
+                    **acting_figures(None, envs, int(opts["act_steps"]), int(opts["repeats"]), "random_")}
+        return measure(cfg, opts, p, agent, envs, workers, device, precision)
+
+
+def measure(cfg: dict[str, Any], opts: dict[str, Any], p: Any, agent: Any, envs: list[Any], workers: Any,
+            device: torch.device, precision: str) -> dict[str, Any]:
+    """Every figure of the bench (see the module's docstring) for `agent` on `envs`."""
+    suite, env = p.suite, envs[0]
+    env_cfg = {**p.cfg["env"], "run_seed": 0}
     infos, reps = [e.info for e in envs], int(opts["repeats"])
 
     fields = agent.replay_fields()
@@ -189,13 +212,11 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     if int(opts["profile"]) > 0:
         out["profile"] = {name: profile_phase(fn, device, int(opts["profile"])) for name, fn in phases.items()}
     out |= acting_figures(agent, envs, int(opts["act_steps"]), reps)
-    out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts, device)
+    out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts, device, workers)
     out |= agent.bench_status()
     out["projected_hours"] = projection(out, p.train, len(envs), int(opts["eval_episode_steps"] or
                                                                      EVAL_EPISODE_STEPS[suite]))
     out["peak_memory_gib"] = peak_memory_gib(device)
-    for e in envs:
-        e.close()
     return out
 
 
@@ -205,17 +226,24 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
 EVAL_EPISODE_STEPS = {"atari100k": 2000, "metaworld": 100, "minatar": 500}
 
 
-def acting_figures(agent: Any, envs: list[Any], act_steps: int, repeats: int = 1) -> dict[str, Any]:
+def acting_figures(agent: Any, envs: list[Any], act_steps: int, repeats: int = 1, prefix: str = "") -> dict[str, Any]:
     """Env steps per second of training-time acting: one stream per task (a multi-task agent: all its tasks)
-    acting in one batch per round, env steps included, after a full acting window (e.g. STORM's 16 frames) and a
-    few rounds more. `repeats` blocks of about act_steps env steps each are timed; the figure is their median
-    (one block's rate varies by +-15% on a shared CPU), the blocks' rates are listed beside it."""
-    contexts, obs = [agent.new_context(i) for i in range(len(envs))], [e.reset() for e in envs]
+    acting in one batch per round, all envs stepped at once (envs in worker processes in parallel), after a full
+    acting window (e.g. STORM's 16 frames) and a few rounds more. agent=None: uniformly random legal actions, as in
+    the warm-up (frames rendered). `repeats` blocks of about act_steps env steps each are timed; the figure is their
+    median (one block's rate varies by +-15% on a shared CPU), the blocks' rates are listed beside it."""
+    rng = np.random.default_rng(0)
+    contexts = [agent.new_context(i) if agent else None for i in range(len(envs))]
+    obs = reset_all(envs)
 
     def one_round() -> None:
-        for i, (env, action) in enumerate(zip(envs, agent.act_batch(contexts, obs), strict=True)):
-            step = env.step(action)
-            obs[i] = env.reset() if step.done else step.obs
+        actions = (agent.act_batch(contexts, obs) if agent else [e.info.action.sample(rng) for e in envs])
+        steps = step_all(envs, actions)
+        done = [i for i, step in enumerate(steps) if step.done]
+        for i, step in enumerate(steps):
+            obs[i] = step.obs
+        for i, first in zip(done, reset_all([envs[i] for i in done]), strict=True):
+            obs[i] = first
 
     for _ in range(24):  # a full acting window (STORM: 16 frames) and a few rounds more (cuda_graphs: the capture)
         one_round()
@@ -226,8 +254,8 @@ def acting_figures(agent: Any, envs: list[Any], act_steps: int, repeats: int = 1
         for _ in range(rounds):
             one_round()
         rates.append(rounds * len(envs) / (time.perf_counter() - t))
-    return {"acting_streams": len(envs), "acting_env_steps_per_s": float(np.median(rates)),
-            "acting_env_steps_per_s_blocks": [round(r, 1) for r in rates]}
+    return {f"{prefix}acting_streams": len(envs), f"{prefix}acting_env_steps_per_s": float(np.median(rates)),
+            f"{prefix}acting_env_steps_per_s_blocks": [round(r, 1) for r in rates]}
 
 
 class CountedEnv:
@@ -251,15 +279,20 @@ class CountedEnv:
 
 
 def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[str, Any], train: Any,
-                       opts: dict[str, Any], device: torch.device) -> dict[str, Any]:
+                       opts: dict[str, Any], device: torch.device, workers: Any = None) -> dict[str, Any]:
     """The trainer's evaluation in the run's mode (train.eval_mode: full, as many episodes at once as
     train.eval_envs allows; reference, train.eval_parallel envs per task in lockstep), episodes capped at
-    bench.eval_steps: env steps per second net of making the envs, and seconds per env made. On CUDA one untimed
-    evaluation first (CUDA graphs' captures, kernel autotuning), so that the timed one runs as a run's would."""
+    bench.eval_steps: env steps per second net of making the envs, and seconds per env made (with env workers, the
+    time to send the request: their making overlaps the steps). On CUDA one untimed evaluation first (CUDA graphs'
+    captures, kernel autotuning), so that the timed one runs as a run's would."""
     made, stepped = [], [0]  # seconds of each env made (and later closed) inside the evaluation; env steps
 
     def make(copy: int, task: int) -> Any:
         t = time.perf_counter()
+        if workers is not None:
+            env = workers.make(task, 1000 + copy, evaluation=True)
+            made.append(time.perf_counter() - t)
+            return env
         env = make_env(suite, tasks, task, env_cfg, 1000 + copy, evaluation=True)
         made.append(time.perf_counter() - t)
         return CountedEnv(env, stepped)
@@ -276,9 +309,12 @@ def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[s
             run(policy)
         made.clear()
         stepped[0] = 0
+        before = workers.stepped if workers is not None else 0
         t = time.perf_counter()
         run(policy)
         seconds = time.perf_counter() - t
+        if workers is not None:  # counted where the requests are sent
+            stepped[0] = workers.stepped - before
         # the envs' making is timed where it happens (timing one env up front and subtracting it x episodes
         # over-subtracted when the first env, loading the emulator, was the slowest)
         out[f"{name}_env_steps_timed"] = stepped[0]

@@ -11,7 +11,7 @@ Keys (all optional):
   env.KEY=VALUE          evaluation protocol settings, e.g. env.protocol=standard (not image_size, action_set)
   train.eval_episodes=N  train.eval_greedy=B  train.eval_mode=full|reference  train.eval_max_steps=N
   train.eval_envs=N      train.eval_parallel=N
-  device=auto|cpu|cuda   precision=auto|fp32|bf16   threads=N
+  device=auto|cpu|cuda   precision=auto|fp32|bf16   threads=N   train.env_workers=N (envs in N processes)
 `python -m mowbench.analysis --evaluation NAME` then reads these evaluations instead of the runs' final ones.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from omegaconf import OmegaConf
 from mowbench import machine, results
 from mowbench.agents.base import Agent, make_agent
 from mowbench.config import Plan, plan
-from mowbench.envs import make_env
+from mowbench.envs import env_workers, make_env
 from mowbench.envs.base import TaskEnv
 from mowbench.evaluation import eval_env_seed, evaluate_in_mode, stream_seed
 
@@ -39,7 +40,8 @@ EVALUATIONS = "evaluations"  # RUN_DIR/evaluations/<name>/
 OWN_KEYS = ("name", "checkpoint")  # this command's own keys; the others override the run's config
 EVAL_KEYS = ("train.eval_episodes", "train.eval_greedy", "train.eval_mode", "train.eval_max_steps",
              "train.eval_envs", "train.eval_parallel")
-MACHINE_KEYS = ("device", "precision", "threads")  # how, not what: never part of an evaluation's name
+# how, not what: never part of an evaluation's name
+MACHINE_KEYS = ("device", "precision", "threads", "train.env_workers")
 FIXED_ENV_KEYS = ("suite", "image_size", "action_set")  # what the weights were trained to see
 
 
@@ -188,12 +190,18 @@ def evaluate_run(run: LoadedRun, eval_seed: int) -> list[dict[str, Any]]:
     random.seed(eval_seed)
     np.random.seed(eval_seed)
 
-    def env_maker(copy: int, task: int) -> TaskEnv:
-        return make_env(p.suite, run.tasks, task, run.env_cfg, eval_env_seed(eval_seed, run.final_key, copy),
-                        evaluation=True)
+    with ExitStack() as opened:
+        workers = (opened.enter_context(env_workers(train.env_workers, p.suite, run.tasks, run.env_cfg))
+                   if train.env_workers else None)
 
-    episodes = evaluate_in_mode(train, run.agent, env_maker, len(run.tasks), train.eval_episodes, train.eval_greedy,
-                                stream_seed(eval_seed, run.final_key))
+        def env_maker(copy: int, task: int) -> TaskEnv:
+            seed = eval_env_seed(eval_seed, run.final_key, copy)
+            if workers is not None:
+                return workers.make(task, seed, evaluation=True)
+            return make_env(p.suite, run.tasks, task, run.env_cfg, seed, evaluation=True)
+
+        episodes = evaluate_in_mode(train, run.agent, env_maker, len(run.tasks), train.eval_episodes,
+                                    train.eval_greedy, stream_seed(eval_seed, run.final_key))
     return [{"step": run.final_step, "task": task, "episode": i, "return": ret, "length": length,
              "success": "" if success is None else success, "mode": train.eval_mode}
             for task, rows in zip(run.tasks, episodes, strict=True) for i, (ret, length, success) in enumerate(rows)]

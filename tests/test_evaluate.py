@@ -80,6 +80,9 @@ def test_overrides_show_in_the_new_evaluation_and_its_name(minatar_run):
     assert read_json(folder / "metadata.json")["eval_seed"] == 4
     assert "eval_episodes: 5" in (folder / "config.yaml").read_text()
     assert rows[:3] != final_rows(minatar_run)  # other seeds, other episodes
+    # env workers are how, not what: the evaluation keeps the default name and replays the run's final one
+    workers = evaluate_command([str(minatar_run), "train.env_workers=2", "threads=1", "name=in_workers"])
+    assert eval_rows(workers / "eval.csv") == final_rows(minatar_run)
 
 
 @pytest.mark.slow(seconds=40)

@@ -71,6 +71,7 @@ class EnvWorkers:
         self.free: list[list[int]] = []  # per worker: its free frame slots
         self.live: list[int] = []  # per worker: envs alive there
         self.replies: list[dict[int, tuple[bool, Any]]] = []  # per worker: replies read before they were waited for
+        self.stepped = 0  # env steps requested (what a benchmark counts)
         self.seq = itertools.count()
         self.env_ids = itertools.count()
         spec = pickle.dumps({"suite": suite, "tasks": list(tasks), "cfg": cfg, "frame_bytes": self.frame_bytes})
@@ -160,6 +161,7 @@ class EnvWorkers:
             if env.closed:
                 raise ValueError(f"env {env.env_id} of env worker {env.worker} is closed")
             groups.setdefault(env.worker, []).append((env, arg))
+        self.stepped += len(envs) if op == "step" else 0
         return list(envs), [(k, self._send(k, op, [(e.env_id, arg) for e, arg in members], reply=True),
                              [e for e, _ in members]) for k, members in groups.items()]
 
