@@ -152,7 +152,8 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
     deterministic_kernels(device, p.deterministic)  # as a run of this config would
     env_cfg = {**p.cfg["env"], "run_seed": 0}  # as a run of seed 0 (the runner adds its seed)
     if opts["only"] not in ONLY:
-        raise ValueError(f"bench.only={opts['only']!r}; allowed: {', '.join(map(str, ONLY))}")
+        raise ValueError(f"bench.only={opts['only']!r}; allowed: {', '.join(o for o in ONLY if o)} (unset: every "
+                         "figure)")
     with ExitStack() as opened:
         workers = (opened.enter_context(env_workers(p.train.env_workers, suite, p.tasks, env_cfg))
                    if p.train.env_workers else None)

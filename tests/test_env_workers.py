@@ -26,7 +26,7 @@ def atari_cfg() -> dict:
     return {**cfg, "action_set": "full", "run_seed": 0}
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow(seconds=10)
 def test_the_26_atari_games_in_two_workers_step_as_in_process():
     """All 26 games, 2 workers: the same frames, rewards, life losses and ends for 40 random steps (sticky actions,
     resets included), mid-episode states that carry across processes, one env stepped alone, and close."""
@@ -105,7 +105,7 @@ def flatten(state, prefix=""):
             yield f"{prefix}{key}", value
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=60)
 def test_an_mt10_run_with_two_env_workers_is_the_in_process_run(tmp_path):
     """MT10 from pixels, a multi-task agent (monolithic STORM, micro): training streams, the final evaluation and the
     random baseline with env_workers=2 give the returns, episodes, metrics and weights of env_workers=0."""
@@ -123,7 +123,7 @@ def test_an_mt10_run_with_two_env_workers_is_the_in_process_run(tmp_path):
     assert files[0] == files[1]
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=30)
 def test_an_atari_run_preempted_and_resumed_in_env_workers_is_the_uninterrupted_in_process_run(tmp_path):
     """Three Atari games (monolithic STORM, micro): a run with env_workers=2, stopped mid-episode and resumed (the
     envs' emulator states cross the checkpoint through the workers), ends as the same run with env_workers=0 and no

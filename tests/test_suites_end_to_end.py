@@ -114,3 +114,18 @@ def test_bench_counts_the_flops_of_packed_cpu_inference():
         # 2 x frames x out channels x 4 x 4 output pixels x in channels x 4 x 4 kernel taps
         assert phase_counts(lambda: conv(frames))[0] == 2 * 2 * 256 * 16 * 128 * 16 / 1e9
         assert linear.packed and conv.packed
+
+
+def test_bench_of_acting_alone_in_env_workers_and_a_bad_part_is_one_line():
+    """bench.only=acting: the agent's and random actions' env-steps/s over one stream per task, here with the envs in
+    two worker processes (the workers' own step count is what the evaluation figures use)."""
+    args = [sys.executable, "-m", "mowbench.bench", "agent=mow", "env=minatar", *MICRO, "bench.repeats=1",
+            "bench.act_steps=10", "train.env_workers=2"]
+    out = subprocess.run([*args, "bench.only=acting"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["env_workers"] == 2 and result["n_tasks"] == result["acting_streams"] == 5
+    assert result["acting_env_steps_per_s"] > 0 and result["random_acting_env_steps_per_s"] > 0
+    bad = subprocess.run([*args, "bench.only=updates"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.strip() == "error: bench.only='updates'; allowed: acting (unset: every figure)"
