@@ -97,9 +97,11 @@ def cost(argv: list[str]) -> dict[str, Any]:
     total = sum(c["hours"] for c in cells.values())
     missing = sum(c["missing"] for c in cells.values())
     settings = req.slurm
+    per_task = int(settings.get("runs_per_gpu", 1))
     return {"grid": req.grid, "device": "this machine" if measure else device, "cells": dict(cells),
             "runs": len(units), "total_hours": total, "runs_without_figures": missing,
-            "slurm_array": {"tasks": len(units), "gpus_per_task": settings.get("gpus_per_node"),
+            "slurm_array": {"tasks": -(-len(units) // per_task), "runs_per_task": per_task,
+                            "gpus_per_task": settings.get("gpus_per_node"),
                             "cpus_per_task": settings.get("cpus_per_task"),
                             "timeout_min": settings.get("timeout_min"),
                             "array_parallelism": settings.get("array_parallelism")},
@@ -118,7 +120,9 @@ def print_cost(out: dict[str, Any]) -> None:
     extra = f" (+ {out['runs_without_figures']} runs without figures)" if out["runs_without_figures"] else ""
     print(f"total: {out['total_hours']:.1f} {unit}{extra}")
     s = out["slurm_array"]
-    print(f"SLURM array: {s['tasks']} tasks, {s['gpus_per_task']} GPU and {s['cpus_per_task']} CPUs each, "
+    k = s["runs_per_task"]
+    packed = f" of up to {k} runs at once (hours above: one run per GPU)" if k > 1 else ""
+    print(f"SLURM array: {s['tasks']} tasks{packed}, {s['gpus_per_task']} GPU and {s['cpus_per_task']} CPUs each, "
           f"{s['timeout_min']} min per job (then requeued), at most {s['array_parallelism']} at once")
     for what, source in out["figures"].items():
         print(f"figures: {what}: {source}")

@@ -9,15 +9,18 @@ values) and `variants` (name -> an ablation file's name, or a list of overrides)
 applied to every cell. A cell is one configuration and seed; it holds one run folder per results task
 (`plan(cfg).runs`: STORM one per game, multi-task agents one), and each run folder is one job ("unit").
 Submissions are recorded in `<results_dir>/grids/<grid>/jobs.json`, so a resubmission knows which units are
-queued or running.
+queued or running. With `slurm.runs_per_gpu=K` one array task trains K units at once (PackedGridJob), each in its
+own process; status and resubmission stay per unit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,11 +34,12 @@ from mowbench import results
 from mowbench.config import compose_config, plan, quote_hint, quoted_override
 from mowbench.experiments import cell_method, cells, grid_names, load_grid
 from mowbench.logger import duration
-from mowbench.runner import execute, settings_diff
+from mowbench.runner import execute, settings_diff, signal_name
+from mowbench.trainer import PREEMPT_SIGNALS
 
 LAUNCHERS = ("auto", "slurm", "local", "debug")
 SLURM_KEYS = {"partition", "account", "qos", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
-              "signal_delay_s", "max_requeues", "array_parallelism", "setup", "additional"}
+              "signal_delay_s", "max_requeues", "array_parallelism", "runs_per_gpu", "setup", "additional"}
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED"}
 # preempted: checkpointed and left (SIGTERM, or a signal with nothing to requeue it), to be resubmitted; mismatch:
 # the folder holds a run of other settings than the cell's (never submitted over)
@@ -85,7 +89,15 @@ def load_slurm(choice: str, fields: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(settings) - SLURM_KEYS)
     if unknown:
         raise ValueError(f"unknown slurm setting(s) {unknown} in {path}; allowed: {', '.join(sorted(SLURM_KEYS))}")
+    settings["runs_per_gpu"] = check_runs_per_gpu(settings.get("runs_per_gpu", 1))  # older copies lack it
     return settings
+
+
+def check_runs_per_gpu(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"slurm runs_per_gpu={value!r}; allowed: a positive integer (the runs one job trains at "
+                         "once on its GPU; 1: one run per job)")
+    return value
 
 
 def parse_args(argv: list[str]) -> Request:
@@ -287,6 +299,8 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
                 state = "pending" if q in QUEUED else "running" if q in ACTIVE else "failed"
             else:
                 state = "running" if results.pid_alive(job.get("pid")) else "failed"
+            if state == "running" and cell_left(job):  # its packed job goes on with the other runs
+                state = "failed"
             preempted = last_preemption(u.folder) if state == "failed" else None
             if preempted:
                 state, reason = "preempted", f"checkpointed on {preempted}; resubmit the grid to resume it"
@@ -294,6 +308,20 @@ def unit_states(req: Request, units: list[Unit]) -> list[dict[str, Any]]:
         rows.append({"unit": u.key, "state": state, "step": step, "eval": score, "reason": reason,
                      "job": job["job_id"] if job else None, "log": job.get("stderr") if job else None})
     return rows
+
+
+def cell_left(job: dict[str, Any]) -> bool:
+    """Whether the process of a packed unit (unfinished: the caller knows its folder is not done) has ended on its
+    own while its job may train the others. An exit after a signal to the job is the job's to answer for: it is
+    requeued (pending), or has left (preempted or failed as an unpacked job)."""
+    path = job.get("exit_record")
+    if not path:
+        return False
+    try:
+        record = results.read_json(Path(path))
+    except (OSError, ValueError):  # being replaced, or cut: the job itself still answers for the unit
+        return False
+    return isinstance(record, dict) and record.get("returncode") is not None and not record.get("signalled")
 
 
 def failure_reason(folder: Path) -> str | None:
@@ -361,6 +389,132 @@ class GridJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, overrides)  # resume happens from the run folder
+
+
+def cell_files(folder: Path, k: int) -> tuple[Path, Path]:
+    """Unit k of a packed array task: its log and its exit record, in that task's submitit log folder."""
+    return folder / f"cell_{k}.log", folder / f"cell_{k}.json"
+
+
+def chunked(items: list[Any], k: int) -> list[list[Any]]:
+    return [items[i:i + k] for i in range(0, len(items), k)]
+
+
+class PackedGridJob:
+    """What each task of a packed array (slurm.runs_per_gpu=K) runs: up to K units at once on the task's GPU, each
+    `python -m mowbench.run` in its own process (own run folder, lock, checkpoints, log), so that small runs share
+    a GPU and one failing run leaves the others alone. The task fails (raises) only if a unit failed, once every
+    unit has ended.
+
+    SLURM's pre-timeout or preemption signal (USR2, SIGTERM) is forwarded to every live run, which checkpoints at
+    the end of its step and leaves. Once all have left, the signal goes on to the handler installed before this
+    job's (submitit's: checkpoint(), requeue, exit) if a unit is unfinished, so the requeued task starts all K
+    again; the finished ones return at once (the runner skips a finished run)."""
+
+    def __init__(self, logs: str) -> None:
+        self.logs = logs  # the executor's folder pattern (logs/%j): the task's own log folder once its id is known
+
+    def __call__(self, chunk: list[list[str]], folders: list[str]) -> list[dict[str, Any]]:
+        folder = self.log_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        procs: dict[int, subprocess.Popen[bytes]] = {}
+        records: dict[int, dict[str, Any]] = {}
+        got: list[int] = []  # the signals received
+
+        def send(proc: subprocess.Popen[bytes], signum: int) -> None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+        def forward(signum: int, frame: Any) -> None:
+            got.append(signum)
+            for proc in list(procs.values()):
+                send(proc, signum)
+
+        old = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
+        try:
+            for k, overrides in enumerate(chunk):
+                if got:  # not started: the requeued task starts it
+                    break
+                log, record = cell_files(folder, k)
+                with open(log, "ab") as out:  # appended: a requeued task's log follows the earlier one's
+                    proc = subprocess.Popen([sys.executable, "-m", "mowbench.run", *overrides], stdout=out,
+                                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                procs[k] = proc
+                if got:  # a signal between the start and the line above
+                    send(proc, got[0])
+                records[k] = {"unit": folders[k], "pid": proc.pid, "started": _now(), "returncode": None}
+                results.atomic_write_json(record, records[k])
+            running = set(procs)
+            while running:
+                for k in sorted(running):
+                    code = procs[k].poll()
+                    if code is not None:
+                        running.discard(k)
+                        records[k].update({"returncode": code, "ended": _now(), "killed_by": exit_signal(code),
+                                           "signalled": signal_name(got[0]) if got else None})
+                        results.atomic_write_json(cell_files(folder, k)[1], records[k])
+                if running:
+                    time.sleep(0.2)
+            out = []
+            for k, unit in enumerate(folders):
+                code = records.get(k, {}).get("returncode")
+                state = ("done" if results.is_done(Path(unit)) else "failed" if code is not None and code != 0 and
+                         not got else "preempted")
+                out.append({"unit": unit, "state": state, "returncode": code, "log": str(cell_files(folder, k)[0])})
+            if got and any(o["state"] != "done" for o in out):
+                for k, record in records.items():  # their exits belong to a job stopped by a signal: the job answers
+                    record["signalled"] = signal_name(got[0])
+                    results.atomic_write_json(cell_files(folder, k)[1], record)
+                hand_on(old, got[0])
+            failed = [o for o in out if o["state"] == "failed"]
+            if failed:
+                raise RuntimeError(f"{len(failed)} of {len(out)} runs of this job failed: " + "; ".join(
+                    f"{o['unit']} (exit {o['returncode']}; log {o['log']})" for o in failed))
+            return out
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            for proc in procs.values():  # left early (an error here): the runs checkpoint and leave too
+                send(proc, signal.SIGTERM)
+            for proc in procs.values():
+                proc.wait()
+
+    def log_folder(self) -> Path:
+        from submitit import JobEnvironment
+        from submitit.core.utils import JobPaths
+
+        try:
+            job_id = JobEnvironment().job_id
+        except RuntimeError:  # called outside a submitit job
+            job_id = str(os.getpid())
+        return JobPaths(self.logs, job_id=job_id).folder
+
+    def checkpoint(self, chunk: list[list[str]], folders: list[str]) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, chunk, folders)  # each run resumes from its folder
+
+
+def hand_on(old: dict[int, Any], signum: int) -> None:
+    """Give a signal to the handler installed before ours, as the trainer does: submitit requeues the job and
+    exits; with none, a SIGTERM ends the process as a terminated one would."""
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+    before = old[signum]
+    if callable(before):
+        before(signum, None)
+    elif signum == signal.SIGTERM and before == signal.SIG_DFL:
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def exit_signal(code: int) -> str | None:
+    """The signal that killed a child (Popen's negative return code), by name."""
+    return signal_name(-code) if code < 0 else None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")  # to the millisecond: tells runs' overlap
 
 
 def check_partition(settings: dict[str, Any]) -> None:
@@ -433,16 +587,30 @@ def _submit(req: Request, units: list[Unit]) -> dict[str, Any]:
         executor = make_executor(req, logs)
         if executor.cluster == "slurm":
             check_partition(req.slurm)
-        jobs = submit_array(executor, [u.overrides for u in todo], logs)
         record = read_jobs(req)
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        for u, job in zip(todo, jobs, strict=True):
-            record[u.key] = {"job_id": str(job.job_id), "launcher": executor.cluster, "submitted": now,
-                             "stderr": str(job.paths.stderr), "stdout": str(job.paths.stdout),
-                             "pid": local_pid(executor.cluster, str(job.job_id))}
+        per_task = int(req.slurm.get("runs_per_gpu", 1))
+        if per_task == 1:
+            jobs = submit_array(executor, GridJob(), [[u.overrides for u in todo]], logs)
+            for u, job in zip(todo, jobs, strict=True):
+                record[u.key] = {"job_id": str(job.job_id), "launcher": executor.cluster, "submitted": now,
+                                 "stderr": str(job.paths.stderr), "stdout": str(job.paths.stdout),
+                                 "pid": local_pid(executor.cluster, str(job.job_id))}
+        else:  # each task trains a chunk of the units still to train; each unit keeps its own log and state
+            chunks = chunked(todo, per_task)
+            args = [[[u.overrides for u in c] for c in chunks], [[str(u.folder) for u in c] for c in chunks]]
+            jobs = submit_array(executor, PackedGridJob(str(logs / "%j")), args, logs)
+            for chunk, job in zip(chunks, jobs, strict=True):
+                for k, u in enumerate(chunk):
+                    log, exit_record = cell_files(job.paths.folder, k)
+                    record[u.key] = {"job_id": str(job.job_id), "launcher": executor.cluster, "submitted": now,
+                                     "cell": k, "stderr": str(log), "stdout": str(log),
+                                     "exit_record": str(exit_record), "task_log": str(job.paths.stderr),
+                                     "pid": local_pid(executor.cluster, str(job.job_id))}
         results.atomic_write_json(jobs_path(req), record)
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        print(f"[mowbench] grid {req.grid}: submitted {len(todo)} run(s) as job(s) {', '.join(ids)} "
+        packed = f" in {len(jobs)} task(s) of up to {per_task} runs" if per_task > 1 else ""
+        print(f"[mowbench] grid {req.grid}: submitted {len(todo)} run(s){packed} as job(s) {', '.join(ids)} "
               f"({executor.cluster}); skipped {counts['done']} done, {counts['running']} running, "
               f"{counts['pending']} pending")
     else:
@@ -456,12 +624,12 @@ def _submit(req: Request, units: list[Unit]) -> dict[str, Any]:
             "units": len(units)}
 
 
-def submit_array(executor: Any, overrides: list[list[str]], logs: Path) -> list[Any]:
-    """executor.map_array, with a refusal by SLURM (sbatch's error) as one line and the submission files it left
-    (a script and pickles in the logs folder) removed."""
+def submit_array(executor: Any, job: Any, args: list[list[Any]], logs: Path) -> list[Any]:
+    """executor.map_array(job, *args), with a refusal by SLURM (sbatch's error) as one line and the submission files
+    it left (a script and pickles in the logs folder) removed."""
     before = set(logs.rglob("*")) if logs.exists() else set()
     try:
-        return executor.map_array(GridJob(), overrides)
+        return executor.map_array(job, *args)
     except Exception as err:  # noqa: BLE001 - submitit wraps sbatch's failure in several exception types
         for path in sorted(set(logs.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
             if path.is_dir():

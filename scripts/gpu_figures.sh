@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_figures.sh STAGE OUT_DIR
 #   STAGE: env | bench | bench-compile | bench-graphs | profile | determinism | train-storm | train-storm-graphs |
-#          train-multi | train-mow | train-mow-graphs | all
+#          train-multi | train-mow | train-mow-graphs | runs-per-gpu | all
 #
 # Run it on a CUDA node with mowbench installed (python on PATH). Each stage writes one file per measurement into
 # OUT_DIR (bench_*.json, train_*.json: the run's losses, speed and peak memory) and prints a line per item; a
@@ -14,7 +14,7 @@
 # (see README on `deterministic`).
 set -u
 stages="env, bench, bench-compile, bench-graphs, profile, determinism, train-storm, train-storm-graphs, train-multi,
-train-mow, train-mow-graphs, all"
+train-mow, train-mow-graphs, runs-per-gpu, all"
 stage=${1:?STAGE: one of $stages}
 out=${2:?OUT_DIR}
 mkdir -p "$out"
@@ -119,6 +119,45 @@ PY
     done
 }
 
+runs_per_gpu() {  # slurm.runs_per_gpu=K: K STORM runs (Pong, 400 updates each) at once on the GPU, for K in
+    # RUNS_PER_GPU (default 1 2 4 8); per K: each run's median training steps/s and their sum (the GPU's aggregate
+    # throughput, what K should maximise), peak memory, and the wall time of the K runs. RUNS_PER_GPU_STEPS=1100
+    # (76 updates) tries it on a CPU
+    local k i steps=${RUNS_PER_GPU_STEPS:-1424}
+    for k in ${RUNS_PER_GPU:-1 2 4 8}; do
+        local dir=/tmp/gpu_figures_runs/runs_per_gpu_$k t0=$SECONDS
+        rm -rf "$dir"
+        for i in $(seq "$k"); do
+            timeout "$limit" $py -m mowbench.run env=atari100k preset="$preset" device="$dev" agent=storm task=Pong \
+                seed="$i" train.steps="$steps" train.checkpoint_every=0 train.log_every=25 train.progress=false \
+                train.tensorboard=false train.eval_episodes=1 train.eval_max_steps=50 train.random_baseline=false \
+                results_dir="$dir" >"$out/runs_per_gpu_${k}_$i.log" 2>&1 &
+        done
+        wait
+        $py - "$dir" "$k" $((SECONDS - t0)) >"$out/runs_per_gpu_$k.json" <<'EOF'
+import csv, json, statistics, sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+root, k, wall = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+runs, sps, memory = sorted(root.glob("*/*/*/seed_*")), [], []
+for run in runs:
+    warmup = OmegaConf.load(run / "config.yaml").train.warmup
+    rows = [float(r["value"]) for r in csv.DictReader((run / "metrics.csv").open())
+            if r["name"] == "perf/steps_per_s" and int(r["step"]) > warmup + 25]  # updating steps only
+    sps.append(statistics.median(rows) if rows else None)
+    sessions = json.loads((run / "metadata.json").read_text())["sessions"]
+    memory.append(sessions[-1].get("peak_memory_gib"))
+finished = sum((run / "DONE.json").exists() for run in runs)
+print(json.dumps({"runs_per_gpu": k, "finished": finished, "wall_s": wall, "steps_per_s": sps,
+                  "aggregate_steps_per_s": sum(sps) if len(sps) == k and None not in sps else None,
+                  "peak_memory_gib": memory}, indent=1))
+EOF
+        echo "[gpu_figures] runs_per_gpu_$k.json: aggregate $(grep aggregate "$out/runs_per_gpu_$k.json")"
+    done
+}
+
 # 400 updates after STORM's 1024 warm-up steps
 train_storm() { train storm 1424 agent=storm task=Pong; }
 # 300 updates over the 26 games after 100 warm-up rounds; MoW's warm-up clustering shortened to 100 updates
@@ -142,6 +181,7 @@ case $stage in
     # MoW alone, 200 updates (what fitted the time left of a lease)
     train-mow) train mow 300 agent=mow train.warmup=100 agent.cluster_warmup_updates=50 train.eval_episodes=1 \
                    train.eval_max_steps=100 ;;
+    runs-per-gpu) runs_per_gpu ;;
     all) env_check; bench false; bench true; bench_graphs; train_storm; train_multi ;;
     *) echo "STAGE=$stage; allowed: $stages" >&2; exit 2 ;;
 esac

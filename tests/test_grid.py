@@ -13,7 +13,7 @@ import torch
 
 from mowbench.config import compose_config
 from mowbench.experiments import method_name
-from mowbench.grid import QUEUED, expand, parse_args, unit_states
+from mowbench.grid import expand, parse_args, unit_states
 from mowbench.results import LOCK, atomic_write_json, is_done, run_dir
 from tests.conftest import REPO
 
@@ -89,6 +89,7 @@ def test_update_ratio_grid_has_a_storm_matched_cell(tmp_path):
     (["grid=smoke", "launcher=pbs"], "launcher='pbs'; allowed: auto, slurm, local, debug"),
     (["grid=smoke", "slurm=nowhere"], "unknown slurm settings 'nowhere'"),
     (["grid=smoke", "slurm.gpu=1"], "unknown slurm setting(s) ['gpu']"),
+    (["grid=smoke", "slurm.runs_per_gpu=0"], "slurm runs_per_gpu=0; allowed: a positive integer"),
     (["grid=smoke", "agent=[mow]", "agent.n_clusters=5"], "invalid cell(s), nothing submitted"),
     (["grid=smoke", "agent.n_clusters=5"], "Key 'n_clusters' is not in struct"),  # storm has no clusters
 ])
@@ -280,11 +281,18 @@ def test_a_grid_refuses_cells_whose_folders_hold_other_settings(tmp_path):
 
 
 def release_requeued(job):
-    """SLURM holds a requeued job for ~2 minutes (Reason=BeginTime): once it is pending again, let it start now."""
+    """SLURM holds a requeued job for ~2 minutes (Reason=BeginTime): once it is pending again, let it start now, but
+    not in the second its last run was stopped: slurmd refuses a credential issued in the second the job's previous
+    one was revoked ("Job credential revoked"), and the job then never runs again."""
+    seen = []
+
     def pending():
         state = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
-        return state.strip() in QUEUED and subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"],
-                                                           capture_output=True).returncode == 0
+        if state.strip() != "PENDING":
+            return False
+        seen.append(time.time())
+        return time.time() - seen[0] >= 2.0 and subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"],
+                                                                 capture_output=True).returncode == 0
     wait_for(pending, 120, "the requeued job to be pending")
 
 
