@@ -11,9 +11,8 @@ import pytest
 from mowbench.cost import cost, recorded_devices
 
 
-def recorded_total(agent: str) -> float:
-    path = resources.files("mowbench.data").joinpath("bench").joinpath("h100").joinpath(
-        f"{agent}_atari100k_paper.json")
+def recorded_total(agent: str, device: str = "h100", suite: str = "atari100k") -> float:
+    path = resources.files("mowbench.data").joinpath("bench").joinpath(device).joinpath(f"{agent}_{suite}_paper.json")
     return json.loads(path.read_text())["projected_hours"]["total"]
 
 
@@ -31,6 +30,20 @@ def test_main_atari26_is_projected_from_the_recorded_h100_benches():
     assert out["total_hours"] == pytest.approx(sum(c["hours"] for c in cells.values()))
     assert out["slurm_array"]["tasks"] == 29
     assert out["figures"]["scalezero-lite on atari100k (paper)"].startswith("none recorded")
+
+
+@pytest.mark.slow(seconds=20)
+def test_main_mt50_on_the_recorded_cpu_benches_names_its_bottlenecks():
+    """MT50 from pixels at the paper preset on 2 CPU cores: TD-MPC2 is bound by acting (MPPI for 50 streams), the
+    monolithic STORM and MoW by updates; Newt and PWM have no CPU bench and are named, not counted."""
+    out = cost(["grid=main_mt50", "seeds=[0]", "device=cpu"])
+    cells = out["cells"]
+    assert out["device"] == "cpu" and out["runs"] == 5
+    for agent in ("mow", "monolithic", "tdmpc2"):
+        assert cells[agent]["per_run"] == pytest.approx(recorded_total(agent, "cpu", "metaworld"), rel=1e-9)
+    assert cells["tdmpc2"]["bottleneck"] == "acting"
+    assert cells["monolithic"]["bottleneck"] == cells["mow"]["bottleneck"] == "updates"
+    assert cells["newt"]["missing"] == cells["pwm"]["missing"] == 1 and out["runs_without_figures"] == 2
 
 
 def test_bad_device_and_measure_values_are_one_line_errors():
