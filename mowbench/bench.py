@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, deterministic_kernels, plan, resolve_device, resolve_precision
-from mowbench.envs import env_workers, make_env, make_envs, reset_all, resolve_tasks, step_all
+from mowbench.envs import make_env, make_envs, reset_all, resolve_tasks, step_all
+from mowbench.envs.workers import env_workers
 from mowbench.evaluation import evaluate_in_mode
 from mowbench.machine import peak_memory_gib, usable_cpus
 from mowbench.models.packed import unpacked

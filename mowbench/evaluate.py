@@ -32,8 +32,9 @@ from omegaconf import OmegaConf
 from mowbench import machine, results
 from mowbench.agents.base import Agent, make_agent
 from mowbench.config import Plan, plan
-from mowbench.envs import env_workers, make_env
+from mowbench.envs import make_env
 from mowbench.envs.base import TaskEnv
+from mowbench.envs.workers import env_workers
 from mowbench.evaluation import eval_env_seed, evaluate_in_mode, stream_seed
 
 EVALUATIONS = "evaluations"  # RUN_DIR/evaluations/<name>/

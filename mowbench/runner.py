@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from mowbench import machine, results
 from mowbench.agents.base import known_departures, make_agent
 from mowbench.config import Plan, deterministic_kernels, plan
-from mowbench.envs import env_workers, make_env, make_envs
+from mowbench.envs import make_env, make_envs
+from mowbench.envs.workers import env_workers
 from mowbench.evaluation import eval_env_seed
 from mowbench.logger import start_wandb
 from mowbench.trainer import CHECKPOINT, Diverged, TrainConfig, Trainer

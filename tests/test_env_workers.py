@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from mowbench.config import compose_config
-from mowbench.envs import env_workers, make_env, reset_all, step_all
+from mowbench.envs import make_env, reset_all, step_all
 from mowbench.envs.atari import TASKS as ATARI26
-from mowbench.envs.workers import RemoteEnv, WorkerDied
+from mowbench.envs.workers import RemoteEnv, WorkerDied, env_workers
 from mowbench.results import run_dir
 from mowbench.runner import execute
 from tests.conftest import MICRO

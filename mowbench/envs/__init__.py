@@ -20,7 +20,7 @@ SUITES: dict[str, str] = {
 }
 
 __all__ = ["ActionSpace", "Step", "TaskEnv", "TaskInfo", "SUITES", "suite_module", "resolve_tasks", "make_envs",
-           "make_env", "step_all", "reset_all", "env_workers"]
+           "make_env", "step_all", "reset_all"]
 
 
 def suite_module(suite: str) -> Any:
@@ -66,11 +66,3 @@ def make_env(suite: str, tasks: Sequence[str], index: int, cfg: dict[str, Any], 
         raise ImportError(f"suite {suite!r} needs the package {err.name!r}, which is not importable: "
                           f"install it (pip install -c constraints.txt -e .)") from err
 
-
-def env_workers(n: int, suite: str, tasks: Sequence[str], cfg: dict[str, Any]) -> Any:
-    """`n` env worker processes for a run of `tasks` (mowbench.envs.workers.EnvWorkers; close it when done): their
-    `make(index, seed, evaluation)` builds the env make_env builds, in a worker."""
-    from mowbench.envs.workers import EnvWorkers
-
-    size = int(cfg.get("image_size", 64))
-    return EnvWorkers(n, suite, tasks, cfg, frame_bytes=size * size * 3)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from mowbench.envs import make_env, suite_module
 from mowbench.envs.base import Step, TaskEnv, TaskInfo
 
 SLOTS = 256  # frame slots per worker: more envs alive on one worker than this pass their frames in the replies
@@ -50,14 +51,19 @@ class WorkerDied(RuntimeError):
     """A worker process ended while the training process still needed it (killed, out of memory)."""
 
 
+def env_workers(n: int, suite: str, tasks: Sequence[str], cfg: dict[str, Any]) -> EnvWorkers:
+    """`n` env worker processes for a run of `tasks` (close them when done): their `make(index, seed, evaluation)`
+    builds the env envs.make_env builds, in a worker. Frame slots are sized for the suite's image_size."""
+    size = int(cfg.get("image_size", 64))
+    return EnvWorkers(n, suite, tasks, cfg, frame_bytes=size * size * 3)
+
+
 class EnvWorkers:
     """`n` worker processes that build, step, render and close the envs of one run (suite `suite`, its task list
     `tasks`, the suite's config `cfg`, frames of at most `frame_bytes` bytes through shared memory). Close it (or use
     it as a context manager) to end the workers; their envs are closed with them."""
 
     def __init__(self, n: int, suite: str, tasks: Sequence[str], cfg: dict[str, Any], frame_bytes: int) -> None:
-        from mowbench.envs import suite_module
-
         if n < 1:
             raise ValueError(f"train.env_workers={n}; allowed: a positive integer here (0: no workers)")
         mod = suite_module(suite)
@@ -275,8 +281,6 @@ class RemoteEnv(TaskEnv):
 def serve(conn: Connection, frames: mmap.mmap, index: int) -> None:
     """Answer requests until the socket closes or "quit" comes: (seq, op, payload) -> (seq, ok, value); seq None
     asks for no reply (close, observe), and an error there is printed."""
-    from mowbench.envs import make_env
-
     spec: dict[str, Any] = {}
     envs: dict[int, tuple[TaskEnv, int | None]] = {}
     broken: dict[int, Exception] = {}  # envs whose making failed: any later request of theirs raises that error
