@@ -36,8 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mowbench.agents.base import get_agent, make_agent
 from mowbench.config import compose_config, deterministic_kernels, plan, resolve_device, resolve_precision
-from mowbench.envs import make_env, make_envs, reset_all, resolve_tasks, step_all
-from mowbench.envs.workers import env_workers
+from mowbench.envs import reset_all, resolve_tasks, step_all
+from mowbench.envs.workers import env_maker
 from mowbench.evaluation import evaluate_in_mode
 from mowbench.machine import peak_memory_gib, usable_cpus
 from mowbench.models.packed import unpacked
@@ -156,9 +156,8 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"bench.only={opts['only']!r}; allowed: {', '.join(o for o in ONLY if o)} (unset: every "
                          "figure)")
     with ExitStack() as opened:
-        workers = (opened.enter_context(env_workers(p.train.env_workers, suite, p.tasks, env_cfg))
-                   if p.train.env_workers else None)
-        envs = [workers.make(i, 0) for i in range(len(p.tasks))] if workers else make_envs(suite, p.tasks, env_cfg, 0)
+        make, workers = env_maker(p.train.env_workers, suite, p.tasks, env_cfg, opened)
+        envs = [make(i, 0) for i in range(len(p.tasks))]
         opened.callback(lambda: [e.close() for e in envs])
         agent = make_agent(cfg["agent"]["name"], dict(cfg["agent"]), [e.info for e in envs], device, precision)
         if opts["only"] == "acting":
@@ -167,14 +166,14 @@ def bench(cfg: dict[str, Any]) -> dict[str, Any]:
                     "torch_threads": torch.get_num_threads(), "usable_cpus": usable_cpus(),
                     **acting_figures(agent, envs, int(opts["act_steps"]), int(opts["repeats"])),
                     **acting_figures(None, envs, int(opts["act_steps"]), int(opts["repeats"]), "random_")}
-        return measure(cfg, opts, p, agent, envs, workers, device, precision)
+        return measure(cfg, opts, p, agent, envs, make, workers, device, precision)
 
 
-def measure(cfg: dict[str, Any], opts: dict[str, Any], p: Any, agent: Any, envs: list[Any], workers: Any,
+def measure(cfg: dict[str, Any], opts: dict[str, Any], p: Any, agent: Any, envs: list[Any], make: Any, workers: Any,
             device: torch.device, precision: str) -> dict[str, Any]:
-    """Every figure of the bench (see the module's docstring) for `agent` on `envs`."""
+    """Every figure of the bench (see the module's docstring) for `agent` on `envs`; `make` makes more of its envs
+    (the evaluation's), in `workers` if any."""
     suite, env = p.suite, envs[0]
-    env_cfg = {**p.cfg["env"], "run_seed": 0}
     infos, reps = [e.info for e in envs], int(opts["repeats"])
 
     fields = agent.replay_fields()
@@ -214,7 +213,7 @@ def measure(cfg: dict[str, Any], opts: dict[str, Any], p: Any, agent: Any, envs:
     if int(opts["profile"]) > 0:
         out["profile"] = {name: profile_phase(fn, device, int(opts["profile"])) for name, fn in phases.items()}
     out |= acting_figures(agent, envs, int(opts["act_steps"]), reps)
-    out |= evaluation_figures(agent, suite, p.tasks, env_cfg, p.train, opts, device, workers)
+    out |= evaluation_figures(agent, make, len(envs), p.train, opts, device, workers)
     out |= agent.bench_status()
     out["projected_hours"] = projection(out, p.train, len(envs), int(opts["eval_episode_steps"] or
                                                                      EVAL_EPISODE_STEPS[suite]))
@@ -280,8 +279,8 @@ class CountedEnv:
             setattr(self.env, name, value)
 
 
-def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[str, Any], train: Any,
-                       opts: dict[str, Any], device: torch.device, workers: Any = None) -> dict[str, Any]:
+def evaluation_figures(agent: Any, make_task_env: Any, n_tasks: int, train: Any, opts: dict[str, Any],
+                       device: torch.device, workers: Any = None) -> dict[str, Any]:
     """The trainer's evaluation in the run's mode (train.eval_mode: full, as many episodes at once as
     train.eval_envs allows; reference, train.eval_parallel envs per task in lockstep), episodes capped at
     bench.eval_steps: env steps per second net of making the envs, and seconds per env made (with env workers, the
@@ -291,20 +290,16 @@ def evaluation_figures(agent: Any, suite: str, tasks: list[str], env_cfg: dict[s
 
     def make(copy: int, task: int) -> Any:
         t = time.perf_counter()
-        if workers is not None:
-            env = workers.make(task, 1000 + copy, evaluation=True)
-            made.append(time.perf_counter() - t)
-            return env
-        env = make_env(suite, tasks, task, env_cfg, 1000 + copy, evaluation=True)
+        env = make_task_env(task, 1000 + copy, evaluation=True)
         made.append(time.perf_counter() - t)
-        return CountedEnv(env, stepped)
+        return env if workers is not None else CountedEnv(env, stepped)  # workers count their own steps
 
     episodes, capped = int(opts["eval_episodes"]), dataclasses.replace(train, eval_max_steps=int(opts["eval_steps"]))
 
     def run(policy: Any) -> None:
-        evaluate_in_mode(capped, policy, make, len(tasks), episodes, False, 0)
+        evaluate_in_mode(capped, policy, make, n_tasks, episodes, False, 0)
 
-    out: dict[str, Any] = {"eval_mode": train.eval_mode, "eval_episodes_timed": episodes * len(tasks)}
+    out: dict[str, Any] = {"eval_mode": train.eval_mode, "eval_episodes_timed": episodes * n_tasks}
     # the agent's episodes, then the random baseline's (no agent; a Meta-World env then renders no frames)
     for policy, name in ((agent, "eval"), (None, "random")):
         if device.type == "cuda" and policy is not None:

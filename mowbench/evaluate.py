@@ -34,7 +34,7 @@ from mowbench.agents.base import Agent, make_agent
 from mowbench.config import Plan, plan
 from mowbench.envs import make_env
 from mowbench.envs.base import TaskEnv
-from mowbench.envs.workers import env_workers
+from mowbench.envs.workers import env_maker
 from mowbench.evaluation import eval_env_seed, evaluate_in_mode, stream_seed
 
 EVALUATIONS = "evaluations"  # RUN_DIR/evaluations/<name>/
@@ -192,16 +192,12 @@ def evaluate_run(run: LoadedRun, eval_seed: int) -> list[dict[str, Any]]:
     np.random.seed(eval_seed)
 
     with ExitStack() as opened:
-        workers = (opened.enter_context(env_workers(train.env_workers, p.suite, run.tasks, run.env_cfg))
-                   if train.env_workers else None)
+        make, _ = env_maker(train.env_workers, p.suite, run.tasks, run.env_cfg, opened)
 
-        def env_maker(copy: int, task: int) -> TaskEnv:
-            seed = eval_env_seed(eval_seed, run.final_key, copy)
-            if workers is not None:
-                return workers.make(task, seed, evaluation=True)
-            return make_env(p.suite, run.tasks, task, run.env_cfg, seed, evaluation=True)
+        def eval_env(copy: int, task: int) -> TaskEnv:
+            return make(task, eval_env_seed(eval_seed, run.final_key, copy), evaluation=True)
 
-        episodes = evaluate_in_mode(train, run.agent, env_maker, len(run.tasks), train.eval_episodes,
+        episodes = evaluate_in_mode(train, run.agent, eval_env, len(run.tasks), train.eval_episodes,
                                     train.eval_greedy, stream_seed(eval_seed, run.final_key))
     return [{"step": run.final_step, "task": task, "episode": i, "return": ret, "length": length,
              "success": "" if success is None else success, "mode": train.eval_mode}

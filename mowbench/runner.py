@@ -24,8 +24,7 @@ from omegaconf import OmegaConf
 from mowbench import machine, results
 from mowbench.agents.base import known_departures, make_agent
 from mowbench.config import Plan, deterministic_kernels, plan
-from mowbench.envs import make_env, make_envs
-from mowbench.envs.workers import env_workers
+from mowbench.envs.workers import env_maker
 from mowbench.evaluation import eval_env_seed
 from mowbench.logger import start_wandb
 from mowbench.trainer import CHECKPOINT, Diverged, TrainConfig, Trainer
@@ -140,18 +139,14 @@ def _train_run(p: Plan, folder: Path, tasks: list[str]) -> dict[str, Any] | None
     deterministic_kernels(p.device, p.deterministic)
     env_cfg = {**cfg["env"], "run_seed": seed}  # randomness a suite shares across the run's envs (Meta-World goals)
     with ExitStack() as opened:  # envs and logs are closed on every path: finished, preempted, failed
-        if p.train.env_workers:  # envs in worker processes, made with the seeds they would have here
-            workers = opened.enter_context(env_workers(p.train.env_workers, p.suite, tasks, env_cfg))
-            envs = [workers.make(i, seed) for i in range(len(tasks))]
-        else:
-            workers, envs = None, make_envs(p.suite, tasks, env_cfg, seed)
+        # in env worker processes (train.env_workers) or here; made with the same seeds either way
+        make, _ = env_maker(p.train.env_workers, p.suite, tasks, env_cfg, opened)
+        envs = [make(i, seed) for i in range(len(tasks))]
         opened.callback(lambda: [env.close() for env in envs])
         agent = make_agent(p.agent, dict(cfg["agent"]), [e.info for e in envs], p.device, p.precision)
 
         def make_eval_env(k: int, copy: int, index: int) -> Any:  # evaluation k's env `copy` of task `index`
-            if workers is not None:
-                return workers.make(index, eval_env_seed(seed, k, copy), evaluation=True)
-            return make_env(p.suite, tasks, index, env_cfg, eval_env_seed(seed, k, copy), evaluation=True)
+            return make(index, eval_env_seed(seed, k, copy), evaluation=True)
 
         folder.mkdir(parents=True, exist_ok=True)
         resuming = (folder / CHECKPOINT).exists()

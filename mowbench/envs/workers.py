@@ -29,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,25 @@ Ticket = tuple[list["RemoteEnv"], list[tuple[int, int, list["RemoteEnv"]]]]
 
 class WorkerDied(RuntimeError):
     """A worker process ended while the training process still needed it (killed, out of memory)."""
+
+
+EnvMaker = Callable[..., TaskEnv]  # (task index, seed, evaluation=False) -> the env envs.make_env makes
+
+
+def env_maker(n: int, suite: str, tasks: Sequence[str], cfg: dict[str, Any], opened: ExitStack
+              ) -> tuple[EnvMaker, EnvWorkers | None]:
+    """Where a run's envs are made: in `n` worker processes (closed with `opened`) when n > 0, else in this process;
+    either way make(index, seed, evaluation) is the env envs.make_env(suite, tasks, index, cfg, seed, evaluation)
+    makes. Also returns the workers (None for n=0)."""
+    if n:
+        workers = opened.enter_context(env_workers(n, suite, tasks, cfg))
+        return workers.make, workers
+    suite_module(suite).check(cfg)
+
+    def make(index: int, seed: int, evaluation: bool = False) -> TaskEnv:
+        return make_env(suite, tasks, index, cfg, seed, evaluation)
+
+    return make, None
 
 
 def env_workers(n: int, suite: str, tasks: Sequence[str], cfg: dict[str, Any]) -> EnvWorkers:
@@ -294,8 +314,7 @@ def serve(conn: Connection, frames: mmap.mmap, index: int) -> None:
         obs = np.ascontiguousarray(obs, dtype=np.uint8)
         if env_slot is None or obs.nbytes > spec["frame_bytes"]:
             return None, obs
-        start = env_slot * spec["frame_bytes"]
-        frames[start:start + obs.nbytes] = obs.tobytes()
+        np.frombuffer(frames, np.uint8, obs.size, env_slot * spec["frame_bytes"])[:] = obs.ravel()
         return obs.shape, None
 
     def handle(op: str, payload: Any) -> Any:
