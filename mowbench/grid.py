@@ -35,7 +35,7 @@ from mowbench.config import compose_config, plan, quote_hint, quoted_override
 from mowbench.experiments import cell_method, cells, grid_names, load_grid
 from mowbench.logger import duration
 from mowbench.runner import execute, settings_diff, signal_name
-from mowbench.trainer import PREEMPT_SIGNALS
+from mowbench.trainer import PREEMPT_SIGNALS, hand_on
 
 LAUNCHERS = ("auto", "slurm", "local", "debug")
 SLURM_KEYS = {"partition", "account", "qos", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
@@ -494,18 +494,6 @@ class PackedGridJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, chunk, folders)  # each run resumes from its folder
-
-
-def hand_on(old: dict[int, Any], signum: int) -> None:
-    """Give a signal to the handler installed before ours, as the trainer does: submitit requeues the job and
-    exits; with none, a SIGTERM ends the process as a terminated one would."""
-    for sig, handler in old.items():
-        signal.signal(sig, handler)
-    before = old[signum]
-    if callable(before):
-        before(signum, None)
-    elif signum == signal.SIGTERM and before == signal.SIG_DFL:
-        raise SystemExit(128 + signal.SIGTERM)
 
 
 def exit_signal(code: int) -> str | None:

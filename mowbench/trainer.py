@@ -509,13 +509,21 @@ class Trainer:
 
     def _hand_on(self, old: dict[int, Any], step: int) -> None:
         """After the checkpoint: give the signal to the handler installed before the trainer's."""
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        before = old[self.signalled]
-        if callable(before):
-            before(self.signalled, None)  # chain: e.g. submitit requeues the job and exits
-        elif self.signalled == signal.SIGTERM and before == signal.SIG_DFL:
-            # leave as a terminated process would (128 + 15), through the callers' cleanup (lock, envs, logs)
-            print(f"[mowbench] {self.folder}: SIGTERM; checkpointed at step {step}; rerun the same command to resume",
-                  flush=True)
-            raise SystemExit(128 + signal.SIGTERM)
+        hand_on(old, self.signalled, f"[mowbench] {self.folder}: SIGTERM; checkpointed at step {step}; rerun the same "
+                "command to resume")
+
+
+def hand_on(old: dict[int, Any], signum: int, leaving: str | None = None) -> None:
+    """Restore the handlers in `old` and give `signum` to the one installed before ours (chained: e.g. submitit
+    requeues the job and exits). A SIGTERM with no handler before it leaves as a terminated process would (128 + 15),
+    printing `leaving` first, through the callers' cleanup (lock, envs, logs). The trainer and a packed grid job
+    (which forwards the signal to its runs first) both end this way."""
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+    before = old[signum]
+    if callable(before):
+        before(signum, None)
+    elif signum == signal.SIGTERM and before == signal.SIG_DFL:
+        if leaving:
+            print(leaving, flush=True)
+        raise SystemExit(128 + signal.SIGTERM)
