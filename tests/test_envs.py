@@ -298,6 +298,31 @@ def test_metaworld_renderer_buffers_fit_the_frames_and_change_no_pixel(fast_rend
     assert not np.array_equal(frames[0], frames[-1])  # the arm moved
 
 
+def test_metaworld_shadow_size_draws_a_smaller_shadow_map_and_moves_only_shadow_edges():
+    """shadow_size=1024 renders the shadows from a 1024^2 map instead of 4096^2: the context has that map, the
+    protocol records it (and only when set), the model keeps Meta-World's size, and the frames differ from the
+    full ones in a few pixels along the shadows' edges (20-70 of 4096 at 512-2048 when measured), the rest the same
+    bits."""
+    full_env, small_env = metaworld_env(), metaworld_env(shadow_size=1024)
+    rng = np.random.default_rng(0)
+    pairs = [(full_env.reset(), small_env.reset())]
+    for _ in range(3):
+        action = rng.uniform(-1, 1, 4)
+        pairs.append((full_env.step(action).obs, small_env.step(action).obs))
+    assert small_env.renderer._mjr_context.shadowSize == 1024 and full_env.renderer._mjr_context.shadowSize == 4096
+    assert small_env.env.model.vis.quality.shadowsize == 4096
+    assert small_env.info.protocol["shadow_size"] == 1024 and "shadow_size" not in full_env.info.protocol
+    for full, small in pairs:
+        differing = (full != small).any(-1).sum()
+        assert 0 < differing < 0.03 * 64 * 64, differing
+    for bad, allowed in [(32, "an integer of at least 64"), (True, "an integer of at least 64"),
+                         ("big", "an integer of at least 64")]:
+        with pytest.raises(ValueError, match=f"shadow_size={bad!r}; allowed: {allowed}"):
+            make_envs("metaworld", ["reach-v3"], {"shadow_size": bad}, seed=0)
+    with pytest.raises(ValueError, match="shadow_size=1024 with fast_render=true, which draws no shadows"):
+        make_envs("metaworld", ["reach-v3"], {"shadow_size": 1024, "fast_render": True}, seed=0)
+
+
 def test_missing_optional_dependency_breaks_only_its_suite(monkeypatch):
     import sys
 

@@ -62,6 +62,12 @@ def check(cfg: dict[str, Any]) -> None:
             raise ValueError(f"{key}={cfg[key]}; allowed: a positive integer")
     if cfg.get("paper_steps", "simulator") not in ("simulator", "agent"):  # the paper preset's step reading
         raise ValueError(f"paper_steps={cfg['paper_steps']!r}; allowed: simulator, agent")
+    shadow = cfg.get("shadow_size")
+    if shadow is not None and (isinstance(shadow, bool) or not isinstance(shadow, int) or shadow < 64):
+        raise ValueError(f"shadow_size={shadow!r}; allowed: an integer of at least 64, or null for the model's 4096")
+    if shadow is not None and cfg.get("fast_render"):
+        raise ValueError(f"shadow_size={shadow} with fast_render=true, which draws no shadows; allowed: shadow_size "
+                         f"null with fast_render")
     goal_seed = cfg.get("goal_seed")
     if goal_seed is not None and (isinstance(goal_seed, bool) or not isinstance(goal_seed, int)):
         raise ValueError(f"goal_seed={cfg['goal_seed']!r}; allowed: an integer, or null for the run's seed")
@@ -147,6 +153,7 @@ class MetaWorldEnv(TaskEnv):
         if not cfg.get("multisample", True):
             model.vis.quality.offsamples = 0  # read when the renderer's context is made
         self.fast_render = bool(cfg.get("fast_render", False))
+        self.shadow_size = cfg.get("shadow_size")  # null: the model's (4096)
         # made at the first frame: an env that never observes (the random policy's) needs no GL context
         self.renderer: mujoco.Renderer | None = None
         self.cam = cam
@@ -160,6 +167,8 @@ class MetaWorldEnv(TaskEnv):
                                        "multisample": bool(cfg.get("multisample", True)),
                                        "camera_pos": [float(x) for x in model.cam_pos[cam]], "gl": self.gl,
                                        "goal_seed": goal_seed})
+        if self.shadow_size is not None:  # recorded only when set: the protocol of default runs (and the key of
+            self.info.protocol["shadow_size"] = int(self.shadow_size)  # their cached demonstrations) stays as it was
         self.t = 0
         self.task = task
         self.state: np.ndarray | None = None  # the simulator's 39-d observation, read by the scripted expert
@@ -170,7 +179,8 @@ class MetaWorldEnv(TaskEnv):
         fast_render. Its context's buffers are made only as large as the frames need: an offscreen buffer of the
         image's size instead of Meta-World's 640 x 480, and no shadow map when shadows are off (a 4096^2 depth
         map). The frames are the same bits (a test checks it) and each env takes less memory (docs/performance.md):
-        osmesa keeps the buffers in host memory, EGL in the GPU's."""
+        osmesa keeps the buffers in host memory, EGL in the GPU's. `shadow_size` sets the shadow map's side
+        instead (opt-in: it changes the shadows' edges)."""
         import mujoco
 
         vis = self.env.model.vis
@@ -178,6 +188,8 @@ class MetaWorldEnv(TaskEnv):
         vis.global_.offwidth = vis.global_.offheight = self.size
         if self.fast_render:
             vis.quality.shadowsize = 0
+        elif self.shadow_size is not None:
+            vis.quality.shadowsize = int(self.shadow_size)
         try:  # the context reads the sizes once, when it is made; the model keeps Meta-World's values
             renderer = mujoco.Renderer(self.env.model, self.size, self.size)
         finally:
