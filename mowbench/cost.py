@@ -4,7 +4,9 @@ what a grid costs before it is submitted. Every run of every cell is projected b
 the device (mowbench/data/bench/<device>/<agent>_<suite>_<preset>.json, shipped with its date and machine), or,
 with measure=true, from a bench made on the spot on this machine for each distinct agent, suite and preset. It
 prints each cell's hours, the grid's total in device-hours, the SLURM array it would submit and which figures it
-used; a cell without figures is named, never counted as free.
+used; a cell without figures is named, never counted as free. With slurm.runs_per_gpu=K, runs whose agent has a
+recorded packing measurement for K on the device (bench/<device>/packing_<agent>_<suite>_<preset>.json) count
+1/speedup of their hours, the others a whole GPU each, and it says which did.
 
 Other arguments are the grid's (seeds=[0,1], a swept key's values, any config override), as for `mowbench grid`.
 """
@@ -26,13 +28,34 @@ def recorded_devices() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
+def bench_dir(device: str) -> Any:
+    """The folder of a device's recorded figures (a Traversable: shipped inside the package)."""
+    return resources.files("mowbench.data").joinpath("bench").joinpath(device)
+
+
 def recorded(device: str, agent: str, suite: str, preset: str) -> tuple[dict[str, Any] | None, str]:
     """The shipped bench of an agent on a device, and its file's name (None where none was recorded)."""
     name = f"{agent}_{suite}_{preset}.json"
-    path = resources.files("mowbench.data").joinpath("bench").joinpath(device).joinpath(name)
+    path = bench_dir(device).joinpath(name)
     if not path.is_file():
         return None, f"bench/{device}/{name}"
     return json.loads(path.read_text()), f"bench/{device}/{name}"
+
+
+def packing_speedup(device: str, agent: str, suite: str, preset: str, k: int) -> tuple[float | None, str]:
+    """How much more one GPU trains with k runs of an agent at once (slurm.runs_per_gpu=k) than with one: the
+    summed training steps/s of k runs over one run's, from the recorded packing measurement
+    (bench/<device>/packing_<agent>_<suite>_<preset>.json, as `scripts/gpu_figures.sh runs-per-gpu` writes it:
+    {"aggregate_steps_per_s": {"1": ..., "2": ...}, ...}, only the k whose runs all finished). None where no
+    figure for k (or for one run) was recorded: such runs are counted as one run per GPU."""
+    name = f"bench/{device}/packing_{agent}_{suite}_{preset}.json"
+    path = bench_dir(device).joinpath(f"packing_{agent}_{suite}_{preset}.json")
+    if not path.is_file():
+        return None, f"none recorded ({name})"
+    aggregate = json.loads(path.read_text())["aggregate_steps_per_s"]
+    if str(k) not in aggregate or "1" not in aggregate:
+        return None, f"K={k} not measured (measured: {', '.join(sorted(aggregate, key=int))}; {name})"
+    return aggregate[str(k)] / aggregate["1"], name
 
 
 def parse(argv: list[str]) -> tuple[str, bool, list[str]]:
@@ -73,8 +96,10 @@ def cost(argv: list[str]) -> dict[str, Any]:
     device, measure, rest = parse(argv)
     req = parse_args(rest)
     units = expand(req)
-    cells: dict[str, dict[str, Any]] = defaultdict(lambda: {"runs": 0, "hours": 0.0, "missing": 0})
+    cells: dict[str, dict[str, Any]] = defaultdict(lambda: {"runs": 0, "hours": 0.0, "run_hours": 0.0, "missing": 0})
     used: dict[str, str] = {}
+    packing: dict[str, str] = {}
+    k = int(req.slurm.get("runs_per_gpu", 1))
     benches: dict[tuple, dict[str, Any]] = {}
     for unit in units:
         p = unit.plan  # validated by expand (one unit per run folder; a per-task agent's plan holds every task)
@@ -91,16 +116,25 @@ def cost(argv: list[str]) -> dict[str, Any]:
             cell["missing"] += 1
             continue
         hours = projection(figures, p.train, len(p.runs[0][1]) if p.runs else 1, EVAL_EPISODE_STEPS[p.suite])
-        cell["hours"] += hours["total"]
+        # a device's hours: k runs share a GPU at `speedup` times one run's throughput, so each run holds it for
+        # 1/speedup of its time alone (runs grouped in a task are taken to be of similar length)
+        speedup = None
+        if k > 1:
+            speedup, source = (None, "not measured here") if measure else packing_speedup(device, *key, k)
+            packing[f"{p.agent} on {p.suite} ({preset})"] = (
+                f"{speedup:.2f}x one run's steps/s with {k} a GPU ({source})" if speedup
+                else f"{source}: counted as one run per GPU")
+        cell["run_hours"] += hours["total"]
+        cell["hours"] += hours["total"] / (speedup or 1.0)
         cell.setdefault("per_run", hours["total"])
         cell.setdefault("bottleneck", max(("acting", "updates", "evaluation", "random_baseline"), key=hours.get))
     total = sum(c["hours"] for c in cells.values())
     missing = sum(c["missing"] for c in cells.values())
     settings = req.slurm
-    per_task = int(settings.get("runs_per_gpu", 1))
     return {"grid": req.grid, "device": "this machine" if measure else device, "cells": dict(cells),
             "runs": len(units), "total_hours": total, "runs_without_figures": missing,
-            "slurm_array": {"tasks": -(-len(units) // per_task), "runs_per_task": per_task,
+            "run_hours": sum(c["run_hours"] for c in cells.values()), "packing": packing,
+            "slurm_array": {"tasks": -(-len(units) // k), "runs_per_task": k,
                             "gpus_per_task": settings.get("gpus_per_node"),
                             "cpus_per_task": settings.get("cpus_per_task"),
                             "timeout_min": settings.get("timeout_min"),
@@ -121,7 +155,11 @@ def print_cost(out: dict[str, Any]) -> None:
     print(f"total: {out['total_hours']:.1f} {unit}{extra}")
     s = out["slurm_array"]
     k = s["runs_per_task"]
-    packed = f" of up to {k} runs at once (hours above: one run per GPU)" if k > 1 else ""
+    packed = f" of up to {k} runs at once" if k > 1 else ""
+    if k > 1:
+        print(f"runs_per_gpu={k}: {out['run_hours']:.1f} {unit} as one run per GPU")
+        for what, how in out["packing"].items():
+            print(f"packing: {what}: {how}")
     print(f"SLURM array: {s['tasks']} tasks{packed}, {s['gpus_per_task']} GPU and {s['cpus_per_task']} CPUs each, "
           f"{s['timeout_min']} min per job (then requeued), at most {s['array_parallelism']} at once")
     for what, source in out["figures"].items():

@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mowbench import results
+from mowbench import machine, results
 from mowbench.config import compose_config, plan, quote_hint, quoted_override
 from mowbench.experiments import cell_method, cells, grid_names, load_grid
 from mowbench.logger import duration
@@ -400,6 +400,13 @@ def chunked(items: list[Any], k: int) -> list[list[Any]]:
     return [items[i:i + k] for i in range(0, len(items), k)]
 
 
+def threads_share(runs: int) -> int:
+    """Torch CPU threads for each of `runs` runs started at once on this task's CPUs: an equal share. Each run would
+    otherwise take torch's default, every usable CPU, and K runs would oversubscribe them K times (on 2 CPUs, 2 tiny
+    STORM runs at 2 threads each trained at a quarter of one run's speed, half the pair's throughput)."""
+    return max(1, machine.usable_cpus() // max(1, runs))
+
+
 class PackedGridJob:
     """What each task of a packed array (slurm.runs_per_gpu=K) runs: up to K units at once on the task's GPU, each
     `python -m mowbench.run` in its own process (own run folder, lock, checkpoints, log), so that small runs share
@@ -409,7 +416,10 @@ class PackedGridJob:
     SLURM's pre-timeout or preemption signal (USR2, SIGTERM) is forwarded to every live run, which checkpoints at
     the end of its step and leaves. Once all have left, the signal goes on to the handler installed before this
     job's (submitit's: checkpoint(), requeue, exit) if a unit is unfinished, so the requeued task starts all K
-    again; the finished ones return at once (the runner skips a finished run)."""
+    again; the finished ones return at once (the runner skips a finished run).
+
+    Each run gets `threads=` an equal share of the task's CPUs (threads_share) unless its overrides set threads, and
+    OMP_NUM_THREADS the same unless the environment sets it."""
 
     def __init__(self, logs: str) -> None:
         self.logs = logs  # the executor's folder pattern (logs/%j): the task's own log folder once its id is known
@@ -432,18 +442,23 @@ class PackedGridJob:
                 send(proc, signum)
 
         old = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
+        share = threads_share(len(chunk))
+        env = {"OMP_NUM_THREADS": str(share), **os.environ, "PYTHONUNBUFFERED": "1"}
         try:
             for k, overrides in enumerate(chunk):
                 if got:  # not started: the requeued task starts it
                     break
                 log, record = cell_files(folder, k)
+                threads = next((o for o in reversed(overrides) if o.startswith("threads=")), f"threads={share}")
+                run = overrides if threads in overrides else [*overrides, threads]
                 with open(log, "ab") as out:  # appended: a requeued task's log follows the earlier one's
-                    proc = subprocess.Popen([sys.executable, "-m", "mowbench.run", *overrides], stdout=out,
-                                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    proc = subprocess.Popen([sys.executable, "-m", "mowbench.run", *run], stdout=out,
+                                            stderr=subprocess.STDOUT, env=env)
                 procs[k] = proc
                 if got:  # a signal between the start and the line above
                     send(proc, got[0])
-                records[k] = {"unit": folders[k], "pid": proc.pid, "started": _now(), "returncode": None}
+                records[k] = {"unit": folders[k], "pid": proc.pid, "started": _now(), "returncode": None,
+                              "threads": threads.partition("=")[2]}
                 results.atomic_write_json(record, records[k])
             running = set(procs)
             while running:

@@ -119,22 +119,24 @@ PY
     done
 }
 
-runs_per_gpu() {  # slurm.runs_per_gpu=K: K STORM runs (Pong, 400 updates each) at once on the GPU, for K in
-    # RUNS_PER_GPU (default 1 2 4 8); per K: each run's median training steps/s and their sum (the GPU's aggregate
-    # throughput, what K should maximise), peak memory, and the wall time of the K runs. RUNS_PER_GPU_STEPS=1100
-    # (76 updates) tries it on a CPU
-    local k i steps=${RUNS_PER_GPU_STEPS:-1424}
+runs_per_gpu_pass() {  # runs_per_gpu_pass TAG: K STORM runs (Pong, 400 updates each) at once on the GPU, for K in
+    # RUNS_PER_GPU (default 1 2 4 8); per K: each run's median training steps/s (updating steps only; one update per
+    # step, so 1 / steps/s is its seconds per update) and their sum (the GPU's aggregate throughput, what K should
+    # maximise), peak memory, and the wall time of the K runs. RUNS_PER_GPU_STEPS=1100 (76 updates) tries it on a CPU
+    local tag=$1 k i steps=${RUNS_PER_GPU_STEPS:-1424}
     for k in ${RUNS_PER_GPU:-1 2 4 8}; do
-        local dir=/tmp/gpu_figures_runs/runs_per_gpu_$k t0=$SECONDS
+        # each run's torch threads: an equal share of the CPUs, as a packed SLURM task gives its runs
+        local dir=/tmp/gpu_figures_runs/runs_per_gpu${tag}_$k t0=$SECONDS threads=$(( $(nproc) / k ))
+        [ "$threads" -ge 1 ] || threads=1
         rm -rf "$dir"
         for i in $(seq "$k"); do
-            timeout "$limit" $py -m mowbench.run env=atari100k preset="$preset" device="$dev" agent=storm task=Pong \
-                seed="$i" train.steps="$steps" train.checkpoint_every=0 train.log_every=25 train.progress=false \
+            OMP_NUM_THREADS=$threads timeout "$limit" $py -m mowbench.run env=atari100k preset="$preset" \
+                device="$dev" agent=storm task=Pong threads="$threads" seed="$i" train.steps="$steps" train.checkpoint_every=0 train.log_every=25 train.progress=false \
                 train.tensorboard=false train.eval_episodes=1 train.eval_max_steps=50 train.random_baseline=false \
-                results_dir="$dir" >"$out/runs_per_gpu_${k}_$i.log" 2>&1 &
+                results_dir="$dir" >"$out/runs_per_gpu${tag}_${k}_$i.log" 2>&1 &
         done
         wait
-        $py - "$dir" "$k" $((SECONDS - t0)) >"$out/runs_per_gpu_$k.json" <<'EOF'
+        $py - "$dir" "$k" $((SECONDS - t0)) >"$out/runs_per_gpu${tag}_$k.json" <<'EOF'
 import csv, json, statistics, sys
 from pathlib import Path
 
@@ -151,11 +153,80 @@ for run in runs:
     memory.append(sessions[-1].get("peak_memory_gib"))
 finished = sum((run / "DONE.json").exists() for run in runs)
 print(json.dumps({"runs_per_gpu": k, "finished": finished, "wall_s": wall, "steps_per_s": sps,
+                  "s_per_update": [round(1 / v, 5) if v else None for v in sps],
                   "aggregate_steps_per_s": sum(sps) if len(sps) == k and None not in sps else None,
                   "peak_memory_gib": memory}, indent=1))
 EOF
-        echo "[gpu_figures] runs_per_gpu_$k.json: aggregate $(grep aggregate "$out/runs_per_gpu_$k.json")"
+        echo "[gpu_figures] runs_per_gpu${tag}_$k.json: aggregate $(grep aggregate "$out/runs_per_gpu${tag}_$k.json")"
     done
+}
+
+mps_start() {  # CUDA MPS for this script's runs, where the node lets it start (its pipes and logs under /tmp)
+    if ! command -v nvidia-cuda-mps-control >/dev/null; then
+        echo "MPS: nvidia-cuda-mps-control not found" >"$out/mps.txt"
+        return 1
+    fi
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/gpu_figures_mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/gpu_figures_mps/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if ! nvidia-cuda-mps-control -d >"$out/mps.txt" 2>&1; then
+        echo "MPS: the daemon did not start" >>"$out/mps.txt"
+        return 1
+    fi
+    sleep 2
+    # a CUDA context through MPS, or the runs would measure something else
+    if ! $py -c "import torch; torch.ones(1, device='cuda').sum().item()" >>"$out/mps.txt" 2>&1; then
+        echo "MPS: started, but a CUDA context through it failed" >>"$out/mps.txt"
+        mps_stop
+        return 1
+    fi
+    echo "MPS: running" >>"$out/mps.txt"
+}
+
+mps_stop() {
+    echo quit | nvidia-cuda-mps-control >>"$out/mps.txt" 2>&1
+    sleep 2
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+
+runs_per_gpu() {  # K = 1, 2, 4, 8 without MPS, then with it where it starts; then the packing record that
+    # `mowbench cost` reads (copy it into mowbench/data/bench/<device>/ beside the benches)
+    runs_per_gpu_pass ""
+    if mps_start; then
+        runs_per_gpu_pass "_mps"
+        mps_stop
+    fi
+    echo "[gpu_figures] $(tail -1 "$out/mps.txt")"
+    $py - "$out" "$preset" >"$out/packing_storm_atari100k_$preset.json" <<'EOF'
+import datetime, json, subprocess, sys
+from pathlib import Path
+
+out, preset = Path(sys.argv[1]), sys.argv[2]
+
+
+def figures(tag: str) -> dict:
+    """Per K whose runs all finished: the record of its K runs."""
+    found = {}
+    for path in sorted(out.glob(f"runs_per_gpu{tag}_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
+        rec = json.loads(path.read_text())
+        if rec["finished"] == rec["runs_per_gpu"] and rec["aggregate_steps_per_s"]:
+            found[str(rec["runs_per_gpu"])] = rec
+    return found
+
+
+plain, mps = figures(""), figures("_mps")
+try:
+    machine = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+except (OSError, subprocess.CalledProcessError):
+    machine = "no nvidia-smi"
+print(json.dumps({
+    "agent": "storm", "suite": "atari100k", "preset": preset, "date": datetime.date.today().isoformat(),
+    "machine": machine, "source": "scripts/gpu_figures.sh runs-per-gpu (Pong, K STORM runs at once, no MPS)",
+    "aggregate_steps_per_s": {k: r["aggregate_steps_per_s"] for k, r in plain.items()},
+    "peak_memory_gib": {k: r["peak_memory_gib"] for k, r in plain.items()},
+    "mps_aggregate_steps_per_s": {k: r["aggregate_steps_per_s"] for k, r in mps.items()}}, indent=1))
+EOF
+    echo "[gpu_figures] packing_storm_atari100k_$preset.json: $(tr -d '\n ' <"$out/packing_storm_atari100k_$preset.json" | head -c 300)"
 }
 
 # 400 updates after STORM's 1024 warm-up steps

@@ -62,3 +62,43 @@ def test_measure_benches_each_agent_here_once(capsys):
     assert err.count("benching storm on minatar (micro)") == 1 and err.count("benching mow on minatar (micro)") == 1
     assert out["device"] == "this machine" and out["runs"] == 3 and out["runs_without_figures"] == 0
     assert all(c["hours"] > 0 for c in out["cells"].values())
+
+
+@pytest.mark.slow(seconds=30)
+def test_runs_per_gpu_counts_packed_runs_at_their_measured_speedup(tmp_path, monkeypatch, capsys):
+    """slurm.runs_per_gpu=K: a run whose agent has a recorded packing measurement holds the GPU for 1/speedup of its
+    time alone (speedup: the K runs' summed steps/s over one run's); the others count a whole GPU each and are
+    named; a K that was not measured is named with the K that were."""
+    import mowbench.cost as cost_module
+
+    recorded_dir = resources.files("mowbench.data").joinpath("bench").joinpath("h100")
+    device = tmp_path / "h100"
+    device.mkdir()
+    for agent in ("storm", "mow", "monolithic"):
+        name = f"{agent}_atari100k_paper.json"
+        (device / name).write_text(recorded_dir.joinpath(name).read_text())
+    (device / "packing_storm_atari100k_paper.json").write_text(json.dumps(
+        {"agent": "storm", "aggregate_steps_per_s": {"1": 10.0, "2": 18.0, "4": 30.0}}))
+    monkeypatch.setattr(cost_module, "bench_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(cost_module, "recorded_devices", lambda: ["h100"])
+
+    out = cost(["grid=main_atari26", "seeds=[0]", "slurm.runs_per_gpu=4"])
+    cells, storm = out["cells"], recorded_total("storm")
+    assert cells["storm"]["hours"] == pytest.approx(26 * storm / 3.0, rel=1e-9)  # 30 / 10 steps/s
+    assert cells["storm"]["run_hours"] == pytest.approx(26 * storm, rel=1e-9)
+    assert cells["mow"]["hours"] == pytest.approx(recorded_total("mow"), rel=1e-9)  # no packing figures: one a GPU
+    assert out["total_hours"] == pytest.approx(sum(c["hours"] for c in cells.values()))
+    assert out["run_hours"] == pytest.approx(sum(c["run_hours"] for c in cells.values()))
+    assert out["slurm_array"]["tasks"] == 8 and out["slurm_array"]["runs_per_task"] == 4  # 29 runs, 4 a task
+    assert out["packing"]["storm on atari100k (paper)"].startswith("3.00x one run's steps/s with 4 a GPU")
+    assert out["packing"]["mow on atari100k (paper)"].startswith("none recorded (bench/h100/packing_mow_")
+    cost_module.print_cost(out)
+    printed = capsys.readouterr().out
+    assert f"runs_per_gpu=4: {out['run_hours']:.1f} device-hours as one run per GPU" in printed
+    assert "SLURM array: 8 tasks of up to 4 runs at once" in printed
+
+    three = cost(["grid=main_atari26", "seeds=[0]", "slurm.runs_per_gpu=3"])
+    assert three["cells"]["storm"]["hours"] == pytest.approx(26 * storm, rel=1e-9)
+    assert three["packing"]["storm on atari100k (paper)"].startswith("K=3 not measured (measured: 1, 2, 4;")
+    one = cost(["grid=main_atari26", "seeds=[0]"])
+    assert one["packing"] == {} and one["total_hours"] == pytest.approx(one["run_hours"])

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from mowbench.grid import chunked, expand, parse_args, unit_states
+from mowbench import machine
+from mowbench.grid import chunked, expand, parse_args, threads_share, unit_states
 from mowbench.results import LOCK, atomic_write_json, is_done
 from tests.conftest import REPO
 from tests.test_grid import REQUIRE_SLURM, SLURM, release_requeued, run_grid, wait_for
@@ -23,9 +24,12 @@ from tests.test_grid import REQUIRE_SLURM, SLURM, release_requeued, run_grid, wa
 PACKED = ["grid=smoke", "agent=[storm]", "launcher=slurm", "slurm=local", "slurm.runs_per_gpu=2", "train.steps=400"]
 
 
-def test_units_are_chunked_by_runs_per_gpu_and_a_bad_value_is_refused(tmp_path):
+def test_units_are_chunked_by_runs_per_gpu_and_a_bad_value_is_refused(tmp_path, monkeypatch):
     assert chunked(list("abcde"), 2) == [["a", "b"], ["c", "d"], ["e"]]
     assert chunked(list("ab"), 4) == [["a", "b"]]
+    for cpus, runs, share in [(16, 4, 4), (16, 3, 5), (2, 2, 1), (2, 8, 1), (8, 1, 8)]:  # each run's torch threads
+        monkeypatch.setattr(machine, "usable_cpus", lambda cpus=cpus: cpus)
+        assert threads_share(runs) == share
     assert parse_args(["grid=smoke", f"results_dir={tmp_path}"]).slurm["runs_per_gpu"] == 1
     assert parse_args(["grid=smoke", "slurm.runs_per_gpu=4", f"results_dir={tmp_path}"]).slurm["runs_per_gpu"] == 4
     for bad, shown in [("0", "0"), ("two", "'two'"), ("1.5", "1.5"), ("true", "True")]:
@@ -122,6 +126,7 @@ def test_packed_runs_equal_runs_alone_and_resume_together_after_a_preemption(tmp
     records = [exit_record(job, u.key) for u in units]
     assert max(r["started"] for r in records) < min(r["ended"] for r in records)
     assert all(r["returncode"] == 0 for r in records)
+    assert [r["threads"] for r in records] == ["1", "1"]  # the task's CPUs shared (2 at most, 2 runs), not 2 each
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     assert "Restarts=1 " in shown  # requeued once, for both runs
     assert [r["state"] for r in unit_states(req, units)] == ["done", "done"]
