@@ -142,10 +142,12 @@ def test_the_analysis_takes_the_evaluations_instead_of_the_runs_own(minatar_run)
 @pytest.mark.parametrize("agent", sorted(registered_agents()))
 def test_every_agent_replays_its_final_evaluation(agent, micro_cfg):
     """In process: a micro run of the agent, then its default evaluation equals the run's final one. MoW needs two
-    tasks (two clusters); the others take one (Meta-World's renders are most of a continuous agent's time)."""
+    tasks (two clusters); the others take one, with fast frames (Meta-World's full renders would be most of a
+    continuous agent's time; the replay path is the same at any render quality)."""
     discrete = not continuous_only(agent)
     tasks = "space_invaders,asterix" if agent == "mow" else "space_invaders" if discrete else "reach-v3"
-    cfg = micro_cfg(f"agent={agent}", f"env={'minatar' if discrete else 'metaworld'}", f"task=[{tasks}]",
+    fast = [] if discrete else ["env.fast_render=true", "env.multisample=false"]
+    cfg = micro_cfg(f"agent={agent}", f"env={'minatar' if discrete else 'metaworld'}", f"task=[{tasks}]", *fast,
                     "train.eval_episodes=2", "train.eval_max_steps=40", "train.random_baseline=false")
     execute(cfg)
     root = Path(cfg["results_dir"])

@@ -21,8 +21,13 @@ CPU = torch.device("cpu")
 FIRST = {"first": StepField()}
 
 
+# Fast frames (no shadows, reflections or anti-aliasing: ~5x cheaper under osmesa): these tests are about the data's
+# path, which is the same at any render quality; the full-quality frames are tested in tests/test_envs.py.
+FAST = ["env.fast_render=true", "env.multisample=false"]
+
+
 def env_cfg(**extra):
-    return {**dict(compose_config(["env=metaworld", "preset=micro"])["env"]), "run_seed": 0, **extra}
+    return {**dict(compose_config(["env=metaworld", "preset=micro", *FAST])["env"]), "run_seed": 0, **extra}
 
 
 def test_every_mt50_scripted_expert_succeeds_under_our_protocol():
@@ -127,7 +132,7 @@ def test_newt_pretrains_on_demonstrations_in_a_run_and_resumes_exactly(tmp_path,
     from mowbench.runner import execute
 
     def run(folder):
-        cfg = compose_config(["agent=newt", "env=metaworld", "preset=micro", "task=[reach-v3,drawer-close-v3]",
+        cfg = compose_config(["agent=newt", "env=metaworld", "preset=micro", "task=[reach-v3,drawer-close-v3]", *FAST,
                               "train.steps=40", "train.warmup=20", "train.eval_episodes=1",
                               "train.random_baseline=false",
                               "train.keep_checkpoint=true", f"results_dir={folder}"])
@@ -181,7 +186,7 @@ def test_pwm_pretrains_its_world_model_offline_then_extracts_policies_with_it_fr
         return train_step(self, sample)
 
     monkeypatch.setattr(PWMOfflineAgent, "train_step", recording)
-    cfg = compose_config(["agent=pwm", "env=metaworld", "preset=micro", "task=[reach-v3,drawer-close-v3]",
+    cfg = compose_config(["agent=pwm", "env=metaworld", "preset=micro", "task=[reach-v3,drawer-close-v3]", *FAST,
                           "train.eval_episodes=1", "train.random_baseline=false", "train.keep_checkpoint=true",
                           f"results_dir={tmp_path}"])
     execute(cfg)
