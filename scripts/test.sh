@@ -10,6 +10,13 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     chromium chromium-driver >/dev/null
 fi
+# Mesa's EGL, for the test that renders Meta-World through EGL (a GPU node's backend) in env workers on this CPU
+if ! ldconfig -p | grep -q libEGL_mesa; then
+  echo "[test] installing libegl1 and libegl-mesa0 with apt-get (the EGL rendering test)" >&2
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    libegl1 libegl-mesa0 >/dev/null
+fi
 .venv/bin/ruff check .
 # The docs site, strict: a broken link or a page missing from the nav fails here
 DOCS_SITE=$(mktemp -d)

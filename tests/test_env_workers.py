@@ -141,3 +141,50 @@ def test_an_atari_run_preempted_and_resumed_in_env_workers_is_the_uninterrupted_
     sessions = json.loads((folder / "metadata.json").read_text())["sessions"]
     assert [s["resumed_from_step"] for s in sessions] == [None, 33] and sessions[1]["env_restart"] == []
     assert run_files(folder) == run_files(run_dir(alone, "atari100k", "monolithic", "all3", 0))
+
+
+EGL_SCRIPT = """
+import json, os, sys
+import numpy as np
+from mowbench.envs import reset_all, step_all
+from mowbench.envs.workers import env_workers
+cfg, out = json.loads(sys.argv[1]), sys.argv[2]
+with env_workers(2, "metaworld", ["reach-v3", "push-v3"], cfg) as workers:
+    envs = [workers.make(i, 5) for i in range(2)]
+    frames, rng = [np.stack(reset_all(envs))], np.random.default_rng(0)
+    for _ in range(3):
+        frames.append(np.stack([s.obs for s in step_all(envs, [rng.uniform(-1, 1, 4) for _ in envs])]))
+    gl = [e.info.protocol["gl"] for e in envs]
+np.save(out, np.stack(frames))
+print(json.dumps({"gl": gl, **{k: os.environ[k] for k in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}}))
+"""
+
+
+@pytest.mark.slow(seconds=30)
+def test_metaworld_renders_through_egl_in_env_workers_the_frames_osmesa_renders(tmp_path):
+    """env.gl=egl (what a GPU node chooses) with 2 env workers: the training process sets MUJOCO_GL=egl before any
+    worker starts, each worker's envs render through MuJoCo's EGL context (here Mesa's EGL over llvmpipe, which CPU
+    machines have; a GPU node's driver renders there), and the frames at full quality are osmesa's in this process
+    bit for bit (the same rasterizer behind both). A fresh process: MUJOCO_GL is fixed once mujoco is imported."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    cfg = {**compose_config(["env=metaworld", "preset=micro"])["env"], "image_size": 32, "run_seed": 0}
+    out = subprocess.run([sys.executable, "-c", EGL_SCRIPT, json.dumps({**cfg, "gl": "egl"}), str(tmp_path / "f.npy")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"gl": ["egl", "egl"], "MUJOCO_GL": "egl",
+                                                               "PYOPENGL_PLATFORM": "egl"}
+    remote = np.load(tmp_path / "f.npy")
+    local = [make_env("metaworld", ["reach-v3", "push-v3"], i, {**cfg, "gl": "osmesa"}, 5) for i in range(2)]
+    frames, rng = [np.stack(reset_all(local))], np.random.default_rng(0)
+    for _ in range(3):
+        frames.append(np.stack([s.obs for s in step_all(local, [rng.uniform(-1, 1, 4) for _ in local])]))
+    assert local[0].info.protocol["gl"] == "osmesa" and remote.shape == (4, 2, 32, 32, 3)
+    assert remote.std() > 10  # real frames, not blank ones
+    np.testing.assert_array_equal(remote, np.stack(frames))
+    for env in local:
+        env.close()
