@@ -11,7 +11,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     chromium chromium-driver >/dev/null
 fi
 # Mesa's EGL, for the test that renders Meta-World through EGL (a GPU node's backend) in env workers on this CPU
-if ! ldconfig -p | grep -q libEGL_mesa; then
+if ! ldconfig -p | grep libEGL_mesa >/dev/null; then  # not -q: its early exit fails the pipe (pipefail)
   echo "[test] installing libegl1 and libegl-mesa0 with apt-get (the EGL rendering test)" >&2
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
