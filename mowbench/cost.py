@@ -77,16 +77,14 @@ def parse(argv: list[str]) -> tuple[str, bool, list[str]]:
     return device, measure, rest
 
 
-def measured(overrides: list[str], cache: dict[tuple, dict[str, Any]], key: tuple) -> dict[str, Any]:
-    """A bench on this machine of the cell's agent, suite and preset (once per distinct key: the first run's
-    configuration, composed from its overrides, is benched)."""
+def measured(overrides: list[str], key: tuple) -> dict[str, Any]:
+    """A bench on this machine of the cell's agent, suite and preset (`key`): the configuration of its first run,
+    composed from that run's overrides (cost() asks once per distinct key)."""
     from mowbench.bench import BENCH_DEFAULTS, bench
 
-    if key not in cache:
-        print(f"[mowbench.cost] benching {key[0]} on {key[1]} ({key[2]}) here ...", file=sys.stderr, flush=True)
-        cfg = compose_config(overrides)
-        cache[key] = bench({**cfg, "bench": {**BENCH_DEFAULTS, "reference": False, "flops": False}})
-    return cache[key]
+    print(f"[mowbench.cost] benching {key[0]} on {key[1]} ({key[2]}) here ...", file=sys.stderr, flush=True)
+    cfg = compose_config(overrides)
+    return bench({**cfg, "bench": {**BENCH_DEFAULTS, "reference": False, "flops": False}})
 
 
 def cost(argv: list[str]) -> dict[str, Any]:
@@ -100,30 +98,34 @@ def cost(argv: list[str]) -> dict[str, Any]:
     used: dict[str, str] = {}
     packing: dict[str, str] = {}
     k = int(req.slurm.get("runs_per_gpu", 1))
-    benches: dict[tuple, dict[str, Any]] = {}
+
+    def lookup(key: tuple, overrides: list[str]) -> tuple[dict[str, Any] | None, float | None]:
+        """An agent, suite and preset's figures and packing speedup (None: none), noted in `used` and `packing`."""
+        label = f"{key[0]} on {key[1]} ({key[2]})"
+        figures, source = (measured(overrides, key), "measured here") if measure else recorded(device, *key)
+        used[label] = source if figures else f"none recorded ({source})"
+        speedup = None
+        if figures is not None and k > 1:
+            speedup, source = (None, "not measured here") if measure else packing_speedup(device, *key, k)
+            packing[label] = (f"{speedup:.2f}x one run's steps/s with {k} a GPU ({source})" if speedup
+                              else f"{source}: counted as one run per GPU")
+        return figures, speedup
+
+    known: dict[tuple, tuple[dict[str, Any] | None, float | None]] = {}  # per key: read or benched once, not per run
     for unit in units:
         p = unit.plan  # validated by expand (one unit per run folder; a per-task agent's plan holds every task)
-        preset = str(p.cfg.get("preset_name"))
-        key = (p.agent, p.suite, preset)
-        if measure:
-            figures, source = measured(unit.overrides, benches, key), "measured here"
-        else:
-            figures, source = recorded(device, *key)
+        key = (p.agent, p.suite, str(p.cfg.get("preset_name")))
+        if key not in known:
+            known[key] = lookup(key, unit.overrides)
+        figures, speedup = known[key]
         cell = cells[unit.cell.rsplit("/seed_", 1)[0]]
         cell["runs"] += 1
-        used[f"{p.agent} on {p.suite} ({preset})"] = source if figures else f"none recorded ({source})"
         if figures is None:
             cell["missing"] += 1
             continue
         hours = projection(figures, p.train, len(p.runs[0][1]) if p.runs else 1, EVAL_EPISODE_STEPS[p.suite])
         # a device's hours: k runs share a GPU at `speedup` times one run's throughput, so each run holds it for
         # 1/speedup of its time alone (runs grouped in a task are taken to be of similar length)
-        speedup = None
-        if k > 1:
-            speedup, source = (None, "not measured here") if measure else packing_speedup(device, *key, k)
-            packing[f"{p.agent} on {p.suite} ({preset})"] = (
-                f"{speedup:.2f}x one run's steps/s with {k} a GPU ({source})" if speedup
-                else f"{source}: counted as one run per GPU")
         cell["run_hours"] += hours["total"]
         cell["hours"] += hours["total"] / (speedup or 1.0)
         cell.setdefault("per_run", hours["total"])
