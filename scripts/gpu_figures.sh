@@ -126,8 +126,8 @@ runs_per_gpu_pass() {  # runs_per_gpu_pass TAG: K STORM runs (Pong, 400 updates 
     local tag=$1 k i steps=${RUNS_PER_GPU_STEPS:-1424}
     for k in ${RUNS_PER_GPU:-1 2 4 8}; do
         # each run's torch threads: an equal share of the CPUs, as a packed SLURM task gives its runs
-        local dir=/tmp/gpu_figures_runs/runs_per_gpu${tag}_$k t0=$SECONDS threads=$(( $(nproc) / k ))
-        [ "$threads" -ge 1 ] || threads=1
+        local dir=/tmp/gpu_figures_runs/runs_per_gpu${tag}_$k t0=$SECONDS threads
+        threads=$($py -c "from mowbench.grid import threads_share; print(threads_share($k))")
         rm -rf "$dir"
         for i in $(seq "$k"); do
             OMP_NUM_THREADS=$threads timeout "$limit" $py -m mowbench.run env=atari100k preset="$preset" \
